@@ -1,0 +1,76 @@
+"""DESIGN.md §3: a layer imports only layers above it; nothing in src/ imports transformers."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "blipitm"
+
+# Top to bottom. A module may import from its own layer and from layers listed before it.
+LAYERS = [
+    "errors",
+    "config",
+    "model",
+    "processing",
+    "checkpoint",
+    "engine",
+    "retrieval",
+    "evaluation",
+    "filtering",
+    "server",
+    "cli",
+]
+# Extra rules on top of the order.
+FORBIDDEN = {
+    "server": {"model", "checkpoint"},
+    "model": {"processing"},
+    "processing": {"model"},
+}
+# Leaf packages usable from anywhere below their position, with their own rule.
+TESTING = "testing"  # random checkpoints: may use config/checkpoint; only tests/bench/cli import it
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "blipitm":
+        return None
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+    return found
+
+
+def test_layers_import_only_upwards() -> None:
+    violations = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        own = rel.parts[0].removesuffix(".py") if len(rel.parts) > 1 else rel.stem
+        if own in ("__init__", "__main__", TESTING):
+            continue
+        assert own in LAYERS, f"{rel}: package {own!r} is not in DESIGN.md's layer list"
+        allowed = set(LAYERS[: LAYERS.index(own) + 1]) - FORBIDDEN.get(own, set())
+        for mod in imports(path):
+            target = layer_of(mod)
+            if target is None or (target == "__init__" and own == "cli"):
+                continue
+            if target == TESTING or target not in allowed:
+                violations.append(f"{rel} imports {mod}")
+    assert not violations, "layering violations:\n" + "\n".join(violations)
+
+
+def test_src_never_imports_transformers() -> None:
+    offenders = [
+        str(path.relative_to(SRC))
+        for path in SRC.rglob("*.py")
+        if any(m == "transformers" or m.startswith("transformers.") for m in imports(path))
+    ]
+    assert not offenders, f"transformers is a test-only reference, imported by {offenders}"
