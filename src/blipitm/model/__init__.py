@@ -1,0 +1,7 @@
+"""Pure ``nn.Module`` code for BLIP ITM. Imports only torch and ``blipitm.config``."""
+
+from blipitm.model.attention import ATTN_IMPLS, AttnImpl
+from blipitm.model.blip import BlipITM
+from blipitm.model.text import CrossKV
+
+__all__ = ["ATTN_IMPLS", "AttnImpl", "BlipITM", "CrossKV"]

@@ -1,0 +1,63 @@
+"""The BLIP image-text matching model: both towers, the ITC projections and the ITM head.
+
+The methods are the model's real units of work, so that callers (the engine) can cache between
+them: encode an image once, derive its ITC embedding and its cross-attention keys/values from the
+same tokens, and score any number of texts against those.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blipitm.config import BlipConfig
+from blipitm.model.attention import ATTN_IMPLS, AttnImpl
+from blipitm.model.text import Attention, CrossKV, TextEncoder
+from blipitm.model.vision import VisionAttention, VisionTransformer
+
+
+class BlipITM(nn.Module):
+    def __init__(self, config: BlipConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_model = VisionTransformer(config.vision)
+        self.text_encoder = TextEncoder(config.text)
+        self.vision_proj = nn.Linear(config.vision.hidden_size, config.image_text_hidden_size)
+        self.text_proj = nn.Linear(config.text.hidden_size, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(config.text.hidden_size, 2)
+
+    def set_attn_impl(self, impl: AttnImpl) -> None:
+        """Select the attention kernel everywhere: ``"sdpa"`` (default) or ``"eager"``."""
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"attention impl must be one of {ATTN_IMPLS}, got {impl!r}")
+        for module in self.modules():
+            if isinstance(module, (VisionAttention, Attention)):
+                module.impl = impl
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` -> image tokens ``[B, N, Dv]``."""
+        return self.vision_model(pixel_values)
+
+    def image_embedding(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Unit-norm ITC embedding ``[B, E]`` from the image CLS token."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-norm ITC embedding ``[B, E]`` from the unimodal pass's first token."""
+        hidden = self.text_encoder(input_ids, attention_mask)
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def cross_kv(self, image_embeds: torch.Tensor) -> CrossKV:
+        """Cross-attention keys/values of every text layer for ``[G, N, Dv]`` image tokens."""
+        return self.text_encoder.cross_kv(image_embeds)
+
+    def itm_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cross_kv: CrossKV
+    ) -> torch.Tensor:
+        """ITM logits ``[B, 2]`` (class 1 = match) for ``B = G*M`` texts over ``G`` images.
+
+        Texts ``[g*M, (g+1)*M)`` are scored against image ``g`` of ``cross_kv``.
+        """
+        hidden = self.text_encoder(input_ids, attention_mask, cross_kv)
+        return self.itm_head(hidden[:, 0])

@@ -1,0 +1,170 @@
+"""BLIP's text encoder: BERT with a cross-attention block over image tokens in every layer.
+
+Names follow the Hugging Face checkpoint (``text_encoder.*``), which kept BLIP's ``med.py`` names.
+Two modes: *unimodal* (no cross-attention; the ITC text embedding) and *multimodal* (the ITM pass).
+
+Cross-attention keys/values depend only on the image, so they are computed once per image
+(:meth:`TextEncoder.cross_kv`) and shared by every text scored against it. A batch of
+``B = G * M`` texts is laid out as ``G`` images with ``M`` texts each, contiguous; the ``M`` texts
+of one image attend to that image's keys as one ``M*T``-row query block, which is exact because the
+image side has no padding mask: each query row's softmax is over the same keys either way.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blipitm.config import TextConfig
+from blipitm.model.attention import AttnImpl, attention, merge_heads, padding_mask, split_heads
+
+# Per layer: (keys, values), each [G, heads, N_image_tokens, head_dim].
+CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        return self.LayerNorm(x)
+
+
+class SelfAttention(nn.Module):
+    """Query/key/value projections (``attention.self`` or ``crossattention.self``)."""
+
+    def __init__(self, config: TextConfig, kv_width: int) -> None:
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+
+    def kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = split_heads(self.key(states), self.heads)  # [G, h, N, d]
+        v = split_heads(self.value(states), self.heads)
+        return k, v
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(context) + residual)
+
+
+class Attention(nn.Module):
+    """Post-norm attention block: ``LayerNorm(x + dense(attn(x, kv)))``."""
+
+    def __init__(self, config: TextConfig, kv_width: int) -> None:
+        super().__init__()
+        self.self = SelfAttention(config, kv_width)
+        self.output = AttentionOutput(config)
+        self.impl: AttnImpl = "sdpa"
+
+    def forward_self(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = split_heads(self.self.query(x), self.self.heads)  # [B, h, T, d]
+        k, v = self.self.kv(x)
+        out = attention(q, k, v, mask, impl=self.impl)
+        return self.output(merge_heads(out), x)
+
+    def forward_cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        k, v = kv  # [G, h, N, d]
+        g = k.shape[0]
+        b, t, _ = x.shape
+        m = b // g
+        q = split_heads(self.self.query(x), self.self.heads)  # [G*M, h, T, d]
+        h, d = q.shape[1], q.shape[3]
+        q = q.view(g, m, h, t, d).transpose(1, 2).reshape(g, h, m * t, d)  # [G, h, M*T, d]
+        out = attention(q, k, v, impl=self.impl)  # [G, h, M*T, d]
+        out = out.view(g, h, m, t, d).transpose(1, 2).reshape(b, h, t, d)  # [G*M, h, T, d]
+        return self.output(merge_heads(out), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class Output(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class TextLayer(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config, config.hidden_size)
+        self.crossattention = Attention(config, config.encoder_hidden_size)
+        self.intermediate = Intermediate(config)
+        self.output = Output(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        cross_kv: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        x = self.attention.forward_self(x, mask)
+        if cross_kv is not None:
+            x = self.crossattention.forward_cross(x, cross_kv)
+        return self.output(self.intermediate(x), x)
+
+
+class TextLayers(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(TextLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class TextEncoder(nn.Module):
+    """``input_ids [B, T]`` (+ image keys/values) -> hidden states ``[B, T, D]``."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = TextEmbeddings(config)
+        self.encoder = TextLayers(config)
+
+    def cross_kv(self, image_embeds: torch.Tensor) -> CrossKV:
+        """Every layer's cross-attention keys/values for ``image_embeds [G, N, Dv]``."""
+        layers = cast(list[TextLayer], list(self.encoder.layer))
+        return [layer.crossattention.self.kv(image_embeds) for layer in layers]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cross_kv: CrossKV | None = None,
+    ) -> torch.Tensor:
+        """Unimodal when ``cross_kv`` is None; otherwise ``B`` must be a multiple of its ``G``."""
+        x = self.embeddings(input_ids)
+        mask = padding_mask(attention_mask, x.dtype)  # [B, 1, 1, T]
+        if cross_kv is not None and input_ids.shape[0] % cross_kv[0][0].shape[0]:
+            raise ValueError(
+                f"{input_ids.shape[0]} texts cannot be split evenly over "
+                f"{cross_kv[0][0].shape[0]} images"
+            )
+        for i, layer in enumerate(self.encoder.layer):
+            x = layer(x, mask, None if cross_kv is None else cross_kv[i])
+        return x

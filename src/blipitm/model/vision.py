@@ -1,0 +1,92 @@
+"""BLIP's vision tower: a pre-norm ViT with fused qkv, exact GELU and a final LayerNorm.
+
+Module and parameter names are those of the Hugging Face checkpoint (``vision_model.*``); the
+original BLIP names (``visual_encoder.*``) are mapped in ``checkpoint/``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blipitm.config import VisionConfig
+from blipitm.model.attention import AttnImpl, attention, merge_heads
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, d))
+        self.patch_embedding = nn.Conv2d(3, d, config.patch_size, stride=config.patch_size)
+        self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, d))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, N, D]
+        cls = self.class_embedding.expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding  # [B, N+1, D]
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.projection = nn.Linear(config.hidden_size, config.hidden_size)
+        self.impl: AttnImpl = "sdpa"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, h, T, d]
+        out = attention(qkv[0], qkv[1], qkv[2], impl=self.impl)
+        return self.projection(merge_heads(out))
+
+
+class VisionMlp(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = VisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = VisionMlp(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(VisionLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """``pixel_values [B, 3, S, S]`` -> image tokens ``[B, 1 + (S/P)^2, D]`` (CLS first)."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = VisionEmbeddings(config)
+        self.encoder = VisionEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
