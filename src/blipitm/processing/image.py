@@ -1,0 +1,390 @@
+"""Images: decode any accepted input, convert to RGB per protocol, resize and normalise.
+
+The three steps are separate because they differ in who decides them: decoding is about trust
+(pixel limits, truncated files), RGB conversion is where the two scoring protocols disagree
+(DESIGN.md §2: BLIP drops alpha, transformers composites onto white), and the resize/normalise step
+is shared by both and must match the references bit for bit.
+
+No global Pillow setting is changed (the pixel limit is a per-call argument) and no shared state is
+mutated, so the engine may call all of this from a thread pool; the one exception is that an
+animated PIL image handed in is rewound to its first frame.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from blipitm.config import IMAGE_MEAN, IMAGE_STD, PROTOCOLS
+from blipitm.errors import ImageTooLargeError, InvalidInputError
+
+ImageInput = Image.Image | str | os.PathLike[str] | bytes | bytearray | memoryview | np.ndarray
+
+# Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS at its default), so that the
+# default behaviour is what users of Pillow already expect; here it is a per-call argument instead
+# of a process-wide global.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# Formats we let Pillow try. An allow-list rather than "whatever Pillow can open": some plugins are
+# unsafe on untrusted input (EPS runs Ghostscript) and the formats left out are not photo formats.
+# JPEG includes camera MPO files; AVIF is used where this Pillow build has it.
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA", "AVIF")
+
+# Errors Pillow's decoders raise on corrupt or truncated data (SyntaxError and struct.error come
+# from header parsers, EOFError from frame iteration, the rest from the C decoders).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError)
+
+_ACCEPTED_TYPES = "PIL.Image.Image, a file path (str or os.PathLike), bytes, or a numpy uint8 array"
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """The image side of a checkpoint's preprocessing: output size and normalisation constants.
+
+    Resize filter (bicubic), rescale (1/255) and RGB handling are not settings: BLIP's pipeline
+    fixes them, and :meth:`from_processor_dict` rejects configs that ask for anything else rather
+    than silently computing different pixels.
+    """
+
+    size: int = 384
+    mean: tuple[float, float, float] = IMAGE_MEAN
+    std: tuple[float, float, float] = IMAGE_STD
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
+            raise InvalidInputError(f"must be a positive int, got {self.size!r}", field="size")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) != 3:
+                raise InvalidInputError(f"needs 3 values (R, G, B), got {value!r}", field=name)
+        if any(s <= 0 for s in self.std):
+            raise InvalidInputError(f"values must be positive, got {self.std!r}", field="std")
+
+    @classmethod
+    def from_processor_dict(cls, d: dict[str, Any]) -> ImageSettings:
+        """Read a Hugging Face ``preprocessor_config.json`` (or ``processor_config.json``) dict.
+
+        ``processor_config.json`` nests the image processor under ``"image_processor"``. Missing
+        keys keep the BLIP defaults, as transformers' ``BlipImageProcessor`` would.
+        """
+        if isinstance(d.get("image_processor"), dict):
+            d = d["image_processor"]
+        _check_pipeline_flags(d)
+        size = cls.size
+        if "size" in d:
+            size = _square_size(d["size"])
+        mean = _rgb_triple(d["image_mean"], "image_mean") if "image_mean" in d else cls.mean
+        std = _rgb_triple(d["image_std"], "image_std") if "image_std" in d else cls.std
+        return cls(size=size, mean=mean, std=std)
+
+
+def _square_size(value: Any) -> int:
+    """``size`` as transformers writes it: ``{"height": h, "width": w}`` (or a bare int, older)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, dict) and "height" in value and "width" in value:
+        height, width = value["height"], value["width"]
+        if height != width:
+            raise InvalidInputError(
+                f"BLIP resizes to a square, but the config asks for {height}x{width}",
+                field="size",
+            )
+        return int(height)
+    raise InvalidInputError(
+        f'expected {{"height": N, "width": N}} or an int, got {value!r}', field="size"
+    )
+
+
+def _rgb_triple(value: Any, name: str) -> tuple[float, float, float]:
+    if isinstance(value, int | float):
+        value = [value] * 3  # transformers broadcasts a scalar to every channel
+    if not isinstance(value, list | tuple) or len(value) != 3:
+        raise InvalidInputError(f"expected 3 numbers, got {value!r}", field=name)
+    r, g, b = (float(v) for v in value)
+    return (r, g, b)
+
+
+def _check_pipeline_flags(d: dict[str, Any]) -> None:
+    """Refuse processor configs that describe a pipeline other than BLIP's."""
+    expected: dict[str, Any] = {
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "do_center_crop": False,
+        "resample": int(Image.Resampling.BICUBIC),
+    }
+    for key, want in expected.items():
+        if key in d and d[key] is not None and d[key] != want:
+            raise InvalidInputError(
+                f"blipitm implements BLIP's fixed preprocessing, which needs {key}={want!r}; "
+                f"the config says {d[key]!r}",
+                field=key,
+            )
+    factor = d.get("rescale_factor")
+    if factor is not None and abs(float(factor) - 1 / 255) > 1e-12:
+        raise InvalidInputError(
+            f"blipitm rescales by 1/255 as BLIP does; the config says {factor!r}",
+            field="rescale_factor",
+        )
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+
+def load_image(
+    image: ImageInput,
+    *,
+    field: str = "image",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    exif_transpose: bool = False,
+) -> Image.Image:
+    """Decode ``image`` fully and return it in its original mode (first frame if animated).
+
+    RGB conversion is left to :func:`to_rgb` because the protocols do it differently. The pixel
+    limit is checked against the size in the file header, before any pixel data is decoded, so a
+    small file that declares a huge canvas costs nothing. ``max_pixels=None`` disables the check
+    (Pillow's global ``Image.MAX_IMAGE_PIXELS`` still applies to files; we never change it).
+
+    EXIF orientation is ignored unless ``exif_transpose`` is set, because BLIP, LAVIS and
+    transformers all ignore it and the scores would otherwise differ from theirs.
+
+    Every failure is an :class:`InvalidInputError` (or :class:`ImageTooLargeError`) whose message
+    starts with ``field``.
+    """
+    if isinstance(image, Image.Image):
+        result = _from_pil(image, field, max_pixels)
+    elif isinstance(image, np.ndarray):
+        result = _from_array(image, field, max_pixels)
+    elif isinstance(image, bytes | bytearray | memoryview):
+        data = bytes(image)
+        if not data:
+            raise InvalidInputError("image data is empty (0 bytes)", field=field)
+        result = _decode(io.BytesIO(data), field, max_pixels, source="image data")
+    elif isinstance(image, str | os.PathLike):
+        result = _from_path(image, field, max_pixels)
+    else:
+        raise InvalidInputError(
+            f"expected {_ACCEPTED_TYPES}; got {type(image).__name__}", field=field
+        )
+    if exif_transpose:
+        try:
+            result = ImageOps.exif_transpose(result)
+        except _DECODE_ERRORS as e:
+            raise InvalidInputError(f"cannot apply EXIF orientation: {e}", field=field) from e
+    return result
+
+
+def _from_path(path: str | os.PathLike[str], field: str, max_pixels: int | None) -> Image.Image:
+    name = os.fspath(path)
+    if not name:
+        raise InvalidInputError("image path is an empty string", field=field)
+    try:
+        with open(name, "rb") as fp:
+            return _decode(fp, field, max_pixels, source=f"file {name!r}")
+    except FileNotFoundError:
+        raise InvalidInputError(f"no such image file: {name!r}", field=field) from None
+    except IsADirectoryError:
+        raise InvalidInputError(
+            f"{name!r} is a directory, not an image file", field=field
+        ) from None
+    except OSError as e:  # permissions and the like; decoding errors are handled in _decode
+        raise InvalidInputError(f"cannot open image file {name!r}: {e}", field=field) from e
+
+
+def _decode(fp: Any, field: str, max_pixels: int | None, *, source: str) -> Image.Image:
+    """Open lazily, check the header size, then decode the first frame into memory.
+
+    The result no longer reads from ``fp`` (the caller closes it), so no file handles leak and the
+    image can be used after the file is gone.
+    """
+    try:
+        im = Image.open(fp, formats=_open_formats())
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(
+            f"{source} exceeds Pillow's global decompression-bomb limit ({e}); this limit is "
+            "PIL.Image.MAX_IMAGE_PIXELS, which blipitm never changes",
+            field=field,
+        ) from e
+    except UnidentifiedImageError as e:
+        raise InvalidInputError(
+            f"cannot identify {source} as an image; supported formats: {_supported_formats()}",
+            field=field,
+        ) from e
+    except _DECODE_ERRORS as e:
+        raise InvalidInputError(f"cannot read {source}: {e}", field=field) from e
+    try:
+        _check_size(im.size, field, max_pixels)
+        _decode_pixels(im, field, source)
+        if not _is_animated(im, field, source):
+            return im
+        # Multi-frame images keep a reference to the file for seeking; a copy of the decoded first
+        # frame (pixels, palette and ``info`` included) lets the file and its buffer go.
+        frame = im.copy()
+    except BaseException:
+        im.close()
+        raise
+    im.close()
+    return frame
+
+
+def _is_animated(im: Image.Image, field: str, source: str) -> bool:
+    # ``is_animated`` only looks for a second frame (``n_frames`` would walk the whole file), but
+    # it still parses, so a corrupt tail can fail here.
+    try:
+        return bool(getattr(im, "is_animated", False))
+    except _DECODE_ERRORS as e:
+        raise InvalidInputError(
+            f"cannot decode {source} (corrupt frames?): {e}", field=field
+        ) from e
+
+
+def _decode_pixels(im: Image.Image, field: str, source: str) -> None:
+    """``im.load()`` with decoder failures turned into one error type.
+
+    Truncated files raise here because we leave ``ImageFile.LOAD_TRUNCATED_IMAGES`` at its default
+    (False); a process that sets it to True globally makes Pillow pad truncated files silently.
+    """
+    try:
+        if im.tell() != 0:
+            im.seek(0)
+        im.load()
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{source}: {e}", field=field) from e
+    except _DECODE_ERRORS as e:
+        raise InvalidInputError(
+            f"cannot decode {source} (truncated or corrupt?): {e}", field=field
+        ) from e
+
+
+def _from_pil(im: Image.Image, field: str, max_pixels: int | None) -> Image.Image:
+    """A caller's image is used as is (rewound to frame 0 if animated), still size-checked."""
+    _check_size(im.size, field, max_pixels)
+    _decode_pixels(im, field, source="PIL image")
+    return im
+
+
+def _from_array(arr: np.ndarray, field: str, max_pixels: int | None) -> Image.Image:
+    expected = "expected a uint8 array of shape (H, W), (H, W, 3) or (H, W, 4)"
+    if arr.dtype != np.uint8:
+        raise InvalidInputError(f"{expected}; got dtype {arr.dtype}", field=field)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise InvalidInputError(f"{expected}; got shape {arr.shape}", field=field)
+    height, width = arr.shape[:2]
+    _check_size((width, height), field, max_pixels)
+    # Pillow picks L / RGB / RGBA from the shape. It would share memory with an L or RGBA array,
+    # so it gets a private copy: a caller reusing its buffer must not change an image in flight.
+    return Image.fromarray(np.array(arr, order="C"))
+
+
+def _check_size(size: tuple[int, int], field: str, max_pixels: int | None) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise InvalidInputError(f"image has zero size ({width}x{height})", field=field)
+    pixels = width * height
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels} "
+            "(a decompression-bomb guard); raise the max_pixels setting to accept it",
+            field=field,
+        )
+
+
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    """:data:`IMAGE_FORMATS` that this Pillow build can open (passing others is a KeyError)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+def _supported_formats() -> str:
+    return ", ".join(_open_formats())
+
+
+# -- RGB conversion ---------------------------------------------------------------------------
+
+
+def to_rgb(image: Image.Image, protocol: str, *, field: str = "image") -> Image.Image:
+    """Convert to an RGB image the way the protocol's reference does.
+
+    ``blip``: ``image.convert("RGB")``, as BLIP's and LAVIS' datasets do; alpha is dropped, so a
+    transparent pixel shows its stored colour.
+
+    ``transformers``: transformers 5.x ``image_transforms.convert_to_rgb`` (used by the PIL image
+    processor backend): an image with an ``A`` band or a ``transparency`` entry is converted to
+    RGBA and alpha-composited onto opaque white, then converted to RGB; anything else is
+    ``convert("RGB")``. The PIL calls below are the same ones, so the pixels are identical.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    try:
+        if protocol == "transformers" and _has_transparency(image):
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        if image.mode == "RGB" and (protocol == "blip" or not _has_transparency(image)):
+            return image  # convert() would only copy
+        return image.convert("RGB")
+    except ValueError as e:
+        raise InvalidInputError(f"cannot convert mode {image.mode} to RGB: {e}", field=field) from e
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    # The exact test transformers uses; note it also matches modes like LAB (band "A").
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+# -- resize and normalise ---------------------------------------------------------------------
+
+
+def preprocess(image_rgb: Image.Image, settings: ImageSettings) -> torch.Tensor:
+    """Bicubic-resize to ``size``×``size`` (aspect ignored, no crop), rescale, normalise.
+
+    Returns float32 ``[3, size, size]``. The resize is Pillow's, as in every reference. The value
+    of each output element depends only on its uint8 input value and channel, so it is read from a
+    precomputed table (:func:`_value_table`) that is built with the references' own float32
+    arithmetic; this is exact by construction and much cheaper than float maths per pixel.
+    """
+    if image_rgb.mode != "RGB":
+        raise ValueError(f"preprocess expects an RGB image (see to_rgb), got mode {image_rgb.mode}")
+    size = settings.size
+    resized = image_rgb.resize((size, size), Image.Resampling.BICUBIC)
+    pixels = np.asarray(resized)  # [S, S, 3] uint8
+    table = _value_table(settings.mean, settings.std)  # [3, 256] float32
+    channel = np.arange(3).reshape(3, 1, 1)
+    out = table[channel, pixels.transpose(2, 0, 1)]  # [3, S, S] float32
+    return torch.from_numpy(out)
+
+
+def preprocess_batch(images_rgb: Sequence[Image.Image], settings: ImageSettings) -> torch.Tensor:
+    """:func:`preprocess` each image and stack: float32 ``[B, 3, size, size]``."""
+    if not images_rgb:
+        return torch.empty((0, 3, settings.size, settings.size), dtype=torch.float32)
+    return torch.stack([preprocess(im, settings) for im in images_rgb])
+
+
+@functools.lru_cache(maxsize=16)
+def _value_table(mean: tuple[float, float, float], std: tuple[float, float, float]) -> np.ndarray:
+    """``table[c, v]`` = normalised value of uint8 ``v`` in channel ``c``, float32 ``[3, 256]``.
+
+    transformers (PIL backend) rescales as ``float32(float64(v) * (1/255))`` and then normalises
+    in float32 as ``(x - float32(mean)) / float32(std)``; BLIP/torchvision compute
+    ``float32(v) / 255`` and the same normalisation. The two rescales agree for all 256 values, so
+    one table serves both. It is read-only because it is shared between threads.
+    """
+    values = np.arange(256, dtype=np.float64)
+    rescaled = (values * (1 / 255)).astype(np.float32)  # [256]
+    mean32 = np.asarray(mean, dtype=np.float32).reshape(3, 1)
+    std32 = np.asarray(std, dtype=np.float32).reshape(3, 1)
+    table = (rescaled[None, :] - mean32) / std32  # [3, 256] float32
+    table.setflags(write=False)
+    return table
