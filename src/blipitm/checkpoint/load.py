@@ -1,0 +1,21 @@
+"""Read a resolved checkpoint's tensors in Hugging Face names, checked against its config."""
+
+from __future__ import annotations
+
+import torch
+
+from blipitm.checkpoint.io import read_state_dict
+from blipitm.checkpoint.keys import hf_from_original
+from blipitm.checkpoint.resolve import ResolvedCheckpoint
+from blipitm.checkpoint.strict import check_state_dict
+
+
+def load_weights(resolved: ResolvedCheckpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, HF-named, training-only tensors dropped, strictly checked.
+
+    The rename is applied to both kinds: it is the identity on HF names, and it drops the legacy
+    ``position_ids`` buffer that older transformers ``.bin`` files carry.
+    """
+    state_dict = hf_from_original(read_state_dict(resolved.weights_path))
+    check_state_dict(state_dict, resolved.config)
+    return state_dict
