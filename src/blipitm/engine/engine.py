@@ -1,0 +1,477 @@
+"""The engine: the one place where the model, preprocessing, device and dtype meet.
+
+Work is organised around what it costs (DESIGN.md §2, cost model): an image is decoded and encoded
+once and its tokens cached by content hash; its cross-attention keys/values are computed once per
+call (and kept in the cache while it has room) and shared by every text scored against it; texts are
+sorted by length and padded to their batch's longest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from blipitm.config import (
+    BLIP_MAX_CAPTION_WORDS,
+    BLIP_MAX_TEXT_TOKENS,
+    CLS_TOKEN_ID,
+    ENC_TOKEN_ID,
+)
+from blipitm.engine.cache import ByteLRU, content_key
+from blipitm.engine.types import MatrixScores, ModelInfo, PairScores, Ranked
+from blipitm.errors import InvalidInputError
+from blipitm.model import BlipITM, CrossKV
+from blipitm.processing.image import (
+    DEFAULT_MAX_PIXELS,
+    ImageInput,
+    ImageSettings,
+    load_image,
+    preprocess,
+    to_rgb,
+)
+from blipitm.processing.text import pre_caption, validate_text
+from blipitm.processing.tokenizer import Tokenizer, pad
+
+log = logging.getLogger("blipitm")
+
+T = TypeVar("T")
+
+DEFAULT_CACHE_BYTES = 1 << 30
+DEFAULT_MAX_TEXT_CHARS = 100_000
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """Rows per forward pass. Defaults are tuned per device in :func:`default_batch_sizes`."""
+
+    images: int
+    texts: int  # ITM / ITC text rows
+
+
+def default_batch_sizes(device: torch.device) -> BatchSizes:
+    if device.type == "cuda":
+        return BatchSizes(images=64, texts=256)
+    return BatchSizes(images=8, texts=64)
+
+
+@dataclass
+class _ImageFeatures:
+    tokens: torch.Tensor  # [N, Dv], model dtype, on device
+    embedding: torch.Tensor  # [E] float32, unit norm
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """Encoded images: vision tokens (for ITM) and unit-norm ITC embeddings."""
+
+    tokens: torch.Tensor  # [N, T, Dv]
+    embeddings: np.ndarray  # [N, E] float32
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+class Engine:
+    """Scores, embeds and ranks images against texts with one loaded BLIP ITM model."""
+
+    def __init__(
+        self,
+        model: BlipITM,
+        tokenizer: Tokenizer,
+        image_settings: ImageSettings,
+        info: ModelInfo,
+        *,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        batch_sizes: BatchSizes | None = None,
+        decode_threads: int | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_settings = image_settings
+        self.info = info
+        self.protocol = info.protocol
+        self.device = torch.device(info.device)
+        self.dtype: torch.dtype = next(model.parameters()).dtype
+        self.max_pixels = max_pixels
+        self.max_text_chars = max_text_chars
+        self.batch_sizes = batch_sizes or default_batch_sizes(self.device)
+        self.cache = ByteLRU(cache_bytes)
+        self._pool = ThreadPoolExecutor(
+            max_workers=decode_threads or min(8, os.cpu_count() or 1),
+            thread_name_prefix="blipitm-decode",
+        )
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.info.embedding_dim
+
+    def score(
+        self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str]
+    ) -> PairScores:
+        """Score zipped (image, text) pairs; a single image or a single text broadcasts."""
+        image_list, single_image = _as_list(images, _is_single_image)
+        text_list, single_text = _as_list(texts, lambda t: isinstance(t, str))
+        if single_image:
+            image_list = image_list * len(text_list)
+        if single_text:
+            text_list = text_list * len(image_list)
+        if len(image_list) != len(text_list):
+            raise InvalidInputError(
+                f"got {len(image_list)} images and {len(text_list)} texts; pass equally many "
+                "(they are zipped into pairs), or a single image or text to broadcast",
+                field="texts",
+            )
+        n = len(text_list)
+        if n == 0:
+            return PairScores(_empty(0), _empty(0, 2), _empty(0))
+        # Broadcast inputs are decoded once: unique images by position before broadcasting.
+        uniq_images = image_list[:1] if single_image else image_list
+        feats = self._image_features(uniq_images, field="images")
+        image_of_pair = [0] * n if single_image else list(range(n))
+        uniq_texts = text_list[:1] if single_text else text_list
+        text_of_pair = [0] * n if single_text else list(range(n))
+        cosine = self._pair_cosine(feats, uniq_texts, image_of_pair, text_of_pair)
+        logits = self._itm_pairs(feats, uniq_texts, image_of_pair, text_of_pair)
+        return PairScores(_probability(logits), logits, cosine)
+
+    def score_matrix(self, images: Sequence[ImageInput], texts: Sequence[str]) -> MatrixScores:
+        """Score every image against every text: fields ``[I, T]`` and logits ``[I, T, 2]``."""
+        image_list, _ = _as_list(images, _is_single_image)
+        text_list, _ = _as_list(texts, lambda t: isinstance(t, str))
+        feats = self._image_features(image_list, field="images")
+        i, t = len(image_list), len(text_list)
+        if i == 0 or t == 0:
+            return MatrixScores(_empty(i, t), _empty(i, t, 2), _empty(i, t))
+        cosine = self._image_embeddings(feats) @ self._text_embeddings(text_list).T
+        pairs_img = [g for g in range(i) for _ in range(t)]
+        pairs_txt = [k for _ in range(i) for k in range(t)]
+        logits = self._itm_pairs(feats, text_list, pairs_img, pairs_txt).reshape(i, t, 2)
+        return MatrixScores(_probability(logits), logits, cosine.astype(np.float32))
+
+    def embed_images(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Unit-norm ITC image embeddings ``[N, E]`` float32."""
+        image_list, _ = _as_list(images, _is_single_image)
+        if not image_list:
+            return _empty(0, self.embedding_dim)
+        return self._image_embeddings(self._image_features(image_list, field="images"))
+
+    def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Unit-norm ITC text embeddings ``[N, E]`` float32."""
+        text_list, _ = _as_list(texts, lambda t: isinstance(t, str))
+        if not text_list:
+            return _empty(0, self.embedding_dim)
+        return self._text_embeddings(text_list)
+
+    def rank(
+        self,
+        query: ImageInput | str,
+        candidates: Sequence[ImageInput] | Sequence[str],
+        *,
+        top_k: int | None = None,
+        rerank_k: int | None = 128,
+    ) -> list[Ranked]:
+        """Rank candidates of the other modality for one query, best first.
+
+        A ``str`` query is a text and its candidates are images (paths, bytes, PIL, arrays); any
+        other query is an image and its candidates are texts. Pass an image path as
+        ``pathlib.Path``. The ``rerank_k`` candidates with the highest ITC cosine are scored with
+        ITM; the rest are not returned. Score: ``itm_logits[1] + itc_cosine`` under the BLIP
+        protocol (BLIP's retrieval evaluation); the ITM probability under ``transformers``.
+        """
+        if top_k is not None and top_k < 1:
+            raise InvalidInputError(f"must be >= 1 or None, got {top_k}", field="top_k")
+        if rerank_k is not None and rerank_k < 1:
+            raise InvalidInputError(f"must be >= 1 or None, got {rerank_k}", field="rerank_k")
+        cands = list(candidates)
+        if not cands:
+            return []
+        if isinstance(query, str):
+            feats = self._image_features(cands, field="candidates")
+            q = self._text_embeddings([query], field="query")[0]
+            cosine = self._image_embeddings(feats) @ q
+        else:
+            feats = self._image_features([query], field="query")
+            cosine = self._text_embeddings(cands, field="candidates") @ feats[0].embedding.numpy()
+        keep = _top_indices(cosine, rerank_k)
+        if isinstance(query, str):
+            logits = self._itm_pairs(feats, [query], keep.tolist(), [0] * len(keep))
+        else:
+            texts = [cands[k] for k in keep]
+            logits = self._itm_pairs(feats, texts, [0] * len(keep), list(range(len(keep))))
+        prob = _probability(logits)
+        kept_cos = cosine[keep]
+        score = logits[:, 1] + kept_cos if self.protocol == "blip" else prob
+        order = np.argsort(-score, kind="stable")[:top_k]
+        return [
+            Ranked(int(keep[j]), float(score[j]), float(prob[j]), float(kept_cos[j])) for j in order
+        ]
+
+    def encode_images(self, images: Sequence[ImageInput]) -> ImageFeatures:
+        """Encode images once, for :meth:`score_pairs` or to store (e.g. in an index)."""
+        image_list, _ = _as_list(images, _is_single_image)
+        feats = self._image_features(image_list, field="images")
+        if not feats:
+            return ImageFeatures(
+                torch.zeros(0, 0, self.config.vision.hidden_size), _empty(0, self.embedding_dim)
+            )
+        return ImageFeatures(torch.stack([f.tokens for f in feats]), self._image_embeddings(feats))
+
+    def score_pairs(
+        self,
+        images: Sequence[ImageInput] | ImageFeatures,
+        texts: Sequence[str],
+        pairs: Sequence[tuple[int, int]] | np.ndarray,
+    ) -> PairScores:
+        """Score ``(images[i], texts[t])`` for each ``(i, t)`` in ``pairs``.
+
+        The primitive behind retrieval and evaluation: each image is encoded once, each text
+        tokenized once, and each image's cross-attention keys/values shared by all its pairs.
+        ``images`` may be :class:`ImageFeatures` from :meth:`encode_images` (any float dtype).
+        """
+        idx = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if isinstance(images, ImageFeatures):
+            feats = [
+                _ImageFeatures(images.tokens[i], torch.from_numpy(images.embeddings[i]))
+                for i in range(len(images))
+            ]
+        else:
+            feats = self._image_features(list(images), field="images")
+        text_list = list(texts)
+        for col, (name, n) in enumerate((("images", len(feats)), ("texts", len(text_list)))):
+            bad = np.flatnonzero((idx[:, col] < 0) | (idx[:, col] >= n))
+            if bad.size:
+                raise InvalidInputError(
+                    f"pair {int(bad[0])} refers to {name}[{int(idx[bad[0], col])}], "
+                    f"but there are {n} {name}",
+                    field="pairs",
+                )
+        if idx.shape[0] == 0:
+            return PairScores(_empty(0), _empty(0, 2), _empty(0))
+        image_of_pair, text_of_pair = idx[:, 0].tolist(), idx[:, 1].tolist()
+        cosine = self._pair_cosine(feats, text_list, image_of_pair, text_of_pair)
+        logits = self._itm_pairs(feats, text_list, image_of_pair, text_of_pair)
+        return PairScores(_probability(logits), logits, cosine)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- images -----------------------------------------------------------------------------
+
+    def _decode(self, item: ImageInput, field: str) -> torch.Tensor:
+        image = load_image(item, field=field, max_pixels=self.max_pixels)
+        return preprocess(to_rgb(image, self.protocol, field=field), self.image_settings)
+
+    def _image_features(self, images: Sequence[ImageInput], *, field: str) -> list[_ImageFeatures]:
+        """Features of each image, from the cache or encoded in batches.
+
+        Every input is validated (decoded) before any compute, so one bad item fails the call
+        with its field name and nothing is half done. Duplicates are encoded once.
+        """
+        sources = []
+        for i, item in enumerate(images):
+            if not _is_single_image(item):
+                raise InvalidInputError(
+                    "expected an image (PIL.Image, path, encoded bytes or HxWx3 uint8 array), "
+                    f"got {type(item).__name__}",
+                    field=f"{field}[{i}]",
+                )
+            sources.append(_read_if_path(item, f"{field}[{i}]"))
+        keys = [content_key(src) for src in sources]
+        out: list[_ImageFeatures | None] = [None] * len(images)
+        todo: dict[str, list[int]] = {}  # content key -> positions waiting for it
+        for i, key in enumerate(keys):
+            cached = self.cache.get(("img", key))
+            if cached is not None:
+                out[i] = _ImageFeatures(*cached)
+            else:
+                todo.setdefault(key, []).append(i)
+        firsts = [positions[0] for positions in todo.values()]
+        # Decode everything first, on the pool: a bad item fails the call before any compute.
+        decoded = list(self._pool.map(lambda i: self._decode(sources[i], f"{field}[{i}]"), firsts))
+        for chunk in _chunks(list(zip(firsts, decoded, strict=True)), self.batch_sizes.images):
+            batch = torch.stack([px for _, px in chunk]).to(self.device, self.dtype)
+            with torch.inference_mode():
+                tokens = self.model.encode_image(batch)  # [B, N, Dv]
+                emb = self.model.image_embedding(tokens).float().cpu()  # [B, E]
+            for j, (i, _) in enumerate(chunk):
+                feat = _ImageFeatures(tokens[j].clone(), emb[j].clone())
+                for pos in todo[keys[i]]:
+                    out[pos] = feat
+                self.cache.put(("img", keys[i]), (feat.tokens, feat.embedding))
+        return [f for f in out if f is not None]
+
+    def _image_embeddings(self, feats: Sequence[_ImageFeatures]) -> np.ndarray:
+        return torch.stack([f.embedding for f in feats]).numpy()
+
+    def _cross_kv(self, feats: Sequence[_ImageFeatures]) -> CrossKV:
+        tokens = torch.stack([f.tokens for f in feats]).to(self.device, self.dtype)
+        with torch.inference_mode():
+            return self.model.cross_kv(tokens)
+
+    # -- texts ------------------------------------------------------------------------------
+
+    def _token_ids(self, texts: Sequence[Any], field: str) -> list[list[int]]:
+        """Validated, cleaned (BLIP), tokenized texts with ``[CLS]`` first."""
+        clean = []
+        for i, t in enumerate(texts):
+            text = validate_text(t, field=f"{field}[{i}]", max_chars=self.max_text_chars)
+            clean.append(
+                pre_caption(text, BLIP_MAX_CAPTION_WORDS) if self.protocol == "blip" else text
+            )
+        if self.protocol == "blip":
+            return self.tokenizer.encode(clean, max_length=BLIP_MAX_TEXT_TOKENS)
+        ids = self.tokenizer.encode(clean)
+        limit = self.model.config.text.max_position_embeddings
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                raise InvalidInputError(
+                    f"text is {len(row)} tokens; the model accepts at most {limit}. Shorten it, "
+                    "or use protocol='blip', which truncates to 35 tokens as BLIP does",
+                    field=f"{field}[{i}]",
+                )
+        return ids
+
+    def _text_embeddings(self, texts: Sequence[Any], field: str = "texts") -> np.ndarray:
+        ids = self._token_ids(texts, field)
+        out = np.empty((len(ids), self.embedding_dim), dtype=np.float32)
+        for rows in _length_batches(ids, self.batch_sizes.texts):
+            input_ids, mask = pad([ids[r] for r in rows])
+            with torch.inference_mode():
+                emb = self.model.text_embedding(input_ids.to(self.device), mask.to(self.device))
+            out[rows] = emb.float().cpu().numpy()
+        return out
+
+    def _pair_cosine(
+        self,
+        feats: Sequence[_ImageFeatures],
+        texts: Sequence[str],
+        image_of_pair: Sequence[int],
+        text_of_pair: Sequence[int],
+    ) -> np.ndarray:
+        img = self._image_embeddings(feats)[list(image_of_pair)]
+        txt = self._text_embeddings(texts)[list(text_of_pair)]
+        return np.einsum("ne,ne->n", img, txt).astype(np.float32)
+
+    # -- ITM --------------------------------------------------------------------------------
+
+    def _itm_pairs(
+        self,
+        feats: Sequence[_ImageFeatures],
+        texts: Sequence[str],
+        image_of_pair: Sequence[int],
+        text_of_pair: Sequence[int],
+        field: str = "texts",
+    ) -> np.ndarray:
+        """ITM logits ``[P, 2]`` float32; pair p is feats[image_of_pair[p]], texts[text_of_pair[p]].
+
+        Images with several texts run one image at a time with its texts as the query block
+        (keys/values computed once); images with one text are stacked into image batches.
+        """
+        ids = self._token_ids(texts, field)
+        first = ENC_TOKEN_ID if self.protocol == "blip" else CLS_TOKEN_ID
+        ids = [[first, *row[1:]] for row in ids]
+        out = np.empty((len(image_of_pair), 2), dtype=np.float32)
+        by_image: dict[int, list[int]] = {}
+        for p, g in enumerate(image_of_pair):
+            by_image.setdefault(g, []).append(p)
+        singles = [ps[0] for ps in by_image.values() if len(ps) == 1]
+        for g, ps in by_image.items():
+            if len(ps) == 1:
+                continue
+            kv = self._cross_kv([feats[g]])
+            for rows in _length_batches([ids[text_of_pair[p]] for p in ps], self.batch_sizes.texts):
+                pairs = [ps[r] for r in rows]
+                out[pairs] = self._itm_forward([ids[text_of_pair[p]] for p in pairs], kv)
+        for rows in _length_batches(
+            [ids[text_of_pair[p]] for p in singles], self.batch_sizes.images
+        ):
+            pairs = [singles[r] for r in rows]
+            kv = self._cross_kv([feats[image_of_pair[p]] for p in pairs])
+            out[pairs] = self._itm_forward([ids[text_of_pair[p]] for p in pairs], kv)
+        return out
+
+    def _itm_forward(self, rows: list[list[int]], kv: CrossKV) -> np.ndarray:
+        input_ids, mask = pad(rows)
+        with torch.inference_mode():
+            logits = self.model.itm_logits(input_ids.to(self.device), mask.to(self.device), kv)
+        return logits.float().cpu().numpy()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _is_single_image(x: Any) -> bool:
+    from PIL import Image
+
+    if isinstance(x, np.ndarray):
+        return x.ndim in (2, 3)
+    return isinstance(x, (Image.Image, str, os.PathLike, bytes, bytearray, memoryview))
+
+
+def _as_list(x: Any, is_single: Callable[[Any], bool]) -> tuple[list[Any], bool]:
+    if is_single(x):
+        return [x], True
+    if isinstance(x, (list, tuple)):
+        return list(x), False
+    if isinstance(x, np.ndarray) and x.ndim == 4:
+        return list(x), False
+    raise InvalidInputError(f"expected one item or a list of items, got {type(x).__name__}")
+
+
+def _read_if_path(item: Any, field: str) -> Any:
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        try:
+            return path.read_bytes()
+        except IsADirectoryError:
+            raise InvalidInputError(
+                f"{path} is a directory, not an image file", field=field
+            ) from None
+        except OSError as e:
+            raise InvalidInputError(
+                f"cannot read image file {path}: {e.strerror or e}", field=field
+            ) from None
+    return item
+
+
+def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _length_batches(ids: Sequence[Sequence[int]], size: int) -> Iterator[list[int]]:
+    """Row indices in batches of similar length (longest first), so padding stays tight."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    yield from _chunks(order, size)
+
+
+def _top_indices(scores: np.ndarray, k: int | None) -> np.ndarray:
+    """Indices of the ``k`` highest scores, highest first (ties: lower index first)."""
+    order = np.argsort(-scores, kind="stable")
+    return order if k is None else order[:k]
+
+
+def _probability(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e[..., 1] / e.sum(axis=-1)).astype(np.float32)
+
+
+def _empty(*shape: int) -> np.ndarray:
+    return np.zeros(shape, dtype=np.float32)

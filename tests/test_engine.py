@@ -1,0 +1,218 @@
+"""The public Python API: shapes, broadcasting, consistency between entry points, ranking rules,
+input errors, and the image-feature cache."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import blipitm
+from blipitm.engine.cache import ByteLRU
+
+TEXTS = ["a dog on the grass", "a red car", "two people walking", "a cat", "the sky at night"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt: Path) -> blipitm.Engine:
+    return blipitm.load(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 256, (20 + 7 * i, 30 + 5 * i, 3), dtype=np.uint8))
+        for i in range(4)
+    ]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_score_shapes_and_consistency(engine: blipitm.Engine, images: list[Image.Image]) -> None:
+    pairs = engine.score(images, TEXTS[:4])
+    assert pairs.itm_probability.shape == (4,) and pairs.itm_probability.dtype == np.float32
+    assert pairs.itm_logits.shape == (4, 2) and pairs.itc_cosine.shape == (4,)
+    m = engine.score_matrix(images, TEXTS)
+    assert m.itm_logits.shape == (4, 5, 2) and m.shape == (4, 5)
+    diag = np.arange(4)
+    np.testing.assert_allclose(pairs.itm_logits, m.itm_logits[diag, diag], atol=1e-5)
+    np.testing.assert_allclose(pairs.itc_cosine, m.itc_cosine[diag, diag], atol=1e-6)
+    # probability is softmax(logits)[:, 1]
+    z = m.itm_logits.astype(np.float64)
+    want = np.exp(z[..., 1]) / np.exp(z).sum(-1)
+    np.testing.assert_allclose(m.itm_probability, want, atol=1e-6)
+    # cosine is the dot product of the unit-norm embeddings
+    img_emb, txt_emb = engine.embed_images(images), engine.embed_texts(TEXTS)
+    assert img_emb.shape == (4, 256) and txt_emb.shape == (5, 256)
+    np.testing.assert_allclose(np.linalg.norm(img_emb, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(txt_emb, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(m.itc_cosine, img_emb @ txt_emb.T, atol=1e-6)
+
+
+def test_broadcasting(engine: blipitm.Engine, images: list[Image.Image]) -> None:
+    one_image = engine.score(images[0], TEXTS)
+    m = engine.score_matrix(images[:1], TEXTS)
+    np.testing.assert_allclose(one_image.itm_logits, m.itm_logits[0], atol=1e-5)
+    one_text = engine.score(images, TEXTS[1])
+    m = engine.score_matrix(images, TEXTS[1:2])
+    np.testing.assert_allclose(one_text.itm_logits, m.itm_logits[:, 0], atol=1e-5)
+    assert len(engine.score([], [])) == 0
+    with pytest.raises(blipitm.InvalidInputError, match="3 images and 2 texts"):
+        engine.score(images[:3], TEXTS[:2])
+
+
+def test_input_kinds_agree(
+    engine: blipitm.Engine, images: list[Image.Image], tmp_path: Path
+) -> None:
+    path = tmp_path / "x.png"
+    path.write_bytes(png_bytes(images[1]))
+    kinds = [images[1], np.asarray(images[1]), png_bytes(images[1]), path, str(path)]
+    emb = engine.embed_images(kinds)
+    for row in emb[1:]:
+        np.testing.assert_array_equal(row, emb[0])
+
+
+def test_rank_image_query_blip_rule(engine: blipitm.Engine, images: list[Image.Image]) -> None:
+    m = engine.score_matrix(images[:1], TEXTS)
+    cos, logit1 = m.itc_cosine[0], m.itm_logits[0, :, 1]
+    ranked = engine.rank(images[0], TEXTS, rerank_k=3)
+    kept = set(np.argsort(-cos)[:3].tolist())
+    assert {r.index for r in ranked} == kept  # only the top rerank_k by cosine come back
+    want = sorted(kept, key=lambda i: -(logit1[i] + cos[i]))
+    assert [r.index for r in ranked] == want
+    for r in ranked:
+        assert r.score == pytest.approx(logit1[r.index] + cos[r.index], abs=1e-5)
+        assert r.itm_probability == pytest.approx(m.itm_probability[0, r.index], abs=1e-5)
+        assert r.itc_cosine == pytest.approx(cos[r.index], abs=1e-6)
+    assert len(engine.rank(images[0], TEXTS, top_k=2)) == 2
+
+
+def test_rank_text_query(engine: blipitm.Engine, images: list[Image.Image]) -> None:
+    m = engine.score_matrix(images, TEXTS[:1])
+    ranked = engine.rank(TEXTS[0], images, rerank_k=None)
+    want = sorted(range(4), key=lambda i: -(m.itm_logits[i, 0, 1] + m.itc_cosine[i, 0]))
+    assert [r.index for r in ranked] == want
+
+
+def test_rank_transformers_protocol_scores_probability(
+    tiny_ckpt: Path, images: list[Image.Image]
+) -> None:
+    engine = blipitm.load(tiny_ckpt, protocol="transformers")
+    ranked = engine.rank(images[0], TEXTS, rerank_k=None)
+    assert [r.score for r in ranked] == [r.itm_probability for r in ranked]
+    assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda e, ims: e.score([ims[0], 42], ["a", "b"]), "images[1]"),
+        (lambda e, ims: e.score(ims[:2], ["a", None]), "texts[1]"),
+        (lambda e, ims: e.score(ims[:2], ["a", b"\x00"]), "texts[1]"),
+        (lambda e, ims: e.embed_images([b""]), "images[0]"),
+        (lambda e, ims: e.embed_images([b"not an image"]), "images[0]"),
+        (lambda e, ims: e.embed_images(["/does/not/exist.jpg"]), "images[0]"),
+        (lambda e, ims: e.embed_images([np.zeros((4, 4, 3), np.float32)]), "images[0]"),
+        (lambda e, ims: e.rank(ims[0], ["ok", 3]), "candidates[1]"),
+        (lambda e, ims: e.rank("a dog", [ims[0], "/nope.png"]), "candidates[1]"),
+    ],
+)
+def test_invalid_inputs_name_the_field(
+    engine: blipitm.Engine, images: list[Image.Image], call: object, field: str
+) -> None:
+    with pytest.raises(blipitm.InvalidInputError) as info:
+        call(engine, images)  # type: ignore[operator]
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_truncated_image_fails_cleanly(engine: blipitm.Engine, images: list[Image.Image]) -> None:
+    buf = io.BytesIO()
+    images[2].resize((200, 200)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    with pytest.raises(blipitm.InvalidInputError, match=r"images\[1\]"):
+        engine.embed_images([images[0], data[: len(data) // 2]])
+    engine.embed_images(images[:1])  # the engine is still usable
+
+
+def test_pixel_limit(tiny_ckpt: Path, images: list[Image.Image]) -> None:
+    engine = blipitm.load(tiny_ckpt, max_pixels=500)
+    with pytest.raises(blipitm.ImageTooLargeError, match=r"images\[0\]"):
+        engine.embed_images([images[3]])  # 51 x 45 pixels
+
+
+def test_load_argument_errors(tiny_ckpt: Path) -> None:
+    with pytest.raises(blipitm.InvalidInputError, match="protocol"):
+        blipitm.load(tiny_ckpt, protocol="lavis")
+    with pytest.raises(blipitm.InvalidInputError, match="dtype"):
+        blipitm.load(tiny_ckpt, dtype="float16")  # CPU
+    with pytest.raises(blipitm.InvalidInputError, match="device"):
+        blipitm.load(tiny_ckpt, device="tpu9")
+
+
+def test_overrides_reported(tiny_ckpt: Path) -> None:
+    blip = blipitm.load(tiny_ckpt).info
+    assert {o.field for o in blip.overrides} == {
+        "text_config.num_attention_heads",
+        "vision_config.layer_norm_eps",
+    }
+    heads = next(o for o in blip.overrides if o.field == "text_config.num_attention_heads")
+    assert (heads.loaded, heads.used) == (4, 3)
+    assert blip.as_dict()["overrides"][0]["field"]
+    assert blipitm.load(tiny_ckpt, protocol="transformers").info.overrides == []
+
+
+def test_cache_hits_give_identical_results(tiny_ckpt: Path, images: list[Image.Image]) -> None:
+    engine = blipitm.load(tiny_ckpt)
+    data = [png_bytes(im) for im in images]
+    first = engine.score_matrix(data, TEXTS)
+    assert engine.cache.stats.hits == 0
+    second = engine.score_matrix(data, TEXTS)
+    assert engine.cache.stats.hits == len(data)
+    np.testing.assert_array_equal(first.itm_logits, second.itm_logits)
+    uncached = blipitm.load(tiny_ckpt, cache_bytes=0)
+    third = uncached.score_matrix(data, TEXTS)
+    assert len(uncached.cache) == 0
+    np.testing.assert_array_equal(first.itm_logits, third.itm_logits)
+    np.testing.assert_array_equal(first.itc_cosine, third.itc_cosine)
+
+
+def test_cache_byte_bound_and_eviction_never_stale() -> None:
+    import torch
+
+    cache = ByteLRU(max_bytes=1000)
+    tensors = {k: torch.full((50,), float(k)) for k in range(10)}  # 200 bytes each
+    for k, t in tensors.items():
+        cache.put(k, t)
+        assert cache.bytes_used <= 1000
+    assert len(cache) == 5 and cache.stats.evictions == 5
+    for k in range(10):
+        got = cache.get(k)
+        assert got is None or torch.equal(got, tensors[k])
+    assert cache.get(0) is None and cache.get(9) is not None
+    cache.put("big", torch.zeros(1000))  # larger than the budget: not cached, nothing evicted
+    assert "big" not in cache and len(cache) == 5
+
+
+def test_score_pairs_matches_matrix(engine: blipitm.Engine, images: list[Image.Image]) -> None:
+    m = engine.score_matrix(images, TEXTS)
+    pairs = [(0, 0), (0, 3), (2, 1), (3, 4), (1, 1), (0, 2)]
+    rows, cols = np.array(pairs).T
+    for source in (images, engine.encode_images(images)):
+        got = engine.score_pairs(source, TEXTS, pairs)
+        np.testing.assert_allclose(got.itm_logits, m.itm_logits[rows, cols], atol=1e-5)
+        np.testing.assert_allclose(got.itc_cosine, m.itc_cosine[rows, cols], atol=1e-6)
+    feats = engine.encode_images(images)
+    half = blipitm.ImageFeatures(feats.tokens.half(), feats.embeddings)
+    got = engine.score_pairs(half, TEXTS, pairs)  # stored half-precision features still score
+    np.testing.assert_allclose(got.itm_logits, m.itm_logits[rows, cols], atol=5e-2)
+    with pytest.raises(blipitm.InvalidInputError, match="pairs"):
+        engine.score_pairs(images, TEXTS, [(4, 0)])
