@@ -355,7 +355,7 @@ def test_load_into_module_with_hf_names(tiny_ckpt: Path) -> None:
     _assert_same(model.state_dict(), sd)
 
 
-def test_load_into_casts_dtype_and_assigns_on_meta() -> None:
+def test_load_into_casts_in_place_and_assigns_as_is_on_meta() -> None:
     sd = {"weight": torch.randn(4, 3, dtype=torch.float64), "bias": torch.randn(4)}
     module = torch.nn.Linear(3, 4).to(torch.bfloat16)
     load_into(module, sd)
@@ -363,8 +363,9 @@ def test_load_into_casts_dtype_and_assigns_on_meta() -> None:
     assert torch.equal(module.weight, sd["weight"].to(torch.bfloat16))
     with torch.device("meta"):
         lazy = torch.nn.Linear(3, 4)
-    load_into(lazy, sd)
-    assert not lazy.weight.is_meta and lazy.weight.dtype == torch.float32
+    load_into(lazy, sd)  # assigned, not copied: the caller chose the dtype when reading
+    assert not lazy.weight.is_meta and lazy.weight.dtype == torch.float64
+    assert lazy.weight.data_ptr() == sd["weight"].data_ptr()
     assert torch.equal(lazy.bias, sd["bias"])
 
 

@@ -7,16 +7,17 @@ unpickling arbitrary objects would run code from the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from blipitm.errors import CheckpointError
 
@@ -30,34 +31,109 @@ _WRAPPER_KEYS = ("model", "state_dict")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike[str], *, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """Read every tensor of a checkpoint file onto the CPU.
 
     ``.safetensors``, a sharded ``*.index.json`` and ``.bin``/``.pth``/``.pt`` pickles (read with
     ``weights_only=True``, memory-mapped where the file format allows). A ``{"model": sd}`` or
     ``{"state_dict": sd}`` wrapper is unwrapped. Any failure is a :class:`CheckpointError`.
+    ``dtype`` converts floating tensors one at a time as they are read.
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint file not found: {p}")
     if p.name.endswith(INDEX_SUFFIX):
-        return _read_sharded(p)
+        return _read_sharded(p, dtype)
     if p.suffix in SAFETENSORS_SUFFIXES:
-        return _read_safetensors(p)
-    return _as_state_dict(_read_pickle(p), p)
+        return _read_safetensors(p, dtype)
+    state_dict = _as_state_dict(_read_pickle(p), p)
+    for key, tensor in state_dict.items():  # memory-mapped: converting one at a time is cheap
+        state_dict[key] = _convert(tensor, dtype)
+    return state_dict
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _convert_needed(stored: torch.dtype, dtype: torch.dtype | None) -> bool:
+    return dtype is not None and stored.is_floating_point and stored != dtype
+
+
+def _convert(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if _convert_needed(tensor.dtype, dtype) else tensor
+
+
+# safetensors dtype tags (https://github.com/huggingface/safetensors, format section).
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Read tensor by tensor with ``readinto`` into fresh tensors, converting each as it comes.
+
+    The safetensors library memory-maps the whole file, and every touched page counts toward
+    the process's resident memory until the file is closed: a bf16 load of fp32 weights would
+    peak at 1.5x the fp32 size. Reading into place peaks at the result plus one tensor.
+    """
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", _read_exact(f, 8))
+            if header_len > 100_000_000:
+                raise ValueError(f"header length {header_len} is implausible")
+            header = json.loads(_read_exact(f, header_len))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            header.pop("__metadata__", None)
+            data_start = 8 + header_len
+            entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+            out: dict[str, torch.Tensor] = {}
+            scratch: torch.Tensor | None = None  # reused read buffer when converting
+            for name, info in entries:
+                begin, end = (int(x) for x in info["data_offsets"])
+                stored = _ST_DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                nbytes = math.prod(shape) * stored.itemsize
+                if end - begin != nbytes:
+                    raise ValueError(f"{name}: {end - begin} bytes for shape {shape}")
+                if _convert_needed(stored, dtype):
+                    if scratch is None or scratch.numel() < nbytes:
+                        scratch = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
+                    raw = scratch[:nbytes]
+                else:
+                    raw = torch.empty(nbytes, dtype=torch.uint8)
+                f.seek(data_start + begin)
+                if nbytes and f.readinto(raw.numpy().data) != nbytes:
+                    raise ValueError(f"{name}: the file ends inside this tensor")
+                tensor = raw.view(stored).reshape(shape)
+                if _convert_needed(stored, dtype):
+                    out[name] = tensor.to(dtype)  # a fresh tensor; scratch is reused
+                else:
+                    out[name] = tensor
+            return out
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise CheckpointError(
             f"cannot read {path}: the file is truncated, corrupted or not safetensors ({e}); "
             "download or convert it again"
         ) from e
 
 
-def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError("the file ends inside its header")
+    return data
+
+
+def _read_sharded(index_path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
@@ -68,7 +144,7 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"shard index {index_path} names missing files: {', '.join(missing)}")
     out: dict[str, torch.Tensor] = {}
     for shard in shards:
-        out.update(read_state_dict(index_path.parent / shard))
+        out.update(read_state_dict(index_path.parent / shard, dtype=dtype))
     return out
 
 

@@ -10,12 +10,17 @@ from blipitm.checkpoint.resolve import ResolvedCheckpoint
 from blipitm.checkpoint.strict import check_state_dict
 
 
-def load_weights(resolved: ResolvedCheckpoint) -> dict[str, torch.Tensor]:
+def load_weights(
+    resolved: ResolvedCheckpoint, *, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, HF-named, training-only tensors dropped, strictly checked.
+
+    ``dtype`` converts floating tensors as they are read, one at a time, so that a bf16 load
+    never holds the fp32 weights all at once.
 
     The rename is applied to both kinds: it is the identity on HF names, and it drops the legacy
     ``position_ids`` buffer that older transformers ``.bin`` files carry.
     """
-    state_dict = hf_from_original(read_state_dict(resolved.weights_path))
+    state_dict = hf_from_original(read_state_dict(resolved.weights_path, dtype=dtype))
     check_state_dict(state_dict, resolved.config)
     return state_dict

@@ -104,8 +104,9 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: BlipConfig)
 def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Check ``state_dict`` against ``module``'s own tensors, then load it strictly.
 
-    Tensors are cast to each target's dtype. A module built on the meta device gets the tensors
-    assigned (there is no storage to copy into); otherwise they are copied in place.
+    A module built on the meta device gets the tensors assigned as they are, dtype included
+    (there is no storage to copy into, and no second copy is made); otherwise they are cast to
+    each target's dtype and copied in place.
     """
     target = module.state_dict()
     check_shapes(
@@ -116,5 +117,8 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -
         floating={k for k, v in target.items() if v.is_floating_point()},
     )
     on_meta = any(v.is_meta for v in target.values())
+    if on_meta:
+        module.load_state_dict(state_dict, strict=True, assign=True)
+        return
     prepared = {k: v.to(dtype=target[k].dtype) for k, v in state_dict.items()}
-    module.load_state_dict(prepared, strict=True, assign=on_meta)
+    module.load_state_dict(prepared, strict=True)

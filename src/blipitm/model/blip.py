@@ -13,6 +13,7 @@ from torch import nn
 
 from blipitm.config import BlipConfig
 from blipitm.model.attention import ATTN_IMPLS, AttnImpl
+from blipitm.model.layers import Embedding, Linear
 from blipitm.model.text import Attention, CrossKV, TextEncoder
 from blipitm.model.vision import VisionAttention, VisionTransformer
 
@@ -23,9 +24,9 @@ class BlipITM(nn.Module):
         self.config = config
         self.vision_model = VisionTransformer(config.vision)
         self.text_encoder = TextEncoder(config.text)
-        self.vision_proj = nn.Linear(config.vision.hidden_size, config.image_text_hidden_size)
-        self.text_proj = nn.Linear(config.text.hidden_size, config.image_text_hidden_size)
-        self.itm_head = nn.Linear(config.text.hidden_size, 2)
+        self.vision_proj = Linear(config.vision.hidden_size, config.image_text_hidden_size)
+        self.text_proj = Linear(config.text.hidden_size, config.image_text_hidden_size)
+        self.itm_head = Linear(config.text.hidden_size, 2)
 
     def set_attn_impl(self, impl: AttnImpl) -> None:
         """Select the attention kernel everywhere: ``"sdpa"`` (default) or ``"eager"``."""
@@ -34,6 +35,12 @@ class BlipITM(nn.Module):
         for module in self.modules():
             if isinstance(module, (VisionAttention, Attention)):
                 module.impl = impl
+
+    def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
+        """Dtype of text activations (vision follows its input); None: the weights' dtype."""
+        for module in self.modules():
+            if isinstance(module, Embedding):
+                module.compute_dtype = dtype
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> image tokens ``[B, N, Dv]``."""

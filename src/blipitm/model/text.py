@@ -20,6 +20,7 @@ from torch import nn
 
 from blipitm.config import TextConfig
 from blipitm.model.attention import AttnImpl, attention, merge_heads, padding_mask, split_heads
+from blipitm.model.layers import Embedding, LayerNorm, Linear
 
 # Per layer: (keys, values), each [G, heads, N_image_tokens, head_dim].
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -28,9 +29,9 @@ CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
 class TextEmbeddings(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = Embedding(config.max_position_embeddings, config.hidden_size)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -44,9 +45,9 @@ class SelfAttention(nn.Module):
     def __init__(self, config: TextConfig, kv_width: int) -> None:
         super().__init__()
         self.heads = config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(kv_width, config.hidden_size)
-        self.value = nn.Linear(kv_width, config.hidden_size)
+        self.query = Linear(config.hidden_size, config.hidden_size)
+        self.key = Linear(kv_width, config.hidden_size)
+        self.value = Linear(kv_width, config.hidden_size)
 
     def kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = split_heads(self.key(states), self.heads)  # [G, h, N, d]
@@ -57,8 +58,8 @@ class SelfAttention(nn.Module):
 class AttentionOutput(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dense(context) + residual)
@@ -95,7 +96,7 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.dense(x))
@@ -104,8 +105,8 @@ class Intermediate(nn.Module):
 class Output(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dense = Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dense(x) + residual)

@@ -12,6 +12,7 @@ from torch import nn
 
 from blipitm.config import VisionConfig
 from blipitm.model.attention import AttnImpl, attention, merge_heads
+from blipitm.model.layers import Conv2d, LayerNorm, Linear
 
 
 class VisionEmbeddings(nn.Module):
@@ -19,22 +20,22 @@ class VisionEmbeddings(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, d))
-        self.patch_embedding = nn.Conv2d(3, d, config.patch_size, stride=config.patch_size)
+        self.patch_embedding = Conv2d(3, d, config.patch_size, stride=config.patch_size)
         self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, d))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        x = self.patch_embedding(pixel_values)  # computes in the pixels' dtype
         x = x.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, N, D]
-        cls = self.class_embedding.expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1) + self.position_embedding  # [B, N+1, D]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.to(x.dtype)  # [B, N+1, D]
 
 
 class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.heads = config.num_attention_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.projection = nn.Linear(config.hidden_size, config.hidden_size)
+        self.qkv = Linear(config.hidden_size, 3 * config.hidden_size)
+        self.projection = Linear(config.hidden_size, config.hidden_size)
         self.impl: AttnImpl = "sdpa"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,8 +48,8 @@ class VisionAttention(nn.Module):
 class VisionMlp(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -57,9 +58,9 @@ class VisionMlp(nn.Module):
 class VisionLayer(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = VisionAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionMlp(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ class VisionTransformer(nn.Module):
         self.config = config
         self.embeddings = VisionEmbeddings(config)
         self.encoder = VisionEncoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
