@@ -176,13 +176,38 @@ def test_cache_hits_give_identical_results(tiny_ckpt: Path, images: list[Image.I
     first = engine.score_matrix(data, TEXTS)
     assert engine.cache.stats.hits == 0
     second = engine.score_matrix(data, TEXTS)
-    assert engine.cache.stats.hits == len(data)
+    assert engine.cache.stats.hits == 2 * len(data)  # image tokens and cross-attention K/V
     np.testing.assert_array_equal(first.itm_logits, second.itm_logits)
+    np.testing.assert_array_equal(first.itc_cosine, second.itc_cosine)
     uncached = blipitm.load(tiny_ckpt, cache_bytes=0)
     third = uncached.score_matrix(data, TEXTS)
     assert len(uncached.cache) == 0
     np.testing.assert_array_equal(first.itm_logits, third.itm_logits)
     np.testing.assert_array_equal(first.itc_cosine, third.itc_cosine)
+
+
+def test_eviction_under_pressure_is_never_stale(tiny_ckpt: Path, images: list[Image.Image]) -> None:
+    """A cache with room for about two images' entries, cycled through many images and pairings
+    (stacked single pairs, per-image blocks, partial hits), always equals the uncached engine."""
+    reference = blipitm.load(tiny_ckpt, cache_bytes=0)
+    engine = blipitm.load(tiny_ckpt)
+    kv_bytes = sum(
+        k.nbytes + v.nbytes
+        for k, v in engine._cross_kv(engine._image_features(images[:1], field="x"))
+    )
+    engine = blipitm.load(tiny_ckpt, cache_bytes=2 * kv_bytes)
+    rng = np.random.default_rng(5)
+    many = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(6)]
+    for step in range(8):
+        pick = [many[j] for j in rng.integers(0, len(many), 4)]
+        texts = [TEXTS[j] for j in rng.integers(0, len(TEXTS), 4)]
+        pairs = [(int(a), int(b)) for a, b in rng.integers(0, 4, (6, 2))]
+        got = engine.score_pairs(pick, texts, pairs)
+        want = reference.score_pairs(pick, texts, pairs)
+        np.testing.assert_array_equal(got.itm_logits, want.itm_logits, err_msg=f"step {step}")
+        np.testing.assert_array_equal(got.itc_cosine, want.itc_cosine)
+        assert engine.cache.bytes_used <= engine.cache.max_bytes
+    assert engine.cache.stats.evictions > 0 and engine.cache.stats.hits > 0
 
 
 def test_cache_byte_bound_and_eviction_never_stale() -> None:

@@ -9,6 +9,7 @@ import torch
 
 from blipitm.checkpoint import load_into, load_weights, resolve
 from blipitm.config import PROTOCOLS, apply_protocol
+from blipitm.engine.devices import native_compute_dtype
 from blipitm.engine.engine import DEFAULT_CACHE_BYTES, BatchSizes, Engine
 from blipitm.engine.types import ModelInfo
 from blipitm.errors import InvalidInputError
@@ -38,6 +39,7 @@ def load(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     batch_sizes: BatchSizes | None = None,
     attn_impl: str = "sdpa",
+    compute_dtype: str | None = None,
 ) -> Engine:
     """Load a BLIP ITM checkpoint and return a ready :class:`Engine`.
 
@@ -45,6 +47,8 @@ def load(
     BLIP/LAVIS ``.pth`` file (then ``tokenizer`` names the tokenizer directory or hub id).
     ``protocol``: ``"blip"`` (the model as Salesforce evaluated it) or ``"transformers"``
     (bit-compatible with ``transformers.BlipForImageTextRetrieval``); see the README.
+    ``dtype`` is how the weights are stored; ``compute_dtype`` (default: ``dtype`` where the
+    hardware runs it natively, else float32) is what the arithmetic runs in.
     """
     if protocol not in PROTOCOLS:
         raise InvalidInputError(f"must be one of {PROTOCOLS}, got {protocol!r}", field="protocol")
@@ -66,14 +70,23 @@ def load(
     for o in overrides:
         log.info("protocol %s overrides %s", protocol, o)
 
-    state_dict = load_weights(resolved)
+    # Tensors are converted to the storage dtype as they are read and assigned to a model built
+    # on the meta device, so no second copy of the weights ever exists (peak RSS).
+    state_dict = load_weights(resolved, dtype=DTYPES[dtype])
     with torch.device("meta"):
         model = BlipITM(config)
-    model = model.to_empty(device="cpu")
     load_into(model, state_dict)
     del state_dict
-    model = model.to(device=torch_device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    model = model.to(device=torch_device).eval().requires_grad_(False)
     model.set_attn_impl(attn_impl)  # type: ignore[arg-type]
+    if compute_dtype is None:
+        compute = native_compute_dtype(torch_device, DTYPES[dtype])
+    elif compute_dtype in DTYPES:
+        compute = DTYPES[compute_dtype]
+    else:
+        raise InvalidInputError(
+            f"must be one of {tuple(DTYPES)} or None, got {compute_dtype!r}", field="compute_dtype"
+        )
 
     info = ModelInfo(
         source=resolved.source,
@@ -85,9 +98,11 @@ def load(
         dtype=dtype,
         config=config,
         overrides=overrides,
+        compute_dtype=str(compute).removeprefix("torch."),
     )
     log.info(
-        "loaded %s (%s, revision=%s, commit=%s) protocol=%s device=%s dtype=%s overrides=[%s]",
+        "loaded %s (%s, revision=%s, commit=%s) protocol=%s device=%s dtype=%s compute=%s "
+        "overrides=[%s]",
         info.source,
         info.kind,
         info.revision,
@@ -95,6 +110,7 @@ def load(
         protocol,
         info.device,
         dtype,
+        info.compute_dtype,
         "; ".join(str(o) for o in overrides),
     )
     return Engine(

@@ -58,6 +58,7 @@ class ModelInfo:
     dtype: str
     config: BlipConfig
     overrides: list[Override] = field(default_factory=list)
+    compute_dtype: str = "float32"  # may be wider than ``dtype`` (see engine.devices)
 
     @property
     def embedding_dim(self) -> int:
@@ -72,6 +73,7 @@ class ModelInfo:
             "protocol": self.protocol,
             "device": self.device,
             "dtype": self.dtype,
+            "compute_dtype": self.compute_dtype,
             "embedding_dim": self.embedding_dim,
             "image_size": self.config.vision.image_size,
             "overrides": [
