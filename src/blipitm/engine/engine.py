@@ -30,7 +30,7 @@ from blipitm.config import (
 from blipitm.engine.cache import ByteLRU, content_key
 from blipitm.engine.types import MatrixScores, ModelInfo, PairScores, Ranked
 from blipitm.errors import InvalidInputError
-from blipitm.model import BlipITM, CrossKV
+from blipitm.model import BlipITM, CrossKV, DenseKV
 from blipitm.processing.image import (
     DEFAULT_MAX_PIXELS,
     ImageInput,
@@ -370,7 +370,7 @@ class Engine:
         scored again (another call, another request) skips the projection, about 70% of an ITM
         pass for a short caption.
         """
-        per_image: list[CrossKV | None] = [
+        per_image: list[DenseKV | None] = [
             self.cache.get(("kv", f.key)) if f.key is not None else None for f in feats
         ]
         missing = [g for g, kv in enumerate(per_image) if kv is None]
@@ -387,12 +387,14 @@ class Engine:
         kvs = [kv for kv in per_image if kv is not None]
         if len(kvs) == 1:
             return kvs[0]
-        return [
-            (torch.cat([kv[i][0] for kv in kvs]), torch.cat([kv[i][1] for kv in kvs]))
-            for i in range(len(kvs[0]))
+        # Per-image tensors, not concatenated: the model attends image by image (cheaper than
+        # copying ~40 MB of K/V per base-size image into a batch).
+        per_layer: CrossKV = [
+            ([kv[i][0] for kv in kvs], [kv[i][1] for kv in kvs]) for i in range(len(kvs[0]))
         ]
+        return per_layer
 
-    def _cache_kv(self, feats: Sequence[_ImageFeatures], kv: CrossKV) -> None:
+    def _cache_kv(self, feats: Sequence[_ImageFeatures], kv: DenseKV) -> None:
         if self.cache.max_bytes == 0:
             return
         for j, f in enumerate(feats):

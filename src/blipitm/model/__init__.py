@@ -2,6 +2,6 @@
 
 from blipitm.model.attention import ATTN_IMPLS, AttnImpl
 from blipitm.model.blip import BlipITM
-from blipitm.model.text import CrossKV
+from blipitm.model.text import CrossKV, DenseKV
 
-__all__ = ["ATTN_IMPLS", "AttnImpl", "BlipITM", "CrossKV"]
+__all__ = ["ATTN_IMPLS", "AttnImpl", "BlipITM", "CrossKV", "DenseKV"]

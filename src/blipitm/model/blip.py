@@ -14,7 +14,7 @@ from torch import nn
 from blipitm.config import BlipConfig
 from blipitm.model.attention import ATTN_IMPLS, AttnImpl
 from blipitm.model.layers import Embedding, Linear
-from blipitm.model.text import Attention, CrossKV, TextEncoder
+from blipitm.model.text import Attention, CrossKV, DenseKV, TextEncoder
 from blipitm.model.vision import VisionAttention, VisionTransformer
 
 
@@ -55,7 +55,7 @@ class BlipITM(nn.Module):
         hidden = self.text_encoder(input_ids, attention_mask)
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
-    def cross_kv(self, image_embeds: torch.Tensor) -> CrossKV:
+    def cross_kv(self, image_embeds: torch.Tensor) -> DenseKV:
         """Cross-attention keys/values of every text layer for ``[G, N, Dv]`` image tokens."""
         return self.text_encoder.cross_kv(image_embeds)
 

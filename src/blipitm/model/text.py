@@ -12,6 +12,7 @@ image side has no padding mask: each query row's softmax is over the same keys e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -22,8 +23,15 @@ from blipitm.config import TextConfig
 from blipitm.model.attention import AttnImpl, attention, merge_heads, padding_mask, split_heads
 from blipitm.model.layers import Embedding, LayerNorm, Linear
 
-# Per layer: (keys, values), each [G, heads, N_image_tokens, head_dim].
-CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
+# Per layer: (keys, values), each [G, heads, N_image_tokens, head_dim], or a sequence of G
+# tensors [1, heads, N, head_dim] (images cached separately; attended without concatenating).
+KV = torch.Tensor | Sequence[torch.Tensor]
+CrossKV = Sequence[tuple[KV, KV]]
+DenseKV = list[tuple[torch.Tensor, torch.Tensor]]  # what cross_kv computes
+
+
+def num_images(kv: KV) -> int:
+    return kv.shape[0] if isinstance(kv, torch.Tensor) else len(kv)
 
 
 class TextEmbeddings(nn.Module):
@@ -80,15 +88,18 @@ class Attention(nn.Module):
         out = attention(q, k, v, mask, impl=self.impl)
         return self.output(merge_heads(out), x)
 
-    def forward_cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward_cross(self, x: torch.Tensor, kv: tuple[KV, KV]) -> torch.Tensor:
         k, v = kv  # [G, h, N, d]
-        g = k.shape[0]
+        g = num_images(k)
         b, t, _ = x.shape
         m = b // g
         q = split_heads(self.self.query(x), self.self.heads)  # [G*M, h, T, d]
         h, d = q.shape[1], q.shape[3]
         q = q.view(g, m, h, t, d).transpose(1, 2).reshape(g, h, m * t, d)  # [G, h, M*T, d]
-        out = attention(q, k, v, impl=self.impl)  # [G, h, M*T, d]
+        if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
+            out = attention(q, k, v, impl=self.impl)  # [G, h, M*T, d]
+        else:  # one image at a time: copying cached K/V into one batch costs more than this
+            out = torch.cat([attention(q[i : i + 1], k[i], v[i], impl=self.impl) for i in range(g)])
         out = out.view(g, h, m, t, d).transpose(1, 2).reshape(b, h, t, d)  # [G*M, h, T, d]
         return self.output(merge_heads(out), x)
 
@@ -124,7 +135,7 @@ class TextLayer(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor,
-        cross_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        cross_kv: tuple[KV, KV] | None,
     ) -> torch.Tensor:
         x = self.attention.forward_self(x, mask)
         if cross_kv is not None:
@@ -147,7 +158,7 @@ class TextEncoder(nn.Module):
         self.embeddings = TextEmbeddings(config)
         self.encoder = TextLayers(config)
 
-    def cross_kv(self, image_embeds: torch.Tensor) -> CrossKV:
+    def cross_kv(self, image_embeds: torch.Tensor) -> DenseKV:
         """Every layer's cross-attention keys/values for ``image_embeds [G, N, Dv]``."""
         layers = cast(list[TextLayer], list(self.encoder.layer))
         return [layer.crossattention.self.kv(image_embeds) for layer in layers]
@@ -161,10 +172,10 @@ class TextEncoder(nn.Module):
         """Unimodal when ``cross_kv`` is None; otherwise ``B`` must be a multiple of its ``G``."""
         x = self.embeddings(input_ids)
         mask = padding_mask(attention_mask, x.dtype)  # [B, 1, 1, T]
-        if cross_kv is not None and input_ids.shape[0] % cross_kv[0][0].shape[0]:
+        if cross_kv is not None and input_ids.shape[0] % num_images(cross_kv[0][0]):
             raise ValueError(
                 f"{input_ids.shape[0]} texts cannot be split evenly over "
-                f"{cross_kv[0][0].shape[0]} images"
+                f"{num_images(cross_kv[0][0])} images"
             )
         for i, layer in enumerate(self.encoder.layer):
             x = layer(x, mask, None if cross_kv is None else cross_kv[i])
