@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from blipitm import __version__
-from blipitm.cli import convert, score
+from blipitm.cli import convert, score, serve
 from blipitm.errors import BlipitmError
 
-COMMANDS = (score, convert)
+COMMANDS = (score, convert, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

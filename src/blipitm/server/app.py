@@ -1,0 +1,110 @@
+"""The FastAPI app factory: ``create_app(settings)``.
+
+Loading happens in the background after startup, so ``/health`` answers at once and ``/ready``
+turns 200 only once the model is loaded and a real forward pass has run on the inference worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+
+from blipitm.engine import Engine, load
+from blipitm.server import errors
+from blipitm.server.auth import KeyChecker
+from blipitm.server.metrics import Metrics
+from blipitm.server.middleware import GuardMiddleware, MetricsMiddleware
+from blipitm.server.openapi import customise_openapi
+from blipitm.server.routes_api import router as api_router
+from blipitm.server.routes_ops import router as ops_router
+from blipitm.server.settings import ServerSettings
+from blipitm.server.state import EngineFactory, ServerState
+
+log = logging.getLogger("blipitm.server")
+
+DESCRIPTION = (
+    "BLIP image-text matching behind OpenAI (embeddings), vLLM (score) and Cohere/Jina (rerank) "
+    "compatible endpoints. Errors use OpenAI's envelope."
+)
+
+
+def _version() -> str:
+    # Not ``blipitm.__version__``: the server layer does not import the package root (layering).
+    try:
+        return version("blipitm")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def load_engine(settings: ServerSettings) -> Engine:
+    """The default engine factory: ``blipitm.load`` with the server's settings."""
+    return load(
+        settings.model,
+        revision=settings.revision,
+        tokenizer=settings.tokenizer,
+        device=settings.device,
+        dtype=settings.dtype,
+        protocol=settings.protocol,
+        max_pixels=settings.max_image_pixels,
+        cache_bytes=settings.cache_bytes,
+    )
+
+
+def create_app(
+    settings: ServerSettings,
+    engine_factory: EngineFactory = load_engine,
+    *,
+    on_load_failure: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """Build the app. ``on_load_failure`` lets the CLI stop the server if the model cannot load."""
+    state = ServerState(settings, Metrics())
+
+    async def load_in_background() -> None:
+        try:
+            await state.load_model(engine_factory)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            state.load_error = str(e) or type(e).__name__
+            log.error("cannot serve: loading the model failed: %s", state.load_error, exc_info=e)
+            if on_load_failure is not None:
+                on_load_failure(e)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.open()
+        task = asyncio.create_task(load_in_background())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await state.close()
+
+    app = FastAPI(
+        title="blipitm",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.blipitm = state
+    errors.install(app)
+    app.include_router(ops_router)
+    app.include_router(api_router)
+    app.add_middleware(
+        GuardMiddleware,
+        keys=KeyChecker(settings.api_keys),
+        protect_metrics=settings.protect_metrics,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    routes = {getattr(r, "path", "") for r in app.routes}
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=routes)
+    customise_openapi(app)
+    return app

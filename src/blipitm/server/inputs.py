@@ -1,0 +1,185 @@
+"""Request items: which are texts and which are images, and how score / rerank pair them.
+
+Pure functions over the parsed request models, so the rules (vLLM's 1:1 / 1:N / N:N pairing, the
+data-URI rule for plain strings, the one-image-one-text rule of ITM) are unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from blipitm.server.errors import APIError
+from blipitm.server.images import is_image_data_uri
+from blipitm.server.schemas import Content, ImageURLPart, TextDocument, TextPart
+
+
+@dataclass(frozen=True)
+class TextItem:
+    text: str
+    param: str
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    source: str  # data URI, base64 or URL
+    param: str
+
+
+Item = TextItem | ImageItem
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_input") -> APIError:
+    return APIError(400, message, code=code, param=param)
+
+
+def classify(value: object, param: str, *, strings_are_images: bool = False) -> Item:
+    """One request item. A plain string is an image if it is a ``data:image/`` URI (or if the
+    request says all its strings are images); content parts say what they are."""
+    if isinstance(value, str):
+        if strings_are_images or is_image_data_uri(value):
+            return ImageItem(value, param)
+        return TextItem(value, param)
+    if isinstance(value, ImageURLPart):
+        return ImageItem(value.image_url.url, param)
+    if isinstance(value, TextPart | TextDocument):
+        return TextItem(value.text, param)
+    if isinstance(value, int | list):
+        raise _bad(
+            "token id arrays are not supported: this model has its own tokenizer; send the text "
+            "as a string",
+            param,
+            code="unsupported_input",
+        )
+    raise _bad(f"unsupported item of type {type(value).__name__}", param)
+
+
+def check_count(n: int, max_items: int, param: str) -> None:
+    if n == 0:
+        raise _bad("must contain at least one item", param)
+    if n > max_items:
+        raise APIError(
+            413,
+            f"{n} items in one request; the limit is {max_items} (split the request)",
+            code="too_many_items",
+            param=param,
+        )
+
+
+def embedding_items(value: object, *, modality: str, max_items: int) -> list[Item]:
+    images = modality == "image"
+    if isinstance(value, str):
+        return [classify(value, "input", strings_are_images=images)]
+    assert isinstance(value, list)
+    check_count(len(value), max_items, "input")
+    if all(isinstance(v, int) for v in value):
+        classify(value, "input")  # a single token array: raises the clear 400
+    return [classify(v, f"input[{i}]", strings_are_images=images) for i, v in enumerate(value)]
+
+
+def side_items(value: object, name: str) -> list[Item]:
+    """``text_1`` / ``text_2`` of a score request, or ``documents`` of a rerank request."""
+    if isinstance(value, Content):
+        return [classify(p, f"{name}.content[{i}]") for i, p in enumerate(value.content)]
+    if isinstance(value, list):
+        return [classify(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    return [classify(value, name)]
+
+
+def pair_indices(n1: int, n2: int) -> list[tuple[int, int]]:
+    """vLLM's score pairing: 1:1 and N:N zip, 1:N pairs the one ``text_1`` with each ``text_2``.
+
+    N:1 (several ``text_1``, one ``text_2``) is an error in vLLM too.
+    """
+    if n1 == 0:
+        raise _bad("at least one text_1 item must be given", "text_1")
+    if n2 == 0:
+        raise _bad("at least one text_2 item must be given", "text_2")
+    if n1 == 1:
+        return [(0, j) for j in range(n2)]
+    if n1 == n2:
+        return [(i, i) for i in range(n1)]
+    raise _bad(
+        f"input lengths must be 1:1, 1:N or N:N; got {n1} text_1 and {n2} text_2 items",
+        "text_2",
+    )
+
+
+@dataclass
+class PairPlan:
+    """Distinct images and texts, and (image index, text index) per requested pair."""
+
+    images: list[ImageItem]
+    texts: list[TextItem]
+    pairs: list[tuple[int, int]]
+
+
+def plan_pairs(side1: Sequence[Item], side2: Sequence[Item]) -> PairPlan:
+    """Pair per vLLM's rules; each pair must be one image and one text, in either order."""
+    plan = PairPlan([], [], [])
+    image_index: dict[tuple[int, int], int] = {}  # (side, position) -> index in plan.images
+    text_index: dict[tuple[int, int], int] = {}
+    for i, j in pair_indices(len(side1), len(side2)):
+        a, b = side1[i], side2[j]
+        if isinstance(a, ImageItem) and isinstance(b, TextItem):
+            img, img_key, txt, txt_key = a, (1, i), b, (2, j)
+        elif isinstance(a, TextItem) and isinstance(b, ImageItem):
+            img, img_key, txt, txt_key = b, (2, j), a, (1, i)
+        else:
+            kind = "text" if isinstance(a, TextItem) else "image"
+            raise _bad(
+                f"{a.param} and {b.param} are both {kind}s; image-text matching needs one image "
+                "and one text per pair (images are data:image/... URIs or image_url parts)",
+                b.param,
+                code="invalid_pairing",
+            )
+        if img_key not in image_index:
+            image_index[img_key] = len(plan.images)
+            plan.images.append(img)
+        if txt_key not in text_index:
+            text_index[txt_key] = len(plan.texts)
+            plan.texts.append(txt)
+        plan.pairs.append((image_index[img_key], text_index[txt_key]))
+    return plan
+
+
+def check_rerank_modalities(query: Item, documents: Sequence[Item]) -> None:
+    """A text query ranks images and an image query ranks texts."""
+    want = TextItem if isinstance(query, ImageItem) else ImageItem
+    for d in documents:
+        if not isinstance(d, want):
+            q = "an image" if isinstance(query, ImageItem) else "a text"
+            w = "texts" if want is TextItem else "images (data:image/... URIs or image_url parts)"
+            raise _bad(
+                f"the query is {q}, so every document must be one of the {w}",
+                d.param,
+                code="invalid_pairing",
+            )
+
+
+_FIELD = re.compile(r"^(?P<name>[a-z_]+)\[(?P<index>\d+)\]")
+
+
+def field_mapper(
+    query: Item | None = None, **lists: Sequence[Item]
+) -> Callable[[str | None], str | None]:
+    """Translate an engine error's ``field`` (``texts[3]``) into the request's ``param``.
+
+    ``lists`` names the sequences the engine saw (``images=``, ``texts=``, ``candidates=``).
+    """
+
+    def mapping(field: str | None) -> str | None:
+        if field is None:
+            return None
+        if field == "query" and query is not None:
+            return query.param
+        m = _FIELD.match(field)
+        if m:
+            seq = lists.get(m.group("name"))
+            index = int(m.group("index"))
+            if seq is not None and index < len(seq):
+                return seq[index].param
+        return field
+
+    return mapping

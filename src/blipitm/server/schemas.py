@@ -1,0 +1,215 @@
+"""Request and response bodies, as the OpenAI / vLLM / Cohere / Jina clients send and parse them.
+
+These models define the committed OpenAPI document. Requests are validated by them; item-level
+rules that need a precise ``param`` (token arrays, image references, modality pairing) are checked
+in :mod:`blipitm.server.inputs` instead, where the item's position is known.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# -- content parts (OpenAI chat style) ------------------------------------------------------------
+
+
+class ImageURL(BaseModel):
+    url: str = Field(description="data:image/...;base64,... URI, base64 bytes, or an http(s) URL")
+    detail: str | None = Field(default=None, description="accepted for compatibility; ignored")
+
+
+class ImageURLPart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+ContentPart = Annotated[ImageURLPart | TextPart, Field(discriminator="type")]
+
+
+class Content(BaseModel):
+    """vLLM's multimodal form: ``{"content": [parts]}``, one item per part."""
+
+    content: list[ContentPart]
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# -- /v1/models -----------------------------------------------------------------------------------
+
+
+class Override(BaseModel):
+    field: str
+    loaded: Any
+    used: Any
+    reason: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    protocol: str = Field(description="blip or transformers")
+    embedding_dim: int
+    image_size: int
+    source: str
+    revision: str | None
+    commit: str | None
+    device: str
+    dtype: str
+    overrides: list[Override] = Field(description="config values the protocol changed")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- /v1/embeddings -------------------------------------------------------------------------------
+
+EmbeddingItem = str | ContentPart | int | list[int]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"input": ["a dog"], "model": "blip"}})
+
+    input: str | list[EmbeddingItem] = Field(
+        description="a text, a list of texts, or image references / image_url content parts. "
+        "Token-id arrays are not supported."
+    )
+    model: str | None = Field(default=None, description="the served model name (optional)")
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="base64: little-endian float32 bytes"
+    )
+    dimensions: int | None = Field(default=None, description="must equal the embedding size")
+    user: str | None = None
+    modality: Literal["text", "image"] = Field(
+        default="text", description="image: every string in `input` is an image reference"
+    )
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+# -- /v1/score ------------------------------------------------------------------------------------
+
+ScoreSide = str | list[str | ContentPart] | Content
+
+
+class ScoreRequest(BaseModel):
+    model: str | None = None
+    text_1: ScoreSide = Field(description="one item (paired with every text_2 item) or N items")
+    text_2: ScoreSide
+    user: str | None = None
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float = Field(description="ITM match probability")
+    itm_probability: float
+    itm_logits: list[float] = Field(description="[no match, match]")
+    itc_cosine: float
+
+
+class ScoreUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: ScoreUsage
+
+
+# -- /v1/rerank, /v2/rerank -----------------------------------------------------------------------
+
+
+class TextDocument(BaseModel):
+    text: str
+
+
+class RerankRequest(BaseModel):
+    model: str | None = None
+    query: str | ContentPart = Field(
+        description="a text (ranks images) or an image (ranks texts); a data:image URI string is "
+        "an image"
+    )
+    documents: list[str | TextDocument | ContentPart] | Content
+    top_n: int | None = Field(default=None, description="return the best N (default: all)")
+    return_documents: bool = True
+    rerank_k: int | None = Field(
+        default=None,
+        description="score only the rerank_k documents with the highest ITC cosine with ITM "
+        "(BLIP's two-stage retrieval); default: all",
+    )
+    user: str | None = None
+
+
+class RerankDocument(BaseModel):
+    text: str | None = None
+    multi_modal: ImageURLPart | None = None
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float = Field(description="ITM match probability")
+    itc_cosine: float
+    document: RerankDocument | None = None
+
+
+class RerankUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
+
+
+# -- operational ----------------------------------------------------------------------------------
+
+
+class Status(BaseModel):
+    status: str

@@ -1,0 +1,234 @@
+"""Server settings: one dataclass, filled from CLI flags and ``BLIPITM_*`` environment variables.
+
+Each setting is declared once in :data:`OPTIONS` (flag, environment variable, type, help); the CLI
+builds its parser from that table, :func:`from_env` reads the environment with it, and
+``docs/server.md`` documents it. Precedence: command-line flag, then environment, then default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from blipitm.engine import DEFAULT_MODEL, DTYPES
+from blipitm.errors import InvalidInputError
+
+ENV_PREFIX = "BLIPITM_"
+PROTOCOL_CHOICES = ("blip", "transformers")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    # -- model ----------------------------------------------------------------------------------
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    tokenizer: str | None = None
+    protocol: str = "blip"
+    device: str = "cpu"
+    dtype: str = "float32"
+    served_model_name: str | None = None  # None: the --model string
+    # -- network --------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # never printed
+    protect_metrics: bool = False
+    # -- batching and backpressure --------------------------------------------------------------
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    request_timeout_s: float = 60.0
+    decode_threads: int = 4
+    cache_bytes: int = 1 << 30
+    # -- limits ---------------------------------------------------------------------------------
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_items: int = 256
+    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_text_chars: int = 10_000
+    # -- image URLs -----------------------------------------------------------------------------
+    allow_url_fetch: bool = False
+    url_allowlist: tuple[str, ...] = ()
+    url_timeout_s: float = 10.0
+    url_max_redirects: int = 3
+    # -- logging --------------------------------------------------------------------------------
+    log_level: str = "info"
+    # Test-only: lets URL fetching reach 127.0.0.0/8 and ::1 so tests can serve images from a local
+    # HTTP server. Deliberately not an Option: no flag or environment variable can set it.
+    _allow_loopback_for_tests: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_items", "decode_threads", "port"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        for name in ("max_body_bytes", "max_image_pixels", "max_image_bytes", "max_text_chars"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        for name in ("max_wait_ms", "url_max_redirects", "cache_bytes"):
+            if getattr(self, name) < 0:
+                raise InvalidInputError(f"must be >= 0, got {getattr(self, name)}", field=name)
+        for name in ("request_timeout_s", "url_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidInputError(f"must be > 0, got {getattr(self, name)}", field=name)
+        if self.protocol not in PROTOCOL_CHOICES:
+            raise InvalidInputError(
+                f"must be one of {PROTOCOL_CHOICES}, got {self.protocol!r}", field="protocol"
+            )
+        if self.dtype not in DTYPES:
+            raise InvalidInputError(
+                f"must be one of {tuple(DTYPES)}, got {self.dtype!r}", field="dtype"
+            )
+        if any(not k for k in self.api_keys):
+            raise InvalidInputError("an API key must not be empty", field="api_keys")
+
+    @property
+    def model_name(self) -> str:
+        """The name clients pass as ``model`` and see in ``/v1/models``."""
+        return self.served_model_name or self.model
+
+    def replace(self, **changes: Any) -> ServerSettings:
+        return dataclasses.replace(self, **changes)
+
+
+# -- the option table -----------------------------------------------------------------------------
+
+
+def _parse_bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def _parse_list(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _optional_str(value: str) -> str | None:
+    return value or None
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as the outside world sees it."""
+
+    name: str  # ServerSettings field
+    help: str
+    parse: Callable[[str], Any] = str  # environment string -> value
+    kind: str = "value"  # "value", "flag" (store_true) or "list" (repeatable flag)
+    choices: tuple[str, ...] | None = None
+    env_only: bool = False  # settable by environment only (e.g. the key list)
+    flag_name: str | None = None  # overrides --name-with-dashes
+
+    @property
+    def flag(self) -> str:
+        return self.flag_name or "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model", "hub id, local Hugging Face directory or BLIP .pth file"),
+    Option("revision", "hub branch, tag or commit to pin", _optional_str),
+    Option("tokenizer", "tokenizer directory or hub id for a .pth model", _optional_str),
+    Option("protocol", "scoring protocol (see the README)", choices=PROTOCOL_CHOICES),
+    Option("device", "cpu, cuda or cuda:N"),
+    Option("dtype", "model dtype", choices=tuple(DTYPES)),
+    Option(
+        "served_model_name",
+        "name clients pass as `model` and see in /v1/models (default: the --model string)",
+        _optional_str,
+    ),
+    Option("host", "interface to bind; 0.0.0.0 exposes the server to the network"),
+    Option("port", "TCP port", int),
+    Option(
+        "api_keys",
+        "accepted API key (repeat the flag for several; env: comma-separated); with keys set, "
+        "/v1 and /v2 need `Authorization: Bearer KEY`",
+        _parse_list,
+        kind="list",
+        flag_name="--api-key",
+    ),
+    Option("protect_metrics", "require the API key for /metrics too", _parse_bool, kind="flag"),
+    Option("max_batch_size", "most requests merged into one worker batch", int),
+    Option("max_wait_ms", "how long the worker waits to fill a batch (milliseconds)", float),
+    Option("max_queue", "queued requests before new ones get 429", int),
+    Option("request_timeout_s", "deadline per request (seconds); past it: 504", float),
+    Option("decode_threads", "threads that decode images and fetch URLs", int),
+    Option("cache_bytes", "bytes of encoded images kept in the engine's cache", int),
+    Option("max_body_bytes", "largest request body (bytes); larger: 413", int),
+    Option("max_items", "most inputs / documents / pairs per request; more: 413", int),
+    Option("max_image_pixels", "largest image (width x height); larger: 413", int),
+    Option("max_image_bytes", "largest encoded image, base64-decoded or fetched (bytes)", int),
+    Option("max_text_chars", "longest text (characters); longer: 400", int),
+    Option("allow_url_fetch", "accept http(s) image URLs (off by default)", _parse_bool, "flag"),
+    Option(
+        "url_allowlist",
+        "only fetch from these hosts (repeatable; env: comma-separated); default: any public host",
+        _parse_list,
+        kind="list",
+    ),
+    Option("url_timeout_s", "connect / read timeout of one image fetch (seconds)", float),
+    Option("url_max_redirects", "redirects followed per image URL, each re-checked", int),
+    Option(
+        "log_level",
+        "uvicorn / blipitm log level",
+        choices=("critical", "error", "warning", "info", "debug"),
+    ),
+)
+
+
+def option(name: str) -> Option:
+    for opt in OPTIONS:
+        if opt.name == name:
+            return opt
+    raise KeyError(name)
+
+
+def env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Settings given by ``BLIPITM_*`` variables, parsed; a bad value names its variable."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = environ.get(opt.env)
+        if raw is None:
+            continue
+        try:
+            value = opt.parse(raw)
+        except ValueError as e:
+            raise InvalidInputError(f"cannot parse {raw!r}: {e}", field=opt.env) from None
+        if opt.choices is not None and value not in opt.choices:
+            raise InvalidInputError(f"must be one of {opt.choices}, got {raw!r}", field=opt.env)
+        out[opt.name] = value
+    return out
+
+
+def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
+    """Defaults, then the environment, then ``overrides`` (e.g. parsed CLI flags)."""
+    return ServerSettings(**{**env_values(environ), **overrides})
+
+
+def markdown_table() -> str:
+    """The flag / environment table of ``docs/server.md``."""
+    defaults = ServerSettings()
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for opt in OPTIONS:
+        default = getattr(defaults, opt.name)
+        if isinstance(default, tuple):
+            shown = "none" if not default else ",".join(default)
+        elif isinstance(default, bool):
+            shown = "off" if not default else "on"
+        else:
+            shown = "—" if default is None else str(default)
+        flag = opt.flag + (" KEY" if opt.name == "api_keys" else "")
+        if opt.name == "url_allowlist":
+            flag += " HOST"
+        help_text = opt.help + (f" ({'/'.join(opt.choices)})" if opt.choices else "")
+        rows.append(f"| `{flag}` | `{opt.env}` | `{shown}` | {help_text} |")
+    return "\n".join(rows)
