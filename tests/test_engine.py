@@ -241,3 +241,10 @@ def test_score_pairs_matches_matrix(engine: blipitm.Engine, images: list[Image.I
     np.testing.assert_allclose(got.itm_logits, m.itm_logits[rows, cols], atol=5e-2)
     with pytest.raises(blipitm.InvalidInputError, match="pairs"):
         engine.score_pairs(images, TEXTS, [(4, 0)])
+
+
+def test_count_tokens_follows_the_protocol(tiny_ckpt: Path, engine: blipitm.Engine) -> None:
+    long = " ".join(["dog"] * 50)
+    assert engine.count_tokens(["a dog.", long]) == [4, 32]  # BLIP: 30 words + [CLS] [SEP]
+    plain = blipitm.load(tiny_ckpt, protocol="transformers")
+    assert plain.count_tokens(["a dog.", long]) == [5, 52]  # "." kept, no truncation

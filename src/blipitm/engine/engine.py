@@ -243,6 +243,11 @@ class Engine:
             Ranked(int(keep[j]), float(score[j]), float(prob[j]), float(kept_cos[j])) for j in order
         ]
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens the model reads for each text under this protocol (with ``[CLS]``/``[SEP]``;
+        BLIP: after ``pre_caption`` and the 35-token truncation)."""
+        return [len(row) for row in self._token_ids(texts, "texts")]
+
     def encode_images(self, images: Sequence[ImageInput]) -> ImageFeatures:
         """Encode images once, for :meth:`score_pairs` or to store (e.g. in an index)."""
         image_list, _ = _as_list(images, _is_single_image)

@@ -14,10 +14,9 @@ from typing import Any
 from PIL import Image
 from starlette.requests import Request
 
-from blipitm.config import BLIP_MAX_CAPTION_WORDS, BLIP_MAX_TEXT_TOKENS
 from blipitm.engine import Engine
 from blipitm.errors import InvalidInputError
-from blipitm.processing import pre_caption, validate_text
+from blipitm.processing import validate_text
 from blipitm.server.batching import Batcher, Call, FieldMap, Job, QueueFull
 from blipitm.server.errors import APIError, from_invalid_input
 from blipitm.server.images import ImageLoader
@@ -211,14 +210,7 @@ class ServerState:
     def count_text_tokens(self, texts: Sequence[str]) -> int:
         """Tokens the model reads for ``texts`` (per protocol: cleaned and truncated for blip)."""
         engine, _, _ = self.require_ready()
-        if not texts:
-            return 0
-        if engine.protocol == "blip":
-            clean = [pre_caption(t, BLIP_MAX_CAPTION_WORDS) for t in texts]
-            ids = engine.tokenizer.encode(clean, max_length=BLIP_MAX_TEXT_TOKENS)
-        else:
-            ids = engine.tokenizer.encode(list(texts))
-        return sum(len(row) for row in ids)
+        return sum(engine.count_tokens(texts)) if texts else 0
 
     def image_tokens(self) -> int:
         """What one image counts in ``usage``: the vision tokens it becomes (patches + CLS)."""
