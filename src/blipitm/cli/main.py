@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from blipitm import __version__
-from blipitm.cli import convert, score, serve
+from blipitm.cli import convert, index, score, search, serve
 from blipitm.errors import BlipitmError
 
-COMMANDS = (score, convert, serve)
+COMMANDS = (score, convert, serve, index, search)
 
 
 def build_parser() -> argparse.ArgumentParser:

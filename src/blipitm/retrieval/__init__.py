@@ -1,1 +1,32 @@
+"""Retrieval over collections: an on-disk index and two-stage (ITC, then ITM) search.
 
+>>> from blipitm.retrieval import Index, search, build_index
+>>> index, report = build_index(engine, "photos/", "photos.index")  # or Index.open(path, engine)
+>>> hits = search(engine, index, "a dog on the grass", top_k=5, rerank_k=128)
+>>> hits[0].path, hits[0].score, hits[0].itm_probability, hits[0].itc_cosine
+"""
+
+from blipitm.retrieval.errors import IndexBusyError, IndexFormatError, IndexMismatchError
+from blipitm.retrieval.ingest import AddReport, add_items
+from blipitm.retrieval.search import SearchHit, scan_top_k, search
+from blipitm.retrieval.sources import SourceListing, list_source
+from blipitm.retrieval.store import Index, Item, NewItem
+from blipitm.retrieval.workflow import add_sources, build_index
+
+__all__ = [
+    "AddReport",
+    "Index",
+    "IndexBusyError",
+    "IndexFormatError",
+    "IndexMismatchError",
+    "Item",
+    "NewItem",
+    "SearchHit",
+    "SourceListing",
+    "add_items",
+    "add_sources",
+    "build_index",
+    "list_source",
+    "scan_top_k",
+    "search",
+]

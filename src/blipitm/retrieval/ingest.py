@@ -1,0 +1,129 @@
+"""Embedding items into an index in committed batches, skipping what the engine cannot read.
+
+Resume is by ``source`` key: items already live in the index are not embedded again, so a
+rerun of an interrupted build (or ``index add`` of a grown folder) does only the missing work.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from blipitm.engine import Engine
+from blipitm.errors import InvalidInputError
+from blipitm.retrieval.progress import Progress, no_progress
+from blipitm.retrieval.store import Index, NewItem
+
+log = logging.getLogger("blipitm")
+
+DEFAULT_BATCH = 64
+_FIELD = re.compile(r"^(?:images|texts)\[(\d+)\]")
+
+
+@dataclass
+class AddReport:
+    added: int = 0
+    already: int = 0  # sources already live in the index (resume / duplicates)
+    removed_before: int = 0  # sources removed earlier: not re-added unless asked to
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+
+
+def add_items(
+    index: Index,
+    engine: Engine,
+    items: Sequence[NewItem],
+    *,
+    skipped: Sequence[tuple[str, str]] = (),
+    batch_size: int = DEFAULT_BATCH,
+    include_removed: bool = False,
+    progress: Progress = no_progress,
+) -> AddReport:
+    """Embed and commit ``items`` not yet in ``index``; batches are committed as they finish.
+
+    Items removed from the index earlier stay out (re-adding a folder must not resurrect what
+    was deliberately removed) unless ``include_removed``."""
+    report = AddReport(skipped=list(skipped))
+    live = index.live_sources()
+    removed = set() if include_removed else index.removed_sources() - live
+    todo: list[NewItem] = []
+    seen: set[str] = set()
+    for it in items:
+        if it.source in removed:
+            report.removed_before += 1
+        elif it.source in live or it.source in seen:
+            report.already += 1
+        else:
+            seen.add(it.source)
+            todo.append(it)
+    if report.skipped:
+        index.record_skipped(report.skipped)
+    progress("index", 0, len(todo))
+    done = 0
+    for batch in _batches(todo, batch_size):
+        ok, emb, feats, bad = _embed(engine, batch, keep_features=index.has_features)
+        index.append(ok, emb, feats, skipped=bad)
+        for source, reason in bad:
+            log.warning("skipped %s: %s", source, reason)
+        report.added += len(ok)
+        report.skipped += bad
+        done += len(batch)
+        progress("index", done, len(todo))
+    return report
+
+
+def _batches(items: list[NewItem], size: int) -> list[list[NewItem]]:
+    """Consecutive runs of one kind, at most ``size`` long (one engine call per batch)."""
+    out: list[list[NewItem]] = []
+    for it in items:
+        if out and out[-1][0].kind == it.kind and len(out[-1]) < size:
+            out[-1].append(it)
+        else:
+            out.append([it])
+    return out
+
+
+def _embed(
+    engine: Engine, batch: list[NewItem], *, keep_features: bool
+) -> tuple[list[NewItem], np.ndarray, np.ndarray | None, list[tuple[str, str]]]:
+    """Embed one single-kind batch. The engine validates a whole call before computing and names
+    the first bad input (``images[3]``); we drop that item and retry, so bad files cost one
+    decode each and never abort the batch."""
+    ok = list(batch)
+    bad: list[tuple[str, str]] = []
+    is_image = batch[0].kind == "image"
+    while ok:
+        try:
+            if is_image:
+                encoded = engine.encode_images([Path(str(it.path)) for it in ok])
+                feats = None
+                if keep_features:
+                    feats = encoded.tokens.to("cpu").half().numpy()
+                return ok, encoded.embeddings, feats, bad
+            return ok, engine.embed_texts([str(it.text) for it in ok]), None, bad
+        except InvalidInputError as e:
+            j = _bad_position(e, len(ok))
+            if j is None:
+                raise
+            bad.append((ok[j].source, e.reason))
+            del ok[j]
+    dim = engine.embedding_dim
+    return [], np.zeros((0, dim), np.float32), _no_features(engine, keep_features), bad
+
+
+def _bad_position(e: InvalidInputError, n: int) -> int | None:
+    m = _FIELD.match(e.field or "")
+    if m is None or int(m.group(1)) >= n:
+        return None
+    return int(m.group(1))
+
+
+def _no_features(engine: Engine, keep: bool) -> np.ndarray | None:
+    if not keep:
+        return None
+    v = engine.config.vision
+    return np.zeros((0, (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size), np.float16)

@@ -1,0 +1,163 @@
+"""Two-stage search over an index: exact ITC top-k, then ITM rerank with the BLIP score.
+
+Stage 1 scans every live row of the memory-mapped embeddings in chunks (one matmul per chunk,
+bounded memory, exact; a million 256-d rows is ~1 GB read once per query). Stage 2 scores the
+best ``rerank_k`` with the ITM head through ``Engine.score_pairs``; the score is
+``itm_logits[:, 1] + itc_cosine`` under protocol ``blip`` (BLIP's ``train_retrieval.py``
+``evaluation``) and the ITM probability under ``transformers``, exactly as ``Engine.rank``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blipitm.engine import Engine, ImageFeatures, PairScores
+from blipitm.errors import InvalidInputError
+from blipitm.processing.image import ImageInput
+from blipitm.retrieval.store import Index, Item, Kind
+from blipitm.retrieval.topk import merge_top_k, top_k_indices
+
+SCAN_CHUNK_ROWS = 1 << 16
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One result. ``itm_probability`` / ``itm_logit`` are None when ``rerank_k=0``."""
+
+    id: int
+    kind: Kind
+    path: str | None  # image items
+    text: str | None  # text items
+    metadata: dict[str, Any]
+    score: float  # what the hits are sorted by (see module docstring)
+    itc_cosine: float
+    itm_probability: float | None
+    itm_logit: float | None  # itm_logits[1], the positive-class logit
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "path": self.path,
+            "text": self.text,
+            "metadata": self.metadata,
+            "score": self.score,
+            "itc_cosine": self.itc_cosine,
+            "itm_probability": self.itm_probability,
+            "itm_logit": self.itm_logit,
+        }
+
+
+def search(
+    engine: Engine,
+    index: Index,
+    query: str | ImageInput,
+    *,
+    top_k: int = 10,
+    rerank_k: int = 128,
+) -> list[SearchHit]:
+    """Search ``index`` for the items of the other modality that best match ``query``.
+
+    A ``str`` query is a caption and finds images; anything else is an image (PIL, bytes, array,
+    or a path as ``pathlib.Path``) and finds captions. The ``rerank_k`` best items by ITC cosine
+    are rescored with ITM (BLIP score) and the best ``top_k`` of them returned, best first;
+    ``rerank_k=0`` returns the ITC top ``top_k`` without ITM. The index must have been built with
+    this engine's model (checked when the index is opened with an engine; call
+    ``Index.open(path, engine)``). Raises InvalidInputError for a bad query or arguments.
+    """
+    if top_k < 1:
+        raise InvalidInputError(f"must be >= 1, got {top_k}", field="top_k")
+    if rerank_k < 0:
+        raise InvalidInputError(f"must be >= 0, got {rerank_k}", field="rerank_k")
+    if index.dim != engine.embedding_dim:
+        raise InvalidInputError(
+            f"index has {index.dim}-d embeddings, the model {engine.embedding_dim}-d",
+            field="index",
+        )
+    text_query = isinstance(query, str)
+    target: Kind = "image" if text_query else "text"
+    query_feats: ImageFeatures | None = None
+    if isinstance(query, str):
+        q = engine.embed_texts([query])[0]
+    else:
+        query_feats = engine.encode_images([query])  # field "images[0]" on a bad image
+        q = query_feats.embeddings[0]
+    first_k = rerank_k if rerank_k > 0 else top_k
+    rows, cosine = scan_top_k(index, q, first_k, target)
+    if rows.size == 0:
+        return []
+    items = index.items_at_rows(rows.tolist())
+    if rerank_k == 0:
+        return [
+            _hit(it, float(c), float(c), None, None) for it, c in zip(items, cosine, strict=True)
+        ]
+    if text_query:
+        scores = _rerank_images(engine, index, str(query), items, rows)
+    else:
+        assert query_feats is not None
+        texts = [str(it.text) for it in items]
+        scores = engine.score_pairs(
+            query_feats, texts, [(0, j) for j in range(len(items))], itc=False
+        )
+    logits, prob = scores.itm_logits, scores.itm_probability
+    score = logits[:, 1] + cosine if engine.protocol == "blip" else prob
+    order = np.argsort(-score, kind="stable")[:top_k]  # ties: better ITC first, as Engine.rank
+    return [
+        _hit(items[j], float(score[j]), float(cosine[j]), float(prob[j]), float(logits[j, 1]))
+        for j in order
+    ]
+
+
+def scan_top_k(
+    index: Index, query_embedding: np.ndarray, k: int, kind: Kind
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` live rows of ``kind`` by cosine, best first (ties: lower row first)."""
+    emb = index.embeddings()
+    live = index.live_mask(kind)
+    q = np.asarray(query_embedding, dtype=np.float32)
+    best_rows = np.zeros(0, dtype=np.int64)
+    best = np.zeros(0, dtype=np.float32)
+    for a in range(0, emb.shape[0], SCAN_CHUNK_ROWS):
+        b = min(a + SCAN_CHUNK_ROWS, emb.shape[0])
+        keep = np.flatnonzero(live[a:b])
+        if keep.size == 0:
+            continue
+        sims = (np.asarray(emb[a:b]) @ q)[keep]  # [n_live_in_chunk]
+        top = top_k_indices(sims[None, :], k)[0]
+        best_rows, best = merge_top_k(best_rows, best, (keep[top] + a), sims[top], k)
+    return best_rows, best
+
+
+def _rerank_images(
+    engine: Engine, index: Index, query: str, items: list[Item], rows: np.ndarray
+) -> PairScores:
+    pairs = [(j, 0) for j in range(len(items))]
+    if index.has_features:
+        # Stored half-precision tokens: no image is decoded or re-encoded.
+        frows = [int(it.feature_row) for it in items if it.feature_row is not None]
+        if len(frows) == len(items):
+            tokens = torch.from_numpy(index.features(frows))
+            feats = ImageFeatures(tokens, np.asarray(index.embeddings()[rows]))
+            return engine.score_pairs(feats, [query], pairs, itc=False)
+    paths = [Path(str(it.path)) for it in items]
+    try:
+        return engine.score_pairs(paths, [query], pairs, itc=False)
+    except InvalidInputError as e:
+        raise InvalidInputError(
+            f"an indexed image can no longer be read ({e.reason}); restore it, or remove it "
+            f"with 'blipitm index remove {index.path} PATH'",
+            field="index",
+        ) from e
+
+
+def _hit(
+    item: Item, score: float, cosine: float, prob: float | None, logit: float | None
+) -> SearchHit:
+    return SearchHit(
+        item.id, item.kind, item.path, item.text, item.metadata, score, cosine, prob, logit
+    )

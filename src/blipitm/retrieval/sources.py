@@ -1,0 +1,105 @@
+"""What ``index build SRC`` / ``index add SRC`` read: a folder of images, a captions file, JSONL.
+
+Every item gets a stable ``source`` key (absolute image path, or ``file:line`` for a caption from
+a file) so that a rerun after an interruption skips what is already indexed. Items that cannot
+even be described (a malformed JSONL line) are returned as skipped with a reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blipitm.errors import InvalidInputError
+from blipitm.retrieval.store import NewItem
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".ppm", ".pgm"}
+)
+TEXT_EXTENSIONS = frozenset({".txt", ".text", ".captions"})
+JSONL_EXTENSIONS = frozenset({".jsonl", ".ndjson"})
+
+
+@dataclass
+class SourceListing:
+    items: list[NewItem] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+
+
+def list_source(src: str | os.PathLike[str]) -> SourceListing:
+    """Items of ``src``: a folder (images, recursive, sorted), a text file (one caption a line),
+    a JSONL file (``{"image": path}`` or ``{"text": ...}`` per line, other keys kept as metadata;
+    relative image paths are relative to the JSONL file), or a single image file."""
+    path = Path(src)
+    if path.is_dir():
+        return _list_folder(path)
+    if not path.is_file():
+        raise InvalidInputError(f"{src} does not exist", field="source")
+    suffix = path.suffix.lower()
+    if suffix in JSONL_EXTENSIONS:
+        return _list_jsonl(path)
+    if suffix in TEXT_EXTENSIONS:
+        return _list_captions(path)
+    if suffix in IMAGE_EXTENSIONS:
+        p = str(path.resolve())
+        return SourceListing([NewItem("image", p, path=p)])
+    raise InvalidInputError(
+        f"{src}: cannot tell what this is from its extension; pass a folder of images, a "
+        f"captions file ({', '.join(sorted(TEXT_EXTENSIONS))}) or JSONL "
+        f"({', '.join(sorted(JSONL_EXTENSIONS))})",
+        field="source",
+    )
+
+
+def _list_folder(root: Path) -> SourceListing:
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # e.g. .git, .cache
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(str((Path(dirpath) / name).resolve()))
+    return SourceListing([NewItem("image", p, path=p) for p in sorted(found)])
+
+
+def _list_captions(path: Path) -> SourceListing:
+    out = SourceListing()
+    base = str(path.resolve())
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            text = line.rstrip("\r\n")
+            if text.strip():
+                out.items.append(NewItem("text", f"{base}:{lineno}", text=text))
+    return out
+
+
+def _list_jsonl(path: Path) -> SourceListing:
+    out = SourceListing()
+    base = path.resolve()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            key = f"{base}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                out.skipped.append((key, f"invalid JSON: {e.msg}"))
+                continue
+            if not isinstance(obj, dict) or ("image" in obj) == ("text" in obj):
+                out.skipped.append((key, 'expected an object with exactly one of "image", "text"'))
+                continue
+            meta = {k: v for k, v in obj.items() if k not in ("image", "text")}
+            if "image" in obj:
+                if not isinstance(obj["image"], str) or not obj["image"]:
+                    out.skipped.append((key, '"image" must be a non-empty path string'))
+                    continue
+                p = str((base.parent / obj["image"]).resolve())
+                out.items.append(NewItem("image", p, path=p, metadata=meta))
+            else:
+                if not isinstance(obj["text"], str):
+                    out.skipped.append((key, '"text" must be a string'))
+                    continue
+                out.items.append(NewItem("text", key, text=obj["text"], metadata=meta))
+    return out
