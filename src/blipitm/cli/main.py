@@ -9,9 +9,10 @@ from collections.abc import Sequence
 
 from blipitm import __version__
 from blipitm.cli import convert, index, score, search, serve
+from blipitm.cli import eval as eval_cmd
 from blipitm.errors import BlipitmError
 
-COMMANDS = (score, convert, serve, index, search)
+COMMANDS = (score, convert, serve, eval_cmd, index, search)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,142 @@
+"""Retrieval evaluation sets: BLIP's Karpathy-split JSON and COCO's captions JSON.
+
+Ids follow BLIP's ``flickr30k_retrieval_eval`` / ``coco_karpathy_retrieval_eval``: images are
+numbered in file order, captions in order within each image, so ``img2txt[i]`` lists image i's
+caption ids and ``txt2img[t]`` is caption t's image. Captions are kept raw; the engine cleans
+them (``pre_caption``, 30 words) under protocol blip, as BLIP's datasets do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blipitm.errors import InvalidInputError
+
+log = logging.getLogger("blipitm")
+
+
+@dataclass(frozen=True)
+class RetrievalDataset:
+    images: list[str]  # paths (image_root joined)
+    texts: list[str]
+    img2txt: list[list[int]]
+    txt2img: list[int]
+    format: str  # "karpathy" or "coco"
+    sha256: str  # of the annotation file
+
+
+def load_annotations(
+    annotations: str | os.PathLike[str],
+    image_root: str | os.PathLike[str],
+    *,
+    limit_images: int | None = None,
+    check_files: bool = True,
+) -> RetrievalDataset:
+    """Read ``annotations`` (either format) and resolve image paths under ``image_root``.
+
+    Karpathy format: a list of ``{"image": relpath, "caption": [str, ...] | str}``; an image
+    listed several times (the train-split layout, one caption per entry) has its captions
+    merged in order. COCO format: ``{"images": [{"id", "file_name"}], "annotations":
+    [{"image_id", "caption"}]}``. ``limit_images`` keeps the first N images and their captions.
+    """
+    path = Path(annotations)
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw)
+    except OSError as e:
+        msg = f"cannot read {path}: {e.strerror or e}"
+        raise InvalidInputError(msg, field="annotations") from None
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"{path} is not JSON: {e}", field="annotations") from None
+    if isinstance(data, list):
+        fmt, entries = "karpathy", _karpathy(data, path)
+    elif isinstance(data, dict) and "images" in data and "annotations" in data:
+        fmt, entries = "coco", _coco(data, path)
+    else:
+        raise InvalidInputError(
+            f"{path}: expected a Karpathy-split list of {{'image', 'caption'}} objects or a "
+            "COCO captions file with 'images' and 'annotations'",
+            field="annotations",
+        )
+    if limit_images is not None:
+        if limit_images < 1:
+            raise InvalidInputError(f"must be >= 1, got {limit_images}", field="limit_images")
+        entries = entries[:limit_images]
+    root = Path(image_root)
+    images: list[str] = []
+    texts: list[str] = []
+    img2txt: list[list[int]] = []
+    txt2img: list[int] = []
+    for img_id, (rel, captions) in enumerate(entries):
+        images.append(str(root / rel))
+        ids = []
+        for caption in captions:
+            ids.append(len(texts))
+            txt2img.append(img_id)
+            texts.append(caption)
+        img2txt.append(ids)
+    if not images:
+        raise InvalidInputError(f"{path} lists no images", field="annotations")
+    no_captions = sum(not ids for ids in img2txt)
+    if no_captions:
+        log.warning("%d images have no captions; they count as misses, as in BLIP", no_captions)
+    if check_files:
+        _check_files(images, root)
+    digest = hashlib.sha256(raw).hexdigest()
+    return RetrievalDataset(images, texts, img2txt, txt2img, fmt, digest)
+
+
+def _karpathy(data: list[Any], path: Path) -> list[tuple[str, list[str]]]:
+    by_image: dict[str, list[str]] = {}
+    for n, ann in enumerate(data):
+        if not isinstance(ann, dict) or not isinstance(ann.get("image"), str):
+            raise InvalidInputError(f"{path}: entry {n} has no 'image' path", field="annotations")
+        caption = ann.get("caption", [])
+        captions = [caption] if isinstance(caption, str) else caption
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise InvalidInputError(
+                f"{path}: entry {n}: 'caption' must be a string or a list of strings",
+                field="annotations",
+            )
+        by_image.setdefault(ann["image"], []).extend(captions)
+    return list(by_image.items())
+
+
+def _coco(data: dict[str, Any], path: Path) -> list[tuple[str, list[str]]]:
+    order: dict[Any, str] = {}
+    for n, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            raise InvalidInputError(
+                f"{path}: images[{n}] needs 'id' and 'file_name'", field="annotations"
+            )
+        order[img["id"]] = img["file_name"]
+    captions: dict[Any, list[str]] = {k: [] for k in order}
+    for n, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or ann.get("image_id") not in captions:
+            raise InvalidInputError(
+                f"{path}: annotations[{n}] refers to no listed image", field="annotations"
+            )
+        if not isinstance(ann.get("caption"), str):
+            raise InvalidInputError(
+                f"{path}: annotations[{n}] has no caption string", field="annotations"
+            )
+        captions[ann["image_id"]].append(ann["caption"])
+    return [(order[k], captions[k]) for k in order]
+
+
+def _check_files(images: list[str], root: Path) -> None:
+    missing = [p for p in images if not os.path.isfile(p)]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        shown = ", ".join(missing[:3]) + more
+        raise InvalidInputError(
+            f"{len(missing)} of {len(images)} images are missing under {root}: {shown}; check "
+            "--image-root",
+            field="image_root",
+        )
