@@ -1,4 +1,4 @@
-"""The model API: /v1/models, /v1/embeddings, /v1/score, /v1/rerank and /v2/rerank."""
+"""The model API: /v1/models, /v1/embeddings, /v1/score, /v1/rerank, /v2/rerank, /v1/search."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from blipitm.engine import PairScores, Ranked
-from blipitm.server.batching import EmbedImages, EmbedTexts, Rank, ScorePairs
+from blipitm.retrieval import SearchHit, search
+from blipitm.server.batching import Call, EmbedImages, EmbedTexts, Rank, ScorePairs
 from blipitm.server.errors import APIError
 from blipitm.server.inputs import (
     ImageItem,
@@ -36,6 +37,8 @@ from blipitm.server.schemas import (
     RerankResponse,
     ScoreRequest,
     ScoreResponse,
+    SearchRequest,
+    SearchResponse,
 )
 from blipitm.server.state import ServerState
 
@@ -303,3 +306,60 @@ async def rerank_v1(body: RerankRequest, request: Request) -> JSONResponse:
 )
 async def rerank_v2(body: RerankRequest, request: Request) -> JSONResponse:
     return await _rerank(body, request)
+
+
+# -- /v1/search -----------------------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/search",
+    response_model=SearchResponse,
+    responses=_API_ERRORS,
+    description="Search the index given by --index: a text query finds images, an image query "
+    "finds captions. Exact ITC top-k over the whole index, then the rerank_k best are scored "
+    "with ITM; score = itm_logits[1] + itc_cosine under the BLIP protocol.",
+)
+async def search_index(body: SearchRequest, request: Request) -> JSONResponse:
+    st = _state(request)
+    st.check_model(body.model)
+    _, batcher, _ = st.require_ready()
+    index = st.index
+    if index is None:
+        raise APIError(
+            404,
+            "this server has no retrieval index; start it with --index INDEX "
+            "(built with `blipitm index build SRC --out INDEX`)",
+            code="index_not_configured",
+        )
+    limit = st.settings.max_items
+    if not 1 <= body.top_k <= limit:
+        raise APIError(400, f"must be between 1 and {limit}", code="invalid_input", param="top_k")
+    if not 0 <= body.rerank_k <= 8 * limit:
+        raise APIError(
+            400, f"must be between 0 and {8 * limit}", code="invalid_input", param="rerank_k"
+        )
+    query = classify(body.query, "query")
+    deadline = st.deadline()
+    st.check_room(batcher)
+    if isinstance(query, TextItem):
+        texts, images = st.validate_texts([query]), []
+        q: Any = texts[0]
+    else:
+        texts, images = [], await st.load_images([query], deadline)
+        q = images[0]
+    top_k, rerank_k = body.top_k, body.rerank_k
+    hits: list[SearchHit] = await st.run(
+        request,
+        Call(lambda engine: search(engine, index, q, top_k=top_k, rerank_k=rerank_k)),
+        field_mapper(query, images=[query], texts=[query]),
+        deadline,
+    )
+    tokens = await st.usage_tokens(texts, len(images))
+    return JSONResponse(
+        {
+            "object": "list",
+            "model": st.settings.model_name,
+            "data": [{"object": "search_result", **hit.as_dict()} for hit in hits],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )

@@ -213,3 +213,37 @@ class RerankResponse(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+class SearchRequest(BaseModel):
+    model: str | None = None
+    query: str | ContentPart = Field(
+        description="a text (finds images in the index) or an image (finds captions); a "
+        "data:image URI string is an image"
+    )
+    top_k: int = Field(default=10, description="results returned, best first")
+    rerank_k: int = Field(
+        default=128,
+        description="candidates (by ITC cosine) scored with ITM; 0: ITC only",
+    )
+    user: str | None = None
+
+
+class SearchResult(BaseModel):
+    object: str = "search_result"
+    id: int = Field(description="the item's id in the index")
+    kind: str = Field(description="image or text")
+    path: str | None = None
+    text: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    score: float = Field(description="BLIP protocol: itm_logits[1] + itc_cosine; else ITM prob")
+    itc_cosine: float
+    itm_probability: float | None = None
+    itm_logit: float | None = None
+
+
+class SearchResponse(BaseModel):
+    object: str = "list"
+    model: str
+    data: list[SearchResult]
+    usage: RerankUsage

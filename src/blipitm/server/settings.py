@@ -30,6 +30,7 @@ class ServerSettings:
     device: str = "cpu"
     dtype: str = "float32"
     served_model_name: str | None = None  # None: the --model string
+    index: str | None = None  # retrieval index for POST /v1/search
     # -- network --------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
@@ -143,6 +144,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "served_model_name",
         "name clients pass as `model` and see in /v1/models (default: the --model string)",
+        _optional_str,
+    ),
+    Option(
+        "index",
+        "retrieval index folder served by POST /v1/search (see `blipitm index build`)",
         _optional_str,
     ),
     Option("host", "interface to bind; 0.0.0.0 exposes the server to the network"),

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from blipitm.engine import Engine
 from blipitm.errors import InvalidInputError
 from blipitm.processing import validate_text
+from blipitm.retrieval import Index
 from blipitm.server.batching import Batcher, Call, FieldMap, Job, QueueFull
 from blipitm.server.errors import APIError, from_invalid_input
 from blipitm.server.images import ImageLoader
@@ -40,6 +41,7 @@ class ServerState:
     loader: ImageLoader | None = None
     executor: ThreadPoolExecutor | None = None
     fetcher: URLFetcher | None = None
+    index: Index | None = None
     ready: bool = False
     load_error: str | None = None
 
@@ -69,6 +71,8 @@ class ServerState:
         s = self.settings
         engine = await asyncio.to_thread(factory, s)
         self.engine = engine
+        if s.index is not None:  # opened against the engine: another model is refused here
+            self.index = await asyncio.to_thread(Index.open, s.index, engine)
         self.metrics.watch_cache(lambda: engine.cache.stats)
         self.batcher = Batcher(
             engine,
@@ -85,7 +89,7 @@ class ServerState:
         info = engine.info
         log.info(
             "serving %s as %r: revision=%s commit=%s protocol=%s device=%s dtype=%s "
-            "embedding_dim=%d overrides=[%s]",
+            "embedding_dim=%d index=%s overrides=[%s]",
             info.source,
             s.model_name,
             info.revision,
@@ -94,6 +98,7 @@ class ServerState:
             info.device,
             info.dtype,
             info.embedding_dim,
+            s.index,
             "; ".join(str(o) for o in info.overrides),
         )
         self.ready = True
@@ -108,6 +113,8 @@ class ServerState:
             self.executor.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.close()
+        if self.index is not None:
+            self.index.close()
 
     # -- per request ----------------------------------------------------------------------------
 

@@ -1,0 +1,96 @@
+"""``blipitm serve --index``: POST /v1/search against a real server process equals
+``blipitm.retrieval.search`` in-process; a mismatched index stops the server at start-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+import blipitm
+from blipitm.retrieval import Index, build_index, search
+from server_helpers import REPO, ServerProcess, cli_server, data_uri, free_port, png_bytes
+
+CAPTIONS = ["a red square", "a dog on the grass", "two people on a beach", "a blue car", "snow"]
+
+
+@pytest.fixture(scope="module")
+def index_dir(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("search")
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        pixels = rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(photos / f"p{i}.png")
+    (root / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
+    index, _ = build_index(blipitm.load(tiny_ckpt), [photos, root / "captions.txt"], root / "index")
+    index.close()
+    return root / "index"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt: Path, index_dir: Path) -> Iterator[ServerProcess]:
+    with cli_server(tiny_ckpt, "--index", str(index_dir)) as s:
+        yield s
+
+
+def test_text_query_finds_images(server: ServerProcess, tiny_ckpt: Path, index_dir: Path) -> None:
+    r = httpx.post(
+        server.url + "/v1/search",
+        json={"query": "a dog on the grass", "top_k": 3, "rerank_k": 4},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    engine = blipitm.load(tiny_ckpt)
+    want = search(engine, Index.open(index_dir, engine), "a dog on the grass", top_k=3, rerank_k=4)
+    assert [d["id"] for d in body["data"]] == [h.id for h in want]
+    assert all(d["kind"] == "image" and d["object"] == "search_result" for d in body["data"])
+    np.testing.assert_allclose([d["score"] for d in body["data"]], [h.score for h in want], 1e-5)
+    assert body["usage"]["prompt_tokens"] > 0
+
+
+def test_image_query_finds_captions(
+    server: ServerProcess, tiny_ckpt: Path, index_dir: Path
+) -> None:
+    image = png_bytes((200, 40, 40))
+    r = httpx.post(
+        server.url + "/v1/search",
+        json={"query": {"type": "image_url", "image_url": {"url": data_uri(image)}}, "top_k": 5},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    engine = blipitm.load(tiny_ckpt)
+    want = search(engine, Index.open(index_dir, engine), image, top_k=5, rerank_k=128)
+    got = r.json()["data"]
+    assert [d["text"] for d in got] == [h.text for h in want]
+    np.testing.assert_allclose([d["itc_cosine"] for d in got], [h.itc_cosine for h in want], 1e-5)
+
+
+def test_search_argument_errors(server: ServerProcess) -> None:
+    r = httpx.post(server.url + "/v1/search", json={"query": "x", "top_k": 0}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+    r = httpx.post(server.url + "/v1/search", json={"query": "x", "rerank_k": -1}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "rerank_k"
+
+
+def test_without_index_search_is_404(tiny_ckpt: Path) -> None:
+    with cli_server(tiny_ckpt) as s:
+        r = httpx.post(s.url + "/v1/search", json={"query": "a dog"}, timeout=30)
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "index_not_configured"
+
+
+def test_mismatched_index_stops_the_server(tiny_ckpt: Path, index_dir: Path) -> None:
+    argv = [sys.executable, "-m", "blipitm.cli.main", "serve", "--model", str(tiny_ckpt)]
+    argv += ["--protocol", "transformers", "--index", str(index_dir), "--port", str(free_port())]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "protocol" in proc.stdout + proc.stderr
