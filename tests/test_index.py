@@ -136,6 +136,9 @@ def test_build_search_add_remove(
         want = search(engine, index, CAPTIONS[1], top_k=3)
     assert [r["id"] for r in rows] == [h.id for h in want] and rows[0]["rank"] == 1
     assert {"score", "itm_probability", "itc_cosine", "path"} <= set(rows[0])
+    # Without --model the index's own model (source, protocol, dtype) is loaded.
+    assert main(["search", str(out), CAPTIONS[1], "--top-k", "3", "--json"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
 
 
 def test_stored_features_rerank_without_reencoding(

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 
 from blipitm.engine import DEFAULT_MODEL, DTYPES, Engine, load
+from blipitm.retrieval import Index
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser, *, from_index: bool = False) -> None:
+    """``from_index``: model, revision, protocol and dtype default to the index's manifest."""
     g = p.add_argument_group("model")
+    recorded = "the one the index was built with"
     g.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"hub id, local Hugging Face directory or BLIP .pth file (default: {DEFAULT_MODEL})",
+        default=None if from_index else DEFAULT_MODEL,
+        help="hub id, local Hugging Face directory or BLIP .pth file "
+        f"(default: {recorded if from_index else DEFAULT_MODEL})",
     )
     g.add_argument("--revision", default=None, help="hub branch, tag or commit to pin")
     g.add_argument(
@@ -23,19 +27,34 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--protocol",
         choices=("blip", "transformers"),
-        default="blip",
-        help="blip: as Salesforce evaluated it (default); transformers: bit-compatible with HF",
+        default=None if from_index else "blip",
+        help="blip: as Salesforce evaluated it; transformers: bit-compatible with HF (default: "
+        + (f"{recorded})" if from_index else "blip)"),
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="default: float32")
+    g.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None if from_index else "float32",
+        help=f"default: {recorded if from_index else 'float32'}",
+    )
 
 
-def load_engine(args: argparse.Namespace) -> Engine:
+def load_engine(args: argparse.Namespace, *, index: str | None = None) -> Engine:
+    """Load the model the options name; unset ones come from ``index``'s manifest if given."""
+    model, revision, protocol, dtype = args.model, args.revision, args.protocol, args.dtype
+    if index is not None and None in (model, protocol, dtype):
+        with Index.open(index) as opened:
+            recorded = opened.manifest["model"]
+        if model is None:
+            model, revision = recorded["source"], revision or recorded.get("revision")
+        protocol = protocol or recorded["protocol"]
+        dtype = dtype or recorded["dtype"]
     return load(
-        args.model,
-        revision=args.revision,
+        model,
+        revision=revision,
         tokenizer=args.tokenizer,
         device=args.device,
-        dtype=args.dtype,
-        protocol=args.protocol,
+        dtype=dtype,
+        protocol=protocol,
     )

@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> None:
         help="also keep half-precision vision tokens, so text->image reranking never re-encodes "
         "images (base model: ~0.9 MB per image)",
     )
-    _common(b)
+    _common(b, from_index=False)
     b.set_defaults(run=run_build)
 
     a = isub.add_parser("add", help="add items to an index", description="Add SRC to INDEX.")
@@ -51,7 +51,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="also re-add items that were removed from the index (skipped by default)",
     )
-    _common(a)
+    _common(a, from_index=True)
     a.set_defaults(run=run_add)
 
     r = isub.add_parser(
@@ -70,7 +70,7 @@ def add_parser(sub: Any) -> None:
     i.set_defaults(run=run_info)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, from_index: bool) -> None:
     p.add_argument(
         "--batch-size",
         type=int,
@@ -78,7 +78,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help=f"items per committed batch (default {DEFAULT_BATCH})",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress output")
-    add_model_options(p)
+    add_model_options(p, from_index=from_index)
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -101,7 +101,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    engine = load_engine(args)
+    engine = load_engine(args, index=args.index)
     progress = ConsoleProgress()
     with Index.open(args.index, engine, writable=True) as index:
         try:

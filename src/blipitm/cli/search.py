@@ -33,14 +33,14 @@ def add_parser(sub: Any) -> None:
         help="ITC candidates rescored with ITM (default 128; 0: ITC only)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per result")
-    add_model_options(p)
+    add_model_options(p, from_index=True)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.image is None):
         raise SystemExit("blipitm search: error: give either a caption or --image PATH")
-    engine = load_engine(args)
+    engine = load_engine(args, index=args.index)
     query: Any = args.query if args.image is None else Path(args.image)
     with Index.open(args.index, engine) as index:
         hits = search(engine, index, query, top_k=args.top_k, rerank_k=args.rerank_k)
