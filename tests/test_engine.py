@@ -57,6 +57,26 @@ def test_score_shapes_and_consistency(engine: blipitm.Engine, images: list[Image
     np.testing.assert_allclose(m.itc_cosine, img_emb @ txt_emb.T, atol=1e-6)
 
 
+def test_itc_false_skips_only_the_cosine(engine: blipitm.Engine, images: list[Image.Image]) -> None:
+    full = engine.score_matrix(images, TEXTS)
+    calls = []
+    original = engine._text_embeddings
+    engine._text_embeddings = lambda *a, **k: calls.append(a) or original(*a, **k)  # type: ignore[method-assign]
+    try:
+        for got in (
+            engine.score_matrix(images, TEXTS, itc=False),
+            engine.score(images, TEXTS[:4], itc=False),
+            engine.score_pairs(images, TEXTS, [(0, 1), (2, 3)], itc=False),
+        ):
+            assert np.isnan(got.itc_cosine).all()
+    finally:
+        del engine._text_embeddings
+    assert calls == []  # the unimodal text pass never ran
+    np.testing.assert_array_equal(
+        engine.score_matrix(images, TEXTS, itc=False).itm_logits, full.itm_logits
+    )
+
+
 def test_broadcasting(engine: blipitm.Engine, images: list[Image.Image]) -> None:
     one_image = engine.score(images[0], TEXTS)
     m = engine.score_matrix(images[:1], TEXTS)

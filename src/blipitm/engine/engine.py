@@ -159,8 +159,8 @@ class Engine:
         image_of_pair = [0] * n if single_image else list(range(n))
         uniq_texts = text_list[:1] if single_text else text_list
         text_of_pair = [0] * n if single_text else list(range(n))
-        cosine = self._pair_cosine(feats, uniq_texts, image_of_pair, text_of_pair)
         logits = self._itm_pairs(feats, uniq_texts, image_of_pair, text_of_pair)
+        cosine = self._pair_cosine(feats, uniq_texts, image_of_pair, text_of_pair, itc)
         return PairScores(_probability(logits), logits, cosine)
 
     def score_matrix(
