@@ -19,7 +19,8 @@ def add_parser(sub: Any) -> None:
         help="serve the model over HTTP (OpenAI / vLLM / Cohere compatible)",
         description=(
             "Serve BLIP ITM over HTTP: /v1/embeddings (OpenAI), /v1/score (vLLM), /v1/rerank and "
-            "/v2/rerank (Cohere/Jina), /v1/models, /health, /ready, /metrics. Each option can "
+            "/v2/rerank (Cohere/Jina), /v1/models, /v1/search (with --index), /health, /ready, "
+            "/metrics. Each option can "
             "also be set by the environment variable shown; a flag wins over the environment."
         ),
         epilog="example: blipitm serve --model Salesforce/blip-itm-base-flickr --port 8000",
