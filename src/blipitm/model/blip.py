@@ -52,8 +52,8 @@ class BlipITM(nn.Module):
 
     def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit-norm ITC embedding ``[B, E]`` from the unimodal pass's first token."""
-        hidden = self.text_encoder(input_ids, attention_mask)
-        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+        first = self.text_encoder.first_token(input_ids, attention_mask)
+        return F.normalize(self.text_proj(first), dim=-1)
 
     def cross_kv(self, image_embeds: torch.Tensor) -> DenseKV:
         """Cross-attention keys/values of every text layer for ``[G, N, Dv]`` image tokens."""
@@ -66,5 +66,4 @@ class BlipITM(nn.Module):
 
         Texts ``[g*M, (g+1)*M)`` are scored against image ``g`` of ``cross_kv``.
         """
-        hidden = self.text_encoder(input_ids, attention_mask, cross_kv)
-        return self.itm_head(hidden[:, 0])
+        return self.itm_head(self.text_encoder.first_token(input_ids, attention_mask, cross_kv))
