@@ -6,6 +6,7 @@ unpickling arbitrary objects would run code from the file.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -96,7 +97,7 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.
             data_start = 8 + header_len
             entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
             out: dict[str, torch.Tensor] = {}
-            scratch: torch.Tensor | None = None  # reused read buffer when converting
+            scratch = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)  # reused when converting
             for name, info in entries:
                 begin, end = (int(x) for x in info["data_offsets"])
                 stored = _ST_DTYPES[info["dtype"]]
@@ -104,26 +105,45 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.
                 nbytes = math.prod(shape) * stored.itemsize
                 if end - begin != nbytes:
                     raise ValueError(f"{name}: {end - begin} bytes for shape {shape}")
-                if _convert_needed(stored, dtype):
-                    if scratch is None or scratch.numel() < nbytes:
-                        scratch = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
-                    raw = scratch[:nbytes]
-                else:
-                    raw = torch.empty(nbytes, dtype=torch.uint8)
                 f.seek(data_start + begin)
+                if dtype is not None and _convert_needed(stored, dtype):
+                    out[name] = _read_converted(f, name, scratch, stored, dtype, shape)
+                    continue
+                raw = torch.empty(nbytes, dtype=torch.uint8)
                 if nbytes and f.readinto(raw.numpy().data) != nbytes:
                     raise ValueError(f"{name}: the file ends inside this tensor")
-                tensor = raw.view(stored).reshape(shape)
-                if _convert_needed(stored, dtype):
-                    out[name] = tensor.to(dtype)  # a fresh tensor; scratch is reused
-                else:
-                    out[name] = tensor
+                out[name] = raw.view(stored).reshape(shape)
             return out
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise CheckpointError(
             f"cannot read {path}: the file is truncated, corrupted or not safetensors ({e}); "
             "download or convert it again"
         ) from e
+
+
+_CHUNK_BYTES = 8 << 20
+
+
+def _read_converted(
+    f: io.BufferedReader,
+    name: str,
+    scratch: torch.Tensor,
+    stored: torch.dtype,
+    dtype: torch.dtype,
+    shape: list[int],
+) -> torch.Tensor:
+    """Read one tensor in chunks through ``scratch``, converting each chunk into place: a bf16
+    load of fp32 weights never holds more than one chunk of fp32."""
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    per_chunk = scratch.numel() // stored.itemsize
+    for start in range(0, flat.numel(), per_chunk):
+        n = min(per_chunk, flat.numel() - start)
+        raw = scratch[: n * stored.itemsize]
+        if f.readinto(raw.numpy().data) != raw.numel():
+            raise ValueError(f"{name}: the file ends inside this tensor")
+        flat[start : start + n].copy_(raw.view(stored))
+    return out
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:

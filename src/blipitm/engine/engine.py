@@ -402,6 +402,10 @@ class Engine:
     def _cache_kv(self, feats: Sequence[_ImageFeatures], kv: DenseKV) -> None:
         if self.cache.max_bytes == 0:
             return
+        if len(feats) == 1:  # the tensors are this image's alone: no copy needed
+            if feats[0].key is not None:
+                self.cache.put(("kv", feats[0].key), list(kv))
+            return
         for j, f in enumerate(feats):
             if f.key is not None:  # own copies: a slice would pin the whole batch's storage
                 entry = [(k[j : j + 1].clone(), v[j : j + 1].clone()) for k, v in kv]
