@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTES_MARKER = "<!-- notes below are kept by bench/run.py -->"
 _WORD_TEXT = (
     "a an the dog cat man woman child boy girl people group two three young old small large red "
     "blue green white black brown yellow running sitting standing walking playing riding holding "
@@ -278,7 +279,6 @@ def main() -> None:
     image = jpeg_images(1, 0)[0]
     many = jpeg_images(max(args.cached_images, args.encode_images), 2)
     rows: list[tuple[str, str, str]] = []
-    notes: list[str] = []
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -381,7 +381,7 @@ def main() -> None:
         ("transformers image encoding", f"{len(enc) / t_ref_enc:.2f} images/s"),
         ("transformers text embeddings", f"{2 * n / t_ref_txt:.0f} texts/s"),
     ]
-    write_report(args, rows, transformers_rows, peak, notes)
+    write_report(args, rows, transformers_rows, peak)
 
 
 def write_report(
@@ -389,7 +389,6 @@ def write_report(
     rows: list[tuple[str, str, str]],
     ref_rows: list[tuple[str, str]],
     peak: dict[str, float],
-    notes: list[str],
 ) -> None:
     import transformers
 
@@ -431,9 +430,12 @@ def write_report(
         "|---|---|",
         *[f"| {a} | {b} |" for a, b in ref_rows],
         "",
-        *notes,
     ]
-    args.out.write_text("\n".join(lines) + "\n")
+    # Hand-written analysis below the marker survives regeneration.
+    kept = ""
+    if args.out.exists() and NOTES_MARKER in args.out.read_text():
+        kept = args.out.read_text().split(NOTES_MARKER, 1)[1]
+    args.out.write_text("\n".join(lines) + "\n" + NOTES_MARKER + kept)
     print(f"wrote {args.out}")
 
 
