@@ -111,8 +111,9 @@ class Engine:
         self.max_text_chars = max_text_chars
         self.batch_sizes = batch_sizes or default_batch_sizes(self.device)
         self.cache = ByteLRU(cache_bytes)
+        self._decode_threads = decode_threads or min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(
-            max_workers=decode_threads or min(8, os.cpu_count() or 1),
+            max_workers=self._decode_threads,
             thread_name_prefix="blipitm-decode",
         )
 
@@ -350,7 +351,7 @@ class Engine:
         Decoding the next batch overlaps with encoding this one; the window keeps memory
         bounded for long lists. An error surfaces when its item is reached.
         """
-        window = max(2 * self.batch_sizes.images, 2 * (self._pool._max_workers or 1))
+        window = max(2 * self.batch_sizes.images, 2 * self._decode_threads)
         pending: deque[Future[T]] = deque()
         it = iter(items)
         try:
