@@ -268,3 +268,29 @@ def test_count_tokens_follows_the_protocol(tiny_ckpt: Path, engine: blipitm.Engi
     assert engine.count_tokens(["a dog.", long]) == [4, 32]  # BLIP: 30 words + [CLS] [SEP]
     plain = blipitm.load(tiny_ckpt, protocol="transformers")
     assert plain.count_tokens(["a dog.", long]) == [5, 52]  # "." kept, no truncation
+
+
+def test_decoding_overlaps_encoding_in_a_bounded_window(tiny_ckpt: Path) -> None:
+    engine = blipitm.load(tiny_ckpt, batch_sizes=blipitm.BatchSizes(images=2, texts=8))
+    events: list[str] = []
+    decode, encode = engine._decode, engine.model.encode_image
+
+    def logged_decode(item: object, field: str) -> object:
+        out = decode(item, field)
+        events.append("d")
+        return out
+
+    def logged_encode(pixels: object) -> object:
+        events.append("e")
+        return encode(pixels)
+
+    engine._decode = logged_decode
+    engine.model.encode_image = logged_encode
+    rng = np.random.default_rng(9)
+    many = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(20)]
+    engine.embed_images(many)
+    assert events.count("d") == 20 and events.count("e") == 10
+    window = max(2 * 2, 2 * engine._decode_threads)
+    for k in range(10):  # before the k-th batch is encoded, at most a window more are decoded
+        before = events[: [i for i, e in enumerate(events) if e == "e"][k]]
+        assert 2 * (k + 1) <= before.count("d") <= 2 * (k + 1) + window

@@ -12,7 +12,7 @@ import itertools
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,7 +333,9 @@ class Engine:
                 todo.setdefault(key, []).append(i)
         firsts = [positions[0] for positions in todo.values()]
         decoded = self._prefetch(lambda i: self._decode(sources[i], f"{field}[{i}]"), firsts)
-        for chunk in _chunks(list(zip(firsts, decoded, strict=False)), self.batch_sizes.images):
+        # Lazily: a batch is encoded as soon as its images are decoded, while the pool decodes
+        # the next ones.
+        for chunk in _chunks(zip(firsts, decoded, strict=False), self.batch_sizes.images):
             batch = torch.stack([px for _, px in chunk]).to(self.device, self.compute_dtype)
             with torch.inference_mode():
                 tokens = self.model.encode_image(batch)  # [B, N, Dv]
@@ -541,9 +543,10 @@ def _read_if_path(item: Any, field: str) -> Any:
     return item
 
 
-def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def _length_batches(ids: Sequence[Sequence[int]], size: int) -> Iterator[list[int]]:
