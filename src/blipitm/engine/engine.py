@@ -59,9 +59,12 @@ class BatchSizes:
 
 
 def default_batch_sizes(device: torch.device) -> BatchSizes:
+    """Measured on a 2-core AVX512 Xeon, base size: ITM 1x128 takes 1.76/1.69/1.72/1.98 s
+    with text batches of 16/32/64/128, and image encoding is flat from 4 to 16 images per
+    batch (2.6 images/s). GPU batches are sized to fill the device without tuning data here."""
     if device.type == "cuda":
         return BatchSizes(images=64, texts=256)
-    return BatchSizes(images=8, texts=64)
+    return BatchSizes(images=8, texts=32)
 
 
 @dataclass
