@@ -163,8 +163,9 @@ class Engine:
         image_of_pair = [0] * n if single_image else list(range(n))
         uniq_texts = text_list[:1] if single_text else text_list
         text_of_pair = [0] * n if single_text else list(range(n))
-        logits = self._itm_pairs(feats, uniq_texts, image_of_pair, text_of_pair)
-        cosine = self._pair_cosine(feats, uniq_texts, image_of_pair, text_of_pair, itc)
+        ids = self._token_ids(uniq_texts, "texts")  # once, for both passes
+        logits = self._itm_pairs(feats, ids, image_of_pair, text_of_pair)
+        cosine = self._pair_cosine(feats, ids, image_of_pair, text_of_pair, itc)
         return PairScores(_probability(logits), logits, cosine)
 
     def score_matrix(
@@ -182,9 +183,10 @@ class Engine:
             return MatrixScores(_empty(i, t), _empty(i, t, 2), _empty(i, t))
         pairs_img = [g for g in range(i) for _ in range(t)]
         pairs_txt = [k for _ in range(i) for k in range(t)]
-        logits = self._itm_pairs(feats, text_list, pairs_img, pairs_txt).reshape(i, t, 2)
+        ids = self._token_ids(text_list, "texts")
+        logits = self._itm_pairs(feats, ids, pairs_img, pairs_txt).reshape(i, t, 2)
         if itc:
-            cosine = self._image_embeddings(feats) @ self._text_embeddings(text_list).T
+            cosine = self._image_embeddings(feats) @ self._text_embeddings(ids).T
         else:
             cosine = np.full((i, t), np.nan, dtype=np.float32)
         return MatrixScores(_probability(logits), logits, cosine.astype(np.float32))
@@ -201,7 +203,7 @@ class Engine:
         text_list, _ = _as_list(texts, lambda t: isinstance(t, str))
         if not text_list:
             return _empty(0, self.embedding_dim)
-        return self._text_embeddings(text_list)
+        return self._text_embeddings(self._token_ids(text_list, "texts"))
 
     def rank(
         self,
@@ -228,17 +230,17 @@ class Engine:
             return []
         if isinstance(query, str):
             feats = self._image_features(cands, field="candidates")
-            q = self._text_embeddings([query], field="query")[0]
-            cosine = self._image_embeddings(feats) @ q
+            ids = self._token_ids([query], "query")
+            cosine = self._image_embeddings(feats) @ self._text_embeddings(ids)[0]
         else:
             feats = self._image_features([query], field="query")
-            cosine = self._text_embeddings(cands, field="candidates") @ feats[0].embedding.numpy()
+            ids = self._token_ids(cands, "candidates")
+            cosine = self._text_embeddings(ids) @ feats[0].embedding.numpy()
         keep = _top_indices(cosine, rerank_k)
         if isinstance(query, str):
-            logits = self._itm_pairs(feats, [query], keep.tolist(), [0] * len(keep))
+            logits = self._itm_pairs(feats, ids, keep.tolist(), [0] * len(keep))
         else:
-            texts = [cands[k] for k in keep]
-            logits = self._itm_pairs(feats, texts, [0] * len(keep), list(range(len(keep))))
+            logits = self._itm_pairs(feats, ids, [0] * len(keep), keep.tolist())
         prob = _probability(logits)
         kept_cos = cosine[keep]
         score = logits[:, 1] + kept_cos if self.protocol == "blip" else prob
@@ -296,8 +298,9 @@ class Engine:
         if idx.shape[0] == 0:
             return PairScores(_empty(0), _empty(0, 2), _empty(0))
         image_of_pair, text_of_pair = idx[:, 0].tolist(), idx[:, 1].tolist()
-        logits = self._itm_pairs(feats, text_list, image_of_pair, text_of_pair)
-        cosine = self._pair_cosine(feats, text_list, image_of_pair, text_of_pair, itc)
+        ids = self._token_ids(text_list, "texts")
+        logits = self._itm_pairs(feats, ids, image_of_pair, text_of_pair)
+        cosine = self._pair_cosine(feats, ids, image_of_pair, text_of_pair, itc)
         return PairScores(_probability(logits), logits, cosine)
 
     def close(self) -> None:
@@ -440,8 +443,8 @@ class Engine:
                 )
         return ids
 
-    def _text_embeddings(self, texts: Sequence[Any], field: str = "texts") -> np.ndarray:
-        ids = self._token_ids(texts, field)
+    def _text_embeddings(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Unit-norm ITC embeddings ``[N, E]`` of tokenized texts (from :meth:`_token_ids`)."""
         out = np.empty((len(ids), self.embedding_dim), dtype=np.float32)
         for rows in _length_batches(ids, self.batch_sizes.texts):
             input_ids, mask = pad([ids[r] for r in rows])
@@ -453,7 +456,7 @@ class Engine:
     def _pair_cosine(
         self,
         feats: Sequence[_ImageFeatures],
-        texts: Sequence[str],
+        ids: Sequence[Sequence[int]],
         image_of_pair: Sequence[int],
         text_of_pair: Sequence[int],
         itc: bool = True,
@@ -461,7 +464,7 @@ class Engine:
         if not itc:
             return np.full(len(image_of_pair), np.nan, dtype=np.float32)
         img = self._image_embeddings(feats)[list(image_of_pair)]
-        txt = self._text_embeddings(texts)[list(text_of_pair)]
+        txt = self._text_embeddings(ids)[list(text_of_pair)]
         return np.einsum("ne,ne->n", img, txt).astype(np.float32)
 
     # -- ITM --------------------------------------------------------------------------------
@@ -469,19 +472,17 @@ class Engine:
     def _itm_pairs(
         self,
         feats: Sequence[_ImageFeatures],
-        texts: Sequence[str],
+        ids: Sequence[Sequence[int]],
         image_of_pair: Sequence[int],
         text_of_pair: Sequence[int],
-        field: str = "texts",
     ) -> np.ndarray:
-        """ITM logits ``[P, 2]`` float32; pair p is feats[image_of_pair[p]], texts[text_of_pair[p]].
+        """ITM logits ``[P, 2]`` float32; pair p is feats[image_of_pair[p]], ids[text_of_pair[p]].
 
         Images with several texts run one image at a time with its texts as the query block
         (keys/values computed once); images with one text are stacked into image batches.
         """
-        ids = self._token_ids(texts, field)
         first = ENC_TOKEN_ID if self.protocol == "blip" else CLS_TOKEN_ID
-        ids = [[first, *row[1:]] for row in ids]
+        ids = [[first, *row[1:]] for row in ids]  # the ITM pass's first token
         out = np.empty((len(image_of_pair), 2), dtype=np.float32)
         by_image: dict[int, list[int]] = {}
         for p, g in enumerate(image_of_pair):
@@ -502,7 +503,7 @@ class Engine:
             out[pairs] = self._itm_forward([ids[text_of_pair[p]] for p in pairs], kv)
         return out
 
-    def _itm_forward(self, rows: list[list[int]], kv: CrossKV) -> np.ndarray:
+    def _itm_forward(self, rows: Sequence[Sequence[int]], kv: CrossKV) -> np.ndarray:
         input_ids, mask = pad(rows)
         with torch.inference_mode():
             logits = self.model.itm_logits(input_ids.to(self.device), mask.to(self.device), kv)
