@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from blipitm.config import (
     BLIP_MAX_CAPTION_WORDS,
@@ -514,8 +515,6 @@ class Engine:
 
 
 def _is_single_image(x: Any) -> bool:
-    from PIL import Image
-
     if isinstance(x, np.ndarray):
         return x.ndim in (2, 3)
     return isinstance(x, (Image.Image, str, os.PathLike, bytes, bytearray, memoryview))
