@@ -95,7 +95,7 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
-        except BaseException:
+        except Exception:  # an unhandled error becomes a 500 outside this middleware
             status = status or 500
             raise
         finally:
