@@ -164,7 +164,7 @@ def _wait_listening(server: ServerProcess, timeout: float = 90.0) -> None:
 @pytest.mark.parametrize("offset", ["0.0", "0.3", "loaded"])
 def test_sigterm_answers_every_accepted_request(tiny_ckpt: Path, offset: str) -> None:
     """N clients connect (the kernel accepts them) before SIGTERM; half send their request before
-    the signal, half right after it. Every one gets a complete answer, 200 or 503 + Retry-After;
+    the signal, half once the server has begun draining. Every one gets a complete answer, 200 or 503 + Retry-After;
     none is reset or closed unanswered; the process exits 0."""
     port = free_port()
     server = _start(tiny_ckpt, port, "--drain-timeout-s", "60", "--max-wait-ms", "50")
@@ -175,7 +175,7 @@ def test_sigterm_answers_every_accepted_request(tiny_ckpt: Path, offset: str) ->
             _wait_listening(server)
         n = 16
         connected = threading.Barrier(n + 1)
-        signalled = threading.Event()
+        draining = threading.Event()
         results: list[object] = [None] * n
 
         def client(i: int) -> None:
@@ -187,9 +187,8 @@ def test_sigterm_answers_every_accepted_request(tiny_ckpt: Path, offset: str) ->
                 return
             with sock:
                 connected.wait()
-                if i % 2:  # a not-yet-busy connection when the signal comes
-                    signalled.wait()
-                    time.sleep(0.05)
+                if i % 2:  # a connection with no request yet when the drain begins
+                    draining.wait()
                 try:
                     sock.sendall(request_bytes("POST", "/v1/embeddings", {"input": [f"text {i}"]}))
                     results[i] = read_response(sock)
@@ -205,7 +204,10 @@ def test_sigterm_answers_every_accepted_request(tiny_ckpt: Path, offset: str) ->
         else:
             time.sleep(0.05)  # under load: the first requests are with the worker
         server.proc.send_signal(signal.SIGTERM)
-        signalled.set()
+        deadline = time.monotonic() + 60
+        while "shutting down" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        draining.set()
         for t in threads:
             t.join(timeout=120)
         assert server.proc.wait(timeout=90) == 0, server.output()
