@@ -164,8 +164,8 @@ def _wait_listening(server: ServerProcess, timeout: float = 90.0) -> None:
 @pytest.mark.parametrize("offset", ["0.0", "0.3", "loaded"])
 def test_sigterm_answers_every_accepted_request(tiny_ckpt: Path, offset: str) -> None:
     """N clients connect (the kernel accepts them) before SIGTERM; half send their request before
-    the signal, half once the server has begun draining. Every one gets a complete answer, 200 or 503 + Retry-After;
-    none is reset or closed unanswered; the process exits 0."""
+    the signal, half once the server has begun draining. Every one gets a complete answer, 200 or
+    503 + Retry-After; none is reset or closed unanswered; the process exits 0."""
     port = free_port()
     server = _start(tiny_ckpt, port, "--drain-timeout-s", "60", "--max-wait-ms", "50")
     try:

@@ -13,12 +13,14 @@ import argparse
 import logging
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blipitm.errors import BlipitmError
 from blipitm.retrieval import Index
-from blipitm.server.http import DrainingServer, EarlyStop, Gate, bind, protocol_class
 from blipitm.server.settings import OPTIONS, ServerSettings, from_env
+
+if TYPE_CHECKING:
+    from blipitm.server.http import EarlyStop
 
 
 def add_parser(sub: Any) -> None:
@@ -77,6 +79,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from blipitm.server.http import EarlyStop, bind  # uvicorn: not for every `blipitm --help`
+
     settings = settings_from_args(args)
     level = getattr(logging, settings.log_level.upper())
     logging.getLogger("blipitm").setLevel(level)
@@ -101,6 +105,7 @@ def _serve(
     import uvicorn
 
     from blipitm.server.app import create_app
+    from blipitm.server.http import DrainingServer, Gate, protocol_class
 
     log.info("starting blipitm serve: %s", settings)  # the dataclass repr omits the API keys
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
