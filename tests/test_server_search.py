@@ -92,5 +92,5 @@ def test_mismatched_index_stops_the_server(tiny_ckpt: Path, index_dir: Path) -> 
     argv = [sys.executable, "-m", "blipitm.cli.main", "serve", "--model", str(tiny_ckpt)]
     argv += ["--protocol", "transformers", "--index", str(index_dir), "--port", str(free_port())]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a start-up failure: one line, exit 2
     assert "protocol" in proc.stdout + proc.stderr

@@ -322,7 +322,9 @@ def _unavailable(
     local = (
         f'tokenizer="/path/to/{name}"'
         if what == "tokenizer"
-        else f'blipitm.load("/path/to/{name}")'
+        # Both spellings: the same message reaches `blipitm serve --model` and Python callers.
+        else f"--model /path/to/{name} on the command line, "
+        f'blipitm.load("/path/to/{name}") in Python'
     )
     return (
         f"the Hugging Face hub could not be reached{reason} to get the {what} {repo_id!r}{rev}, "

@@ -2,15 +2,25 @@
 
 Every flag comes from :data:`blipitm.server.settings.OPTIONS` and has a ``BLIPITM_*`` environment
 variable; a flag given on the command line wins over the environment.
+
+Start-up failures (port taken, index or model that cannot be loaded) print one line,
+``blipitm: error: <what is wrong and what to do>``, and exit 2; exit 1 is left for the unexpected.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
 
+from blipitm.errors import BlipitmError
+from blipitm.retrieval import Index
 from blipitm.server.settings import OPTIONS, ServerSettings, from_env
+
+if TYPE_CHECKING:
+    from blipitm.server.http import EarlyStop
 
 
 def add_parser(sub: Any) -> None:
@@ -47,13 +57,15 @@ def add_parser(sub: Any) -> None:
             )
         else:
             default = getattr(defaults, opt.name)
+            # A None default is explained in the help text itself, if at all.
+            shown = "" if default is None else f" (default: {default})"
             p.add_argument(
                 opt.flag,
                 dest=opt.name,
                 type=opt.parse,
                 choices=opt.choices,
                 default=None,
-                help=f"{opt.help} (default: {default}){env_note}",
+                help=f"{opt.help}{shown}{env_note}",
             )
     p.set_defaults(run=run)
 
@@ -67,14 +79,34 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from blipitm.server.app import create_app
+    from blipitm.server.http import EarlyStop, bind  # uvicorn: not for every `blipitm --help`
 
     settings = settings_from_args(args)
     level = getattr(logging, settings.log_level.upper())
     logging.getLogger("blipitm").setLevel(level)
     log = logging.getLogger("blipitm.server")
+
+    # Start-up order: nothing slow happens before the cheap checks that can fail. SIGTERM is
+    # caught before the port exists, so a stop during start-up drains instead of killing.
+    early_stop = EarlyStop()
+    early_stop.install()
+    listener = bind(settings.host, settings.port)
+    try:
+        if settings.index is not None:  # a missing or damaged index fails here, before the model
+            Index.open(settings.index).close()
+        return _serve(settings, listener, early_stop, log)
+    finally:
+        listener.close()
+
+
+def _serve(
+    settings: ServerSettings, listener: socket.socket, early_stop: EarlyStop, log: logging.Logger
+) -> int:
+    import uvicorn
+
+    from blipitm.server.app import create_app
+    from blipitm.server.http import DrainingServer, Gate, protocol_class
+
     log.info("starting blipitm serve: %s", settings)  # the dataclass repr omits the API keys
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         log.warning(
@@ -83,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     failed: list[BaseException] = []
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def on_load_failure(e: BaseException) -> None:
         failed.append(e)
@@ -91,17 +123,27 @@ def run(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
+    gate = Gate(head_timeout_s=settings.head_timeout_s, max_connections=settings.max_connections)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
+        http=protocol_class(gate),
+        ws="none",  # no WebSocket routes: an upgrade request is an ordinary (404) request
         log_level=settings.log_level,
         lifespan="on",
-        timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
-    server.run()
+    server = DrainingServer(
+        config,
+        listener=listener,
+        gate=gate,
+        drain_timeout_s=settings.drain_timeout_s,
+        early_stop=early_stop,
+    )
+    server.serve_forever()
     if failed:
-        print(f"blipitm: error: cannot load the model: {failed[0]}")
+        error = failed[0]
+        if isinstance(error, BlipitmError):
+            raise error  # main prints `blipitm: error: <message>` (the real cause: model or index)
+        log.error("start-up failed", exc_info=error)  # not ours to word: a bug, keep the trace
+        print(f"blipitm: error: start-up failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     return 0

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from blipitm.engine import Engine, load
+from blipitm.errors import BlipitmError
 from blipitm.server import docs, errors
 from blipitm.server.auth import KeyChecker
 from blipitm.server.metrics import Metrics
@@ -72,9 +73,15 @@ def create_app(
             raise
         except BaseException as e:
             state.load_error = str(e) or type(e).__name__
-            log.error("cannot serve: loading the model failed: %s", state.load_error, exc_info=e)
             if on_load_failure is not None:
-                on_load_failure(e)
+                on_load_failure(e)  # the caller reports it (the CLI: one line, then it exits)
+            else:
+                # Our own errors say what is wrong (model or index); anything else is a bug.
+                log.error(
+                    "cannot serve: start-up failed: %s",
+                    state.load_error,
+                    exc_info=None if isinstance(e, BlipitmError) else e,
+                )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

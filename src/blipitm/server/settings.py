@@ -36,6 +36,10 @@ class ServerSettings:
     port: int = 8000
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # never printed
     protect_metrics: bool = False
+    # -- connections (see server/http.py) -------------------------------------------------------
+    head_timeout_s: float = 10.0
+    max_connections: int = 512
+    drain_timeout_s: float = 25.0
     # -- batching and backpressure --------------------------------------------------------------
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
@@ -72,6 +76,13 @@ class ServerSettings:
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"must be >= 0, got {getattr(self, name)}", field=name)
         for name in ("request_timeout_s", "url_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidInputError(f"must be > 0, got {getattr(self, name)}", field=name)
+        if self.max_connections < 1:
+            raise InvalidInputError(
+                f"must be >= 1, got {self.max_connections}", field="max_connections"
+            )
+        for name in ("head_timeout_s", "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"must be > 0, got {getattr(self, name)}", field=name)
         if self.protocol not in PROTOCOL_CHOICES:
@@ -175,6 +186,18 @@ OPTIONS: tuple[Option, ...] = (
         flag_name="--api-key",
     ),
     Option("protect_metrics", "require the API key for /metrics too", _parse_bool, kind="flag"),
+    Option(
+        "head_timeout_s",
+        "seconds a connection has to send a complete request head (after opening, or after its "
+        "previous response); then 408 and close",
+        float,
+    ),
+    Option("max_connections", "most open connections; beyond it a new one gets 503 at once", int),
+    Option(
+        "drain_timeout_s",
+        "on SIGTERM, seconds to finish accepted requests (new ones get 503) before exiting",
+        float,
+    ),
     Option("max_batch_size", "most requests merged into one worker batch", int),
     Option("max_wait_ms", "how long the worker waits to fill a batch (milliseconds)", float),
     Option("max_queue", "queued requests before new ones get 429", int),
