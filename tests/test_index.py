@@ -231,3 +231,30 @@ def test_mismatched_model_is_refused(
     # the same weights in another dtype are the same model
     bf16 = blipitm.load(tiny_ckpt, dtype="bfloat16")
     Index.open(tmp_path / "idx", bf16).close()
+
+
+def test_relative_model_path_is_recorded_absolute(
+    tiny_ckpt: Path,
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "idx"
+    monkeypatch.chdir(tiny_ckpt.parent)
+    build = ["index", "build", str(photos), "--out", str(out), "--no-progress"]
+    assert main([*build, "--model", f"./{tiny_ckpt.name}"]) == 0
+    model = json.loads((out / "manifest.json").read_text())["model"]
+    assert model["source"] == str(tiny_ckpt.resolve())
+    monkeypatch.chdir(tmp_path)  # the index's own model is found from anywhere
+    capsys.readouterr()
+    assert main(["search", str(out), CAPTIONS[0], "--top-k", "2", "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+@pytest.mark.parametrize("query", [[], ["a dog", "--image", "dog.png"]])
+def test_search_usage_errors_exit_2(query: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search", "any.index", *query]) == 2
+    assert capsys.readouterr().err == (
+        "blipitm: error: query: give either a caption or --image PATH\n"
+    )

@@ -10,8 +10,6 @@ import os
 import re
 import shutil
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import blipitm
 from blipitm.cli.main import main
 from blipitm.errors import InvalidInputError
 from blipitm.retrieval import Index, NewItem, build_index
-from server_helpers import REPO, free_port
+from server_helpers import ServerProcess, free_port
 
 
 @pytest.fixture(scope="module")
@@ -172,12 +170,15 @@ SERVE_KINDS = ["sqlite-garbage", "metadata-not-json", "embeddings-nan", "manifes
 def test_damage_stops_serve(kind: str, idx: Path, tiny_ckpt: Path) -> None:
     damage, pattern = DAMAGE[kind]
     damage(idx)
-    argv = [sys.executable, "-m", "blipitm.cli.main", "serve", "--model", str(tiny_ckpt)]
-    argv += ["--host", "127.0.0.1", "--port", str(free_port()), "--index", str(idx)]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode != 0
-    said = proc.stdout + proc.stderr
+    port = free_port()
+    argv = ["-m", "blipitm.cli.main", "serve", "--model", str(tiny_ckpt), "--host", "127.0.0.1"]
+    server = ServerProcess([*argv, "--port", str(port), "--index", str(idx)], port)
+    try:  # fails fast if the server comes up "ready" instead of refusing
+        with pytest.raises(RuntimeError, match=r"server exited with [1-9]"):
+            server.wait_ready(timeout=120)
+    finally:
+        server.stop()
+    said = server.output()
     assert re.search(f"index {re.escape(str(idx))}.*{pattern}", said), said
 
 
