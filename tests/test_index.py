@@ -124,7 +124,8 @@ def test_build_search_add_remove(
         remaining.append(extra.resolve())
         check_text_search(engine, index, remaining, top_k=8, rerank_k=8)
         hit = search(engine, index, CAPTIONS[0], top_k=8, rerank_k=8)
-        assert next(h for h in hit if h.file == str(extra.resolve())).metadata == {"album": "x"}
+        added = next(h for h in hit if h.file == str(extra.resolve()))
+        assert added.metadata == {"album": "x"} and added.path == "extra.png"  # JSONL-relative
 
     # info and search through the CLI
     assert main(["index", "info", str(out), "--json"]) == 0

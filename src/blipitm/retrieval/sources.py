@@ -3,8 +3,8 @@
 Every item gets a stable ``source`` key (absolute image path, or ``file:line`` for a caption from
 a file) so that a rerun after an interruption skips what is already indexed, and each image its
 path relative to the root it was indexed from (what search results show: never a server's
-absolute paths). Items that cannot
-even be described (a malformed JSONL line) are returned as skipped with a reason, never fatal.
+absolute paths). Items that cannot even be described (a malformed JSONL line) are returned as
+skipped with a reason, never fatal.
 """
 
 from __future__ import annotations
@@ -99,16 +99,9 @@ def _list_jsonl(path: Path) -> SourceListing:
                     out.skipped.append((key, '"image" must be a non-empty path string'))
                     continue
                 file = base.parent / obj["image"]
+                p = str(file.resolve())
                 rel = Path(os.path.relpath(file, base.parent)).as_posix()
-                out.items.append(
-                    NewItem(
-                        "image",
-                        str(file.resolve()),
-                        path=str(file.resolve()),
-                        metadata=meta,
-                        relpath=rel,
-                    )
-                )
+                out.items.append(NewItem("image", p, path=p, metadata=meta, relpath=rel))
             else:
                 if not isinstance(obj["text"], str):
                     out.skipped.append((key, '"text" must be a string'))

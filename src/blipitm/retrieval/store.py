@@ -236,9 +236,9 @@ class Index:
                 why = mismatch(manifest["model"], engine)
                 if why is not None:
                     raise IndexMismatchError(f"cannot use index {root} with this model: {why}")
+            index._check_sizes()
             if writable:
                 index._truncate_uncommitted()
-            index._check_sizes()
             index._check_batches(features=False)
         except BaseException:
             if index is not None:
@@ -399,7 +399,8 @@ class Index:
             if features is None or features.shape != (n_images, *self.feature_shape):
                 got = None if features is None else features.shape
                 raise ValueError(f"features {got} do not match {n_images} images")
-            feats = np.ascontiguousarray(features, dtype=np.float16)  # may overflow to inf
+            with np.errstate(over="ignore"):  # an overflow to inf is refused just below
+                feats = np.ascontiguousarray(features, dtype=np.float16)
         _refuse_non_finite(emb, "embeddings")
         if feats is not None:
             _refuse_non_finite(feats, "features")
@@ -622,8 +623,7 @@ class Index:
                 )
 
     def _truncate_uncommitted(self) -> None:
-        """Drop bytes a killed writer appended but never committed."""
-        self._check_sizes()
+        """Drop bytes a killed writer appended but never committed (sizes checked first)."""
         for file, want in self._expected_sizes():
             if file.stat().st_size > want:
                 with open(file, "r+b") as f:
