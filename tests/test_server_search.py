@@ -1,8 +1,10 @@
 """``blipitm serve --index``: POST /v1/search against a real server process equals
-``blipitm.retrieval.search`` in-process; a mismatched index stops the server at start-up."""
+``blipitm.retrieval.search`` in-process; a mismatched index stops the server at start-up; results
+never show the server's absolute paths; an index damaged while serving answers 503, never 500."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -94,3 +96,68 @@ def test_mismatched_index_stops_the_server(tiny_ckpt: Path, index_dir: Path) -> 
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2  # a start-up failure: one line, exit 2
     assert "protocol" in proc.stdout + proc.stderr
+
+
+def _strings(obj: object) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def test_results_show_paths_relative_to_the_indexed_root(
+    server: ServerProcess, index_dir: Path
+) -> None:
+    r = httpx.post(
+        server.url + "/v1/search", json={"query": "a dog", "top_k": 6, "rerank_k": 0}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    assert sorted(d["path"] for d in r.json()["data"]) == [f"p{i}.png" for i in range(6)]
+    # (the top-level "model" echoes the served model name: the /v1/models part of item 8)
+    root = str(index_dir.parent)
+    assert not [s for s in _strings(r.json()["data"]) if s.startswith("/") or root in s]
+
+
+def test_index_damaged_while_serving_is_503_not_500(tiny_ckpt: Path, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        (photos / f"p{i}.png").write_bytes(png_bytes(color))
+    idx = tmp_path / "index"
+    build_index(blipitm.load(tiny_ckpt), photos, idx)[0].close()
+    emb_file = idx / "embeddings.f32"
+    intact = emb_file.read_bytes()
+    with cli_server(tiny_ckpt, "--index", str(idx)) as server:
+
+        def damaged() -> bool:
+            r = httpx.post(server.url + "/v1/search", json={"query": "a dog"}, timeout=60)
+            assert str(tmp_path) not in r.text  # details (with server paths) go to the log
+            if r.status_code == 200:
+                return False
+            assert r.status_code == 503 and r.json()["error"]["code"] == "index_damaged", r.text
+            return True
+
+        assert not damaged()
+        # NaN written over the vectors (same size): never NaN in JSON, never a 500
+        np.full(len(intact) // 4, np.nan, np.float32).tofile(emb_file)
+        assert damaged()
+        emb_file.write_bytes(intact)
+        assert not damaged()
+        # an indexed image deleted: the client's query is fine, so not a 400 either
+        (photos / "p1.png").unlink()
+        assert damaged()
+        # an item's metadata no longer JSON
+        db = sqlite3.connect(idx / "index.sqlite")
+        db.execute("UPDATE items SET metadata = '{broken' WHERE kind = 'image'")
+        db.commit()
+        db.close()
+        assert damaged()
+    log = server.output()
+    assert f"index {idx}: the embedding at row 0 is NaN or inf" in log
+    assert f"index {idx}: an indexed image can no longer be read" in log
+    assert f"index {idx}: the metadata of item" in log

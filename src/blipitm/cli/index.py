@@ -1,4 +1,4 @@
-"""``blipitm index build|add|remove|info``: the on-disk retrieval index."""
+"""``blipitm index build|add|remove|info|verify``: the on-disk retrieval index."""
 
 from __future__ import annotations
 
@@ -68,6 +68,16 @@ def add_parser(sub: Any) -> None:
     i.add_argument("index", metavar="INDEX")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(run=run_info)
+
+    v = isub.add_parser(
+        "verify",
+        help="check an index for damage",
+        description="Check INDEX against the checksums recorded when each batch was committed "
+        "(embeddings and stored features) and run SQLite's integrity check. Exit 0 when all "
+        "is intact, 2 with one line saying what is damaged.",
+    )
+    v.add_argument("index", metavar="INDEX")
+    v.set_defaults(run=run_verify)
 
 
 def _common(p: argparse.ArgumentParser, *, from_index: bool) -> None:
@@ -147,6 +157,17 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  {s['source']}: {s['reason']}")
     if len(info["skipped"]) > SHOW_SKIPPED:
         print(f"  ... and {len(info['skipped']) - SHOW_SKIPPED} more (--json lists all)")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    with Index.open(args.index) as index:  # raises IndexDamagedError: main prints it, exit 2
+        checked = index.verify()
+    features = f" and {checked['feature_rows']} feature rows" if index.has_features else ""
+    print(
+        f"{index.path}: ok ({checked['rows']} rows{features} in {checked['batches']} batches "
+        "match their checksums; SQLite integrity ok)"
+    )
     return 0
 
 

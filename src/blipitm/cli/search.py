@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from blipitm.cli.common import add_model_options, load_engine
+from blipitm.errors import InvalidInputError
 from blipitm.retrieval import Index, search
 
 
@@ -38,8 +39,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.query is None) == (args.image is None):
-        raise SystemExit("blipitm search: error: give either a caption or --image PATH")
+    if (args.query is None) == (args.image is None):  # a usage error: exit 2, like argparse's
+        raise InvalidInputError("give either a caption or --image PATH", field="query")
     engine = load_engine(args, index=args.index)
     query: Any = args.query if args.image is None else Path(args.image)
     with Index.open(args.index, engine) as index:
@@ -54,6 +55,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'#':>3}  {'score':>8}  {'ITM prob':>8}  {'ITC cos':>8}  {'id':>6}  item")
     for rank, h in enumerate(hits, start=1):
         prob = "-" if h.itm_probability is None else f"{h.itm_probability:.4f}"
-        shown = h.path if h.kind == "image" else h.text
+        shown = h.path if h.kind == "image" else h.text  # path relative to its indexed root
         print(f"{rank:>3}  {h.score:>8.4f}  {prob:>8}  {h.itc_cosine:>8.4f}  {h.id:>6}  {shown}")
     return 0

@@ -4,9 +4,15 @@
 >>> index, report = build_index(engine, "photos/", "photos.index")  # or Index.open(path, engine)
 >>> hits = search(engine, index, "a dog on the grass", top_k=5, rerank_k=128)
 >>> hits[0].path, hits[0].score, hits[0].itm_probability, hits[0].itc_cosine
+>>> index.verify()  # every checksum; Index.open checks what is cheap
 """
 
-from blipitm.retrieval.errors import IndexBusyError, IndexFormatError, IndexMismatchError
+from blipitm.retrieval.errors import (
+    IndexBusyError,
+    IndexDamagedError,
+    IndexFormatError,
+    IndexMismatchError,
+)
 from blipitm.retrieval.ingest import AddReport, add_items
 from blipitm.retrieval.search import SearchHit, scan_top_k, search
 from blipitm.retrieval.sources import SourceListing, list_source
@@ -17,6 +23,7 @@ __all__ = [
     "AddReport",
     "Index",
     "IndexBusyError",
+    "IndexDamagedError",
     "IndexFormatError",
     "IndexMismatchError",
     "Item",

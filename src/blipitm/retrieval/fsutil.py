@@ -55,8 +55,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """How blipitm writes JSON files: indented UTF-8 with a final newline."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:

@@ -10,6 +10,7 @@ give unrelated vectors. Protocol is checked by name too, because under ``blip`` 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -39,10 +40,14 @@ def model_probe(engine: Engine) -> dict[str, list[float]]:
 
 
 def model_record(engine: Engine) -> dict[str, Any]:
-    """What a manifest stores about the model: its info plus the probe."""
+    """What a manifest stores about the model: its info plus the probe. A local source is
+    recorded as an absolute path, so that the index finds its model from any directory."""
     info = engine.info
+    source = info.source
+    if os.path.exists(os.path.expanduser(source)):  # a local path wins, as in resolve()
+        source = os.path.abspath(os.path.expanduser(source))
     return {
-        "source": info.source,
+        "source": source,
         "format": info.kind,
         "revision": info.revision,
         "commit": info.commit,

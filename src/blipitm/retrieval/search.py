@@ -19,6 +19,7 @@ import torch
 from blipitm.engine import Engine, ImageFeatures, PairScores
 from blipitm.errors import InvalidInputError
 from blipitm.processing.image import ImageInput
+from blipitm.retrieval.errors import IndexDamagedError, IndexMismatchError
 from blipitm.retrieval.store import Index, Item, Kind
 from blipitm.retrieval.topk import merge_top_k, top_k_indices
 
@@ -31,15 +32,17 @@ class SearchHit:
 
     id: int
     kind: Kind
-    path: str | None  # image items
+    path: str | None  # image items: relative to the root they were indexed from
     text: str | None  # text items
     metadata: dict[str, Any]
     score: float  # what the hits are sorted by (see module docstring)
     itc_cosine: float
     itm_probability: float | None
     itm_logit: float | None  # itm_logits[1], the positive-class logit
+    file: str | None = None  # image items: absolute path on this machine; not in as_dict()
 
     def as_dict(self) -> dict[str, Any]:
+        """What the CLI's --json and the server show: no absolute path of this machine."""
         return {
             "id": self.id,
             "kind": self.kind,
@@ -74,10 +77,9 @@ def search(
         raise InvalidInputError(f"must be >= 1, got {top_k}", field="top_k")
     if rerank_k < 0:
         raise InvalidInputError(f"must be >= 0, got {rerank_k}", field="rerank_k")
-    if index.dim != engine.embedding_dim:
-        raise InvalidInputError(
-            f"index has {index.dim}-d embeddings, the model {engine.embedding_dim}-d",
-            field="index",
+    if index.dim != engine.embedding_dim:  # Index.open(path, engine) refuses this already
+        raise IndexMismatchError(
+            f"index {index.path} has {index.dim}-d embeddings, the model {engine.embedding_dim}-d"
         )
     text_query = isinstance(query, str)
     target: Kind = "image" if text_query else "text"
@@ -106,6 +108,12 @@ def search(
         )
     logits, prob = scores.itm_logits, scores.itm_probability
     score = logits[:, 1] + cosine if engine.protocol == "blip" else prob
+    if not np.isfinite(score).all():
+        bad = items[int(np.flatnonzero(~np.isfinite(score))[0])]
+        raise IndexDamagedError(
+            f"index {index.path}: item {bad.id} scores NaN or inf (are its stored features "
+            f"damaged?); check it with 'blipitm index verify {index.path}'"
+        )
     order = np.argsort(-score, kind="stable")[:top_k]  # ties: better ITC first, as Engine.rank
     return [
         _hit(items[j], float(score[j]), float(cosine[j]), float(prob[j]), float(logits[j, 1]))
@@ -128,6 +136,12 @@ def scan_top_k(
         if keep.size == 0:
             continue
         sims = (np.asarray(emb[a:b]) @ q)[keep]  # [n_live_in_chunk]
+        if not np.isfinite(sims).all():  # the file changed under an open index
+            row = a + int(keep[np.flatnonzero(~np.isfinite(sims))[0]])
+            raise IndexDamagedError(
+                f"index {index.path}: the embedding at row {row} is NaN or inf; check it with "
+                f"'blipitm index verify {index.path}'"
+            )
         top = top_k_indices(sims[None, :], k)[0]
         best_rows, best = merge_top_k(best_rows, best, (keep[top] + a), sims[top], k)
     return best_rows, best
@@ -148,10 +162,10 @@ def _rerank_images(
     try:
         return engine.score_pairs(paths, [query], pairs, itc=False)
     except InvalidInputError as e:
-        raise InvalidInputError(
-            f"an indexed image can no longer be read ({e.reason}); restore it, or remove it "
-            f"with 'blipitm index remove {index.path} PATH'",
-            field="index",
+        # The client's query is fine: the index points at a file that changed or went away.
+        raise IndexDamagedError(
+            f"index {index.path}: an indexed image can no longer be read ({e.reason}); restore "
+            f"it, or remove it with 'blipitm index remove {index.path} PATH'"
         ) from e
 
 
@@ -159,5 +173,14 @@ def _hit(
     item: Item, score: float, cosine: float, prob: float | None, logit: float | None
 ) -> SearchHit:
     return SearchHit(
-        item.id, item.kind, item.path, item.text, item.metadata, score, cosine, prob, logit
+        item.id,
+        item.kind,
+        item.relpath,
+        item.text,
+        item.metadata,
+        score,
+        cosine,
+        prob,
+        logit,
+        file=item.path,
     )

@@ -1,8 +1,10 @@
 """What ``index build SRC`` / ``index add SRC`` read: a folder of images, a captions file, JSONL.
 
 Every item gets a stable ``source`` key (absolute image path, or ``file:line`` for a caption from
-a file) so that a rerun after an interruption skips what is already indexed. Items that cannot
-even be described (a malformed JSONL line) are returned as skipped with a reason, never fatal.
+a file) so that a rerun after an interruption skips what is already indexed, and each image its
+path relative to the root it was indexed from (what search results show: never a server's
+absolute paths). Items that cannot even be described (a malformed JSONL line) are returned as
+skipped with a reason, never fatal.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def list_source(src: str | os.PathLike[str]) -> SourceListing:
         return _list_captions(path)
     if suffix in IMAGE_EXTENSIONS:
         p = str(path.resolve())
-        return SourceListing([NewItem("image", p, path=p)])
+        return SourceListing([NewItem("image", p, path=p, relpath=path.name)])
     raise InvalidInputError(
         f"{src}: cannot tell what this is from its extension; pass a folder of images, a "
         f"captions file ({', '.join(sorted(TEXT_EXTENSIONS))}) or JSONL "
@@ -54,13 +56,14 @@ def list_source(src: str | os.PathLike[str]) -> SourceListing:
 
 
 def _list_folder(root: Path) -> SourceListing:
-    found: list[str] = []
+    found: list[tuple[str, str]] = []  # (absolute, relative to root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # e.g. .git, .cache
         for name in filenames:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(str((Path(dirpath) / name).resolve()))
-    return SourceListing([NewItem("image", p, path=p) for p in sorted(found)])
+                file = Path(dirpath) / name
+                found.append((str(file.resolve()), file.relative_to(root).as_posix()))
+    return SourceListing([NewItem("image", p, path=p, relpath=rel) for p, rel in sorted(found)])
 
 
 def _list_captions(path: Path) -> SourceListing:
@@ -95,8 +98,10 @@ def _list_jsonl(path: Path) -> SourceListing:
                 if not isinstance(obj["image"], str) or not obj["image"]:
                     out.skipped.append((key, '"image" must be a non-empty path string'))
                     continue
-                p = str((base.parent / obj["image"]).resolve())
-                out.items.append(NewItem("image", p, path=p, metadata=meta))
+                file = base.parent / obj["image"]
+                p = str(file.resolve())
+                rel = Path(os.path.relpath(file, base.parent)).as_posix()
+                out.items.append(NewItem("image", p, path=p, metadata=meta, relpath=rel))
             else:
                 if not isinstance(obj["text"], str):
                     out.skipped.append((key, '"text" must be a string'))

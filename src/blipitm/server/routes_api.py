@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 from typing import Any
@@ -12,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from blipitm.engine import PairScores, Ranked
-from blipitm.retrieval import SearchHit, search
+from blipitm.retrieval import IndexFormatError, SearchHit, search
 from blipitm.server.batching import Call, EmbedImages, EmbedTexts, Rank, ScorePairs
 from blipitm.server.errors import APIError
 from blipitm.server.inputs import (
@@ -311,6 +312,8 @@ async def rerank_v2(body: RerankRequest, request: Request) -> JSONResponse:
 
 # -- /v1/search -----------------------------------------------------------------------------------
 
+_log = logging.getLogger("blipitm.server")
+
 
 @router.post(
     "/v1/search",
@@ -349,12 +352,23 @@ async def search_index(body: SearchRequest, request: Request) -> JSONResponse:
         texts, images = [], await st.load_images([query], deadline)
         q = images[0]
     top_k, rerank_k = body.top_k, body.rerank_k
-    hits: list[SearchHit] = await st.run(
-        request,
-        Call(lambda engine: search(engine, index, q, top_k=top_k, rerank_k=rerank_k)),
-        field_mapper(query, images=[query], texts=[query]),
-        deadline,
-    )
+    try:
+        hits: list[SearchHit] = await st.run(
+            request,
+            Call(lambda engine: search(engine, index, q, top_k=top_k, rerank_k=rerank_k)),
+            field_mapper(query, images=[query], texts=[query]),
+            deadline,
+        )
+    except IndexFormatError as e:
+        # Damaged on disk since start-up (open checked it): the operator's to fix, and the
+        # message names server paths, so the client gets neither a 500 nor the details.
+        _log.error("search failed: %s", e)
+        raise APIError(
+            503,
+            "the search index cannot be used: it is damaged (the server log says how); "
+            "the operator can check it with `blipitm index verify`",
+            code="index_damaged",
+        ) from None
     tokens = await st.usage_tokens(texts, len(images))
     return JSONResponse(
         {

@@ -239,9 +239,15 @@ class SearchResult(BaseModel):
     object: str = "search_result"
     id: int = Field(description="the item's id in the index")
     kind: str = Field(description="image or text")
-    path: str | None = None
+    path: str | None = Field(
+        default=None,
+        description="image items: the path relative to the root it was indexed from (a folder, "
+        "or a JSONL file's folder); never an absolute path of the server",
+    )
     text: str | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="what the JSONL line held besides image/text"
+    )
     score: float = Field(description="BLIP protocol: itm_logits[1] + itc_cosine; else ITM prob")
     itc_cosine: float
     itm_probability: float | None = None
