@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
+from blip_names import write_blip_pth
 from blipitm.testing.make_checkpoint import make_checkpoint
+from blipitm.testing.vocab import write_tokenizer_files
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +27,13 @@ def tiny_ckpt_saved_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_pth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Same weights as ``tiny_ckpt`` as an original BLIP ``.pth`` (tokenizer files beside it)."""
-    return make_checkpoint(tmp_path_factory.mktemp("tiny_pth"), preset="tiny", seed=0, fmt="pth")
+def tiny_pth(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_ckpt``'s tensors as an original BLIP ``.pth`` (tokenizer files beside it).
 
-
-@pytest.fixture(scope="session")
-def images_dir() -> Path:
-    return Path(__file__).parent / "data"
+    Named from the hand-written table in blip_names.py, never from the production key map, so a
+    wrong map shows up as a mismatch with ``tiny_ckpt``.
+    """
+    out = tmp_path_factory.mktemp("tiny_pth")
+    write_tokenizer_files(out)
+    weights = load_file(tiny_ckpt / "model.safetensors")
+    return write_blip_pth(weights, out / "model_retrieval.pth", seed=1)

@@ -26,7 +26,12 @@ from transformers import (
     BlipImageProcessorPil,
 )
 
-ENC = 30523
+# What Salesforce BLIP runs with, written here from its sources rather than taken from blipitm,
+# so a wrong constant in blipitm cannot make the reference agree with it.
+ENC = 30523  # models/blip.py init_tokenizer: [ENC] added after [DEC] to bert-base-uncased (30522)
+BLIP_VISION_LN_EPS = 1e-6  # models/vit.py: norm_layer = partial(nn.LayerNorm, eps=1e-6)
+BLIP_TEXT_HEAD_DIM = 64  # configs/med_config.json: hidden_size 768, num_attention_heads 12
+BLIP_MAX_TOKENS = 35  # models/blip_retrieval.py: tokenizer(..., max_length=35)
 
 
 def blip_pre_caption(caption: str, max_words: int = 30) -> str:
@@ -53,8 +58,8 @@ class Reference:
         cfg_dict = json.loads((ckpt_dir / "config.json").read_text())
         if protocol == "blip":
             text = cfg_dict["text_config"]
-            text["num_attention_heads"] = text["hidden_size"] // 64
-            cfg_dict["vision_config"]["layer_norm_eps"] = 1e-6
+            text["num_attention_heads"] = text["hidden_size"] // BLIP_TEXT_HEAD_DIM
+            cfg_dict["vision_config"]["layer_norm_eps"] = BLIP_VISION_LN_EPS
         config = BlipConfig.from_dict(cfg_dict)
         model = BlipForImageTextRetrieval.from_pretrained(ckpt_dir, config=config).eval()
         tokenizer = BertTokenizerFast.from_pretrained(ckpt_dir)
@@ -77,7 +82,7 @@ class Reference:
                 [blip_pre_caption(t) for t in texts],
                 padding="longest",
                 truncation=True,
-                max_length=35,
+                max_length=BLIP_MAX_TOKENS,
                 return_tensors="pt",
             )
             ids = enc.input_ids.clone()

@@ -10,8 +10,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx2  # huggingface_hub's HTTP client
 import pytest
 import torch
+import transformers
 from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -20,6 +22,7 @@ from huggingface_hub.errors import (
 )
 from safetensors.torch import load_file, save_file
 
+from blip_names import to_blip_names
 from blipitm.checkpoint import (
     DROPPED_KEY_PATTERNS,
     VISION_KEY_MAP,
@@ -39,7 +42,6 @@ from blipitm.config import BLIP_VISION_LN_EPS, BlipConfig
 from blipitm.errors import CheckpointError, HubUnavailableError
 from blipitm.testing.make_checkpoint import make_checkpoint
 
-transformers = pytest.importorskip("transformers")
 # The module, not the function of the same name that blipitm.checkpoint re-exports.
 resolve_module = importlib.import_module("blipitm.checkpoint.resolve")
 
@@ -101,17 +103,22 @@ def test_expected_shapes_ignore_head_counts() -> None:
     )
 
 
-def test_vision_key_map_round_trips() -> None:
-    hf = expected_shapes(BlipConfig.preset("tiny"))
-    original = original_from_hf(hf)
-    assert not any(k.startswith("vision_model.") for k in original)
-    assert "visual_encoder.blocks.1.attn.proj.weight" in original
-    assert "visual_encoder.norm.bias" in original
-    assert hf_from_original(original) == hf
-    # Only vision names change; text, projections and heads are the same in both formats.
-    assert {k for k in hf if not k.startswith("vision_model.")} == {
-        k for k in original if not k.startswith("visual_encoder.")
+@pytest.mark.parametrize("preset", ["tiny", "base", "large"])
+def test_key_map_matches_blip_names(preset: str) -> None:
+    """Each BLIP name loads as the Hugging Face name of the same tensor, and back (the truth is the
+    hand-written table in tests/blip_names.py, not the map under test)."""
+    hf_names = list(expected_shapes(BlipConfig.preset(preset)))
+    blip_names = to_blip_names({k: k for k in hf_names})  # BLIP name -> HF name it must become
+    assert hf_from_original(blip_names) == {k: k for k in hf_names}
+    assert original_from_hf({hf: blip for blip, hf in blip_names.items()}) == {
+        blip: blip for blip in blip_names
     }
+
+
+def test_blip_training_tensors_are_dropped(tiny_pth: Path) -> None:
+    sd = torch.load(tiny_pth, weights_only=True)["model"]
+    assert "visual_encoder_m.blocks.0.norm1.weight" in sd and "image_queue" in sd
+    assert set(hf_from_original(sd)) == set(expected_shapes(BlipConfig.preset("tiny")))
 
 
 def test_key_map_is_data() -> None:
@@ -161,13 +168,13 @@ def test_config_from_original_infers_any_size(preset: str, names: str) -> None:
     config = BlipConfig.preset(preset)
     sd = _meta_state_dict(config)
     if names == "original":
-        sd = original_from_hf(sd) | {"temp": torch.tensor(0.07), "image_queue": torch.zeros(2, 3)}
+        sd = to_blip_names(sd) | {"temp": torch.tensor(0.07), "image_queue": torch.zeros(2, 3)}
     assert config_from_original(sd) == _blip_config(config)
 
 
 def test_config_from_original_base_and_large_heads() -> None:
-    base = config_from_original(original_from_hf(_meta_state_dict(BlipConfig.preset("base"))))
-    large = config_from_original(original_from_hf(_meta_state_dict(BlipConfig.preset("large"))))
+    base = config_from_original(to_blip_names(_meta_state_dict(BlipConfig.preset("base"))))
+    large = config_from_original(to_blip_names(_meta_state_dict(BlipConfig.preset("large"))))
     assert (base.vision.num_attention_heads, base.text.num_attention_heads) == (12, 12)
     assert (large.vision.num_attention_heads, large.text.num_attention_heads) == (16, 12)
     assert large.text.encoder_hidden_size == 1024 and large.vision.num_hidden_layers == 24
@@ -175,7 +182,7 @@ def test_config_from_original_base_and_large_heads() -> None:
 
 
 def test_config_from_original_names_the_missing_tensor() -> None:
-    sd = original_from_hf(_meta_state_dict(BlipConfig.preset("tiny")))
+    sd = to_blip_names(_meta_state_dict(BlipConfig.preset("tiny")))
     del sd["visual_encoder.cls_token"]
     with pytest.raises(CheckpointError, match=r"visual_encoder|class_embedding"):
         config_from_original(sd)
@@ -662,7 +669,6 @@ def _online(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def _http_error(cls: type[HfHubHTTPError], status: int) -> HfHubHTTPError:
-    httpx2 = pytest.importorskip("httpx2")  # huggingface_hub's HTTP client
     request = httpx2.Request("GET", f"https://huggingface.co/api/models/{REPO}")
     return cls("hub says no", response=httpx2.Response(status, request=request))
 
@@ -688,7 +694,6 @@ def test_unreachable_hub(
 
 
 def test_unreachable_hub_transport_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    httpx2 = pytest.importorskip("httpx2")
     _online(monkeypatch, tmp_path)
     monkeypatch.setattr(resolve_module, "snapshot_download", _raise(httpx2.ConnectError("dns")))
     with pytest.raises(HubUnavailableError, match="could not be reached"):

@@ -7,6 +7,7 @@ gets) and bf16 arithmetic end to end (CPUs with AVX512-BF16/AMX, and GPUs).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,29 @@ def images(seed: int) -> list[Image.Image]:
     return out
 
 
+def cpu_computes_bf16() -> bool:
+    """The README's rule, read here without blipitm: native bf16 arithmetic means the CPU flags
+    AVX512-BF16 or AMX-BF16 (x86), or BF16 (ARM's "Features" line)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except FileNotFoundError:
+        pytest.skip("no /proc/cpuinfo: the CPU's bf16 support cannot be read independently here")
+    flags = r"^(?:flags|Features)\s*:.*\b(?:avx512_bf16|amx_bf16|bf16)\b"
+    return re.search(flags, cpuinfo, re.MULTILINE) is not None
+
+
 def test_native_compute_dtype_rules() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert native_compute_dtype(cpu, torch.float32) == torch.float32
     assert native_compute_dtype(cuda, torch.bfloat16) == torch.bfloat16
     assert native_compute_dtype(cuda, torch.float16) == torch.float16
-    assert native_compute_dtype(cpu, torch.bfloat16) in (torch.bfloat16, torch.float32)
+    want = torch.bfloat16 if cpu_computes_bf16() else torch.float32
+    assert native_compute_dtype(cpu, torch.bfloat16) == want
+
+
+def test_bf16_engine_computes_in_what_the_cpu_supports(tiny_ckpt: Path) -> None:
+    engine = blipitm.load(tiny_ckpt, dtype="bfloat16")
+    assert engine.info.compute_dtype == ("bfloat16" if cpu_computes_bf16() else "float32")
 
 
 def test_bf16_weights_are_stored_in_bf16(tiny_ckpt: Path) -> None:

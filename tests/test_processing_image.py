@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from blipitm.config import IMAGE_MEAN, IMAGE_STD
@@ -24,8 +25,6 @@ from blipitm.processing.image import (
     preprocess_batch,
     to_rgb,
 )
-
-transformers = pytest.importorskip("transformers")
 
 SETTINGS = ImageSettings()
 FIELD = "images[3]"

@@ -12,14 +12,13 @@ from typing import Any
 import pytest
 import tokenizers
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blipitm.config import CLS_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
 from blipitm.errors import CheckpointError
 from blipitm.processing.tokenizer import Tokenizer, pad
-
-transformers = pytest.importorskip("transformers")
 
 BERT_VOCAB_SIZE = 30522
 
