@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
@@ -88,7 +88,15 @@ class ServerProcess:
     def output(self) -> str:
         return self.log.getvalue().decode(errors="replace")
 
-    def wait_ready(self, timeout: float = 90.0) -> None:
+    def wait_ready(
+        self, timeout: float = 90.0, on_not_ready: Callable[[], None] | None = None
+    ) -> bool:
+        """Poll /ready until 200; returns whether a 503 was seen first.
+
+        Until ready, the only answer allowed is the documented 503 (``model_not_ready`` with
+        ``Retry-After``). ``on_not_ready`` runs once, at the first 503: a server whose loading
+        is held until then must pass through 503, so its caller can assert that it did.
+        """
         deadline = time.monotonic() + timeout
         saw_not_ready = False
         while time.monotonic() < deadline:
@@ -96,11 +104,16 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 r = httpx.get(self.url + "/ready", timeout=2)
-                if r.status_code == 200:
-                    return
-                saw_not_ready = saw_not_ready or r.status_code == 503
             except httpx.TransportError:
-                pass
+                time.sleep(0.1)
+                continue
+            if r.status_code == 200:
+                return saw_not_ready
+            assert r.status_code == 503, (r.status_code, r.text)
+            assert r.json()["error"]["code"] == "model_not_ready" and r.headers["retry-after"]
+            if not saw_not_ready and on_not_ready is not None:
+                on_not_ready()
+            saw_not_ready = True
             time.sleep(0.1)
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
 

@@ -173,6 +173,8 @@ def test_rank_transformers_protocol_scores_probability(
         (lambda e, ims: e.score([ims[0], 42], ["a", "b"]), "images[1]"),
         (lambda e, ims: e.score(ims[:2], ["a", None]), "texts[1]"),
         (lambda e, ims: e.score(ims[:2], ["a", b"\x00"]), "texts[1]"),
+        (lambda e, ims: e.embed_texts(["a dog", ""]), "texts[1]"),
+        (lambda e, ims: e.rank_texts(ims[0], ["a dog", ""]), "texts[1]"),
         (lambda e, ims: e.embed_images([b""]), "images[0]"),
         (lambda e, ims: e.embed_images([b"not an image"]), "images[0]"),
         (lambda e, ims: e.embed_images(["/does/not/exist.jpg"]), "images[0]"),

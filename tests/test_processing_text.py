@@ -117,7 +117,7 @@ def test_pre_caption_equals_blip_hypothesis(caption: str, max_words: int) -> Non
 
 def test_validate_text_accepts_strings() -> None:
     assert validate_text("a dog", field="texts[0]") == "a dog"
-    assert validate_text("", field="texts[0]") == ""
+    assert validate_text(" ", field="texts[0]") == " "
     assert validate_text("café 😀", field="texts[0]", max_chars=6) == "café 😀"
 
 
@@ -128,6 +128,12 @@ def test_validate_text_rejects_non_strings(value: object) -> None:
     assert info.value.field == "texts[2]"
     assert str(info.value).startswith("texts[2]: ")
     assert type(value).__name__ in str(info.value)
+
+
+def test_validate_text_rejects_the_empty_string() -> None:
+    with pytest.raises(InvalidInputError, match="text is empty") as info:
+        validate_text("", field="texts[3]")
+    assert info.value.field == "texts[3]"
 
 
 def test_validate_text_length_limit() -> None:

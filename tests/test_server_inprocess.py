@@ -190,16 +190,39 @@ def test_load_failure_is_reported(tiny_ckpt: Path) -> None:
     def broken(settings: ServerSettings) -> Any:
         raise blipitm.CheckpointError("no such checkpoint: /nowhere")
 
-    async def main() -> None:
-        app = create_app(ServerSettings(), broken, on_load_failure=failures.append)
+    async def ready_message(settings: ServerSettings) -> str:
+        failures.clear()
+        app = create_app(settings, broken, on_load_failure=failures.append)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
                 await _until(lambda: bool(failures))
                 r = await client.get("/ready")
-                assert r.status_code == 503 and "/nowhere" in r.json()["error"]["message"]
+                assert r.status_code == 503
+                return str(r.json()["error"]["message"])
 
-    asyncio.run(main())
+    # The error names a server path: shown only when the operator asks for paths.
+    hidden = asyncio.run(ready_message(ServerSettings()))
+    assert "/nowhere" not in hidden and "server log" in hidden
+    assert "/nowhere" in asyncio.run(ready_message(ServerSettings(expose_paths=True)))
+
+
+def test_models_show_no_server_path_unless_asked(engine: Engine, tiny_ckpt: Path) -> None:
+    async def models(settings: ServerSettings) -> httpx.Response:
+        async with running(settings, lambda s: Shared(engine)) as (client, _):
+            r = await client.get("/v1/models")
+            assert r.status_code == 200
+            return r
+
+    where = str(tiny_ckpt)
+    assert Path(where).is_absolute() and engine.info.source.startswith(where)
+    r = asyncio.run(models(ServerSettings(model=where)))
+    assert where not in r.text
+    card = r.json()["data"][0]
+    assert card["id"] == card["source"] == tiny_ckpt.name
+    r = asyncio.run(models(ServerSettings(model=where, expose_paths=True)))
+    card = r.json()["data"][0]
+    assert card["id"] == where and card["source"] == engine.info.source
 
 
 def test_unexpected_error_is_a_500_envelope_without_internals(engine: Engine) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -440,3 +441,234 @@ def test_openapi_conformance(api_schema: Any, method: str, path: str, mode: Any)
         case.call_and_validate(headers=AUTH, timeout=60, checks=CHECKS)
 
     run()
+
+
+# -- bad text: empty strings, lone surrogates -----------------------------------------------------
+
+
+def test_empty_text_is_a_400_naming_the_item(client: openai.OpenAI, server: ServerProcess) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=MODEL, input=["a dog", ""])
+    assert info.value.body["param"] == "input[1]"  # type: ignore[index]
+    for path, body, param in [
+        ("/v1/embeddings", {"input": ""}, "input"),
+        ("/v1/score", {"text_1": URIS[0], "text_2": ["a dog", ""]}, "text_2[1]"),
+        ("/v1/rerank", {"query": "", "documents": URIS[:2]}, "query"),
+        ("/v2/rerank", {"query": URIS[0], "documents": [{"text": ""}]}, "documents[0]"),
+    ]:
+        r = post(server, path, body)
+        assert r.status_code == 400, (path, r.text)
+        assert (error(r)["code"], error(r)["param"]) == ("invalid_input", param)
+
+
+SURROGATE = "a\ud800b"  # valid JSON ("a\\ud800b"), not Unicode text
+
+
+def _schema(spec: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = spec["components"]["schemas"][node["$ref"].rsplit("/", 1)[1]]
+    return node
+
+
+def _minimal(spec: dict[str, Any], node: dict[str, Any]) -> Any:
+    """The smallest value the schema accepts (required fields only, first branch of a union)."""
+    node = _schema(spec, node)
+    if "const" in node or "enum" in node:
+        return node.get("const", (node.get("enum") or [None])[0])
+    for key in ("anyOf", "oneOf"):
+        if key in node:
+            return _minimal(spec, node[key][0])
+    kind = node.get("type")
+    if kind == "object":
+        props = node.get("properties", {})
+        return {k: _minimal(spec, props[k]) for k in node.get("required", [])}
+    if kind == "array":
+        return [_minimal(spec, node["items"])]
+    return {"string": "x", "integer": 1, "number": 1.0, "boolean": True}.get(kind)
+
+
+def _with_surrogate(spec: dict[str, Any], node: dict[str, Any], path: str) -> list[tuple[str, Any]]:
+    """(where, value) for every string the schema can hold, in every union branch: a minimal value
+    with SURROGATE in that one string. New fields and shapes are covered without a test change."""
+    node = _schema(spec, node)
+    out: list[tuple[str, Any]] = []
+    for key in ("anyOf", "oneOf"):
+        for branch in node.get(key, []):
+            out += _with_surrogate(spec, branch, path)
+    kind = node.get("type")
+    if kind == "string":
+        out.append((path, SURROGATE))
+    elif kind == "object":
+        base = _minimal(spec, node)
+        for name, prop in node.get("properties", {}).items():
+            where = f"{path}.{name}" if path else name
+            out += [(w, {**base, name: v}) for w, v in _with_surrogate(spec, prop, where)]
+    elif kind == "array":
+        out += [(w, [v]) for w, v in _with_surrogate(spec, node["items"], f"{path}[0]")]
+    return out
+
+
+def test_lone_surrogate_in_any_string_field_is_a_400(server: ServerProcess) -> None:
+    spec = httpx.get(server.url + "/openapi.json").json()
+    cases = []
+    for path, operations in spec["paths"].items():
+        for operation in operations.values():
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            if body is not None:
+                cases += [(path, *case) for case in _with_surrogate(spec, body["schema"], "")]
+    assert {p for p, _, _ in cases} == {p for m, p in OPERATIONS if m == "POST"}
+    assert len(cases) > 40
+    headers = {**AUTH, "Content-Type": "application/json"}
+    for path, where, body in cases:
+        # json.dumps escapes the surrogate as \ud800 (httpx's json= cannot encode it at all).
+        r = httpx.post(server.url + path, content=json.dumps(body), headers=headers, timeout=60)
+        assert r.status_code == 400, (path, where, r.status_code, r.text)
+        assert (error(r)["code"], error(r)["param"]) == ("invalid_unicode", where), (path, r.text)
+    # A surrogate in a key is refused too, one in a GET path is a plain 404; a pair is text.
+    r = httpx.post(
+        server.url + "/v1/embeddings", content='{"input": "x", "\\udfff": 1}', headers=headers
+    )
+    assert r.status_code == 400 and error(r)["code"] == "invalid_unicode"
+    r = httpx.get(server.url + "/v1/models/%ED%A0%80", headers=AUTH)
+    assert r.status_code == 404 and error(r)["code"] == "model_not_found"
+    r = httpx.post(
+        server.url + "/v1/embeddings",
+        content='{"input": ["a dog \\ud83d\\udc36"]}',
+        headers=headers,
+    )
+    assert r.status_code == 200, r.text
+
+
+# -- metrics by route template --------------------------------------------------------------------
+
+
+def _request_counts(server: ServerProcess) -> dict[tuple[str, str], float]:
+    text = httpx.get(server.url + "/metrics").text
+    found = re.findall(
+        r'^blipitm_requests_total\{route="([^"]*)",status="(\d+)"\} (\S+)$', text, re.M
+    )
+    return {(route, status): float(n) for route, status, n in found}
+
+
+def test_metrics_label_each_request_by_its_route_template(server: ServerProcess) -> None:
+    calls = [
+        ("GET", "/health", None, 200, "/health"),
+        ("GET", "/ready", None, 200, "/ready"),
+        ("GET", "/v1/models", None, 200, "/v1/models"),
+        ("GET", f"/v1/models/{MODEL}", None, 200, "/v1/models/{model}"),
+        ("GET", "/v1/models/no-such-model", None, 404, "/v1/models/{model}"),
+        ("POST", "/v1/embeddings", {"input": "a dog"}, 200, "/v1/embeddings"),
+        ("POST", "/v1/score", {"text_1": URIS[0], "text_2": "a dog"}, 200, "/v1/score"),
+        ("POST", "/v1/rerank", {"query": "a dog", "documents": URIS[:1]}, 200, "/v1/rerank"),
+        ("POST", "/v2/rerank", {"query": "a dog", "documents": URIS[:1]}, 200, "/v2/rerank"),
+        ("POST", "/v1/search", {"query": "a dog"}, 404, "/v1/search"),
+        ("GET", "/openapi.json", None, 200, "/openapi.json"),
+        ("GET", "/docs", None, 200, "/docs"),
+        ("GET", "/docs/assets/swagger-ui.css", None, 200, "/docs/assets/{name}"),
+        ("GET", "/v1/embeddings", None, 405, "/v1/embeddings"),  # right path, wrong method
+        ("GET", "/no/such/path/12345", None, 404, "other"),  # raw paths never become labels
+    ]
+    before = _request_counts(server)
+    for method, path, body, status, _ in calls:
+        r = httpx.request(method, server.url + path, json=body, headers=AUTH, timeout=60)
+        assert r.status_code == status, (path, r.text)
+    r = post(server, "/v1/score", {}, headers={})  # refused by auth before routing: still labelled
+    assert r.status_code == 401
+    r = httpx.get(server.url + "/metrics")  # this scrape itself is counted once it has answered
+    after = _request_counts(server)
+    want: dict[tuple[str, str], float] = {("/v1/score", "401"): 1, ("/metrics", "200"): 2}
+    for _, _, _, status, label in calls:
+        want[(label, str(status))] = want.get((label, str(status)), 0) + 1
+    got = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert got == want
+    assert not any("12345" in route for route, _ in after)
+
+
+# -- paths, docs, Jina's rerank shape, usage ------------------------------------------------------
+
+
+def test_models_show_no_server_path(server: ServerProcess, tiny_ckpt: Path) -> None:
+    for path in ("/v1/models", f"/v1/models/{MODEL}"):
+        r = httpx.get(server.url + path, headers=AUTH)
+        assert r.status_code == 200
+        assert str(tiny_ckpt) not in r.text and str(tiny_ckpt.parent) not in r.text
+    card = httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"][0]
+    assert card["source"] == tiny_ckpt.name
+
+
+def test_docs_page_loads_its_assets_from_this_server(server: ServerProcess) -> None:
+    r = httpx.get(server.url + "/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "http://" not in r.text and "https://" not in r.text
+    refs = re.findall(r'(?:src|href)="([^"]+)"', r.text) + re.findall(r"url: '([^']+)'", r.text)
+    assert sorted(refs) == sorted(
+        [
+            "/docs/assets/swagger-ui-bundle.js",
+            "/docs/assets/swagger-ui.css",
+            "/docs/assets/favicon-32x32.png",
+            "/openapi.json",
+        ]
+    )
+    assert '"validatorUrl": null' in r.text  # Swagger UI would otherwise call validator.swagger.io
+    for ref in refs:
+        asset = httpx.get(server.url + ref)
+        assert asset.status_code == 200 and len(asset.content) > 100, ref
+    js = httpx.get(server.url + "/docs/assets/swagger-ui-bundle.js")
+    assert js.headers["content-type"].startswith("application/javascript")
+    assert b"SwaggerUIBundle" in js.content
+    assert httpx.get(server.url + "/docs/assets/../../etc/passwd").status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
+def test_rerank_accepts_jinas_multimodal_shape(
+    server: ServerProcess, engine: Engine, path: str
+) -> None:
+    want = {r.index: r for r in engine.rank_images(TEXTS[0], IMAGES, rerank_k=None)}
+    bare = base64.b64encode(IMAGES[3]).decode()
+    docs = [{"image": URIS[0]}, {"image": URIS[1]}, {"image": URIS[2]}, {"image": bare}]
+    for query in (TEXTS[0], {"text": TEXTS[0]}):
+        r = post(server, path, {"query": query, "documents": docs})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert sorted(x["index"] for x in results) == [0, 1, 2, 3]
+        for x in results:
+            assert abs(x["relevance_score"] - want[x["index"]].itm_probability) < 1e-5
+    want = {r.index: r for r in engine.rank_texts(IMAGES[1], TEXTS, rerank_k=None)}
+    r = post(server, path, {"query": {"image": URIS[1]}, "documents": [{"text": t} for t in TEXTS]})
+    assert r.status_code == 200, r.text
+    for x in r.json()["results"]:
+        assert abs(x["relevance_score"] - want[x["index"]].itm_probability) < 1e-5
+        assert x["document"] == {"text": TEXTS[x["index"]]}
+    r = post(server, path, {"query": {"image": URIS[1]}, "documents": [{"image": URIS[0]}]})
+    assert r.status_code == 400 and error(r)["param"] == "documents[0]"
+
+
+def test_usage_counts_exact_tokens(server: ServerProcess, tiny_ckpt: Path) -> None:
+    # docs/server.md: text tokens as the model reads them ([ENC]/[CLS] and [SEP] included, BLIP
+    # cleanup keeps 30 words), plus patches + CLS per image. Every word here is one vocabulary
+    # token of the test vocabulary (blipitm.testing.vocab), so the counts are by hand:
+    texts = {
+        "a red dog": 3 + 2,
+        "Two CATS on the grass!": 5 + 2,  # lowercased, "!" dropped
+        "A Yellow. Bus": 3 + 2,
+        " ".join(["dog"] * 40): 30 + 2,  # the first 30 words
+    }
+    vision = json.loads((tiny_ckpt / "config.json").read_text())["vision_config"]
+    per_image = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    text_tokens = sum(texts.values())
+
+    r = post(server, "/v1/embeddings", {"input": list(texts)})
+    assert r.json()["usage"] == {"prompt_tokens": text_tokens, "total_tokens": text_tokens}
+    r = post(server, "/v1/embeddings", {"input": URIS[:3], "modality": "image"})
+    assert r.json()["usage"]["prompt_tokens"] == 3 * per_image
+    r = post(server, "/v1/score", {"text_1": URIS[0], "text_2": list(texts)})
+    usage = r.json()["usage"]
+    assert usage == {
+        "prompt_tokens": text_tokens + per_image,
+        "total_tokens": text_tokens + per_image,
+        "completion_tokens": 0,
+    }
+    r = post(server, "/v2/rerank", {"query": "a red dog", "documents": URIS})
+    assert r.json()["usage"]["prompt_tokens"] == 5 + len(URIS) * per_image
+    r = post(server, "/v1/rerank", {"query": URIS[1], "documents": list(texts)})
+    assert r.json()["usage"]["prompt_tokens"] == text_tokens + per_image

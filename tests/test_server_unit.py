@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import threading
 import time
 from pathlib import Path
@@ -37,8 +38,10 @@ from blipitm.server.metrics import Metrics
 from blipitm.server.schemas import ImageURL, ImageURLPart, TextPart
 from blipitm.server.settings import OPTIONS, ServerSettings, from_env
 from blipitm.server.urlfetch import URLFetcher, forbidden_reason
+from server_helpers import image_server, png_bytes
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
 
 # -- SSRF address checks --------------------------------------------------------------------------
 
@@ -135,6 +138,46 @@ def test_fetcher_allowlist() -> None:
     fetcher = _fetcher({"other.example": ["93.184.216.34"]}, allowlist=["images.example"])
     with pytest.raises(APIError, match="allowlist"):
         asyncio.run(fetcher.fetch("https://other.example/a.png", param="p"))
+
+
+def test_fetcher_pins_the_checked_address_against_dns_rebinding() -> None:
+    """A name that answers an allowed address at the check and a private one afterwards (DNS
+    rebinding): the fetch connects to the address it checked, and each hop is resolved and
+    checked again. Loopback stands in for a public address (the test switch), so no network."""
+    image = png_bytes((10, 200, 30))
+    routes = {
+        "/img.png": (200, {"Content-Type": "image/png"}, image),
+        "/hop": (302, {"Location": "/img.png"}, b""),
+    }
+
+    async def fetch(path: str, port: int) -> tuple[bytes | APIError, list[str]]:
+        answers = [["127.0.0.1"], ["10.0.0.1"]]  # allowed first, private on every later query
+        calls: list[str] = []
+
+        async def rebinding(host: str, _: int) -> list[str]:
+            calls.append(host)
+            return answers[min(len(calls), len(answers)) - 1]
+
+        fetcher = URLFetcher(
+            max_bytes=10_000, timeout_s=5, max_redirects=2, allow_loopback=True, resolver=rebinding
+        )
+        try:
+            return await fetcher.fetch(f"http://rebind.example:{port}{path}", param="p"), calls
+        except APIError as e:
+            return e, calls
+        finally:
+            await fetcher.aclose()
+
+    with image_server(routes) as base:
+        port = int(base.rsplit(":", 1)[1])
+        # One check, then the connection goes to the checked address: the name is never
+        # resolved again (by the system resolver, it would not resolve at all).
+        assert asyncio.run(fetch("/img.png", port)) == (image, ["rebind.example"])
+        # The redirect's hop resolves the name again, now to a private address: refused.
+        refused, calls = asyncio.run(fetch("/hop", port))
+        assert isinstance(refused, APIError), refused
+        assert (refused.code, refused.param) == ("url_forbidden", "p")
+        assert "10.0.0.1" in refused.message and calls == ["rebind.example"] * 2
 
 
 # -- items and pairing ----------------------------------------------------------------------------
@@ -402,3 +445,12 @@ def test_openapi_json_is_current() -> None:
 def test_server_doc_lists_every_setting() -> None:
     text = (DOCS / "server.md").read_text()
     assert settings_mod.markdown_table() in text, "regenerate the table in docs/server.md"
+
+
+def test_docs_say_served_model_name_where_they_serve_a_local_copy() -> None:
+    """A local copy is served under its --model string, so the README's OpenAI snippet (which
+    sends the hub name) fails with 404 unless --served-model-name is given with it."""
+    for doc in (REPO / "README.md", DOCS / "server.md"):
+        for paragraph in doc.read_text().split("\n\n"):
+            if re.search(r"--model \.?\.?/", paragraph) and re.search(r"\bserver?\b", paragraph):
+                assert "--served-model-name" in paragraph, (doc.name, paragraph)

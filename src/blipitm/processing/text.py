@@ -34,12 +34,16 @@ def pre_caption(caption: str, max_words: int = BLIP_MAX_CAPTION_WORDS) -> str:
 def validate_text(text: object, *, field: str = "text", max_chars: int | None = None) -> str:
     """Return ``text`` if it can be tokenized, else raise :class:`InvalidInputError`.
 
-    The empty string is valid (it tokenizes to ``[CLS] [SEP]``). ``max_chars`` bounds the work a
-    single request can cause before truncation happens. Lone surrogates are rejected here because
-    the tokenizer would otherwise fail with an opaque encoding error.
+    The empty string is refused, as OpenAI's embeddings API does: it would tokenize to
+    ``[CLS] [SEP]`` and score as if it were a caption, which is never what the caller meant.
+    ``max_chars`` bounds the work a single request can cause before truncation happens. Lone
+    surrogates are rejected here because the tokenizer would otherwise fail with an opaque encoding
+    error.
     """
     if not isinstance(text, str):
         raise InvalidInputError(f"expected a string, got {type(text).__name__}", field=field)
+    if not text:
+        raise InvalidInputError("text is empty; send at least one character", field=field)
     if max_chars is not None and len(text) > max_chars:
         raise InvalidInputError(
             f"text is {len(text)} characters, over the limit of {max_chars}", field=field

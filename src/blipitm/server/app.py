@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
+from starlette.routing import Route
 
 from blipitm.engine import Engine, load
-from blipitm.server import errors
+from blipitm.server import docs, errors
 from blipitm.server.auth import KeyChecker
 from blipitm.server.metrics import Metrics
 from blipitm.server.middleware import GuardMiddleware, MetricsMiddleware
@@ -92,19 +93,23 @@ def create_app(
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by blipitm.server.docs, without a CDN
         redoc_url=None,
     )
     app.state.blipitm = state
     errors.install(app)
-    app.include_router(ops_router)
-    app.include_router(api_router)
+    routers = (ops_router, api_router, docs.router)
+    for router in routers:
+        app.include_router(router)
     app.add_middleware(
         GuardMiddleware,
         keys=KeyChecker(settings.api_keys),
         protect_metrics=settings.protect_metrics,
         max_body_bytes=settings.max_body_bytes,
     )
-    routes = {getattr(r, "path", "") for r in app.routes}
+    # The routes themselves, not app.routes: FastAPI keeps an included router there as one entry.
+    own = [r for r in app.routes if isinstance(r, Route)]  # /openapi.json
+    routes = [*own, *(r for router in routers for r in router.routes)]
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=routes)
     customise_openapi(app)
     return app

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from blipitm.server.errors import APIError
 from blipitm.server.images import is_image_data_uri
-from blipitm.server.schemas import Content, ImageURLPart, TextDocument, TextPart
+from blipitm.server.schemas import Content, ImageDocument, ImageURLPart, TextDocument, TextPart
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ def classify(value: object, param: str, *, strings_are_images: bool = False) -> 
         return TextItem(value, param)
     if isinstance(value, ImageURLPart):
         return ImageItem(value.image_url.url, param)
+    if isinstance(value, ImageDocument):
+        return ImageItem(value.image, param)
     if isinstance(value, TextPart | TextDocument):
         return TextItem(value.text, param)
     if isinstance(value, int | list):

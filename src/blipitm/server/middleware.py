@@ -8,9 +8,12 @@ body is read, so an unauthenticated client cannot make the server buffer a large
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
+
+from starlette.routing import BaseRoute, Match
 
 from blipitm.server.auth import KeyChecker, needs_key
 from blipitm.server.errors import envelope
@@ -29,8 +32,9 @@ async def send_error(
     message: str,
     code: str,
     headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> None:
-    body = json.dumps(envelope(status, message, code)).encode()
+    body = json.dumps(envelope(status, message, code, param)).encode()
     raw_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -47,21 +51,40 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-class MetricsMiddleware:
-    """Counts every response by route and status, and times it."""
+# The status counted for a request that ended without a response: the client went away first
+# (nginx's convention). Nothing was sent, so it is not a server error.
+CLIENT_CLOSED = 499
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: Collection[str]) -> None:
+
+class MetricsMiddleware:
+    """Counts every response by route template and status, and times it."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes
+
+    def route_label(self, scope: Scope) -> str:
+        """The template of the route ``scope`` addresses (``/v1/models/{model}``), else "other".
+
+        Matched here, before the app runs, so requests refused by the guard (401, 413) are labelled
+        by their route too. Never the raw path: clients would create unbounded label sets.
+        """
+        partial = None
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return _template(route)
+            if match is Match.PARTIAL and partial is None:  # right path, wrong method (405)
+                partial = _template(route)
+        return partial or "other"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # Label by known route only: raw paths would let clients create unbounded label sets.
-        route = scope["path"] if scope["path"] in self.routes else "other"
-        status = 500
+        route = self.route_label(scope)
+        status: int | None = None
         started = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
@@ -72,9 +95,18 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:  # an unhandled error becomes a 500 outside this middleware
+            status = status or 500
+            raise
         finally:
-            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            label = str(status or CLIENT_CLOSED)
+            self.metrics.requests.labels(route=route, status=label).inc()
             self.metrics.request_duration.labels(route=route).observe(time.perf_counter() - started)
+
+
+def _template(route: BaseRoute) -> str:
+    # ``path_format`` drops convertors: "/v1/models/{model}", not "/v1/models/{model:path}".
+    return str(getattr(route, "path_format", None) or getattr(route, "path", "other"))
 
 
 class GuardMiddleware:
@@ -144,6 +176,17 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        param = lone_surrogate_param(body)
+        if param is not None:
+            await send_error(
+                send,
+                400,
+                f"{param or 'the body'} holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                "escape), which is not Unicode text; send valid UTF-8",
+                "invalid_unicode",
+                param=param or None,
+            )
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -154,3 +197,45 @@ class GuardMiddleware:
             return await receive()  # later calls: the real channel (disconnect notice)
 
         await self.app(scope, replay, send)
+
+
+# A lone surrogate reaches a JSON body only as a \uD800-\uDFFF escape: raw surrogate bytes are not
+# UTF-8 and fail parsing. So only a body holding such an escape is parsed a second time here.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_param(body: bytes) -> str | None:
+    """Where the JSON ``body`` holds a string with a lone surrogate (``documents[1].text``; ""
+    for the body itself), or None if it holds none.
+
+    Checked for every request before any route sees it: such a string cannot be encoded as UTF-8,
+    so echoing it (a rerank document) or tokenizing it would fail deep inside, as a 500. A valid
+    pair (``\\ud83d\\ude00``) decodes to one character and passes.
+    """
+    if not _SURROGATE_ESCAPE.search(body):
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None  # not JSON: the route's validation answers that with its own 422
+    return _find_surrogate(value, "")
+
+
+def _find_surrogate(value: object, path: str) -> str | None:
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if _SURROGATE.search(key):
+                return where.encode("utf-8", "backslashreplace").decode("utf-8")
+            found = _find_surrogate(item, where)
+            if found is not None:
+                return found
+    return None

@@ -40,6 +40,7 @@ from blipitm.server.schemas import (
     SearchRequest,
     SearchResponse,
 )
+from blipitm.server.settings import public_path
 from blipitm.server.state import ServerState
 
 router = APIRouter()
@@ -82,7 +83,7 @@ def _model_card(st: ServerState) -> dict[str, Any]:
         "protocol": info["protocol"],
         "embedding_dim": info["embedding_dim"],
         "image_size": info["image_size"],
-        "source": info["source"],
+        "source": info["source"] if st.settings.expose_paths else public_path(info["source"]),
         "revision": info["revision"],
         "commit": info["commit"],
         "device": info["device"],

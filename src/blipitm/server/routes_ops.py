@@ -29,8 +29,11 @@ async def ready(request: Request) -> JSONResponse:
     state: ServerState = request.app.state.blipitm
     if state.ready:
         return JSONResponse({"status": "ready"})
-    if state.load_error is not None:
+    if state.load_error is not None and state.settings.expose_paths:
         message = f"the model failed to load: {state.load_error}"
+    elif state.load_error is not None:
+        # The error names files on the server; the operator has it in the log.
+        message = "the model failed to load; the server log says why"
     else:
         message = "the model is loading"
     return JSONResponse(

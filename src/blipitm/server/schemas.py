@@ -167,13 +167,19 @@ class TextDocument(BaseModel):
     text: str
 
 
+class ImageDocument(BaseModel):
+    """Jina's multimodal rerank item: ``{"image": URL or base64}``."""
+
+    image: str = Field(description="data:image/...;base64,... URI, base64 bytes, or an http(s) URL")
+
+
 class RerankRequest(BaseModel):
     model: str | None = None
-    query: str | ContentPart = Field(
-        description="a text (ranks images) or an image (ranks texts); a data:image URI string is "
-        "an image"
+    query: str | TextDocument | ImageDocument | ContentPart = Field(
+        description="a text (ranks images) or an image (ranks texts): a string (a data:image URI "
+        'string is an image), Jina\'s {"text": ...} / {"image": ...}, or a content part'
     )
-    documents: list[str | TextDocument | ContentPart] | Content
+    documents: list[str | TextDocument | ImageDocument | ContentPart] | Content
     top_n: int | None = Field(default=None, description="return the best N (default: all)")
     return_documents: bool = True
     rerank_k: int | None = Field(

@@ -54,8 +54,9 @@ class ServerSettings:
     url_allowlist: tuple[str, ...] = ()
     url_timeout_s: float = 10.0
     url_max_redirects: int = 3
-    # -- logging --------------------------------------------------------------------------------
+    # -- logging and disclosure -----------------------------------------------------------------
     log_level: str = "info"
+    expose_paths: bool = False
     # Test-only: lets URL fetching reach 127.0.0.0/8 and ::1 so tests can serve images from a local
     # HTTP server. Deliberately not an Option: no flag or environment variable can set it.
     _allow_loopback_for_tests: bool = False
@@ -86,11 +87,23 @@ class ServerSettings:
 
     @property
     def model_name(self) -> str:
-        """The name clients pass as ``model`` and see in ``/v1/models``."""
-        return self.served_model_name or self.model
+        """The name clients pass as ``model`` and see in ``/v1/models``.
+
+        Without ``--served-model-name`` it is the ``--model`` string, except that an absolute
+        path is shortened to its last part unless ``expose_paths``: responses never show where
+        files live on the server.
+        """
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model if self.expose_paths else public_path(self.model)
 
     def replace(self, **changes: Any) -> ServerSettings:
         return dataclasses.replace(self, **changes)
+
+
+def public_path(path: str) -> str:
+    """``path`` as a response may show it: an absolute path becomes its last part."""
+    return os.path.basename(path.rstrip("/\\")) if os.path.isabs(path) else path
 
 
 # -- the option table -----------------------------------------------------------------------------
@@ -186,6 +199,12 @@ OPTIONS: tuple[Option, ...] = (
         "log_level",
         "uvicorn / blipitm log level",
         choices=("critical", "error", "warning", "info", "debug"),
+    ),
+    Option(
+        "expose_paths",
+        "show absolute server paths (the model's source, load errors) in responses",
+        _parse_bool,
+        kind="flag",
     ),
 )
 

@@ -1,0 +1,53 @@
+"""Swagger UI at ``/docs``, its assets served from the installed ``fastapi-swagger`` package.
+
+FastAPI's stock page loads Swagger UI from a CDN, so it is blank on a machine without network (the
+setting this server is built for). Here the page references only this server.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.resources import files
+
+from fastapi import APIRouter, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, Response
+
+from blipitm.server.errors import APIError
+
+router = APIRouter(include_in_schema=False)
+
+_ASSETS = {
+    "swagger-ui-bundle.js": "application/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
+
+
+@functools.cache
+def _asset(name: str) -> bytes:
+    return files("fastapi_swagger.resources").joinpath(name).read_bytes()
+
+
+@router.get("/docs")
+async def swagger_ui(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "").rstrip("/")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}/openapi.json",
+        title="blipitm - Swagger UI",
+        swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+        swagger_favicon_url=f"{root}/docs/assets/favicon-32x32.png",
+        # Swagger UI's default sends the spec to validator.swagger.io for a badge: no outside hosts.
+        swagger_ui_parameters={"validatorUrl": None},
+    )
+
+
+@router.get("/docs/assets/{name}")
+async def swagger_asset(name: str) -> Response:
+    media_type = _ASSETS.get(name)
+    if media_type is None:
+        raise APIError(404, f"no documentation asset {name!r}", code="not_found")
+    return Response(
+        _asset(name), media_type=media_type, headers={"Cache-Control": "public, max-age=86400"}
+    )
