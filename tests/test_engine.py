@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ def test_input_kinds_agree(
 def test_rank_image_query_blip_rule(engine: blipitm.Engine, images: list[Image.Image]) -> None:
     m = engine.score_matrix(images[:1], TEXTS)
     cos, logit1 = m.itc_cosine[0], m.itm_logits[0, :, 1]
-    ranked = engine.rank(images[0], TEXTS, rerank_k=3)
+    ranked = engine.rank_texts(images[0], TEXTS, rerank_k=3)
     kept = set(np.argsort(-cos)[:3].tolist())
     assert {r.index for r in ranked} == kept  # only the top rerank_k by cosine come back
     want = sorted(kept, key=lambda i: -(logit1[i] + cos[i]))
@@ -112,21 +113,56 @@ def test_rank_image_query_blip_rule(engine: blipitm.Engine, images: list[Image.I
         assert r.score == pytest.approx(logit1[r.index] + cos[r.index], abs=1e-5)
         assert r.itm_probability == pytest.approx(m.itm_probability[0, r.index], abs=1e-5)
         assert r.itc_cosine == pytest.approx(cos[r.index], abs=1e-6)
-    assert len(engine.rank(images[0], TEXTS, top_k=2)) == 2
+    assert len(engine.rank_texts(images[0], TEXTS, top_k=2)) == 2
 
 
 def test_rank_text_query(engine: blipitm.Engine, images: list[Image.Image]) -> None:
     m = engine.score_matrix(images, TEXTS[:1])
-    ranked = engine.rank(TEXTS[0], images, rerank_k=None)
+    ranked = engine.rank_images(TEXTS[0], images, rerank_k=None)
     want = sorted(range(4), key=lambda i: -(m.itm_logits[i, 0, 1] + m.itc_cosine[i, 0]))
     assert [r.index for r in ranked] == want
+
+
+def test_rank_direction_is_in_the_name(
+    engine: blipitm.Engine, images: list[Image.Image], tmp_path: Path
+) -> None:
+    """A ``str`` image is a path in ``rank_texts`` exactly as in ``score`` (the README's old
+    ``rank("dog.jpg", captions)`` read it as a caption), and no type-sniffing ``rank`` is left."""
+    path = tmp_path / "dog.png"
+    path.write_bytes(png_bytes(images[0]))
+    ranked = engine.rank_texts(str(path), TEXTS, rerank_k=None)
+    probability = engine.score(str(path), TEXTS).itm_probability
+    assert sorted(r.index for r in ranked) == list(range(len(TEXTS)))
+    for r in ranked:
+        assert r.itm_probability == pytest.approx(probability[r.index], abs=1e-6)
+    by_path = engine.rank_images(TEXTS[0], [images[1], str(path)], rerank_k=None)
+    by_image = engine.rank_images(TEXTS[0], [images[1], images[0]], rerank_k=None)
+    assert [r.index for r in by_path] == [r.index for r in by_image]
+    assert [r.score for r in by_path] == pytest.approx([r.score for r in by_image], abs=1e-6)
+    assert not hasattr(engine, "rank")
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda e, ims: e.rank_texts(ims[0], "a dog"), "texts"),
+        (lambda e, ims: e.rank_images("a dog", ims[0]), "images"),
+        (lambda e, ims: e.rank_images(ims[0], ims[:2]), "text"),
+    ],
+)
+def test_rank_refuses_a_single_candidate_or_a_swapped_query(
+    engine: blipitm.Engine, images: list[Image.Image], call: Any, field: str
+) -> None:
+    with pytest.raises(blipitm.InvalidInputError) as info:
+        call(engine, images)
+    assert info.value.field == field
 
 
 def test_rank_transformers_protocol_scores_probability(
     tiny_ckpt: Path, images: list[Image.Image]
 ) -> None:
     engine = blipitm.load(tiny_ckpt, protocol="transformers")
-    ranked = engine.rank(images[0], TEXTS, rerank_k=None)
+    ranked = engine.rank_texts(images[0], TEXTS, rerank_k=None)
     assert [r.score for r in ranked] == [r.itm_probability for r in ranked]
     assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
 
@@ -138,13 +174,13 @@ def test_rank_transformers_protocol_scores_probability(
         (lambda e, ims: e.score(ims[:2], ["a", None]), "texts[1]"),
         (lambda e, ims: e.score(ims[:2], ["a", b"\x00"]), "texts[1]"),
         (lambda e, ims: e.embed_texts(["a dog", ""]), "texts[1]"),
-        (lambda e, ims: e.rank(ims[0], ["a dog", ""]), "candidates[1]"),
+        (lambda e, ims: e.rank_texts(ims[0], ["a dog", ""]), "texts[1]"),
         (lambda e, ims: e.embed_images([b""]), "images[0]"),
         (lambda e, ims: e.embed_images([b"not an image"]), "images[0]"),
         (lambda e, ims: e.embed_images(["/does/not/exist.jpg"]), "images[0]"),
         (lambda e, ims: e.embed_images([np.zeros((4, 4, 3), np.float32)]), "images[0]"),
-        (lambda e, ims: e.rank(ims[0], ["ok", 3]), "candidates[1]"),
-        (lambda e, ims: e.rank("a dog", [ims[0], "/nope.png"]), "candidates[1]"),
+        (lambda e, ims: e.rank_texts(ims[0], ["ok", 3]), "texts[1]"),
+        (lambda e, ims: e.rank_images("a dog", [ims[0], "/nope.png"]), "images[1]"),
     ],
 )
 def test_invalid_inputs_name_the_field(

@@ -17,6 +17,7 @@ from PIL import Image
 import blipitm
 from blipitm.cli.main import main
 from blipitm.evaluation import compute_scores, itm_eval, load_annotations, score_matrices
+from test_progress import terminal_stderr
 
 N_IMAGES, PER_IMAGE = 12, 3
 WORDS = [
@@ -218,3 +219,21 @@ def test_bfloat16_tokens_are_stored_exactly(
     want_i2t, _, _ = brute_force(bf16, data.images, data.texts, 3)
     np.testing.assert_array_equal(in_memory.scores_i2t == -100, want_i2t == -100)
     np.testing.assert_allclose(in_memory.scores_i2t, want_i2t, atol=2e-2)
+
+
+def test_cli_console_output(
+    tiny_ckpt: Path, dataset: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a terminal the bars count images, captions and pairs (not tqdm's "it"); the closing
+    line names the written files however ``--output`` was spelled."""
+    ann, images = dataset
+    args = ["eval", "--annotations", str(ann), "--image-root", str(images), "--limit-images", "4"]
+    args += ["--k-test", "2", "--model", str(tiny_ckpt), "--output", f"{tmp_path}/eval1/"]
+    with terminal_stderr() as terminal:
+        assert main(args) == 0
+    bars = terminal.screen()
+    for stage, unit in (("images", "image"), ("texts", "caption"), ("itm", "pair")):
+        assert any(line.startswith(f"{stage}: 100%") and unit in line for line in bars), bars
+    assert not any("it/s" in line or "s/it" in line for line in bars), bars
+    written = capsys.readouterr().out.splitlines()[-1]
+    assert written.endswith(f"wrote {tmp_path}/eval1/results.json and {tmp_path}/eval1/report.md")

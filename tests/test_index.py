@@ -59,7 +59,7 @@ def image_paths(folder: Path) -> list[Path]:
 def check_text_search(engine: blipitm.Engine, index: Index, live: list[Path], **kw: int) -> None:
     for query in CAPTIONS[:3]:
         hits = search(engine, index, query, **kw)
-        want = engine.rank(query, live, **kw)
+        want = engine.rank_images(query, live, **kw)
         assert [h.file for h in hits] == [str(live[r.index]) for r in want]
         np.testing.assert_allclose([h.score for h in hits], [r.score for r in want], atol=1e-5)
         np.testing.assert_allclose(
@@ -86,7 +86,7 @@ def test_build_search_add_remove(
         check_text_search(engine, index, live, top_k=3, rerank_k=128)
         # image -> captions
         hits = search(engine, index, live[2], top_k=4, rerank_k=4)
-        want = engine.rank(live[2], CAPTIONS[:4], top_k=4, rerank_k=4)
+        want = engine.rank_texts(live[2], CAPTIONS[:4], top_k=4, rerank_k=4)
         assert [h.text for h in hits] == [CAPTIONS[r.index] for r in want]
         np.testing.assert_allclose([h.score for h in hits], [r.score for r in want], atol=1e-5)
         # ITC only: cosine order over all images
@@ -154,7 +154,7 @@ def test_stored_features_rerank_without_reencoding(
     live = image_paths(photos)
     with index:
         assert index.has_features
-        want = engine.rank(CAPTIONS[0], live, top_k=8, rerank_k=8)
+        want = engine.rank_images(CAPTIONS[0], live, top_k=8, rerank_k=8)
         # every image must come from the stored tokens: reading any file now fails
         monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read {self}"))
         hits = search(engine, index, CAPTIONS[0], top_k=8, rerank_k=8)

@@ -193,7 +193,7 @@ def test_score_pairing(server: ServerProcess, engine: Engine) -> None:
 
 @pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
 def test_rerank_text_query_ranks_images(server: ServerProcess, engine: Engine, path: str) -> None:
-    want = {r.index: r for r in engine.rank(TEXTS[0], IMAGES, rerank_k=None)}
+    want = {r.index: r for r in engine.rank_images(TEXTS[0], IMAGES, rerank_k=None)}
     docs = [URIS[0], {"type": "image_url", "image_url": {"url": URIS[1]}}, *URIS[2:]]
     r = post(server, path, {"model": MODEL, "query": TEXTS[0], "documents": docs, "top_n": 3})
     assert r.status_code == 200, r.text
@@ -210,7 +210,7 @@ def test_rerank_text_query_ranks_images(server: ServerProcess, engine: Engine, p
 
 
 def test_rerank_image_query_ranks_texts(server: ServerProcess, engine: Engine) -> None:
-    want = {r.index: r for r in engine.rank(IMAGES[2], TEXTS, rerank_k=None)}
+    want = {r.index: r for r in engine.rank_texts(IMAGES[2], TEXTS, rerank_k=None)}
     docs = [TEXTS[0], {"text": TEXTS[1]}, *TEXTS[2:]]
     r = post(server, "/v1/rerank", {"query": URIS[2], "documents": docs, "return_documents": False})
     results = r.json()["results"]
@@ -219,7 +219,7 @@ def test_rerank_image_query_ranks_texts(server: ServerProcess, engine: Engine) -
     for x in results:
         assert abs(x["relevance_score"] - want[x["index"]].itm_probability) < 1e-5
     # rerank_k: only the 2 best by ITC cosine get the ITM pass.
-    kept = engine.rank(IMAGES[2], TEXTS, rerank_k=2)
+    kept = engine.rank_texts(IMAGES[2], TEXTS, rerank_k=2)
     r = post(server, "/v1/rerank", {"query": URIS[2], "documents": TEXTS, "rerank_k": 2})
     results = r.json()["results"]
     assert sorted(x["index"] for x in results) == sorted(k.index for k in kept)
@@ -623,7 +623,7 @@ def test_docs_page_loads_its_assets_from_this_server(server: ServerProcess) -> N
 def test_rerank_accepts_jinas_multimodal_shape(
     server: ServerProcess, engine: Engine, path: str
 ) -> None:
-    want = {r.index: r for r in engine.rank(TEXTS[0], IMAGES, rerank_k=None)}
+    want = {r.index: r for r in engine.rank_images(TEXTS[0], IMAGES, rerank_k=None)}
     bare = base64.b64encode(IMAGES[3]).decode()
     docs = [{"image": URIS[0]}, {"image": URIS[1]}, {"image": URIS[2]}, {"image": bare}]
     for query in (TEXTS[0], {"text": TEXTS[0]}):
@@ -633,7 +633,7 @@ def test_rerank_accepts_jinas_multimodal_shape(
         assert sorted(x["index"] for x in results) == [0, 1, 2, 3]
         for x in results:
             assert abs(x["relevance_score"] - want[x["index"]].itm_probability) < 1e-5
-    want = {r.index: r for r in engine.rank(IMAGES[1], TEXTS, rerank_k=None)}
+    want = {r.index: r for r in engine.rank_texts(IMAGES[1], TEXTS, rerank_k=None)}
     r = post(server, path, {"query": {"image": URIS[1]}, "documents": [{"text": t} for t in TEXTS]})
     assert r.status_code == 200, r.text
     for x in r.json()["results"]:

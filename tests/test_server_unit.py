@@ -290,7 +290,10 @@ class FakeEngine:
         p = np.array([images[i] * 10 + len(texts[t]) for i, t in pairs], dtype=np.float32)
         return PairScores(p, np.stack([p, p], axis=1), p)
 
-    def rank(self, *a: Any, **k: Any) -> list[Any]:
+    def rank_texts(self, *a: Any, **k: Any) -> list[Any]:
+        raise AssertionError("not used")
+
+    def rank_images(self, *a: Any, **k: Any) -> list[Any]:
         raise AssertionError("not used")
 
 

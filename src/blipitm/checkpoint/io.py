@@ -234,4 +234,16 @@ def write_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Pat
     # safetensors refuses views and shared storage; contiguous copies are what gets written anyway.
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(p), metadata={"format": "pt"})
+    # save_file writes a private temp file (0600) and renames it, so the checkpoint would be
+    # unreadable to the other users a model directory is shared with: give it the mode every
+    # other file gets, 0666 minus the umask.
+    p.chmod(0o666 & ~_umask())
     return p
+
+
+def _umask() -> int:
+    # Reading the umask means setting it; the restrictive placeholder keeps files that another
+    # thread creates meanwhile private rather than world-writable.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from blipitm.cli.common import add_model_options, load_engine
@@ -11,6 +12,9 @@ from blipitm.engine import BatchSizes
 from blipitm.evaluation import evaluate
 from blipitm.evaluation.protocol import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST
 from blipitm.evaluation.report import table
+
+# What each stage of ``evaluate`` counts.
+UNITS = {"images": "image", "texts": "caption", "itm": "pair"}
 
 EPILOG = """\
 Expected time: the Karpathy Flickr30k test (1000 images, 5000 captions, k_test 128) scores
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise SystemExit("blipitm eval: error: --batch-size must be >= 1")
         engine.batch_sizes = BatchSizes(images=args.batch_size, texts=engine.batch_sizes.texts)
-    progress = ConsoleProgress()
+    progress = ConsoleProgress(units=UNITS)
     try:
         done = evaluate(
             engine,
@@ -90,9 +94,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     r = done.results
+    out = Path(args.output)
     print(table(r))
     print(
         f"{r['pairs']['scored']} ITM pairs, {r['pairs_per_s']:.1f} pairs/s; "
-        f"wrote {args.output}/results.json and {args.output}/report.md"
+        f"wrote {out / 'results.json'} and {out / 'report.md'}"
     )
     return 0

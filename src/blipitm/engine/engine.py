@@ -206,49 +206,57 @@ class Engine:
             return _empty(0, self.embedding_dim)
         return self._text_embeddings(self._token_ids(text_list, "texts"))
 
-    def rank(
+    def rank_texts(
         self,
-        query: ImageInput | str,
-        candidates: Sequence[ImageInput] | Sequence[str],
+        image: ImageInput,
+        texts: Sequence[str],
         *,
         top_k: int | None = None,
         rerank_k: int | None = 128,
     ) -> list[Ranked]:
-        """Rank candidates of the other modality for one query, best first.
+        """Rank ``texts`` for one ``image`` (a ``str`` is a path, as in :meth:`score`), best first.
 
-        A ``str`` query is a text and its candidates are images (paths, bytes, PIL, arrays); any
-        other query is an image and its candidates are texts. Pass an image path as
-        ``pathlib.Path``. The ``rerank_k`` candidates with the highest ITC cosine are scored with
-        ITM; the rest are not returned. Score: ``itm_logits[1] + itc_cosine`` under the BLIP
-        protocol (BLIP's retrieval evaluation); the ITM probability under ``transformers``.
+        The ``rerank_k`` texts with the highest ITC cosine are scored with ITM; the rest are not
+        returned. Score: ``itm_logits[1] + itc_cosine`` under the BLIP protocol (BLIP's retrieval
+        evaluation); the ITM probability under ``transformers``. ``Ranked.index`` points into
+        ``texts``.
         """
-        if top_k is not None and top_k < 1:
-            raise InvalidInputError(f"must be >= 1 or None, got {top_k}", field="top_k")
-        if rerank_k is not None and rerank_k < 1:
-            raise InvalidInputError(f"must be >= 1 or None, got {rerank_k}", field="rerank_k")
-        cands = list(candidates)
-        if not cands:
+        _check_rank_ks(top_k, rerank_k)
+        _reject_single(texts, lambda t: isinstance(t, str), "texts", "rank_texts(image, [text])")
+        text_list = list(texts)
+        if not text_list:
             return []
-        if isinstance(query, str):
-            feats = self._image_features(cands, field="candidates")
-            ids = self._token_ids([query], "query")
-            cosine = self._image_embeddings(feats) @ self._text_embeddings(ids)[0]
-        else:
-            feats = self._image_features([query], field="query")
-            ids = self._token_ids(cands, "candidates")
-            cosine = self._text_embeddings(ids) @ feats[0].embedding.numpy()
+        feats = self._image_features([image], field="image")
+        ids = self._token_ids(text_list, "texts")
+        cosine = self._text_embeddings(ids) @ feats[0].embedding.numpy()
         keep = _top_indices(cosine, rerank_k)
-        if isinstance(query, str):
-            logits = self._itm_pairs(feats, ids, keep.tolist(), [0] * len(keep))
-        else:
-            logits = self._itm_pairs(feats, ids, [0] * len(keep), keep.tolist())
-        prob = _probability(logits)
-        kept_cos = cosine[keep]
-        score = logits[:, 1] + kept_cos if self.protocol == "blip" else prob
-        order = np.argsort(-score, kind="stable")[:top_k]
-        return [
-            Ranked(int(keep[j]), float(score[j]), float(prob[j]), float(kept_cos[j])) for j in order
-        ]
+        logits = self._itm_pairs(feats, ids, [0] * len(keep), keep.tolist())
+        return self._ranked(keep, logits, cosine[keep], top_k)
+
+    def rank_images(
+        self,
+        text: str,
+        images: Sequence[ImageInput],
+        *,
+        top_k: int | None = None,
+        rerank_k: int | None = 128,
+    ) -> list[Ranked]:
+        """Rank ``images`` for one ``text``, best first; as :meth:`rank_texts` the other way.
+
+        ``Ranked.index`` points into ``images``.
+        """
+        _check_rank_ks(top_k, rerank_k)
+        _reject_single(images, _is_single_image, "images", "rank_images(text, [image])")
+        image_list = list(images)
+        if not image_list:
+            return []
+        validate_text(text, field="text", max_chars=self.max_text_chars)
+        ids = self._token_ids([text], "text")
+        feats = self._image_features(image_list, field="images")
+        cosine = self._image_embeddings(feats) @ self._text_embeddings(ids)[0]
+        keep = _top_indices(cosine, rerank_k)
+        logits = self._itm_pairs(feats, ids, keep.tolist(), [0] * len(keep))
+        return self._ranked(keep, logits, cosine[keep], top_k)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens the model reads for each text under this protocol (with ``[CLS]``/``[SEP]``;
@@ -306,6 +314,17 @@ class Engine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _ranked(
+        self, keep: np.ndarray, logits: np.ndarray, cosine: np.ndarray, top_k: int | None
+    ) -> list[Ranked]:
+        """The kept candidates ordered by the protocol's ranking score (ties: better ITC first)."""
+        prob = _probability(logits)
+        score = logits[:, 1] + cosine if self.protocol == "blip" else prob
+        order = np.argsort(-score, kind="stable")[:top_k]
+        return [
+            Ranked(int(keep[j]), float(score[j]), float(prob[j]), float(cosine[j])) for j in order
+        ]
 
     # -- images -----------------------------------------------------------------------------
 
@@ -544,6 +563,25 @@ def _read_if_path(item: Any, field: str) -> Any:
                 f"cannot read image file {path}: {e.strerror or e}", field=field
             ) from None
     return item
+
+
+def _check_rank_ks(top_k: int | None, rerank_k: int | None) -> None:
+    if top_k is not None and top_k < 1:
+        raise InvalidInputError(f"must be >= 1 or None, got {top_k}", field="top_k")
+    if rerank_k is not None and rerank_k < 1:
+        raise InvalidInputError(f"must be >= 1 or None, got {rerank_k}", field="rerank_k")
+
+
+def _reject_single(
+    candidates: Any, is_single: Callable[[Any], bool], field: str, hint: str
+) -> None:
+    # A lone str (or image) would otherwise be iterated character by character (or row by row).
+    if is_single(candidates):
+        raise InvalidInputError(
+            f"expected a list of candidates, got a single {type(candidates).__name__}; "
+            f"wrap it in a list: {hint}",
+            field=field,
+        )
 
 
 def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:

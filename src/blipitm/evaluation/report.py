@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from blipitm.evaluation.metrics import recall_curve
 from blipitm.retrieval.fsutil import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PLOT = "recall_at_k.png"
 ROWS = (
@@ -37,7 +41,11 @@ def write_outputs(out: Path, results: dict[str, Any], curves: dict[str, np.ndarr
     """``results.json``, ``recall_at_k.png`` and ``report.md`` under ``out`` (atomically)."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
-    atomic_write_bytes(out / PLOT, _plot(curves))
+    cfg = results["config"]
+    figure = recall_figure(
+        curves, model=results["model"]["source"], images=cfg["images"], captions=cfg["texts"]
+    )
+    atomic_write_bytes(out / PLOT, _png(figure))
     atomic_write_bytes(out / "report.md", _markdown(results).encode())
 
 
@@ -45,30 +53,59 @@ def curves_from_ranks(ranks: dict[str, np.ndarray], max_k: int) -> dict[str, np.
     return {name: recall_curve(r, max_k) for name, r in ranks.items()}
 
 
-def _plot(curves: dict[str, np.ndarray]) -> bytes:
-    import io
+# The K the tables report; the plot marks and labels exactly these.
+MARKED_K = (1, 5, 10)
+# Recalls of a good model coincide (all at 100 from some K on). Each curve has its own dash
+# pattern and marker, and is drawn thinner than the one before, so an overlaid curve leaves the
+# earlier one showing on both sides of it.
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D")
 
-    import matplotlib
 
-    matplotlib.use("Agg")  # no display; must precede pyplot
-    import matplotlib.pyplot as plt
+def recall_figure(
+    curves: dict[str, np.ndarray], *, model: str, images: int, captions: int
+) -> Figure:
+    """Recall at K = 1..len(curve) for each named curve, marked at :data:`MARKED_K`."""
+    # Imported here: matplotlib takes a second to import. Figure, not pyplot: no global state
+    # and no display backend.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for name, values in curves.items():
+    fig = Figure(figsize=(6.4, 4.4), dpi=110)
+    ax = fig.subplots()
+    widths = np.linspace(4.0, 1.5, max(len(curves), 1))
+    max_k = 1
+    for i, (name, values) in enumerate(curves.items()):
         ks = np.arange(1, len(values) + 1)
-        style = "-" if "ITM" in name else "--"
-        ax.plot(ks, values, style, label=name, marker="o" if len(ks) <= 20 else None, ms=3)
+        max_k = max(max_k, len(values))
+        ax.plot(
+            ks,
+            values,
+            label=name,
+            linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+            linewidth=widths[i],
+            marker=_MARKERS[i % len(_MARKERS)],
+            markevery=[k - 1 for k in MARKED_K if k <= len(values)],
+            markersize=widths[i] + 4,
+            markerfacecolor="none",
+        )
     ax.set_xscale("log")
+    ticks = [k for k in MARKED_K if k <= max_k] + ([max_k] if max_k > MARKED_K[-1] else [])
+    ax.set_xticks(ticks, [str(k) for k in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K (%)")
-    ax.set_ylim(0, 101)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.set_ylim(0, 102)
+    ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
-    ax.set_title("Retrieval recall at K")
+    ax.set_title(f"Recall at K: {model}\n{images} images, {captions} captions", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()
 
 

@@ -4,7 +4,8 @@ Stage 1 scans every live row of the memory-mapped embeddings in chunks (one matm
 bounded memory, exact; a million 256-d rows is ~1 GB read once per query). Stage 2 scores the
 best ``rerank_k`` with the ITM head through ``Engine.score_pairs``; the score is
 ``itm_logits[:, 1] + itc_cosine`` under protocol ``blip`` (BLIP's ``train_retrieval.py``
-``evaluation``) and the ITM probability under ``transformers``, exactly as ``Engine.rank``.
+``evaluation``) and the ITM probability under ``transformers``, exactly as
+``Engine.rank_texts`` / ``Engine.rank_images``.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def search(
             f"index {index.path}: item {bad.id} scores NaN or inf (are its stored features "
             f"damaged?); check it with 'blipitm index verify {index.path}'"
         )
-    order = np.argsort(-score, kind="stable")[:top_k]  # ties: better ITC first, as Engine.rank
+    order = np.argsort(-score, kind="stable")[:top_k]  # ties: better ITC first, as Engine.rank_*
     return [
         _hit(items[j], float(score[j]), float(cosine[j]), float(prob[j]), float(logits[j, 1]))
         for j in order

@@ -49,10 +49,19 @@ class EngineLike(Protocol):
         self, images: Sequence[Any], texts: Sequence[str], pairs: Sequence[tuple[int, int]]
     ) -> PairScores: ...
 
-    def rank(
+    def rank_texts(
         self,
-        query: Any,
-        candidates: Sequence[Any],
+        image: Any,
+        texts: Sequence[str],
+        *,
+        top_k: int | None = None,
+        rerank_k: int | None = 128,
+    ) -> list[Ranked]: ...
+
+    def rank_images(
+        self,
+        text: str,
+        images: Sequence[Any],
         *,
         top_k: int | None = None,
         rerank_k: int | None = 128,
@@ -90,6 +99,7 @@ class Rank:
     query: Any
     candidates: list[Any]
     rerank_k: int | None
+    image_query: bool  # an image ranks texts; otherwise a text ranks images
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,8 @@ def run_one(engine: EngineLike, job: Job) -> Any:
     if isinstance(job, ScorePairs):
         return engine.score_pairs(job.images, job.texts, job.pairs)
     if isinstance(job, Rank):
-        return engine.rank(job.query, job.candidates, top_k=None, rerank_k=job.rerank_k)
+        rank = engine.rank_texts if job.image_query else engine.rank_images
+        return rank(job.query, job.candidates, top_k=None, rerank_k=job.rerank_k)
     return job.fn(engine)
 
 

@@ -164,17 +164,18 @@ _FIELD = re.compile(r"^(?P<name>[a-z_]+)\[(?P<index>\d+)\]")
 
 
 def field_mapper(
-    query: Item | None = None, **lists: Sequence[Item]
+    query: Item | None = None, *, query_field: str = "query", **lists: Sequence[Item]
 ) -> Callable[[str | None], str | None]:
     """Translate an engine error's ``field`` (``texts[3]``) into the request's ``param``.
 
-    ``lists`` names the sequences the engine saw (``images=``, ``texts=``, ``candidates=``).
+    ``query_field`` is the engine's name for the single ``query`` (``image`` in ``rank_texts``);
+    ``lists`` names the sequences the engine saw (``images=``, ``texts=``).
     """
 
     def mapping(field: str | None) -> str | None:
         if field is None:
             return None
-        if field == "query" and query is not None:
+        if field == query_field and query is not None:
             return query.param
         m = _FIELD.match(field)
         if m:

@@ -258,13 +258,13 @@ async def _rerank(body: RerankRequest, request: Request) -> JSONResponse:
         ]
     else:
         # BLIP's two-stage cut: only the rerank_k best by ITC cosine get the ITM pass.
-        q, cands = (images[0], texts) if image_query else (texts[0], images)
-        kept: list[Ranked] = await st.run(
-            request,
-            Rank(q, list(cands), body.rerank_k),
-            field_mapper(query, candidates=docs),
-            deadline,
-        )
+        if image_query:
+            job = Rank(images[0], texts, body.rerank_k, image_query=True)
+            fields = field_mapper(query, query_field="image", texts=docs)
+        else:
+            job = Rank(texts[0], images, body.rerank_k, image_query=False)
+            fields = field_mapper(query, query_field="text", images=docs)
+        kept: list[Ranked] = await st.run(request, job, fields, deadline)
         ranked = [(r.index, r.itm_probability, r.itc_cosine) for r in kept]
     ranked.sort(key=lambda r: (-r[1], r[0]))
     if body.top_n:
