@@ -349,6 +349,8 @@ class Engine:
         more memory than a short one.
         """
         source = _read_if_path(item, field)
+        if isinstance(source, ResizedImage):  # before the cache, which knows only its source
+            source.checked(self.image_settings, self.protocol, field=field)
         key = content_key(source)
         cached = self.cache.get(("img", key))
         if cached is not None:

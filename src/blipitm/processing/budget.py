@@ -25,7 +25,7 @@ class PixelBudget:
     starved by a stream of small ones. ``setting`` names the knob in error messages. Thread-safe.
     """
 
-    def __init__(self, max_pixels: int, *, setting: str = "max_decoded_pixels") -> None:
+    def __init__(self, max_pixels: int, *, setting: str) -> None:
         if max_pixels < 1:
             raise ValueError(f"a pixel budget must be >= 1, got {max_pixels}")
         self.max_pixels = max_pixels

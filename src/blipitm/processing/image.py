@@ -171,6 +171,25 @@ class ResizedImage:
         )
         return cls(pixels, protocol, content_key(image))
 
+    def checked(
+        self, settings: ImageSettings, protocol: str, *, field: str = "image"
+    ) -> np.ndarray:
+        """The pixels, if they were prepared for ``settings`` and ``protocol``; else an error."""
+        if self.protocol != protocol:
+            raise InvalidInputError(
+                f"was prepared under protocol {self.protocol!r}, but this model scores under "
+                f"{protocol!r}; prepare it again with protocol={protocol!r}",
+                field=field,
+            )
+        want = (settings.size, settings.size, 3)
+        if self.pixels.dtype != np.uint8 or self.pixels.shape != want:
+            raise InvalidInputError(
+                f"expected prepared pixels as uint8 {want} (this model's input size), got "
+                f"{self.pixels.dtype} {self.pixels.shape}",
+                field=field,
+            )
+        return self.pixels
+
 
 ImageInput = (
     Image.Image
@@ -395,7 +414,7 @@ def load_resized(
     for bit: the same calls in the same order.
     """
     if isinstance(image, ResizedImage):
-        return _check_resized(image, settings, protocol, field)
+        return image.checked(settings, protocol, field=field)
     reserved: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if budget is not None:
         reserved = budget.reserve(_declared_pixels(image, field, max_pixels), field=field)
@@ -437,25 +456,6 @@ def _declared_pixels(image: ImageInput, field: str, max_pixels: int | None) -> i
         with fp, contextlib.closing(_open(fp, field, max_pixels, source=f"file {name!r}")) as im:
             return im.width * im.height
     return 0
-
-
-def _check_resized(
-    image: ResizedImage, settings: ImageSettings, protocol: str, field: str
-) -> np.ndarray:
-    if image.protocol != protocol:
-        raise InvalidInputError(
-            f"was prepared under protocol {image.protocol!r}, but this model scores under "
-            f"{protocol!r}; prepare it again with protocol={protocol!r}",
-            field=field,
-        )
-    want = (settings.size, settings.size, 3)
-    if image.pixels.dtype != np.uint8 or image.pixels.shape != want:
-        raise InvalidInputError(
-            f"expected prepared pixels as uint8 {want} (this model's input size), got "
-            f"{image.pixels.dtype} {image.pixels.shape}",
-            field=field,
-        )
-    return image.pixels
 
 
 def content_key(image: Any) -> str:

@@ -77,7 +77,7 @@ class ServerState:
             fetcher=self.fetcher,
             max_bytes=s.max_image_bytes,
             max_pixels=s.max_image_pixels,
-            budget=PixelBudget(s.max_decoded_pixels),
+            budget=PixelBudget(s.max_decoded_pixels, setting="--max-decoded-pixels"),
             image_settings=engine.image_settings,
             protocol=engine.protocol,
             metrics=self.metrics,
