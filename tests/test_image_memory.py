@@ -184,7 +184,7 @@ def test_budget_serves_in_arrival_order() -> None:
     assert order == ["big", "late"] and budget.in_use == 0
 
 
-def test_one_image_over_the_budget_is_refused_without_decoding() -> None:
+def test_one_image_over_the_budget_is_refused() -> None:
     budget = PixelBudget(1000, setting="max_decoded_pixels")
     with pytest.raises(ImageTooLargeError, match=r"images\[2\].*max_decoded_pixels") as info:
         load_resized(

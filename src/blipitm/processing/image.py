@@ -150,7 +150,7 @@ class ResizedImage:
     these so that its queue holds only model-sized arrays.
     """
 
-    pixels: np.ndarray  # [S, S, 3] uint8, read-only
+    pixels: np.ndarray  # [S, S, 3] uint8
     protocol: str
     key: str
 
