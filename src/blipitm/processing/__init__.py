@@ -15,7 +15,6 @@ from blipitm.processing.image import (
     normalize,
     preprocess,
     preprocess_batch,
-    resize,
     return_image_memory_to_os,
     to_rgb,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "pre_caption",
     "preprocess",
     "preprocess_batch",
-    "resize",
     "return_image_memory_to_os",
     "to_rgb",
     "validate_text",
