@@ -6,17 +6,13 @@ image bytes or pixels. Eviction only drops entries; a caller holding a tensor ke
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 
 def nbytes(value: Any) -> int:
@@ -90,25 +86,3 @@ class ByteLRU:
         with self._lock:
             self._data.clear()
             self._bytes = 0
-
-
-def content_key(image: Any) -> str:
-    """A hash of an image input's content.
-
-    Encoded bytes hash the bytes (so a hit skips decoding); PIL images and arrays hash mode,
-    size and pixels. Anything else is rejected by the decoder; it gets a key that never repeats.
-    """
-    h = hashlib.blake2b(digest_size=20)
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        h.update(b"bytes:")
-        h.update(image)
-    elif isinstance(image, np.ndarray):
-        h.update(f"array:{image.dtype}:{image.shape}:".encode())
-        h.update(np.ascontiguousarray(image).tobytes())
-    elif isinstance(image, Image.Image):
-        h.update(f"pil:{image.mode}:{image.size}:".encode())
-        h.update(image.tobytes())
-    else:
-        h.update(f"object:{id(image)}:{type(image).__name__}:".encode())
-        h.update(os.urandom(16))
-    return h.hexdigest()

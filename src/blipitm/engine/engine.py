@@ -28,17 +28,20 @@ from blipitm.config import (
     CLS_TOKEN_ID,
     ENC_TOKEN_ID,
 )
-from blipitm.engine.cache import ByteLRU, content_key
+from blipitm.engine.cache import ByteLRU
 from blipitm.engine.types import MatrixScores, ModelInfo, PairScores, Ranked
 from blipitm.errors import InvalidInputError
 from blipitm.model import BlipITM, CrossKV, DenseKV
+from blipitm.processing.budget import PixelBudget
 from blipitm.processing.image import (
     DEFAULT_MAX_PIXELS,
     ImageInput,
     ImageSettings,
-    load_image,
-    preprocess,
-    to_rgb,
+    ResizedImage,
+    content_key,
+    load_resized,
+    normalize,
+    return_image_memory_to_os,
 )
 from blipitm.processing.text import pre_caption, validate_text
 from blipitm.processing.tokenizer import Tokenizer, pad
@@ -76,6 +79,15 @@ class _ImageFeatures:
 
 
 @dataclass(frozen=True)
+class _Intake:
+    """What a decode thread hands back for one image: model-sized pixels or cached features."""
+
+    key: str  # content hash
+    pixels: torch.Tensor | None  # [3, S, S] float32, normalised; None on a cache hit
+    cached: tuple[torch.Tensor, torch.Tensor] | None  # (tokens, embedding) on a cache hit
+
+
+@dataclass(frozen=True)
 class ImageFeatures:
     """Encoded images: vision tokens (for ITM) and unit-norm ITC embeddings."""
 
@@ -101,7 +113,11 @@ class Engine:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         batch_sizes: BatchSizes | None = None,
         decode_threads: int | None = None,
+        decode_budget_pixels: int | None = None,
     ) -> None:
+        """``decode_budget_pixels``: full-size pixels the decode threads may hold at once (see
+        :class:`PixelBudget`); default ``max_pixels``, i.e. one largest allowed image at a time or
+        several smaller ones. No budget when both are None."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_settings = image_settings
@@ -120,6 +136,11 @@ class Engine:
             max_workers=self._decode_threads,
             thread_name_prefix="blipitm-decode",
         )
+        budget = decode_budget_pixels if decode_budget_pixels is not None else max_pixels
+        self.decode_budget = (
+            None if budget is None else PixelBudget(budget, setting="decode_budget_pixels")
+        )
+        return_image_memory_to_os()  # else each decode thread keeps its last image's memory
 
     # -- public API -------------------------------------------------------------------------
 
@@ -329,16 +350,40 @@ class Engine:
     # -- images -----------------------------------------------------------------------------
 
     def _decode(self, item: ImageInput, field: str) -> torch.Tensor:
-        image = load_image(item, field=field, max_pixels=self.max_pixels)
-        return preprocess(to_rgb(image, self.protocol, field=field), self.image_settings)
+        """Model input ``[3, S, S]`` float32; the full-size image is gone when this returns."""
+        pixels = load_resized(
+            item,
+            self.image_settings,
+            self.protocol,
+            field=field,
+            max_pixels=self.max_pixels,
+            budget=self.decode_budget,
+        )
+        return torch.from_numpy(normalize(pixels, self.image_settings))
+
+    def _intake(self, item: ImageInput, field: str) -> _Intake:
+        """On a decode thread: read (a path), hash, look up the cache, else decode one image.
+
+        Files are read here, one per thread, not all up front, so a long list of paths costs no
+        more memory than a short one.
+        """
+        source = _read_if_path(item, field)
+        if isinstance(source, ResizedImage):  # before the cache, which knows only its source
+            source.checked(self.image_settings, self.protocol, field=field)
+        key = content_key(source)
+        cached = self.cache.get(("img", key))
+        if cached is not None:
+            return _Intake(key, None, cached)
+        return _Intake(key, self._decode(source, field), None)
 
     def _image_features(self, images: Sequence[ImageInput], *, field: str) -> list[_ImageFeatures]:
         """Features of each image, from the cache or encoded in batches.
 
-        Every input is validated (decoded) before any compute, so one bad item fails the call
-        with its field name and nothing is half done. Duplicates are encoded once.
+        Decode threads work a bounded window ahead of the encoder and hand back model-sized
+        pixels only; a batch is encoded as soon as it is full. Duplicates are encoded once. A
+        bad item fails the call with its field name (images encoded before it stay cached, so
+        a retry without it is cheap).
         """
-        sources = []
         for i, item in enumerate(images):
             if not _is_single_image(item):
                 raise InvalidInputError(
@@ -346,31 +391,42 @@ class Engine:
                     f"got {type(item).__name__}",
                     field=f"{field}[{i}]",
                 )
-            sources.append(_read_if_path(item, f"{field}[{i}]"))
-        keys = [content_key(src) for src in sources]
         out: list[_ImageFeatures | None] = [None] * len(images)
-        todo: dict[str, list[int]] = {}  # content key -> positions waiting for it
-        for i, key in enumerate(keys):
-            cached = self.cache.get(("img", key))
-            if cached is not None:
-                tokens, embedding = cached
-                out[i] = _ImageFeatures(tokens, embedding, key)
-            else:
-                todo.setdefault(key, []).append(i)
-        firsts = [positions[0] for positions in todo.values()]
-        decoded = self._prefetch(lambda i: self._decode(sources[i], f"{field}[{i}]"), firsts)
-        # Lazily: a batch is encoded as soon as its images are decoded, while the pool decodes
-        # the next ones.
-        for chunk in _chunks(zip(firsts, decoded, strict=False), self.batch_sizes.images):
-            batch = torch.stack([px for _, px in chunk]).to(self.device, self.compute_dtype)
+        ready: dict[str, _ImageFeatures] = {}  # this call's features by content key
+        waiting: dict[str, list[int]] = {}  # content key -> positions, for the batch being filled
+        batch: list[tuple[str, torch.Tensor]] = []
+
+        def encode_batch() -> None:
+            pixels = torch.stack([px for _, px in batch]).to(self.device, self.compute_dtype)
             with torch.inference_mode():
-                tokens = self.model.encode_image(batch)  # [B, N, Dv]
+                tokens = self.model.encode_image(pixels)  # [B, N, Dv]
                 emb = self.model.image_embedding(tokens).float().cpu()  # [B, E]
-            for j, (i, _) in enumerate(chunk):
-                feat = _ImageFeatures(tokens[j].clone(), emb[j].clone(), keys[i])
-                for pos in todo[keys[i]]:
+            for j, (key, _) in enumerate(batch):
+                feat = _ImageFeatures(tokens[j].clone(), emb[j].clone(), key)
+                for pos in waiting.pop(key):
                     out[pos] = feat
-                self.cache.put(("img", keys[i]), (feat.tokens, feat.embedding))
+                ready[key] = feat
+                self.cache.put(("img", key), (feat.tokens, feat.embedding))
+            batch.clear()
+
+        intake = self._prefetch(
+            lambda i: self._intake(images[i], f"{field}[{i}]"), range(len(images))
+        )
+        for i, got in enumerate(intake):
+            if got.key in ready:
+                out[i] = ready[got.key]
+            elif got.key in waiting:
+                waiting[got.key].append(i)
+            elif got.cached is not None:
+                out[i] = ready[got.key] = _ImageFeatures(*got.cached, got.key)
+            else:
+                assert got.pixels is not None
+                waiting[got.key] = [i]
+                batch.append((got.key, got.pixels))
+                if len(batch) == self.batch_sizes.images:
+                    encode_batch()
+        if batch:
+            encode_batch()
         return [f for f in out if f is not None]
 
     def _prefetch(self, fn: Callable[[int], T], items: Sequence[int]) -> Iterator[T]:
@@ -536,7 +592,9 @@ class Engine:
 def _is_single_image(x: Any) -> bool:
     if isinstance(x, np.ndarray):
         return x.ndim in (2, 3)
-    return isinstance(x, (Image.Image, str, os.PathLike, bytes, bytearray, memoryview))
+    return isinstance(
+        x, (Image.Image, str, os.PathLike, bytes, bytearray, memoryview, ResizedImage)
+    )
 
 
 def _as_list(x: Any, is_single: Callable[[Any], bool]) -> tuple[list[Any], bool]:

@@ -40,6 +40,8 @@ def load(
     batch_sizes: BatchSizes | None = None,
     attn_impl: str = "sdpa",
     compute_dtype: str | None = None,
+    decode_threads: int | None = None,
+    decode_budget_pixels: int | None = None,
 ) -> Engine:
     """Load a BLIP ITM checkpoint and return a ready :class:`Engine`.
 
@@ -49,6 +51,8 @@ def load(
     (bit-compatible with ``transformers.BlipForImageTextRetrieval``); see the README.
     ``dtype`` is how the weights are stored; ``compute_dtype`` (default: ``dtype`` where the
     hardware runs it natively, else float32) is what the arithmetic runs in.
+    ``decode_threads`` and ``decode_budget_pixels`` (full-size pixels decoded at once; default
+    ``max_pixels``) bound the image decoding; see :class:`Engine`.
     """
     if protocol not in PROTOCOLS:
         raise InvalidInputError(f"must be one of {PROTOCOLS}, got {protocol!r}", field="protocol")
@@ -121,6 +125,8 @@ def load(
         max_pixels=max_pixels,
         cache_bytes=cache_bytes,
         batch_sizes=batch_sizes,
+        decode_threads=decode_threads,
+        decode_budget_pixels=decode_budget_pixels,
     )
 
 

@@ -34,7 +34,7 @@ import torch
 from blipitm.engine import Engine, ImageFeatures
 from blipitm.errors import InvalidInputError
 from blipitm.evaluation.workdir import WorkDir
-from blipitm.processing.image import ImageInput
+from blipitm.processing.image import ImageInput, content_key
 from blipitm.retrieval.identity import mismatch, model_record
 from blipitm.retrieval.progress import Progress, no_progress
 from blipitm.retrieval.topk import top_k_mask
@@ -321,13 +321,8 @@ def _images_digest(images: Sequence[ImageInput]) -> str:
                 h.update(f"path:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
             except OSError:
                 h.update(f"missing:{path}\n".encode())
-        elif isinstance(img, np.ndarray):
-            h.update(f"array:{img.shape}:{img.dtype}:".encode() + _digest(img.tobytes()).encode())
-        elif isinstance(img, bytes | bytearray | memoryview):
-            h.update(b"bytes:" + _digest(bytes(img)).encode())
-        else:  # PIL
-            data = img.tobytes()
-            h.update(f"pil:{img.mode}:{img.size}:".encode() + _digest(data).encode())
+        else:  # in memory: by content, hashed without copying a large image whole
+            h.update(f"content:{content_key(img)}\n".encode())
     return h.hexdigest()
 
 

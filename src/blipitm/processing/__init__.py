@@ -3,14 +3,19 @@
 No ``nn.Module`` code and no model knowledge lives here; the engine combines these with the model.
 """
 
+from blipitm.processing.budget import PixelBudget
 from blipitm.processing.image import (
     DEFAULT_MAX_PIXELS,
     IMAGE_FORMATS,
     ImageInput,
     ImageSettings,
+    ResizedImage,
     load_image,
+    load_resized,
+    normalize,
     preprocess,
     preprocess_batch,
+    return_image_memory_to_os,
     to_rgb,
 )
 from blipitm.processing.text import pre_caption, validate_text
@@ -21,12 +26,17 @@ __all__ = [
     "IMAGE_FORMATS",
     "ImageInput",
     "ImageSettings",
+    "PixelBudget",
+    "ResizedImage",
     "Tokenizer",
     "load_image",
+    "load_resized",
+    "normalize",
     "pad",
     "pre_caption",
     "preprocess",
     "preprocess_batch",
+    "return_image_memory_to_os",
     "to_rgb",
     "validate_text",
 ]

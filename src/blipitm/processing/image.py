@@ -5,14 +5,17 @@ The three steps are separate because they differ in who decides them: decoding i
 (DESIGN.md §2: BLIP drops alpha, transformers composites onto white), and the resize/normalise step
 is shared by both and must match the references bit for bit.
 
-No global Pillow setting is changed (the pixel limit is a per-call argument) and no shared state is
+No global Pillow setting is changed (the pixel limit is a per-call argument; Pillow's block size
+only by :func:`return_image_memory_to_os`, which a process opts into) and no shared state is
 mutated, so the engine may call all of this from a thread pool; the one exception is that an
 animated PIL image handed in is rewound to its first frame.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import io
 import os
 import struct
@@ -26,8 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blipitm.config import IMAGE_MEAN, IMAGE_STD, PROTOCOLS
 from blipitm.errors import ImageTooLargeError, InvalidInputError
-
-ImageInput = Image.Image | str | os.PathLike[str] | bytes | bytearray | memoryview | np.ndarray
+from blipitm.processing.budget import PixelBudget
 
 # Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS at its default), so that the
 # default behaviour is what users of Pillow already expect; here it is a per-call argument instead
@@ -138,6 +140,69 @@ def _check_pipeline_flags(d: dict[str, Any]) -> None:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class ResizedImage:
+    """An image already decoded, converted to RGB under ``protocol`` and resized to the model's
+    input: what the engine needs of it, with the full-size pixels gone.
+
+    ``key`` is the content key of the source it came from (:func:`content_key`), so the engine's
+    cache recognises it as that source. Made by :meth:`load`; the server's decode threads make
+    these so that its queue holds only model-sized arrays.
+    """
+
+    pixels: np.ndarray  # [S, S, 3] uint8
+    protocol: str
+    key: str
+
+    @classmethod
+    def load(
+        cls,
+        image: ImageInput,
+        settings: ImageSettings,
+        protocol: str,
+        *,
+        field: str = "image",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        budget: PixelBudget | None = None,
+    ) -> ResizedImage:
+        """:func:`load_resized` plus the source's content key."""
+        pixels = load_resized(
+            image, settings, protocol, field=field, max_pixels=max_pixels, budget=budget
+        )
+        return cls(pixels, protocol, content_key(image))
+
+    def checked(
+        self, settings: ImageSettings, protocol: str, *, field: str = "image"
+    ) -> np.ndarray:
+        """The pixels, if they were prepared for ``settings`` and ``protocol``; else an error."""
+        if self.protocol != protocol:
+            raise InvalidInputError(
+                f"was prepared under protocol {self.protocol!r}, but this model scores under "
+                f"{protocol!r}; prepare it again with protocol={protocol!r}",
+                field=field,
+            )
+        want = (settings.size, settings.size, 3)
+        if self.pixels.dtype != np.uint8 or self.pixels.shape != want:
+            raise InvalidInputError(
+                f"expected prepared pixels as uint8 {want} (this model's input size), got "
+                f"{self.pixels.dtype} {self.pixels.shape}",
+                field=field,
+            )
+        return self.pixels
+
+
+ImageInput = (
+    Image.Image
+    | str
+    | os.PathLike[str]
+    | bytes
+    | bytearray
+    | memoryview
+    | np.ndarray
+    | ResizedImage
+)
+
+
 # -- decoding ---------------------------------------------------------------------------------
 
 
@@ -207,6 +272,11 @@ def _decode(fp: Any, field: str, max_pixels: int | None, *, source: str) -> Imag
     The result no longer reads from ``fp`` (the caller closes it), so no file handles leak and the
     image can be used after the file is gone.
     """
+    return _load_first_frame(_open(fp, field, max_pixels, source=source), field, source)
+
+
+def _open(fp: Any, field: str, max_pixels: int | None, *, source: str) -> Image.Image:
+    """Identify ``fp`` and check the size its header declares; no pixel data is decoded yet."""
     try:
         im = Image.open(fp, formats=_open_formats())
     except Image.DecompressionBombError as e:
@@ -224,6 +294,15 @@ def _decode(fp: Any, field: str, max_pixels: int | None, *, source: str) -> Imag
         raise InvalidInputError(f"cannot read {source}: {e}", field=field) from e
     try:
         _check_size(im.size, field, max_pixels)
+    except BaseException:
+        im.close()
+        raise
+    return im
+
+
+def _load_first_frame(im: Image.Image, field: str, source: str) -> Image.Image:
+    """Decode the pixels of an opened image (its first frame); ``im`` is closed on failure."""
+    try:
         _decode_pixels(im, field, source)
         if not _is_animated(im, field, source):
             return im
@@ -310,6 +389,130 @@ def _supported_formats() -> str:
     return ", ".join(_open_formats())
 
 
+# -- decode, convert and resize, one image at a time ---------------------------------------------
+
+
+def load_resized(
+    image: ImageInput,
+    settings: ImageSettings,
+    protocol: str,
+    *,
+    field: str = "image",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    budget: PixelBudget | None = None,
+) -> np.ndarray:
+    """Decode ``image``, convert it to RGB under ``protocol`` and resize it: uint8 ``[S, S, 3]``.
+
+    The full-size image lives only inside this call: it is released before the call returns, so
+    whoever keeps the results keeps model-sized arrays only (442 kB at 384, whatever the source).
+    With ``budget``, the image's pixel count (read from the header, before decoding) is reserved
+    while it is full size: the call waits while the budget is spent, and an image larger than
+    the whole budget is refused with :class:`ImageTooLargeError`. A :class:`ResizedImage` is
+    checked against ``settings`` and ``protocol`` and its pixels returned.
+
+    ``normalize(load_resized(x, ...))`` equals ``preprocess(to_rgb(load_image(x), ...))`` bit
+    for bit: the same calls in the same order.
+    """
+    if isinstance(image, ResizedImage):
+        return image.checked(settings, protocol, field=field)
+    reserved: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if budget is not None:
+        reserved = budget.reserve(_declared_pixels(image, field, max_pixels), field=field)
+    with reserved:
+        full = load_image(image, field=field, max_pixels=max_pixels)
+        try:
+            rgb = to_rgb(full, protocol, field=field)
+            try:
+                return resize(rgb, settings)
+            finally:
+                if rgb is not full:
+                    rgb.close()
+        finally:
+            # Free the full-size pixels now rather than whenever the last reference goes; an image
+            # the caller handed in stays the caller's.
+            if full is not image:
+                full.close()
+
+
+def _declared_pixels(image: ImageInput, field: str, max_pixels: int | None) -> int:
+    """Pixels ``image`` will have once decoded, from its header only; 0 where unknown (then
+    :func:`load_image` reports the problem)."""
+    if isinstance(image, Image.Image):
+        return image.width * image.height
+    if isinstance(image, np.ndarray):
+        return int(image.shape[0] * image.shape[1]) if image.ndim >= 2 else 0
+    if isinstance(image, bytes | bytearray | memoryview):
+        if not len(image):
+            return 0
+        im = _open(io.BytesIO(image), field, max_pixels, source="image data")
+        with contextlib.closing(im):
+            return im.width * im.height
+    if isinstance(image, str | os.PathLike) and os.fspath(image):
+        name = os.fspath(image)
+        try:
+            fp = open(name, "rb")  # noqa: SIM115 - closed below; open errors are load_image's
+        except OSError:
+            return 0
+        with fp, contextlib.closing(_open(fp, field, max_pixels, source=f"file {name!r}")) as im:
+            return im.width * im.height
+    return 0
+
+
+def content_key(image: Any) -> str:
+    """A hash of an image input's content, for caches.
+
+    Encoded bytes hash the bytes (so a hit skips decoding); PIL images and arrays hash mode,
+    size, palette and pixels; a :class:`ResizedImage` carries its source's key. Anything else is
+    rejected by the decoder; it gets a key that never repeats.
+    """
+    if isinstance(image, ResizedImage):
+        return image.key
+    h = hashlib.blake2b(digest_size=20)
+    if isinstance(image, bytes | bytearray | memoryview):
+        h.update(b"bytes:")
+        h.update(image)
+    elif isinstance(image, np.ndarray):
+        h.update(f"array:{image.dtype}:{image.shape}:".encode())
+        h.update(np.ascontiguousarray(image).tobytes())
+    elif isinstance(image, Image.Image):
+        # The palette and transparency entry change the RGB pixels, so they are part of the key.
+        palette = image.getpalette() if image.mode in ("P", "PA") else None
+        meta = f"pil:{image.mode}:{image.size}:{palette}:{image.info.get('transparency')!r}:"
+        h.update(meta.encode())
+        # In bands of rows, so a large image is never copied whole just to be hashed.
+        width, height = image.size
+        rows = max(1, (4 << 20) // max(1, width * 4))
+        for top in range(0, height, rows):
+            h.update(image.crop((0, top, width, min(top + rows, height))).tobytes())
+    else:
+        h.update(f"object:{id(image)}:{type(image).__name__}:".encode())
+        h.update(os.urandom(16))
+    return h.hexdigest()
+
+
+# Pillow allocates an image in blocks of 16 MiB. glibc serves allocations under 32 MiB from
+# per-thread arenas and keeps them after they are freed, so with N decode threads the resident
+# memory grows to about N full-size images even while a budget lets two decode at a time (seen:
+# +572 MB with 4 threads, where two 6000x6000 images take 288 MB). In one block per image, a
+# large image is one allocation that glibc mmaps and unmaps when freed (+296 MB). Small images
+# still come from the arenas, bounded by glibc's 32 MiB threshold per thread. Torch's
+# allocations are not affected.
+_RETURNABLE_BLOCK_BYTES = 1 << 30
+
+
+def return_image_memory_to_os() -> None:
+    """Make Pillow allocate large images in blocks that go back to the OS when freed.
+
+    Process-wide (Pillow's block size), so it is called where blipitm bounds image memory (an
+    :class:`~blipitm.Engine` is created, the server starts), never on import. A
+    ``PILLOW_BLOCK_SIZE`` set in the environment is respected.
+    """
+    if "PILLOW_BLOCK_SIZE" in os.environ:
+        return
+    if Image.core.get_block_size() < _RETURNABLE_BLOCK_BYTES:
+        Image.core.set_block_size(_RETURNABLE_BLOCK_BYTES)
+
+
 # -- RGB conversion ---------------------------------------------------------------------------
 
 
@@ -349,20 +552,33 @@ def _has_transparency(image: Image.Image) -> bool:
 def preprocess(image_rgb: Image.Image, settings: ImageSettings) -> torch.Tensor:
     """Bicubic-resize to ``size``×``size`` (aspect ignored, no crop), rescale, normalise.
 
-    Returns float32 ``[3, size, size]``. The resize is Pillow's, as in every reference. The value
-    of each output element depends only on its uint8 input value and channel, so it is read from a
-    precomputed table (:func:`_value_table`) that is built with the references' own float32
-    arithmetic; this is exact by construction and much cheaper than float maths per pixel.
+    Returns float32 ``[3, size, size]``: ``normalize(resize(image_rgb))``.
+    """
+    return torch.from_numpy(normalize(resize(image_rgb, settings), settings))
+
+
+def resize(image_rgb: Image.Image, settings: ImageSettings) -> np.ndarray:
+    """Bicubic-resize to ``size``×``size`` (aspect ignored, no crop): uint8 ``[S, S, 3]``.
+
+    The resize is Pillow's, as in every reference.
     """
     if image_rgb.mode != "RGB":
         raise ValueError(f"preprocess expects an RGB image (see to_rgb), got mode {image_rgb.mode}")
     size = settings.size
-    resized = image_rgb.resize((size, size), Image.Resampling.BICUBIC)
-    pixels = np.asarray(resized)  # [S, S, 3] uint8
+    return np.asarray(image_rgb.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def normalize(pixels: np.ndarray, settings: ImageSettings) -> np.ndarray:
+    """Rescale and normalise uint8 ``[S, S, 3]`` pixels: float32 ``[3, S, S]``.
+
+    The value of each output element depends only on its uint8 input value and channel, so it is
+    read from a precomputed table (:func:`_value_table`) that is built with the references' own
+    float32 arithmetic; this is exact by construction and much cheaper than float maths per pixel.
+    """
     table = _value_table(settings.mean, settings.std)  # [3, 256] float32
     channel = np.arange(3).reshape(3, 1, 1)
-    out = table[channel, pixels.transpose(2, 0, 1)]  # [3, S, S] float32
-    return torch.from_numpy(out)
+    out: np.ndarray = table[channel, pixels.transpose(2, 0, 1)]  # [3, S, S] float32
+    return out
 
 
 def preprocess_batch(images_rgb: Sequence[Image.Image], settings: ImageSettings) -> torch.Tensor:

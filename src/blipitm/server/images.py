@@ -1,9 +1,14 @@
-"""Image references in requests -> decoded images, off the event loop and under the limits.
+"""Image references in requests -> model-sized images, off the event loop and under the limits.
 
 A reference is a ``data:image/...;base64,`` URI, bare base64, or (when enabled) an http(s) URL.
 Decoding (and the pixel-limit check, which reads only the header) runs in a thread pool before the
 request is queued for inference, so a corrupt or oversized image fails its own request only and
 never reaches the inference worker.
+
+Memory is bounded by design, not by request size: each decode thread decodes one image, converts
+and resizes it to the model's input and drops the full-size pixels before taking the next, so
+only model-sized arrays are queued; and a server-wide :class:`PixelBudget` caps the full-size
+pixels held at once across all requests (excess decodes wait their turn).
 """
 
 from __future__ import annotations
@@ -15,10 +20,8 @@ import re
 from collections.abc import Sequence
 from concurrent.futures import Executor
 
-from PIL import Image
-
 from blipitm.errors import InvalidInputError
-from blipitm.processing import load_image
+from blipitm.processing import ImageSettings, PixelBudget, ResizedImage
 from blipitm.server.errors import APIError, from_invalid_input
 from blipitm.server.metrics import Metrics
 from blipitm.server.urlfetch import URLFetcher
@@ -34,7 +37,8 @@ def is_image_data_uri(value: str) -> bool:
 
 
 class ImageLoader:
-    """Turns image references into decoded PIL images, enforcing every image limit."""
+    """Turns image references into the model's input (:class:`ResizedImage` under ``protocol``),
+    enforcing every image limit."""
 
     def __init__(
         self,
@@ -43,15 +47,21 @@ class ImageLoader:
         fetcher: URLFetcher | None,
         max_bytes: int,
         max_pixels: int,
+        budget: PixelBudget,
+        image_settings: ImageSettings,
+        protocol: str,
         metrics: Metrics,
     ) -> None:
         self._executor = executor
         self._fetcher = fetcher
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.budget = budget
+        self._image_settings = image_settings
+        self._protocol = protocol
         self._metrics = metrics
 
-    async def load_all(self, sources: Sequence[str], params: Sequence[str]) -> list[Image.Image]:
+    async def load_all(self, sources: Sequence[str], params: Sequence[str]) -> list[ResizedImage]:
         """Decode every reference concurrently; the first failure fails the whole request."""
         tasks = [
             asyncio.ensure_future(self.load(s, p)) for s, p in zip(sources, params, strict=True)
@@ -64,14 +74,21 @@ class ImageLoader:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    async def load(self, source: str, param: str) -> Image.Image:
+    async def load(self, source: str, param: str) -> ResizedImage:
         data = await self._bytes(source, param)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._decode, data, param)
 
-    def _decode(self, data: bytes, param: str) -> Image.Image:
+    def _decode(self, data: bytes, param: str) -> ResizedImage:
         try:
-            return load_image(data, field=param, max_pixels=self.max_pixels)
+            return ResizedImage.load(
+                data,
+                self._image_settings,
+                self._protocol,
+                field=param,
+                max_pixels=self.max_pixels,
+                budget=self.budget,
+            )
         except InvalidInputError as e:
             raise from_invalid_input(e, param) from None
 

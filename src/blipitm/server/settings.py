@@ -51,6 +51,7 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     max_items: int = 256
     max_image_pixels: int = 40_000_000
+    max_decoded_pixels: int = 80_000_000
     max_image_bytes: int = 16 * 1024 * 1024
     max_text_chars: int = 10_000
     # -- image URLs -----------------------------------------------------------------------------
@@ -69,7 +70,13 @@ class ServerSettings:
         for name in ("max_batch_size", "max_queue", "max_items", "decode_threads", "port"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        for name in ("max_body_bytes", "max_image_pixels", "max_image_bytes", "max_text_chars"):
+        for name in (
+            "max_body_bytes",
+            "max_image_pixels",
+            "max_decoded_pixels",
+            "max_image_bytes",
+            "max_text_chars",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"must be >= 1, got {getattr(self, name)}", field=name)
         for name in ("max_wait_ms", "url_max_redirects", "cache_bytes"):
@@ -207,6 +214,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_body_bytes", "largest request body (bytes); larger: 413", int),
     Option("max_items", "most inputs / documents / pairs per request; more: 413", int),
     Option("max_image_pixels", "largest image (width x height); larger: 413", int),
+    Option(
+        "max_decoded_pixels",
+        "full-size pixels decoding at once, server-wide (about 4 bytes each); more waits, "
+        "one image over it: 413",
+        int,
+    ),
     Option("max_image_bytes", "largest encoded image, base64-decoded or fetched (bytes)", int),
     Option("max_text_chars", "longest text (characters); longer: 400", int),
     Option("allow_url_fetch", "accept http(s) image URLs (off by default)", _parse_bool, "flag"),

@@ -16,7 +16,12 @@ from starlette.requests import Request
 
 from blipitm.engine import Engine
 from blipitm.errors import InvalidInputError
-from blipitm.processing import validate_text
+from blipitm.processing import (
+    PixelBudget,
+    ResizedImage,
+    return_image_memory_to_os,
+    validate_text,
+)
 from blipitm.retrieval import Index
 from blipitm.server.batching import Batcher, Call, FieldMap, Job, QueueFull
 from blipitm.server.errors import APIError, from_invalid_input
@@ -49,6 +54,7 @@ class ServerState:
 
     def open(self) -> None:
         s = self.settings
+        return_image_memory_to_os()  # so that --max-decoded-pixels bounds the resident memory
         self.executor = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="blipitm-io")
         if s.allow_url_fetch:
             self.fetcher = URLFetcher(
@@ -58,19 +64,24 @@ class ServerState:
                 allowlist=s.url_allowlist,
                 allow_loopback=s._allow_loopback_for_tests,
             )
-        self.loader = ImageLoader(
-            executor=self.executor,
-            fetcher=self.fetcher,
-            max_bytes=s.max_image_bytes,
-            max_pixels=s.max_image_pixels,
-            metrics=self.metrics,
-        )
 
     async def load_model(self, factory: EngineFactory) -> None:
         """Load, start the worker, and run a real forward pass; only then is the server ready."""
         s = self.settings
         engine = await asyncio.to_thread(factory, s)
         self.engine = engine
+        assert self.executor is not None, "open() first"
+        # Images are resized for this engine (its input size and protocol) as they are decoded.
+        self.loader = ImageLoader(
+            executor=self.executor,
+            fetcher=self.fetcher,
+            max_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            budget=PixelBudget(s.max_decoded_pixels, setting="--max-decoded-pixels"),
+            image_settings=engine.image_settings,
+            protocol=engine.protocol,
+            metrics=self.metrics,
+        )
         if s.index is not None:  # opened against the engine: another model is refused here
             self.index = await asyncio.to_thread(Index.open, s.index, engine)
         self.metrics.watch_cache(lambda: engine.cache.stats)
@@ -164,7 +175,7 @@ class ServerState:
                 raise from_invalid_input(e, item.param) from None
         return out
 
-    async def load_images(self, items: Sequence[ImageItem], deadline: float) -> list[Image.Image]:
+    async def load_images(self, items: Sequence[ImageItem], deadline: float) -> list[ResizedImage]:
         if not items:
             return []
         _, _, loader = self.require_ready()
