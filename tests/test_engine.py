@@ -294,7 +294,7 @@ def test_score_pairs_matches_matrix(engine: blipitm.Engine, images: list[Image.I
         np.testing.assert_allclose(got.itm_logits, m.itm_logits[rows, cols], atol=1e-5)
         np.testing.assert_allclose(got.itc_cosine, m.itc_cosine[rows, cols], atol=1e-6)
     feats = engine.encode_images(images)
-    half = blipitm.ImageFeatures(feats.tokens.half(), feats.embeddings)
+    half = feats.astype("float16")
     got = engine.score_pairs(half, TEXTS, pairs)  # stored half-precision features still score
     # float16 rounding of the tokens moves these logits by at most 3.8e-5 (measured); bfloat16
     # tokens would move them by 4.9e-4.
@@ -335,3 +335,20 @@ def test_decoding_overlaps_encoding_in_a_bounded_window(tiny_ckpt: Path) -> None
     for k in range(10):  # before the k-th batch is encoded, at most a window more are decoded
         before = events[: [i for i, e in enumerate(events) if e == "e"][k]]
         assert 2 * (k + 1) <= before.count("d") <= 2 * (k + 1) + window
+
+
+def test_image_features_are_numpy_and_convert_as_torch_does(engine: blipitm.Engine) -> None:
+    import torch
+
+    feats = engine.encode_images([Image.new("RGB", (20, 30), (9, 99, 199))])
+    assert isinstance(feats.tokens, np.ndarray) and feats.token_dtype == engine.info.compute_dtype
+    assert feats.tokens.shape == (1, engine.info.image_tokens, engine.config.vision.hidden_size)
+    x = torch.randn(4, 6, 8) * torch.logspace(-6, 4, 8)  # [4, 6, 8] float32, within float16
+    f32 = blipitm.ImageFeatures(x.numpy(), np.zeros((4, 3), np.float32))
+    bf16 = f32.astype("bfloat16")
+    assert bf16.tokens.dtype == np.uint16  # numpy has no bfloat16: its bits
+    want = x.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bf16.tokens, want)
+    np.testing.assert_array_equal(bf16.astype("float32").tokens, x.bfloat16().float().numpy())
+    np.testing.assert_array_equal(bf16.astype("float16").tokens, x.bfloat16().half().numpy())
+    assert f32.astype("float32") is f32

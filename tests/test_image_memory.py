@@ -42,6 +42,7 @@ from blipitm.processing import (
     to_rgb,
 )
 from blipitm.processing.image import content_key
+from blipitm.scoring import BLIP, TRANSFORMERS, get_protocol
 from blipitm.server.errors import APIError
 from blipitm.server.images import ImageLoader
 from blipitm.server.metrics import Metrics
@@ -103,8 +104,9 @@ def test_load_resized_is_bit_identical_to_preprocess(tmp_path: Path, protocol: s
     settings = ImageSettings()
     budget = PixelBudget(10**6, setting="test")
     for name, item in _inputs(tmp_path).items():
-        want = preprocess(to_rgb(load_image(item), protocol), settings).numpy()
-        pixels = load_resized(item, settings, protocol, budget=budget)
+        scoring = get_protocol(protocol)
+        want = preprocess(to_rgb(load_image(item), scoring), settings).numpy()
+        pixels = load_resized(item, settings, scoring, budget=budget)
         assert pixels.dtype == np.uint8 and pixels.shape == (384, 384, 3), name
         assert np.array_equal(normalize(pixels, settings), want), name
     assert budget.in_use == 0
@@ -133,7 +135,7 @@ def test_budget_makes_excess_decodes_wait() -> None:
     held.__enter__()
     with ThreadPoolExecutor(4) as pool:
         futures = [
-            pool.submit(load_resized, im, settings, "blip", field=f"images[{i}]", budget=budget)
+            pool.submit(load_resized, im, settings, BLIP, field=f"images[{i}]", budget=budget)
             for i, im in enumerate(images)
         ]
         try:
@@ -144,7 +146,7 @@ def test_budget_makes_excess_decodes_wait() -> None:
             held.__exit__(None, None, None)
         got = [f.result(timeout=60) for f in futures]
     for im, pixels in zip(images, got, strict=True):
-        assert np.array_equal(pixels, load_resized(im, settings, "blip"))
+        assert np.array_equal(pixels, load_resized(im, settings, BLIP))
     assert budget.in_use == 0
 
 
@@ -190,7 +192,7 @@ def test_one_image_over_the_budget_is_refused() -> None:
         load_resized(
             png_bytes((9, 9, 9), (40, 30)),
             ImageSettings(),
-            "blip",
+            BLIP,
             field="images[2]",
             budget=budget,
         )
@@ -205,7 +207,7 @@ def _loader(pool: ThreadPoolExecutor, budget: PixelBudget) -> ImageLoader:
         max_pixels=40_000_000,
         budget=budget,
         image_settings=ImageSettings(size=48),
-        protocol="blip",
+        protocol=BLIP,
         metrics=Metrics(),
     )
 
@@ -238,7 +240,7 @@ def test_engine_takes_resized_images(tiny_ckpt: Path) -> None:
     assert engine.cache.stats.hits == hits + 1  # the same cache entry as the encoded bytes
     fresh = blipitm.load(tiny_ckpt, cache_bytes=0)
     np.testing.assert_array_equal(fresh.embed_images([resized, data])[0], from_bytes[0])
-    other = ResizedImage.load(data, engine.image_settings, "transformers")
+    other = ResizedImage.load(data, engine.image_settings, TRANSFORMERS)
     with pytest.raises(InvalidInputError, match=r"images\[1\].*protocol") as info:
         engine.embed_images([resized, other])
     assert info.value.field == "images[1]"

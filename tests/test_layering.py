@@ -1,4 +1,5 @@
-"""DESIGN.md §3: a layer imports only layers above it; nothing in src/ imports transformers."""
+"""DESIGN.md §3: a layer imports only layers above it; torch stays in the layers that compute;
+nothing in src/ imports transformers; the scoring protocol is decided in scoring.py only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "blipitm"
 LAYERS = [
     "errors",
     "config",
+    "scoring",
     "model",
     "processing",
     "checkpoint",
@@ -27,6 +29,10 @@ FORBIDDEN = {
     "model": {"processing"},
     "processing": {"model"},
 }
+# Layers that hand numpy arrays and records around; torch is the engine's business.
+NO_TORCH = {"retrieval", "evaluation", "filtering", "server", "cli"}
+# Modules inside the engine that make up its public records.
+NO_TORCH_MODULES = {"engine/types.py", "scoring.py", "config.py"}
 # Leaf packages usable from anywhere below their position, with their own rule.
 TESTING = "testing"  # random checkpoints: may use config/checkpoint; only tests/bench/cli import it
 
@@ -74,3 +80,40 @@ def test_src_never_imports_transformers() -> None:
         if any(m == "transformers" or m.startswith("transformers.") for m in imports(path))
     ]
     assert not offenders, f"transformers is a test-only reference, imported by {offenders}"
+
+
+def test_torch_stays_inside_the_engine() -> None:
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        if rel.parts[0] in NO_TORCH or rel.as_posix() in NO_TORCH_MODULES:
+            torch = [m for m in imports(path) if m == "torch" or m.startswith("torch.")]
+            offenders += [f"{rel} imports {m}" for m in torch]
+    assert not offenders, "torch belongs to the engine and below:\n" + "\n".join(offenders)
+
+
+PROTOCOL_NAMES = {"blip", "transformers"}
+
+
+def _names_compared(node: ast.Compare) -> set[str]:
+    """String constants a comparison tests against (``x == "blip"``)."""
+    operands = (node.left, *node.comparators)
+    return {o.value for o in operands if isinstance(o, ast.Constant) and isinstance(o.value, str)}
+
+
+def test_only_scoring_decides_by_protocol_name() -> None:
+    """Code asks the ScoringProtocol; nothing outside scoring.py compares a protocol's name or
+    spells out the list of names."""
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel == "scoring.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Compare) and _names_compared(node) & PROTOCOL_NAMES:
+                offenders.append(f"{rel}:{node.lineno} compares with a protocol name")
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                values = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                if values >= PROTOCOL_NAMES:
+                    offenders.append(f"{rel}:{node.lineno} lists the protocol names")
+    assert not offenders, "decide through blipitm.scoring instead:\n" + "\n".join(offenders)

@@ -63,7 +63,7 @@ def assert_matches(engine: blipitm.Engine, ref: Reference, images: list[Image.Im
         ids, mask = ref.tokens(TEXTS, itm=itm)
         want = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
         ours = engine._token_ids(TEXTS, "texts")
-        if itm and engine.protocol == "blip":
+        if itm and engine.protocol.name == "blip":
             ours = [[30523, *row[1:]] for row in ours]
         assert ours == want
 

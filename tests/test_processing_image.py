@@ -25,6 +25,7 @@ from blipitm.processing.image import (
     preprocess_batch,
     to_rgb,
 )
+from blipitm.scoring import BLIP, TRANSFORMERS, get_protocol
 
 SETTINGS = ImageSettings()
 FIELD = "images[3]"
@@ -116,7 +117,8 @@ def _blip_ref(im: Image.Image, size: int = 384) -> torch.Tensor:
 
 
 def _ours(image: object, protocol: str, settings: ImageSettings = SETTINGS) -> torch.Tensor:
-    return preprocess(to_rgb(load_image(image), protocol), settings)  # type: ignore[arg-type]
+    rgb = to_rgb(load_image(image), get_protocol(protocol))  # type: ignore[arg-type]
+    return preprocess(rgb, settings)
 
 
 def _assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -152,8 +154,8 @@ def test_protocols_differ_exactly_where_transparency_is() -> None:
 
 def test_transparency_composites_on_white_for_transformers_and_is_dropped_for_blip() -> None:
     clear = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
-    assert to_rgb(clear, "transformers").getpixel((0, 0)) == (255, 255, 255)
-    assert to_rgb(clear, "blip").getpixel((0, 0)) == (10, 20, 30)
+    assert to_rgb(clear, TRANSFORMERS).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(clear, BLIP).getpixel((0, 0)) == (10, 20, 30)
 
 
 def test_blip_ignores_the_colour_key_pillow_leaves_on_converted_palette_images() -> None:
@@ -247,7 +249,7 @@ def test_exif_orientation_only_on_request() -> None:
 
 
 def test_preprocess_batch_stacks() -> None:
-    images = [to_rgb(CASES[c](), "blip") for c in ("RGB", "L", "1x1")]
+    images = [to_rgb(CASES[c](), BLIP) for c in ("RGB", "L", "1x1")]
     batch = preprocess_batch(images, SETTINGS)
     assert batch.shape == (3, 3, 384, 384)
     assert batch.dtype == torch.float32
@@ -274,9 +276,9 @@ def test_preprocess_and_to_rgb_argument_errors() -> None:
     with pytest.raises(ValueError, match="RGB"):
         preprocess(_noise("L", (8, 8)), SETTINGS)
     with pytest.raises(ValueError, match="protocol"):
-        to_rgb(_noise("RGB", (8, 8)), "lavis")
+        get_protocol("lavis")
     with pytest.raises(InvalidInputError) as info:
-        to_rgb(Image.new("La", (4, 4)), "blip", field=FIELD)
+        to_rgb(Image.new("La", (4, 4)), BLIP, field=FIELD)
     assert str(info.value).startswith(f"{FIELD}:")
 
 

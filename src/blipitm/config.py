@@ -1,19 +1,15 @@
 """Model configuration: frozen dataclasses, read from and written to Hugging Face ``config.json``.
 
 Field names follow the Hugging Face BLIP config so that a hub ``config.json`` maps onto them one to
-one. The two scoring protocols (DESIGN.md §2) may override a hub value; :func:`apply_protocol`
-returns the corrected config together with the list of what it changed, so that the engine can log
-and report it.
+one. The two scoring protocols (DESIGN.md §2) may override a hub value; see
+:meth:`blipitm.scoring.ScoringProtocol.configure`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-Protocol = Literal["blip", "transformers"]
-PROTOCOLS: tuple[str, ...] = ("blip", "transformers")
+from typing import Any
 
 # Token ids fixed by BLIP's tokenizer: bert-base-uncased plus [DEC] and [ENC] appended.
 PAD_TOKEN_ID = 0
@@ -23,11 +19,9 @@ DEC_TOKEN_ID = 30522
 ENC_TOKEN_ID = 30523
 VOCAB_SIZE = 30524
 
-# BLIP (Salesforce) constants that the hub config does not carry or carries wrongly.
+# BLIP (Salesforce) architecture values that the hub config does not carry or carries wrongly.
 BLIP_TEXT_HEAD_DIM = 64  # med_config.json: 12 heads for width 768
 BLIP_VISION_LN_EPS = 1e-6  # models/vit.py: partial(nn.LayerNorm, eps=1e-6)
-BLIP_MAX_TEXT_TOKENS = 35  # train_retrieval.py: max_length=35
-BLIP_MAX_CAPTION_WORDS = 30  # data/flickr30k_dataset.py: max_words=30
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -197,57 +191,6 @@ class BlipConfig:
                 cfg, text=dataclasses.replace(cfg.text, num_attention_heads=text_heads)
             )
         return cfg
-
-
-@dataclass(frozen=True)
-class Override:
-    """One config value that a protocol changed relative to the loaded ``config.json``."""
-
-    field: str
-    loaded: Any
-    used: Any
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.loaded} -> {self.used} ({self.reason})"
-
-
-def apply_protocol(config: BlipConfig, protocol: str) -> tuple[BlipConfig, list[Override]]:
-    """Return the config the protocol runs with, and what differs from ``config``.
-
-    ``transformers`` uses the config as loaded. ``blip`` restores the values Salesforce trained
-    with: text head_dim 64 (the flickr hub config says 8 heads, transformers#22625) and vision
-    LayerNorm eps 1e-6 (LAVIS#106).
-    """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if protocol == "transformers":
-        return config, []
-    overrides: list[Override] = []
-    heads = config.text.hidden_size // BLIP_TEXT_HEAD_DIM
-    text = config.text
-    if heads >= 1 and text.num_attention_heads != heads:
-        overrides.append(
-            Override(
-                "text_config.num_attention_heads",
-                text.num_attention_heads,
-                heads,
-                "BLIP uses head_dim 64 (transformers#22625)",
-            )
-        )
-        text = dataclasses.replace(text, num_attention_heads=heads)
-    vision = config.vision
-    if vision.layer_norm_eps != BLIP_VISION_LN_EPS:
-        overrides.append(
-            Override(
-                "vision_config.layer_norm_eps",
-                vision.layer_norm_eps,
-                BLIP_VISION_LN_EPS,
-                "BLIP's ViT uses eps 1e-6 (LAVIS#106)",
-            )
-        )
-        vision = dataclasses.replace(vision, layer_norm_eps=BLIP_VISION_LN_EPS)
-    return dataclasses.replace(config, vision=vision, text=text), overrides
 
 
 def _pick(cls: type, d: dict[str, Any]) -> Any:

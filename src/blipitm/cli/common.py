@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from blipitm.engine import DEFAULT_MODEL, DTYPES, Engine, load
+from blipitm.engine import DEFAULT_MODEL, DTYPE_NAMES, Engine, load
 from blipitm.retrieval import Index
+from blipitm.scoring import PROTOCOL_NAMES
 
 
 def add_model_options(p: argparse.ArgumentParser, *, from_index: bool = False) -> None:
@@ -26,7 +27,7 @@ def add_model_options(p: argparse.ArgumentParser, *, from_index: bool = False) -
     )
     g.add_argument(
         "--protocol",
-        choices=("blip", "transformers"),
+        choices=PROTOCOL_NAMES,
         default=None if from_index else "blip",
         help="blip: as Salesforce evaluated it; transformers: bit-compatible with HF (default: "
         + (f"{recorded})" if from_index else "blip)"),
@@ -34,7 +35,7 @@ def add_model_options(p: argparse.ArgumentParser, *, from_index: bool = False) -
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     g.add_argument(
         "--dtype",
-        choices=tuple(DTYPES),
+        choices=DTYPE_NAMES,
         default=None if from_index else "float32",
         help=f"default: {recorded if from_index else 'float32'}",
     )

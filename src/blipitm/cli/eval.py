@@ -10,7 +10,7 @@ from blipitm.cli.common import add_model_options, load_engine
 from blipitm.cli.progress import ConsoleProgress
 from blipitm.engine import BatchSizes
 from blipitm.evaluation import evaluate
-from blipitm.evaluation.protocol import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST
+from blipitm.evaluation.matrices import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST
 from blipitm.evaluation.report import table
 
 # What each stage of ``evaluate`` counts.

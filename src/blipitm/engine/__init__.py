@@ -1,13 +1,22 @@
 """Joins model, processing and checkpoint; the only layer that knows about device and dtype."""
 
-from blipitm.engine.engine import BatchSizes, Engine, ImageFeatures
-from blipitm.engine.load import DEFAULT_MODEL, DTYPES, load
-from blipitm.engine.types import MatrixScores, ModelInfo, PairScores, Ranked
+from blipitm.engine.engine import BatchSizes, Engine
+from blipitm.engine.load import DEFAULT_MODEL, load
+from blipitm.engine.types import (
+    DTYPE_NAMES,
+    Dtype,
+    ImageFeatures,
+    MatrixScores,
+    ModelInfo,
+    PairScores,
+    Ranked,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
-    "DTYPES",
+    "DTYPE_NAMES",
     "BatchSizes",
+    "Dtype",
     "Engine",
     "ImageFeatures",
     "MatrixScores",

@@ -1,4 +1,8 @@
-"""Which dtype to compute in, given the device and the dtype the weights are stored in."""
+"""Dtypes by name and in torch, and which dtype to compute in on a device.
+
+Outside engine/ and model/ a dtype is its name (:data:`~blipitm.engine.types.Dtype`); these
+mappings are where the name becomes a ``torch.dtype`` and back.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,18 @@ import platform
 from pathlib import Path
 
 import torch
+
+from blipitm.engine.types import Dtype
+
+TORCH_DTYPES: dict[Dtype, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> Dtype:
+    return next(name for name, d in TORCH_DTYPES.items() if d == dtype)
 
 
 def native_compute_dtype(device: torch.device, storage: torch.dtype) -> torch.dtype:

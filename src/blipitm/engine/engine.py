@@ -22,14 +22,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from blipitm.config import (
-    BLIP_MAX_CAPTION_WORDS,
-    BLIP_MAX_TEXT_TOKENS,
-    CLS_TOKEN_ID,
-    ENC_TOKEN_ID,
-)
+from blipitm.config import BlipConfig
 from blipitm.engine.cache import ByteLRU
-from blipitm.engine.types import MatrixScores, ModelInfo, PairScores, Ranked
+from blipitm.engine.devices import TORCH_DTYPES
+from blipitm.engine.types import (
+    NUMPY_DTYPES,
+    ImageFeatures,
+    MatrixScores,
+    ModelInfo,
+    PairScores,
+    Ranked,
+)
 from blipitm.errors import InvalidInputError
 from blipitm.model import BlipITM, CrossKV, DenseKV
 from blipitm.processing.budget import PixelBudget
@@ -43,8 +46,9 @@ from blipitm.processing.image import (
     normalize,
     return_image_memory_to_os,
 )
-from blipitm.processing.text import pre_caption, validate_text
+from blipitm.processing.text import clean_caption, validate_text
 from blipitm.processing.tokenizer import Tokenizer, pad
+from blipitm.scoring import PROTOCOLS, itm_probability
 
 log = logging.getLogger("blipitm")
 
@@ -72,8 +76,10 @@ def default_batch_sizes(device: torch.device) -> BatchSizes:
 
 
 @dataclass
-class _ImageFeatures:
-    tokens: torch.Tensor  # [N, Dv], compute dtype, on device
+class _EncodedImage:
+    """One image as the engine holds it (and caches it, by ``key``) between calls."""
+
+    tokens: torch.Tensor  # [T, Dv], compute dtype, on device
     embedding: torch.Tensor  # [E] float32, unit norm
     key: str | None = None  # content hash; None for features handed in by the caller
 
@@ -85,17 +91,6 @@ class _Intake:
     key: str  # content hash
     pixels: torch.Tensor | None  # [3, S, S] float32, normalised; None on a cache hit
     cached: tuple[torch.Tensor, torch.Tensor] | None  # (tokens, embedding) on a cache hit
-
-
-@dataclass(frozen=True)
-class ImageFeatures:
-    """Encoded images: vision tokens (for ITM) and unit-norm ITC embeddings."""
-
-    tokens: torch.Tensor  # [N, T, Dv]
-    embeddings: np.ndarray  # [N, E] float32
-
-    def __len__(self) -> int:
-        return int(self.embeddings.shape[0])
 
 
 class Engine:
@@ -122,10 +117,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.image_settings = image_settings
         self.info = info
-        self.protocol = info.protocol
+        self.protocol = PROTOCOLS[info.protocol]
         self.device = torch.device(info.device)
         self.dtype: torch.dtype = next(model.parameters()).dtype  # weights
-        self.compute_dtype: torch.dtype = getattr(torch, info.compute_dtype)
+        self.compute_dtype = TORCH_DTYPES[info.compute_dtype]
         model.set_compute_dtype(self.compute_dtype)
         self.max_pixels = max_pixels
         self.max_text_chars = max_text_chars
@@ -145,8 +140,8 @@ class Engine:
     # -- public API -------------------------------------------------------------------------
 
     @property
-    def config(self) -> Any:
-        return self.model.config
+    def config(self) -> BlipConfig:
+        return self.info.config
 
     @property
     def embedding_dim(self) -> int:
@@ -188,7 +183,7 @@ class Engine:
         ids = self._token_ids(uniq_texts, "texts")  # once, for both passes
         logits = self._itm_pairs(feats, ids, image_of_pair, text_of_pair)
         cosine = self._pair_cosine(feats, ids, image_of_pair, text_of_pair, itc)
-        return PairScores(_probability(logits), logits, cosine)
+        return PairScores(itm_probability(logits), logits, cosine)
 
     def score_matrix(
         self, images: Sequence[ImageInput], texts: Sequence[str], *, itc: bool = True
@@ -211,7 +206,7 @@ class Engine:
             cosine = self._image_embeddings(feats) @ self._text_embeddings(ids).T
         else:
             cosine = np.full((i, t), np.nan, dtype=np.float32)
-        return MatrixScores(_probability(logits), logits, cosine.astype(np.float32))
+        return MatrixScores(itm_probability(logits), logits, cosine.astype(np.float32))
 
     def embed_images(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Unit-norm ITC image embeddings ``[N, E]`` float32."""
@@ -238,9 +233,9 @@ class Engine:
         """Rank ``texts`` for one ``image`` (a ``str`` is a path, as in :meth:`score`), best first.
 
         The ``rerank_k`` texts with the highest ITC cosine are scored with ITM; the rest are not
-        returned. Score: ``itm_logits[1] + itc_cosine`` under the BLIP protocol (BLIP's retrieval
-        evaluation); the ITM probability under ``transformers``. ``Ranked.index`` points into
-        ``texts``.
+        returned. Score: the protocol's :meth:`~blipitm.scoring.ScoringProtocol.rank_score`,
+        ``itm_logits[1] + itc_cosine`` under ``blip`` (BLIP's retrieval evaluation) and the ITM
+        probability under ``transformers``. ``Ranked.index`` points into ``texts``.
         """
         _check_rank_ks(top_k, rerank_k)
         _reject_single(texts, lambda t: isinstance(t, str), "texts", "rank_texts(image, [text])")
@@ -249,7 +244,7 @@ class Engine:
             return []
         feats = self._image_features([image], field="image")
         ids = self._token_ids(text_list, "texts")
-        cosine = self._text_embeddings(ids) @ feats[0].embedding.numpy()
+        cosine = self._text_embeddings(ids) @ feats[0].embedding.numpy()  # [T]
         keep = _top_indices(cosine, rerank_k)
         logits = self._itm_pairs(feats, ids, [0] * len(keep), keep.tolist())
         return self._ranked(keep, logits, cosine[keep], top_k)
@@ -285,14 +280,20 @@ class Engine:
         return [len(row) for row in self._token_ids(texts, "texts")]
 
     def encode_images(self, images: Sequence[ImageInput]) -> ImageFeatures:
-        """Encode images once, for :meth:`score_pairs` or to store (e.g. in an index)."""
+        """Encode images once, for :meth:`score_pairs` or to store (e.g. in an index).
+
+        The tokens are in the compute dtype (``info.compute_dtype``), so nothing is lost."""
         image_list, _ = _as_list(images, _is_single_image)
         feats = self._image_features(image_list, field="images")
         if not feats:
-            return ImageFeatures(
-                torch.zeros(0, 0, self.config.vision.hidden_size), _empty(0, self.embedding_dim)
-            )
-        return ImageFeatures(torch.stack([f.tokens for f in feats]), self._image_embeddings(feats))
+            shape = (0, self.info.image_tokens, self.config.vision.hidden_size)
+            empty = np.zeros(shape, NUMPY_DTYPES[self.info.compute_dtype])
+            return ImageFeatures(empty, _empty(0, self.embedding_dim))
+        tokens = torch.stack([f.tokens for f in feats]).cpu()  # [N, T, Dv]
+        if tokens.dtype == torch.bfloat16:  # numpy has no bfloat16: its raw bits
+            tokens = tokens.view(torch.int16)
+            return ImageFeatures(tokens.numpy().view(np.uint16), self._image_embeddings(feats))
+        return ImageFeatures(tokens.numpy(), self._image_embeddings(feats))
 
     def score_pairs(
         self,
@@ -306,14 +307,11 @@ class Engine:
 
         The primitive behind retrieval and evaluation: each image is encoded once, each text
         tokenized once, and each image's cross-attention keys/values shared by all its pairs.
-        ``images`` may be :class:`ImageFeatures` from :meth:`encode_images` (any float dtype).
+        ``images`` may be :class:`ImageFeatures` from :meth:`encode_images`, in any of its dtypes.
         """
         idx = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         if isinstance(images, ImageFeatures):
-            feats = [
-                _ImageFeatures(images.tokens[i], torch.from_numpy(images.embeddings[i]), None)
-                for i in range(len(images))
-            ]
+            feats = _from_features(images)
         else:
             feats = self._image_features(list(images), field="images")
         text_list = list(texts)
@@ -331,7 +329,7 @@ class Engine:
         ids = self._token_ids(text_list, "texts")
         logits = self._itm_pairs(feats, ids, image_of_pair, text_of_pair)
         cosine = self._pair_cosine(feats, ids, image_of_pair, text_of_pair, itc)
-        return PairScores(_probability(logits), logits, cosine)
+        return PairScores(itm_probability(logits), logits, cosine)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -340,8 +338,8 @@ class Engine:
         self, keep: np.ndarray, logits: np.ndarray, cosine: np.ndarray, top_k: int | None
     ) -> list[Ranked]:
         """The kept candidates ordered by the protocol's ranking score (ties: better ITC first)."""
-        prob = _probability(logits)
-        score = logits[:, 1] + cosine if self.protocol == "blip" else prob
+        prob = itm_probability(logits)
+        score = self.protocol.rank_score(logits, cosine)
         order = np.argsort(-score, kind="stable")[:top_k]
         return [
             Ranked(int(keep[j]), float(score[j]), float(prob[j]), float(cosine[j])) for j in order
@@ -376,7 +374,7 @@ class Engine:
             return _Intake(key, None, cached)
         return _Intake(key, self._decode(source, field), None)
 
-    def _image_features(self, images: Sequence[ImageInput], *, field: str) -> list[_ImageFeatures]:
+    def _image_features(self, images: Sequence[ImageInput], *, field: str) -> list[_EncodedImage]:
         """Features of each image, from the cache or encoded in batches.
 
         Decode threads work a bounded window ahead of the encoder and hand back model-sized
@@ -391,8 +389,8 @@ class Engine:
                     f"got {type(item).__name__}",
                     field=f"{field}[{i}]",
                 )
-        out: list[_ImageFeatures | None] = [None] * len(images)
-        ready: dict[str, _ImageFeatures] = {}  # this call's features by content key
+        out: list[_EncodedImage | None] = [None] * len(images)
+        ready: dict[str, _EncodedImage] = {}  # this call's features by content key
         waiting: dict[str, list[int]] = {}  # content key -> positions, for the batch being filled
         batch: list[tuple[str, torch.Tensor]] = []
 
@@ -402,7 +400,7 @@ class Engine:
                 tokens = self.model.encode_image(pixels)  # [B, N, Dv]
                 emb = self.model.image_embedding(tokens).float().cpu()  # [B, E]
             for j, (key, _) in enumerate(batch):
-                feat = _ImageFeatures(tokens[j].clone(), emb[j].clone(), key)
+                feat = _EncodedImage(tokens[j].clone(), emb[j].clone(), key)
                 for pos in waiting.pop(key):
                     out[pos] = feat
                 ready[key] = feat
@@ -418,7 +416,7 @@ class Engine:
             elif got.key in waiting:
                 waiting[got.key].append(i)
             elif got.cached is not None:
-                out[i] = ready[got.key] = _ImageFeatures(*got.cached, got.key)
+                out[i] = ready[got.key] = _EncodedImage(*got.cached, got.key)
             else:
                 assert got.pixels is not None
                 waiting[got.key] = [i]
@@ -450,10 +448,10 @@ class Engine:
             for f in pending:
                 f.cancel()
 
-    def _image_embeddings(self, feats: Sequence[_ImageFeatures]) -> np.ndarray:
+    def _image_embeddings(self, feats: Sequence[_EncodedImage]) -> np.ndarray:
         return torch.stack([f.embedding for f in feats]).numpy()
 
-    def _cross_kv(self, feats: Sequence[_ImageFeatures]) -> CrossKV:
+    def _cross_kv(self, feats: Sequence[_EncodedImage]) -> CrossKV:
         """Stacked cross-attention keys/values ``[G, h, N, d]`` per layer for ``feats``.
 
         Each image's K/V is cached under its content key while the cache has room, so an image
@@ -484,7 +482,7 @@ class Engine:
         ]
         return per_layer
 
-    def _cache_kv(self, feats: Sequence[_ImageFeatures], kv: DenseKV) -> None:
+    def _cache_kv(self, feats: Sequence[_EncodedImage], kv: DenseKV) -> None:
         if self.cache.max_bytes == 0:
             return
         if len(feats) == 1:  # the tensors are this image's alone: no copy needed
@@ -499,17 +497,16 @@ class Engine:
     # -- texts ------------------------------------------------------------------------------
 
     def _token_ids(self, texts: Sequence[Any], field: str) -> list[list[int]]:
-        """Validated, cleaned (BLIP), tokenized texts with ``[CLS]`` first."""
-        clean = []
-        for i, t in enumerate(texts):
-            text = validate_text(t, field=f"{field}[{i}]", max_chars=self.max_text_chars)
-            clean.append(
-                pre_caption(text, BLIP_MAX_CAPTION_WORDS) if self.protocol == "blip" else text
+        """Validated, cleaned and tokenized (per protocol) texts with ``[CLS]`` first."""
+        clean = [
+            clean_caption(
+                validate_text(t, field=f"{field}[{i}]", max_chars=self.max_text_chars),
+                self.protocol,
             )
-        if self.protocol == "blip":
-            return self.tokenizer.encode(clean, max_length=BLIP_MAX_TEXT_TOKENS)
-        ids = self.tokenizer.encode(clean)
-        limit = self.model.config.text.max_position_embeddings
+            for i, t in enumerate(texts)
+        ]
+        ids = self.tokenizer.encode(clean, max_length=self.protocol.max_text_tokens)
+        limit = self.config.text.max_position_embeddings
         for i, row in enumerate(ids):
             if len(row) > limit:
                 raise InvalidInputError(
@@ -531,7 +528,7 @@ class Engine:
 
     def _pair_cosine(
         self,
-        feats: Sequence[_ImageFeatures],
+        feats: Sequence[_EncodedImage],
         ids: Sequence[Sequence[int]],
         image_of_pair: Sequence[int],
         text_of_pair: Sequence[int],
@@ -547,7 +544,7 @@ class Engine:
 
     def _itm_pairs(
         self,
-        feats: Sequence[_ImageFeatures],
+        feats: Sequence[_EncodedImage],
         ids: Sequence[Sequence[int]],
         image_of_pair: Sequence[int],
         text_of_pair: Sequence[int],
@@ -557,7 +554,7 @@ class Engine:
         Images with several texts run one image at a time with its texts as the query block
         (keys/values computed once); images with one text are stacked into image batches.
         """
-        first = ENC_TOKEN_ID if self.protocol == "blip" else CLS_TOKEN_ID
+        first = self.protocol.itm_first_token
         ids = [[first, *row[1:]] for row in ids]  # the ITM pass's first token
         out = np.empty((len(image_of_pair), 2), dtype=np.float32)
         by_image: dict[int, list[int]] = {}
@@ -660,10 +657,15 @@ def _top_indices(scores: np.ndarray, k: int | None) -> np.ndarray:
     return order if k is None else order[:k]
 
 
-def _probability(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e[..., 1] / e.sum(axis=-1)).astype(np.float32)
+def _from_features(features: ImageFeatures) -> list[_EncodedImage]:
+    """A caller's features as the engine's own (on the CPU; moved to the device per batch)."""
+    tokens = torch.from_numpy(features.tokens)  # shares the memory
+    if features.token_dtype == "bfloat16":
+        tokens = tokens.view(torch.int16).view(torch.bfloat16)
+    return [
+        _EncodedImage(tokens[i], torch.from_numpy(features.embeddings[i]), None)
+        for i in range(len(features))
+    ]
 
 
 def _empty(*shape: int) -> np.ndarray:

@@ -8,23 +8,18 @@ import os
 import torch
 
 from blipitm.checkpoint import load_into, load_weights, resolve
-from blipitm.config import PROTOCOLS, apply_protocol
-from blipitm.engine.devices import native_compute_dtype
+from blipitm.engine.devices import TORCH_DTYPES, dtype_name, native_compute_dtype
 from blipitm.engine.engine import DEFAULT_CACHE_BYTES, BatchSizes, Engine
-from blipitm.engine.types import ModelInfo
+from blipitm.engine.types import DTYPE_NAMES, Dtype, ModelInfo
 from blipitm.errors import InvalidInputError
 from blipitm.model import ATTN_IMPLS, BlipITM
 from blipitm.processing.image import DEFAULT_MAX_PIXELS, ImageSettings
 from blipitm.processing.tokenizer import Tokenizer
+from blipitm.scoring import ProtocolName, get_protocol
 
 log = logging.getLogger("blipitm")
 
 DEFAULT_MODEL = "Salesforce/blip-itm-base-flickr"
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 def load(
@@ -33,13 +28,13 @@ def load(
     revision: str | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
-    protocol: str = "blip",
+    dtype: Dtype = "float32",
+    protocol: ProtocolName = "blip",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     batch_sizes: BatchSizes | None = None,
     attn_impl: str = "sdpa",
-    compute_dtype: str | None = None,
+    compute_dtype: Dtype | None = None,
     decode_threads: int | None = None,
     decode_budget_pixels: int | None = None,
 ) -> Engine:
@@ -54,29 +49,28 @@ def load(
     ``decode_threads`` and ``decode_budget_pixels`` (full-size pixels decoded at once; default
     ``max_pixels``) bound the image decoding; see :class:`Engine`.
     """
-    if protocol not in PROTOCOLS:
-        raise InvalidInputError(f"must be one of {PROTOCOLS}, got {protocol!r}", field="protocol")
-    if dtype not in DTYPES:
-        raise InvalidInputError(f"must be one of {tuple(DTYPES)}, got {dtype!r}", field="dtype")
+    scoring = get_protocol(protocol)
+    if dtype not in DTYPE_NAMES:
+        raise InvalidInputError(f"must be one of {DTYPE_NAMES}, got {dtype!r}", field="dtype")
     if attn_impl not in ATTN_IMPLS:
         raise InvalidInputError(
             f"must be one of {ATTN_IMPLS}, got {attn_impl!r}", field="attn_impl"
         )
     torch_device = _device(device)
-    if DTYPES[dtype] == torch.float16 and torch_device.type == "cpu":
+    if TORCH_DTYPES[dtype] == torch.float16 and torch_device.type == "cpu":
         raise InvalidInputError(
             "float16 is not supported on CPU; use bfloat16 (fast on modern CPUs) or float32",
             field="dtype",
         )
 
     resolved = resolve(source, revision=revision, tokenizer=tokenizer)
-    config, overrides = apply_protocol(resolved.config, protocol)
+    config, overrides = scoring.configure(resolved.config)
     for o in overrides:
         log.info("protocol %s overrides %s", protocol, o)
 
     # Tensors are converted to the storage dtype as they are read and assigned to a model built
     # on the meta device, so no second copy of the weights ever exists (peak RSS).
-    state_dict = load_weights(resolved, dtype=DTYPES[dtype])
+    state_dict = load_weights(resolved, dtype=TORCH_DTYPES[dtype])
     with torch.device("meta"):
         model = BlipITM(config)
     load_into(model, state_dict)
@@ -84,12 +78,12 @@ def load(
     model = model.to(device=torch_device).eval().requires_grad_(False)
     model.set_attn_impl(attn_impl)  # type: ignore[arg-type]
     if compute_dtype is None:
-        compute = native_compute_dtype(torch_device, DTYPES[dtype])
-    elif compute_dtype in DTYPES:
-        compute = DTYPES[compute_dtype]
+        compute = native_compute_dtype(torch_device, TORCH_DTYPES[dtype])
+    elif compute_dtype in DTYPE_NAMES:
+        compute = TORCH_DTYPES[compute_dtype]
     else:
         raise InvalidInputError(
-            f"must be one of {tuple(DTYPES)} or None, got {compute_dtype!r}", field="compute_dtype"
+            f"must be one of {DTYPE_NAMES} or None, got {compute_dtype!r}", field="compute_dtype"
         )
 
     info = ModelInfo(
@@ -97,12 +91,12 @@ def load(
         kind=resolved.kind,
         revision=resolved.revision,
         commit=resolved.commit,
-        protocol=protocol,
+        protocol=scoring.name,
         device=str(torch_device),
         dtype=dtype,
         config=config,
         overrides=overrides,
-        compute_dtype=str(compute).removeprefix("torch."),
+        compute_dtype=dtype_name(compute),
     )
     log.info(
         "loaded %s (%s, revision=%s, commit=%s) protocol=%s device=%s dtype=%s compute=%s "

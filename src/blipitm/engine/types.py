@@ -1,13 +1,24 @@
-"""Result types of the public API."""
+"""Result types of the public API: numpy arrays and plain values, never torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from blipitm.config import BlipConfig, Override
+from blipitm.config import BlipConfig
+from blipitm.scoring import Override, ProtocolName
+
+# Weight and compute dtypes by name; torch.dtype exists only inside engine/ and model/.
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPE_NAMES: tuple[Dtype, ...] = ("float32", "bfloat16", "float16")
+# How each dtype is held in numpy, which has no bfloat16: as its raw 16 bits.
+NUMPY_DTYPES: dict[Dtype, type[np.floating[Any]] | type[np.uint16]] = {
+    "float32": np.float32,
+    "bfloat16": np.uint16,
+    "float16": np.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,55 @@ class Ranked:
 
 
 @dataclass(frozen=True)
+class ImageFeatures:
+    """A batch of encoded images: vision tokens (for ITM) and unit-norm ITC embeddings.
+
+    ``tokens`` come from :meth:`Engine.encode_images` in the engine's compute dtype, so they can
+    be stored and handed back (:meth:`Engine.score_pairs`) without loss; :meth:`astype` converts
+    them for storage (an index keeps float16).
+    """
+
+    tokens: np.ndarray  # [N, T, Dv] float32, float16, or bfloat16 as uint16 bits
+    embeddings: np.ndarray  # [N, E] float32
+
+    def __post_init__(self) -> None:
+        if self.tokens.dtype not in [np.dtype(t) for t in NUMPY_DTYPES.values()]:
+            raise TypeError(
+                "tokens must be float32, float16 or bfloat16 bits (uint16), "
+                f"got {self.tokens.dtype}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def token_dtype(self) -> Dtype:
+        return next(name for name, t in NUMPY_DTYPES.items() if self.tokens.dtype == t)
+
+    def astype(self, dtype: Dtype) -> ImageFeatures:
+        """The same features with tokens in ``dtype``: no copy if they are in it already;
+        rounded to nearest-even when narrowing, as torch's conversions do."""
+        if dtype == self.token_dtype:
+            return self
+        wide = _bf16_to_f32(self.tokens) if self.token_dtype == "bfloat16" else self.tokens
+        tokens = _f32_to_bf16(wide) if dtype == "bfloat16" else wide.astype(NUMPY_DTYPES[dtype])
+        return ImageFeatures(tokens, self.embeddings)
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 held as uint16 bits -> float32 (exact: bfloat16 is float32's upper half)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _f32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 (or narrower) -> bfloat16 as uint16 bits, rounded to nearest-even."""
+    f = np.ascontiguousarray(values, dtype=np.float32)
+    u = f.view(np.uint32).astype(np.uint64)  # room for the carry of the largest values
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(f), np.uint16(0x7FC0), rounded)  # the carry would turn NaN into inf
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What is loaded and how it runs; logged at load and served by ``/v1/models``."""
 
@@ -53,16 +113,21 @@ class ModelInfo:
     kind: str  # "hf" or "pth"
     revision: str | None
     commit: str | None
-    protocol: str
+    protocol: ProtocolName
     device: str
-    dtype: str
+    dtype: Dtype
     config: BlipConfig
     overrides: list[Override] = field(default_factory=list)
-    compute_dtype: str = "float32"  # may be wider than ``dtype`` (see engine.devices)
+    compute_dtype: Dtype = "float32"  # may be wider than ``dtype`` (see engine.devices)
 
     @property
     def embedding_dim(self) -> int:
         return self.config.image_text_hidden_size
+
+    @property
+    def image_tokens(self) -> int:
+        """Vision tokens per image: the patches plus CLS (577 at 384 px with 16 px patches)."""
+        return self.config.vision.num_patches + 1
 
     def as_dict(self) -> dict[str, Any]:
         return {

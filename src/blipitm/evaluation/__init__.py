@@ -6,8 +6,8 @@
 """
 
 from blipitm.evaluation.dataset import RetrievalDataset, load_annotations
+from blipitm.evaluation.matrices import EvalScores, compute_scores, score_matrices
 from blipitm.evaluation.metrics import itm_eval, retrieval_ranks
-from blipitm.evaluation.protocol import EvalScores, compute_scores, score_matrices
 from blipitm.evaluation.run import EvalRun, evaluate
 
 __all__ = [

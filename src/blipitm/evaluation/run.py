@@ -11,8 +11,8 @@ from typing import Any
 
 from blipitm.engine import Engine
 from blipitm.evaluation.dataset import RetrievalDataset, load_annotations
+from blipitm.evaluation.matrices import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST, compute_scores
 from blipitm.evaluation.metrics import itm_eval, retrieval_ranks
-from blipitm.evaluation.protocol import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST, compute_scores
 from blipitm.evaluation.report import curves_from_ranks, write_outputs
 from blipitm.retrieval.identity import package_version
 from blipitm.retrieval.progress import Progress, no_progress

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from blipitm.config import IMAGE_MEAN, IMAGE_STD, PROTOCOLS
+from blipitm.config import IMAGE_MEAN, IMAGE_STD
 from blipitm.errors import ImageTooLargeError, InvalidInputError
 from blipitm.processing.budget import PixelBudget
+from blipitm.scoring import ScoringProtocol
 
 # Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS at its default), so that the
 # default behaviour is what users of Pillow already expect; here it is a per-call argument instead
@@ -151,7 +152,7 @@ class ResizedImage:
     """
 
     pixels: np.ndarray  # [S, S, 3] uint8
-    protocol: str
+    protocol: ScoringProtocol
     key: str
 
     @classmethod
@@ -159,7 +160,7 @@ class ResizedImage:
         cls,
         image: ImageInput,
         settings: ImageSettings,
-        protocol: str,
+        protocol: ScoringProtocol,
         *,
         field: str = "image",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -172,13 +173,13 @@ class ResizedImage:
         return cls(pixels, protocol, content_key(image))
 
     def checked(
-        self, settings: ImageSettings, protocol: str, *, field: str = "image"
+        self, settings: ImageSettings, protocol: ScoringProtocol, *, field: str = "image"
     ) -> np.ndarray:
         """The pixels, if they were prepared for ``settings`` and ``protocol``; else an error."""
         if self.protocol != protocol:
             raise InvalidInputError(
-                f"was prepared under protocol {self.protocol!r}, but this model scores under "
-                f"{protocol!r}; prepare it again with protocol={protocol!r}",
+                f"was prepared under protocol {self.protocol.name!r}, but this model scores "
+                f"under {protocol.name!r}; prepare it again with protocol={protocol.name!r}",
                 field=field,
             )
         want = (settings.size, settings.size, 3)
@@ -395,7 +396,7 @@ def _supported_formats() -> str:
 def load_resized(
     image: ImageInput,
     settings: ImageSettings,
-    protocol: str,
+    protocol: ScoringProtocol,
     *,
     field: str = "image",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -516,25 +517,23 @@ def return_image_memory_to_os() -> None:
 # -- RGB conversion ---------------------------------------------------------------------------
 
 
-def to_rgb(image: Image.Image, protocol: str, *, field: str = "image") -> Image.Image:
+def to_rgb(image: Image.Image, protocol: ScoringProtocol, *, field: str = "image") -> Image.Image:
     """Convert to an RGB image the way the protocol's reference does.
 
-    ``blip``: ``image.convert("RGB")``, as BLIP's and LAVIS' datasets do; alpha is dropped, so a
+    Alpha dropped (``blip``): ``image.convert("RGB")``, as BLIP's and LAVIS' datasets do, so a
     transparent pixel shows its stored colour.
 
-    ``transformers``: transformers 5.x ``image_transforms.convert_to_rgb`` (used by the PIL image
-    processor backend): an image with an ``A`` band or a ``transparency`` entry is converted to
-    RGBA and alpha-composited onto opaque white, then converted to RGB; anything else is
-    ``convert("RGB")``. The PIL calls below are the same ones, so the pixels are identical.
+    Alpha on white (``transformers``): transformers 5.x ``image_transforms.convert_to_rgb`` (used
+    by the PIL image processor backend): an image with an ``A`` band or a ``transparency`` entry
+    is converted to RGBA and alpha-composited onto opaque white, then converted to RGB; anything
+    else is ``convert("RGB")``. The PIL calls below are the same ones, so the pixels are identical.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     try:
-        if protocol == "transformers" and _has_transparency(image):
+        if protocol.alpha_on_white and _has_transparency(image):
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, rgba).convert("RGB")
-        if image.mode == "RGB" and (protocol == "blip" or not _has_transparency(image)):
+        if image.mode == "RGB":
             return image  # convert() would only copy
         return image.convert("RGB")
     except ValueError as e:

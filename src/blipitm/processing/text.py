@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from blipitm.config import BLIP_MAX_CAPTION_WORDS
 from blipitm.errors import InvalidInputError
+from blipitm.scoring import BLIP_MAX_CAPTION_WORDS, ScoringProtocol
 
 # The characters BLIP replaces by a space (data/utils.py). Others, commas and '?' included, stay.
 _CAPTION_PUNCTUATION = re.compile(r"[.!\"()*#:;~]")
@@ -29,6 +29,13 @@ def pre_caption(caption: str, max_words: int = BLIP_MAX_CAPTION_WORDS) -> str:
     text = _WHITESPACE_RUN.sub(" ", text)
     text = text.rstrip("\n").strip(" ")
     return " ".join(text.split(" ")[:max_words])
+
+
+def clean_caption(text: str, protocol: ScoringProtocol) -> str:
+    """``text`` as ``protocol`` feeds it to the tokenizer: BLIP's :func:`pre_caption` or as is."""
+    if protocol.caption_max_words is None:
+        return text
+    return pre_caption(text, protocol.caption_max_words)
 
 
 def validate_text(text: object, *, field: str = "text", max_chars: int | None = None) -> str:

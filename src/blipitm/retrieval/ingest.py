@@ -100,9 +100,7 @@ def _embed(
         try:
             if is_image:
                 encoded = engine.encode_images([Path(str(it.path)) for it in ok])
-                feats = None
-                if keep_features:
-                    feats = encoded.tokens.to("cpu").half().numpy()
+                feats = encoded.astype("float16").tokens if keep_features else None
                 return ok, encoded.embeddings, feats, bad
             return ok, engine.embed_texts([str(it.text) for it in ok]), None, bad
         except InvalidInputError as e:
@@ -125,5 +123,4 @@ def _bad_position(e: InvalidInputError, n: int) -> int | None:
 def _no_features(engine: Engine, keep: bool) -> np.ndarray | None:
     if not keep:
         return None
-    v = engine.config.vision
-    return np.zeros((0, (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size), np.float16)
+    return np.zeros((0, engine.info.image_tokens, engine.config.vision.hidden_size), np.float16)

@@ -2,10 +2,10 @@
 
 Stage 1 scans every live row of the memory-mapped embeddings in chunks (one matmul per chunk,
 bounded memory, exact; a million 256-d rows is ~1 GB read once per query). Stage 2 scores the
-best ``rerank_k`` with the ITM head through ``Engine.score_pairs``; the score is
-``itm_logits[:, 1] + itc_cosine`` under protocol ``blip`` (BLIP's ``train_retrieval.py``
-``evaluation``) and the ITM probability under ``transformers``, exactly as
-``Engine.rank_texts`` / ``Engine.rank_images``.
+best ``rerank_k`` with the ITM head through ``Engine.score_pairs``; the score is the protocol's
+(:meth:`~blipitm.scoring.ScoringProtocol.rank_score`: ``itm_logits[:, 1] + itc_cosine`` under
+``blip``, BLIP's ``train_retrieval.py`` ``evaluation``, and the ITM probability under
+``transformers``), exactly as ``Engine.rank_texts`` / ``Engine.rank_images``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from blipitm.engine import Engine, ImageFeatures, PairScores
 from blipitm.errors import InvalidInputError
@@ -108,7 +107,7 @@ def search(
             query_feats, texts, [(0, j) for j in range(len(items))], itc=False
         )
     logits, prob = scores.itm_logits, scores.itm_probability
-    score = logits[:, 1] + cosine if engine.protocol == "blip" else prob
+    score = engine.protocol.rank_score(logits, cosine)
     if not np.isfinite(score).all():
         bad = items[int(np.flatnonzero(~np.isfinite(score))[0])]
         raise IndexDamagedError(
@@ -156,8 +155,7 @@ def _rerank_images(
         # Stored half-precision tokens: no image is decoded or re-encoded.
         frows = [int(it.feature_row) for it in items if it.feature_row is not None]
         if len(frows) == len(items):
-            tokens = torch.from_numpy(index.features(frows))
-            feats = ImageFeatures(tokens, np.asarray(index.embeddings()[rows]))
+            feats = ImageFeatures(index.features(frows), np.asarray(index.embeddings()[rows]))
             return engine.score_pairs(feats, [query], pairs, itc=False)
     paths = [Path(str(it.path)) for it in items]
     try:

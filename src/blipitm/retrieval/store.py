@@ -167,7 +167,7 @@ class Index:
             )
         root.mkdir(parents=True, exist_ok=True)
         vision = engine.config.vision
-        n_tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + CLS
+        n_tokens = engine.info.image_tokens
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

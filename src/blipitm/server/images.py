@@ -22,6 +22,7 @@ from concurrent.futures import Executor
 
 from blipitm.errors import InvalidInputError
 from blipitm.processing import ImageSettings, PixelBudget, ResizedImage
+from blipitm.scoring import ScoringProtocol
 from blipitm.server.errors import APIError, from_invalid_input
 from blipitm.server.metrics import Metrics
 from blipitm.server.urlfetch import URLFetcher
@@ -49,7 +50,7 @@ class ImageLoader:
         max_pixels: int,
         budget: PixelBudget,
         image_settings: ImageSettings,
-        protocol: str,
+        protocol: ScoringProtocol,
         metrics: Metrics,
     ) -> None:
         self._executor = executor

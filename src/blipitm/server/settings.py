@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from blipitm.engine import DEFAULT_MODEL, DTYPES
+from blipitm.engine import DEFAULT_MODEL, DTYPE_NAMES, Dtype
 from blipitm.errors import InvalidInputError
+from blipitm.scoring import PROTOCOL_NAMES, ProtocolName, get_protocol
 
 ENV_PREFIX = "BLIPITM_"
-PROTOCOL_CHOICES = ("blip", "transformers")
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,9 @@ class ServerSettings:
     model: str = DEFAULT_MODEL
     revision: str | None = None
     tokenizer: str | None = None
-    protocol: str = "blip"
+    protocol: ProtocolName = "blip"
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     served_model_name: str | None = None  # None: the --model string
     index: str | None = None  # retrieval index for POST /v1/search
     # -- network --------------------------------------------------------------------------------
@@ -92,13 +92,10 @@ class ServerSettings:
         for name in ("head_timeout_s", "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"must be > 0, got {getattr(self, name)}", field=name)
-        if self.protocol not in PROTOCOL_CHOICES:
+        get_protocol(self.protocol)
+        if self.dtype not in DTYPE_NAMES:
             raise InvalidInputError(
-                f"must be one of {PROTOCOL_CHOICES}, got {self.protocol!r}", field="protocol"
-            )
-        if self.dtype not in DTYPES:
-            raise InvalidInputError(
-                f"must be one of {tuple(DTYPES)}, got {self.dtype!r}", field="dtype"
+                f"must be one of {DTYPE_NAMES}, got {self.dtype!r}", field="dtype"
             )
         if any(not k for k in self.api_keys):
             raise InvalidInputError("an API key must not be empty", field="api_keys")
@@ -169,9 +166,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", "hub id, local Hugging Face directory or BLIP .pth file"),
     Option("revision", "hub branch, tag or commit to pin", _optional_str),
     Option("tokenizer", "tokenizer directory or hub id for a .pth model", _optional_str),
-    Option("protocol", "scoring protocol (see the README)", choices=PROTOCOL_CHOICES),
+    Option("protocol", "scoring protocol (see the README)", choices=PROTOCOL_NAMES),
     Option("device", "cpu, cuda or cuda:N"),
-    Option("dtype", "model dtype", choices=tuple(DTYPES)),
+    Option("dtype", "model dtype", choices=DTYPE_NAMES),
     Option(
         "served_model_name",
         "name clients pass as `model` and see in /v1/models (default: the --model string)",

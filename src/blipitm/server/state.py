@@ -233,7 +233,7 @@ class ServerState:
     def image_tokens(self) -> int:
         """What one image counts in ``usage``: the vision tokens it becomes (patches + CLS)."""
         engine, _, _ = self.require_ready()
-        return int(engine.info.config.vision.num_patches) + 1
+        return engine.info.image_tokens
 
     async def usage_tokens(self, texts: Sequence[str], n_images: int) -> int:
         loop = asyncio.get_running_loop()

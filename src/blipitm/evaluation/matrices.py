@@ -3,15 +3,16 @@
 1. ITC: ``sims = image_emb @ text_emb.T`` [I, T].
 2. Each image keeps its ``k_test`` best texts by ``sims`` (i2t) and each text its ``k_test``
    best images (t2i); k is capped at the gallery size (BLIP's ``topk`` would fail instead).
-3. A kept pair scores ``itm_logits[:, 1] + sims`` (the ``[ENC]`` pass under protocol blip);
-   everything else is -100.
+3. A kept pair scores ``itm_logits[:, 1] + sims``
+   (:func:`~blipitm.scoring.blip_retrieval_score`; the ITM pass starts with the protocol's first
+   token, ``[ENC]`` under blip); everything else is -100.
 
 BLIP runs the ITM pass for I*k + T*k pairs. A pair kept by both directions has the same logit,
 so we score the *union* of the two sets once, grouped by image so that each image's
 cross-attention keys/values are computed once per chunk (``Engine.score_pairs``). Chunks are
 cut at image boundaries, persisted as they finish (see ``workdir.py``) and reported through
-``progress``. Texts go to the engine raw: under protocol blip the engine applies BLIP's
-``pre_caption`` (30 words) and 35-token truncation itself.
+``progress``. Texts go to the engine raw: it cleans and truncates them as its protocol says
+(under blip: BLIP's ``pre_caption``, 30 words, and 35 tokens).
 
 Top-k ties (never seen with real float scores) are broken towards the lower index; BLIP leaves
 them to ``torch.topk``.
@@ -29,15 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from blipitm.engine import Engine, ImageFeatures
+from blipitm.engine.types import NUMPY_DTYPES
 from blipitm.errors import InvalidInputError
 from blipitm.evaluation.workdir import WorkDir
 from blipitm.processing.image import ImageInput, content_key
 from blipitm.retrieval.identity import mismatch, model_record
 from blipitm.retrieval.progress import Progress, no_progress
 from blipitm.retrieval.topk import top_k_mask
+from blipitm.scoring import blip_retrieval_score
 
 DEFAULT_K_TEST = 128  # configs/retrieval_flickr.yaml (COCO uses 256)
 DEFAULT_CHUNK_PAIRS = 8192
@@ -138,7 +140,8 @@ def compute_scores(
     pairs = np.argwhere(union)  # [P, 2] (image, text), image-major: one image's pairs together
     itm = _score_pairs(engine, texts, pairs, tokens, img_emb, work, clock, progress, chunk_pairs)
 
-    score = itm + sims[pairs[:, 0], pairs[:, 1]]  # float32 + float32, as BLIP's score + topk_sim
+    # float32 + float32, as BLIP's score + topk_sim
+    score = blip_retrieval_score(itm, sims[pairs[:, 0], pairs[:, 1]])
     scores_i2t = np.full((n_img, n_txt), FILL, dtype=np.float32)
     scores_t2i = np.full((n_txt, n_img), FILL, dtype=np.float32)
     sel = keep_i2t[pairs[:, 0], pairs[:, 1]]
@@ -171,14 +174,15 @@ def _encode_images(
     progress: Progress,
     batch: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Image embeddings [I, E] and vision tokens [I, T, Dv] (stored dtype, see _token_storage).
+    """Image embeddings [I, E] and vision tokens [I, T, Dv] in the engine's compute dtype.
 
     Tokens are kept so the ITM stage never re-encodes an image; in a work dir they are a memory
-    map, so RAM stays bounded (Flickr30k test: 1000 x 577 x 768 fp32 = 1.8 GB on disk)."""
-    v = engine.config.vision
-    n_tokens = (v.image_size // v.patch_size) ** 2 + 1  # patches + CLS
-    store_dtype, torch_dtype = _token_storage(engine.compute_dtype)
-    tokens = work.rows("image_tokens", len(images), (n_tokens, v.hidden_size), store_dtype)
+    map, so RAM stays bounded (Flickr30k test: 1000 x 577 x 768 fp32 = 1.8 GB on disk). They come
+    back from the engine in its compute dtype, the dtype its K/V projections read, so storing
+    them as they are is exact (see :class:`ImageFeatures` for how bfloat16 is held)."""
+    shape = (engine.info.image_tokens, engine.config.vision.hidden_size)
+    store_dtype = NUMPY_DTYPES[engine.info.compute_dtype]
+    tokens = work.rows("image_tokens", len(images), shape, store_dtype)
     emb = work.rows("image_emb", len(images), (engine.embedding_dim,), np.float32)
     tokens.done = emb.done = min(tokens.done, emb.done)  # a kill between the two commits
     size = batch or engine.batch_sizes.images
@@ -186,9 +190,7 @@ def _encode_images(
     for a in range(emb.done, len(images), size):
         t0 = time.perf_counter()
         feats = engine.encode_images(list(images[a : a + size]))
-        # Tokens come back in the engine's compute dtype, the dtype its K/V projections read,
-        # so storing them in that dtype is exact.
-        tokens.commit(_tokens_to_numpy(feats.tokens.to(torch_dtype)))
+        tokens.commit(feats.tokens)
         emb.commit(feats.embeddings)
         clock.add("images", time.perf_counter() - t0)
         progress("images", emb.done, len(images))
@@ -222,7 +224,6 @@ def _score_pairs(
     """``itm_logits[:, 1]`` of every pair, chunk by chunk (cut at image boundaries)."""
     out = np.empty(len(pairs), dtype=np.float32)
     plan = _digest(pairs.tobytes())[:16]  # chunk files are only valid for this exact pair set
-    _, torch_dtype = _token_storage(engine.compute_dtype)
     done = 0
     progress("itm", 0, len(pairs))
     for a, b, pa, pb in _chunks(pairs, chunk_pairs):
@@ -234,10 +235,7 @@ def _score_pairs(
             # Only this chunk's texts go to the engine (it tokenizes all it is given); the cosine
             # comes from the stored embeddings, so the engine's ITC pass is skipped.
             uniq, inverse = np.unique(local[:, 1], return_inverse=True)
-            feats = ImageFeatures(
-                torch.from_numpy(np.asarray(tokens[a:b])).view(torch_dtype),
-                np.asarray(img_emb[a:b]),
-            )
+            feats = ImageFeatures(np.asarray(tokens[a:b]), np.asarray(img_emb[a:b]))
             result = engine.score_pairs(
                 feats,
                 [texts[t] for t in uniq],
@@ -289,25 +287,6 @@ class _Clock:
         self.seconds[stage] += seconds
         self.itm_pairs += pairs
         self._work.save_json("timings.json", {**self.seconds, "itm_pairs": self.itm_pairs})
-
-
-def _token_storage(dtype: torch.dtype) -> tuple[type, torch.dtype]:
-    """How vision tokens are stored: exactly, in the compute dtype (NumPy has no bfloat16, so
-    bf16 is kept as its raw 16 bits)."""
-    if dtype == torch.float32:
-        return np.float32, torch.float32
-    if dtype == torch.float16:
-        return np.float16, torch.float16
-    if dtype == torch.bfloat16:
-        return np.int16, torch.bfloat16
-    raise InvalidInputError(f"unsupported model dtype {dtype}")
-
-
-def _tokens_to_numpy(tokens: torch.Tensor) -> np.ndarray:
-    t = tokens.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy()
 
 
 def _images_digest(images: Sequence[ImageInput]) -> str:
