@@ -29,6 +29,7 @@ from blipitm.config import (
     ENC_TOKEN_ID,
 )
 from blipitm.engine.cache import ByteLRU
+from blipitm.engine.options import DEFAULT_CACHE_BYTES, DEFAULT_MAX_TEXT_CHARS
 from blipitm.engine.types import MatrixScores, ModelInfo, PairScores, Ranked
 from blipitm.errors import InvalidInputError
 from blipitm.model import BlipITM, CrossKV, DenseKV
@@ -49,9 +50,6 @@ from blipitm.processing.tokenizer import Tokenizer, pad
 log = logging.getLogger("blipitm")
 
 T = TypeVar("T")
-
-DEFAULT_CACHE_BYTES = 512 << 20
-DEFAULT_MAX_TEXT_CHARS = 100_000
 
 
 @dataclass(frozen=True)
