@@ -51,23 +51,10 @@ __all__ = [
     "load",
 ]
 
+
 # The engine's names import torch: they load on first use, so that `blipitm --help` does not.
-_FROM_ENGINE = frozenset(
-    (
-        "BatchSizes",
-        "Engine",
-        "ImageFeatures",
-        "MatrixScores",
-        "ModelInfo",
-        "PairScores",
-        "Ranked",
-        "load",
-    )
-)
-
-
 def __getattr__(name: str) -> Any:
-    if name not in _FROM_ENGINE:
+    if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module("blipitm.engine"), name)
     globals()[name] = value  # once: later lookups do not come here

@@ -9,8 +9,8 @@ from typing import Any
 from blipitm.cli.common import add_model_options, load_engine
 from blipitm.cli.progress import ConsoleProgress
 
-# blipitm.evaluation's defaults, restated so that `--help` imports no torch; a test holds them
-# equal.
+# blipitm.evaluation's defaults, restated so that `--help` needs no torch (test_options holds
+# them equal).
 DEFAULT_K_TEST = 128
 DEFAULT_CHUNK_PAIRS = 8192
 

@@ -1,4 +1,7 @@
-"""``blipitm index build|add|remove|info|verify``: the on-disk retrieval index."""
+"""``blipitm index build|add|remove|info|verify``: the on-disk retrieval index.
+
+The ``run_*`` functions import :mod:`blipitm.retrieval` (torch) themselves: not for ``--help``.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ from blipitm.cli.progress import ConsoleProgress
 if TYPE_CHECKING:
     from blipitm.retrieval import AddReport, Index
 
-# blipitm.retrieval's default, restated so that `--help` imports no torch; a test holds them
-# equal.
+# blipitm.retrieval's default, restated so that `--help` needs no torch (test_options holds
+# them equal).
 DEFAULT_BATCH = 64
 
 SOURCE_HELP = (
@@ -94,9 +97,6 @@ def _common(p: argparse.ArgumentParser, *, from_index: bool) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     add_model_options(p, from_index=from_index)
-
-
-# The run_* functions import blipitm.retrieval (torch) themselves: not for `--help`.
 
 
 def run_build(args: argparse.Namespace) -> int:

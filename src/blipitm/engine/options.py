@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-# The protocol names: the one place this module takes them from; moves to scoring.py.
+# PROTOCOLS and Protocol move to scoring.py (issue 9): this import is where they enter here.
 from blipitm.config import DEFAULT_MAX_PIXELS, PROTOCOLS, Protocol
 from blipitm.errors import InvalidInputError
 
