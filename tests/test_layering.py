@@ -117,3 +117,19 @@ def test_only_scoring_decides_by_protocol_name() -> None:
                 if values >= PROTOCOL_NAMES:
                     offenders.append(f"{rel}:{node.lineno} lists the protocol names")
     assert not offenders, "decide through blipitm.scoring instead:\n" + "\n".join(offenders)
+
+
+def test_cli_and_server_load_through_one_options_record() -> None:
+    """The CLI and the server build a LoadOptions and call ``load_options``; calling ``load`` with
+    their own keyword mapping is the second copy of the load flags that issue 9 removed."""
+    offenders = []
+    for package in ("cli", "server"):
+        for path in sorted((SRC / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if (
+                    isinstance(node, ast.ImportFrom)
+                    and node.module in ("blipitm", "blipitm.engine", "blipitm.engine.loader")
+                    and any(alias.name == "load" for alias in node.names)
+                ):
+                    offenders.append(str(path.relative_to(SRC)))
+    assert not offenders, f"load options through blipitm.engine.load_options: {offenders}"

@@ -7,17 +7,10 @@
 
 from __future__ import annotations
 
-from blipitm.engine import (
-    DEFAULT_MODEL,
-    BatchSizes,
-    Engine,
-    ImageFeatures,
-    MatrixScores,
-    ModelInfo,
-    PairScores,
-    Ranked,
-    load,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from blipitm.engine import DEFAULT_MODEL
 from blipitm.errors import (
     BlipitmError,
     CheckpointError,
@@ -25,6 +18,18 @@ from blipitm.errors import (
     ImageTooLargeError,
     InvalidInputError,
 )
+
+if TYPE_CHECKING:
+    from blipitm.engine import (
+        BatchSizes,
+        Engine,
+        ImageFeatures,
+        MatrixScores,
+        ModelInfo,
+        PairScores,
+        Ranked,
+        load,
+    )
 
 __version__ = "0.1.0"
 
@@ -45,3 +50,12 @@ __all__ = [
     "__version__",
     "load",
 ]
+
+
+# The engine's names import torch: they load on first use, so that `blipitm --help` does not.
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module("blipitm.engine"), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value

@@ -26,6 +26,11 @@ BLIP_VISION_LN_EPS = 1e-6  # models/vit.py: partial(nn.LayerNorm, eps=1e-6)
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS at its default), so that the
+# default behaviour is what users of Pillow already expect; here it is a per-call argument instead
+# of a process-wide global. Here, not in processing/, so that the torch-free load options share it.
+DEFAULT_MAX_PIXELS = 89_478_485
+
 
 @dataclass(frozen=True)
 class VisionConfig:

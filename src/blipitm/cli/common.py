@@ -1,61 +1,79 @@
-"""Options shared by the subcommands that load a model."""
+"""Flags built from :mod:`blipitm.engine.options`, and loading the model they name.
+
+Torch-free at import: every subcommand's parser is built from here, ``--help`` included.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
 
-from blipitm.engine import DEFAULT_MODEL, DTYPE_NAMES, Engine, load
-from blipitm.retrieval import Index
-from blipitm.scoring import PROTOCOL_NAMES
+from blipitm.engine.options import MODEL_OPTIONS, LoadOptions, Option, options_from
+
+if TYPE_CHECKING:
+    from blipitm.engine import Engine
+
+# With ``from_index``, these default to what the index's manifest records.
+RECORDED = ("model", "protocol", "dtype")
+
+
+def add_option(
+    p: argparse._ActionsContainer, opt: Option, *, default: Any, shown: Any = None, note: str = ""
+) -> None:
+    """``opt`` as a flag; ``default`` is its value when absent, ``shown`` the default its help
+    states (None: the help states none)."""
+    help_text = opt.help + ("" if shown is None else f" (default: {shown})") + note
+    if opt.kind == "flag":
+        p.add_argument(
+            opt.flag, dest=opt.name, action="store_true", default=default, help=help_text
+        )
+    elif opt.kind == "list":
+        p.add_argument(
+            opt.flag,
+            dest=opt.name,
+            action="append",
+            default=default,
+            metavar=opt.metavar,
+            help=help_text,
+        )
+    else:
+        p.add_argument(
+            opt.flag,
+            dest=opt.name,
+            type=opt.parse,
+            choices=opt.choices,
+            default=default,
+            metavar=opt.metavar,
+            help=help_text,
+        )
 
 
 def add_model_options(p: argparse.ArgumentParser, *, from_index: bool = False) -> None:
     """``from_index``: model, revision, protocol and dtype default to the index's manifest."""
     g = p.add_argument_group("model")
-    recorded = "the one the index was built with"
-    g.add_argument(
-        "--model",
-        default=None if from_index else DEFAULT_MODEL,
-        help="hub id, local Hugging Face directory or BLIP .pth file "
-        f"(default: {recorded if from_index else DEFAULT_MODEL})",
-    )
-    g.add_argument("--revision", default=None, help="hub branch, tag or commit to pin")
-    g.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer directory or hub id for a .pth model (default: bert-base-uncased)",
-    )
-    g.add_argument(
-        "--protocol",
-        choices=PROTOCOL_NAMES,
-        default=None if from_index else "blip",
-        help="blip: as Salesforce evaluated it; transformers: bit-compatible with HF (default: "
-        + (f"{recorded})" if from_index else "blip)"),
-    )
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    g.add_argument(
-        "--dtype",
-        choices=DTYPE_NAMES,
-        default=None if from_index else "float32",
-        help=f"default: {recorded if from_index else 'float32'}",
-    )
+    defaults = LoadOptions()
+    for opt in MODEL_OPTIONS:
+        assert opt.field is not None
+        if from_index and opt.name in RECORDED:
+            add_option(g, opt, default=None, shown="the one the index was built with")
+        else:
+            default = getattr(defaults, opt.field)
+            add_option(g, opt, default=default, shown=default)
 
 
 def load_engine(args: argparse.Namespace, *, index: str | None = None) -> Engine:
     """Load the model the options name; unset ones come from ``index``'s manifest if given."""
-    model, revision, protocol, dtype = args.model, args.revision, args.protocol, args.dtype
-    if index is not None and None in (model, protocol, dtype):
+    from blipitm.engine import load_options  # torch: only once a command runs
+
+    values = dict(vars(args))
+    if index is not None and any(values[name] is None for name in RECORDED):
+        from blipitm.retrieval import Index
+
         with Index.open(index) as opened:
             recorded = opened.manifest["model"]
-        if model is None:
-            model, revision = recorded["source"], revision or recorded.get("revision")
-        protocol = protocol or recorded["protocol"]
-        dtype = dtype or recorded["dtype"]
-    return load(
-        model,
-        revision=revision,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        dtype=dtype,
-        protocol=protocol,
-    )
+        if values["model"] is None:
+            values["model"] = recorded["source"]
+            values["revision"] = values["revision"] or recorded.get("revision")
+        values["protocol"] = values["protocol"] or recorded["protocol"]
+        values["dtype"] = values["dtype"] or recorded["dtype"]
+    return load_options(options_from(values))

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from blipitm.checkpoint import convert_to_hf
 
-
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Any, name: str, help: str) -> None:
     p = sub.add_parser(
-        "convert",
-        help="convert an original BLIP .pth checkpoint to a Hugging Face directory",
+        name,
+        help=help,
         description=(
             "Write SRC (a Salesforce BLIP / LAVIS retrieval checkpoint, {'model': state_dict}) "
             "as a "
@@ -31,6 +29,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from blipitm.checkpoint import convert_to_hf  # torch: not for `--help`
+
     out = convert_to_hf(args.src, args.out_dir, tokenizer=args.tokenizer, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

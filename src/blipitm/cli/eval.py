@@ -8,10 +8,11 @@ from typing import Any
 
 from blipitm.cli.common import add_model_options, load_engine
 from blipitm.cli.progress import ConsoleProgress
-from blipitm.engine import BatchSizes
-from blipitm.evaluation import evaluate
-from blipitm.evaluation.matrices import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST
-from blipitm.evaluation.report import table
+
+# blipitm.evaluation's defaults, restated so that `--help` needs no torch (test_options holds
+# them equal).
+DEFAULT_K_TEST = 128
+DEFAULT_CHUNK_PAIRS = 8192
 
 # What each stage of ``evaluate`` counts.
 UNITS = {"images": "image", "texts": "caption", "itm": "pair"}
@@ -29,10 +30,10 @@ example: blipitm eval --annotations flickr30k_test.json --image-root flickr30k-i
   --output runs/flickr-test --device cuda --dtype bfloat16"""
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Any, name: str, help: str) -> None:
     p = sub.add_parser(
-        "eval",
-        help="retrieval recall (BLIP's Flickr30k / COCO protocol)",
+        name,
+        help=help,
         description=(
             "Evaluate image-text retrieval as BLIP's train_retrieval.py does: ITC over all "
             "pairs, ITM rerank (itm_logits[1] + cosine) of the top k_test per query, -100 "
@@ -73,6 +74,10 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from blipitm.engine import BatchSizes  # torch: not for `--help`
+    from blipitm.evaluation import evaluate
+    from blipitm.evaluation.report import table
+
     engine = load_engine(args)
     if args.batch_size is not None:
         if args.batch_size < 1:

@@ -1,15 +1,23 @@
-"""``blipitm index build|add|remove|info|verify``: the on-disk retrieval index."""
+"""``blipitm index build|add|remove|info|verify``: the on-disk retrieval index.
+
+The ``run_*`` functions import :mod:`blipitm.retrieval` (torch) themselves: not for ``--help``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blipitm.cli.common import add_model_options, load_engine
 from blipitm.cli.progress import ConsoleProgress
-from blipitm.retrieval import AddReport, Index, add_sources, build_index
-from blipitm.retrieval.ingest import DEFAULT_BATCH
+
+if TYPE_CHECKING:
+    from blipitm.retrieval import AddReport, Index
+
+# blipitm.retrieval's default, restated so that `--help` needs no torch (test_options holds
+# them equal).
+DEFAULT_BATCH = 64
 
 SOURCE_HELP = (
     "a folder of images (recursive), a captions file (.txt, one per line) or a JSONL file of "
@@ -18,10 +26,10 @@ SOURCE_HELP = (
 SHOW_SKIPPED = 20
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Any, name: str, help: str) -> None:
     p = sub.add_parser(
-        "index",
-        help="build and maintain a retrieval index",
+        name,
+        help=help,
         description="Build and maintain an on-disk index of image and caption embeddings.",
     )
     isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
@@ -92,6 +100,8 @@ def _common(p: argparse.ArgumentParser, *, from_index: bool) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from blipitm.retrieval import build_index
+
     engine = load_engine(args)
     progress = ConsoleProgress()
     try:
@@ -111,6 +121,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
+    from blipitm.retrieval import Index, add_sources
+
     engine = load_engine(args, index=args.index)
     progress = ConsoleProgress()
     with Index.open(args.index, engine, writable=True) as index:
@@ -130,6 +142,8 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_remove(args: argparse.Namespace) -> int:
+    from blipitm.retrieval import Index
+
     with Index.open(args.index, writable=True) as index:
         removed, missing = index.remove(args.refs)
     for item in removed:
@@ -140,6 +154,8 @@ def run_remove(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from blipitm.retrieval import Index
+
     with Index.open(args.index) as index:
         info = describe(index)
     if args.json:
@@ -161,6 +177,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from blipitm.retrieval import Index
+
     with Index.open(args.index) as index:  # raises IndexDamagedError: main prints it, exit 2
         checked = index.verify()
     features = f" and {checked['feature_rows']} feature rows" if index.has_features else ""

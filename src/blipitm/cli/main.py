@@ -1,21 +1,50 @@
-"""``blipitm`` command line: one module per subcommand, each with ``add_parser`` and ``run``."""
+"""``blipitm`` command line: a table of subcommands, one module each with ``add_parser``.
+
+Only the subcommand a command line names is imported, and no subcommand module imports torch or
+the engine before its ``run`` does, so ``blipitm --help`` and ``blipitm CMD --help`` answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 from blipitm import __version__
-from blipitm.cli import convert, index, score, search, serve
-from blipitm.cli import eval as eval_cmd
 from blipitm.errors import BlipitmError
 
-COMMANDS = (score, convert, serve, eval_cmd, index, search)
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    module: str  # has add_parser(sub, name, help) -> None
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = (
+    Command("score", "score an image against one or more texts", "blipitm.cli.score"),
+    Command(
+        "convert",
+        "convert an original BLIP .pth checkpoint to a Hugging Face directory",
+        "blipitm.cli.convert",
+    ),
+    Command(
+        "serve",
+        "serve the model over HTTP (OpenAI / vLLM / Cohere compatible)",
+        "blipitm.cli.serve",
+    ),
+    Command("eval", "retrieval recall (BLIP's Flickr30k / COCO protocol)", "blipitm.cli.eval"),
+    Command("index", "build and maintain a retrieval index", "blipitm.cli.index"),
+    Command("search", "search an index with a caption or an image", "blipitm.cli.search"),
+)
+
+
+def build_parser(full: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``full`` names the subcommands whose arguments it has (default: all). The
+    others have just their one-line help, and their modules are not imported."""
     parser = argparse.ArgumentParser(
         prog="blipitm",
         description="Exact, fast BLIP image-text matching (ITM probability and ITC cosine).",
@@ -26,12 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
-        command.add_parser(sub)
+        if full is None or command.name in full:
+            module = importlib.import_module(command.module)
+            module.add_parser(sub, command.name, command.help)
+        else:
+            sub.add_parser(command.name, help=command.help)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The top-level options take no value, so the first word that is not an option is the command.
+    named = [word for word in argv if not word.startswith("-")][:1]
+    parser = build_parser(full=named)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

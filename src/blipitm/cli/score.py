@@ -10,10 +10,10 @@ from typing import Any
 from blipitm.cli.common import add_model_options, load_engine
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Any, name: str, help: str) -> None:
     p = sub.add_parser(
-        "score",
-        help="score an image against one or more texts",
+        name,
+        help=help,
         description="Print the ITM match probability and ITC cosine of IMAGE against each TEXT.",
         epilog='example: blipitm score dog.jpg "a dog on the grass" "a red car" --json',
     )

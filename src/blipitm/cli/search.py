@@ -9,13 +9,12 @@ from typing import Any
 
 from blipitm.cli.common import add_model_options, load_engine
 from blipitm.errors import InvalidInputError
-from blipitm.retrieval import Index, search
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Any, name: str, help: str) -> None:
     p = sub.add_parser(
-        "search",
-        help="search an index with a caption or an image",
+        name,
+        help=help,
         description=(
             "Text -> images (a caption) or image -> captions (--image): exact ITC top-k over "
             "the whole index, then ITM rerank of the best --rerank-k with the BLIP score "
@@ -39,6 +38,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from blipitm.retrieval import Index, search  # torch: not for `--help`
+
     if (args.query is None) == (args.image is None):  # a usage error: exit 2, like argparse's
         raise InvalidInputError("give either a caption or --image PATH", field="query")
     engine = load_engine(args, index=args.index)

@@ -15,18 +15,18 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
+from blipitm.cli.common import add_option
 from blipitm.errors import BlipitmError
-from blipitm.retrieval import Index
 from blipitm.server.settings import OPTIONS, ServerSettings, from_env
 
 if TYPE_CHECKING:
     from blipitm.server.http import EarlyStop
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Any, name: str, help: str) -> None:
     p = sub.add_parser(
-        "serve",
-        help="serve the model over HTTP (OpenAI / vLLM / Cohere compatible)",
+        name,
+        help=help,
         description=(
             "Serve BLIP ITM over HTTP: /v1/embeddings (OpenAI), /v1/score (vLLM), /v1/rerank and "
             "/v2/rerank (Cohere/Jina), /v1/models, /v1/search (with --index), /health, /ready, "
@@ -37,36 +37,10 @@ def add_parser(sub: Any) -> None:
     )
     defaults = ServerSettings()
     for opt in OPTIONS:
-        env_note = f" [env {opt.env}]"
-        if opt.kind == "flag":
-            p.add_argument(
-                opt.flag,
-                dest=opt.name,
-                action="store_true",
-                default=None,
-                help=opt.help + env_note,
-            )
-        elif opt.kind == "list":
-            p.add_argument(
-                opt.flag,
-                dest=opt.name,
-                action="append",
-                default=None,
-                metavar="KEY" if opt.name == "api_keys" else "HOST",
-                help=opt.help + env_note,
-            )
-        else:
-            default = getattr(defaults, opt.name)
-            # A None default is explained in the help text itself, if at all.
-            shown = "" if default is None else f" (default: {default})"
-            p.add_argument(
-                opt.flag,
-                dest=opt.name,
-                type=opt.parse,
-                choices=opt.choices,
-                default=None,
-                help=f"{opt.help}{shown}{env_note}",
-            )
+        # None: not given, so the environment or the default applies. Flags and lists state no
+        # default; a None default is explained in the help text itself, if at all.
+        shown = getattr(defaults, opt.name) if opt.kind == "value" else None
+        add_option(p, opt, default=None, shown=shown, note=f" [env {opt.env}]")
     p.set_defaults(run=run)
 
 
@@ -79,7 +53,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blipitm.server.http import EarlyStop, bind  # uvicorn: not for every `blipitm --help`
+    from blipitm.retrieval import Index  # torch, uvicorn: not for `--help`
+    from blipitm.server.http import EarlyStop, bind
 
     settings = settings_from_args(args)
     level = getattr(logging, settings.log_level.upper())

@@ -1,7 +1,16 @@
-"""Joins model, processing and checkpoint; the only layer that knows about device and dtype."""
+"""Joins model, processing and checkpoint; the only layer that knows about device and dtype.
 
-from blipitm.engine.engine import BatchSizes, Engine
-from blipitm.engine.load import DEFAULT_MODEL, load
+:mod:`blipitm.engine.options` and :mod:`blipitm.engine.types` are torch-free, and the CLI's
+``--help`` and the server's settings import them, so this package imports torch only when one of
+its other names (the engine, ``load``) is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
 from blipitm.engine.types import (
     DTYPE_NAMES,
     Dtype,
@@ -12,6 +21,17 @@ from blipitm.engine.types import (
     Ranked,
 )
 
+if TYPE_CHECKING:
+    from blipitm.engine.engine import BatchSizes, Engine
+    from blipitm.engine.loader import load, load_options
+
+_SUBMODULE_OF = {
+    "BatchSizes": "engine",
+    "Engine": "engine",
+    "load": "loader",
+    "load_options": "loader",
+}
+
 __all__ = [
     "DEFAULT_MODEL",
     "DTYPE_NAMES",
@@ -19,9 +39,19 @@ __all__ = [
     "Dtype",
     "Engine",
     "ImageFeatures",
+    "LoadOptions",
     "MatrixScores",
     "ModelInfo",
     "PairScores",
     "Ranked",
     "load",
+    "load_options",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SUBMODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SUBMODULE_OF[name]}"), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value

@@ -25,6 +25,7 @@ from PIL import Image
 from blipitm.config import BlipConfig
 from blipitm.engine.cache import ByteLRU
 from blipitm.engine.devices import TORCH_DTYPES
+from blipitm.engine.options import DEFAULT_CACHE_BYTES, DEFAULT_MAX_TEXT_CHARS
 from blipitm.engine.types import (
     NUMPY_DTYPES,
     ImageFeatures,
@@ -53,9 +54,6 @@ from blipitm.scoring import PROTOCOLS, itm_probability
 log = logging.getLogger("blipitm")
 
 T = TypeVar("T")
-
-DEFAULT_CACHE_BYTES = 512 << 20
-DEFAULT_MAX_TEXT_CHARS = 100_000
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from blipitm.config import IMAGE_MEAN, IMAGE_STD
+from blipitm.config import DEFAULT_MAX_PIXELS, IMAGE_MEAN, IMAGE_STD
 from blipitm.errors import ImageTooLargeError, InvalidInputError
 from blipitm.processing.budget import PixelBudget
 from blipitm.scoring import ScoringProtocol
-
-# Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS at its default), so that the
-# default behaviour is what users of Pillow already expect; here it is a per-call argument instead
-# of a process-wide global.
-DEFAULT_MAX_PIXELS = 89_478_485
 
 # Formats we let Pillow try. An allow-list rather than "whatever Pillow can open": some plugins are
 # unsafe on untrusted input (EPS runs Ghostscript) and the formats left out are not photo formats.

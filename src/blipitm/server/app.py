@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from starlette.routing import Route
 
-from blipitm.engine import Engine, load
+from blipitm.engine import Engine, load_options
 from blipitm.errors import BlipitmError
 from blipitm.server import docs, errors
 from blipitm.server.auth import KeyChecker
@@ -44,17 +44,8 @@ def _version() -> str:
 
 
 def load_engine(settings: ServerSettings) -> Engine:
-    """The default engine factory: ``blipitm.load`` with the server's settings."""
-    return load(
-        settings.model,
-        revision=settings.revision,
-        tokenizer=settings.tokenizer,
-        device=settings.device,
-        dtype=settings.dtype,
-        protocol=settings.protocol,
-        max_pixels=settings.max_image_pixels,
-        cache_bytes=settings.cache_bytes,
-    )
+    """The default engine factory: the model and the input limits the settings name."""
+    return load_options(settings.to_load_options())
 
 
 def create_app(

@@ -47,7 +47,7 @@ class ImageLoader:
         executor: Executor,
         fetcher: URLFetcher | None,
         max_bytes: int,
-        max_pixels: int,
+        max_pixels: int | None,
         budget: PixelBudget,
         image_settings: ImageSettings,
         protocol: ScoringProtocol,

@@ -3,21 +3,31 @@
 Each setting is declared once in :data:`OPTIONS` (flag, environment variable, type, help); the CLI
 builds its parser from that table, :func:`from_env` reads the environment with it, and
 ``docs/server.md`` documents it. Precedence: command-line flag, then environment, then default.
+The options that load the model are :mod:`blipitm.engine.options`' own declarations, reused here;
+:meth:`ServerSettings.to_load_options` turns them into the engine's record, which validates them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from blipitm.engine import DEFAULT_MODEL, DTYPE_NAMES, Dtype
+from blipitm.engine.options import (
+    DEFAULT_MODEL,
+    LIMIT_OPTIONS,
+    LOAD_OPTIONS,
+    MODEL_OPTIONS,
+    LoadOptions,
+    Option,
+    optional_str,
+    options_from,
+)
+from blipitm.engine.types import Dtype
 from blipitm.errors import InvalidInputError
-from blipitm.scoring import PROTOCOL_NAMES, ProtocolName, get_protocol
-
-ENV_PREFIX = "BLIPITM_"
+from blipitm.scoring import ProtocolName
 
 
 @dataclass(frozen=True)
@@ -70,16 +80,10 @@ class ServerSettings:
         for name in ("max_batch_size", "max_queue", "max_items", "decode_threads", "port"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        for name in (
-            "max_body_bytes",
-            "max_image_pixels",
-            "max_decoded_pixels",
-            "max_image_bytes",
-            "max_text_chars",
-        ):
+        for name in ("max_body_bytes", "max_decoded_pixels", "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        for name in ("max_wait_ms", "url_max_redirects", "cache_bytes"):
+        for name in ("max_wait_ms", "url_max_redirects"):
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"must be >= 0, got {getattr(self, name)}", field=name)
         for name in ("request_timeout_s", "url_timeout_s"):
@@ -92,13 +96,13 @@ class ServerSettings:
         for name in ("head_timeout_s", "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"must be > 0, got {getattr(self, name)}", field=name)
-        get_protocol(self.protocol)
-        if self.dtype not in DTYPE_NAMES:
-            raise InvalidInputError(
-                f"must be one of {DTYPE_NAMES}, got {self.dtype!r}", field="dtype"
-            )
         if any(not k for k in self.api_keys):
             raise InvalidInputError("an API key must not be empty", field="api_keys")
+        self.to_load_options()  # validates the model options and the engine's limits
+
+    def to_load_options(self) -> LoadOptions:
+        """What the server loads: its model options and the engine's limits."""
+        return options_from({opt.name: getattr(self, opt.name) for opt in LOAD_OPTIONS})
 
     @property
     def model_name(self) -> str:
@@ -137,47 +141,19 @@ def _parse_list(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
-def _optional_str(value: str) -> str | None:
-    return value or None
-
-
-@dataclass(frozen=True)
-class Option:
-    """One setting as the outside world sees it."""
-
-    name: str  # ServerSettings field
-    help: str
-    parse: Callable[[str], Any] = str  # environment string -> value
-    kind: str = "value"  # "value", "flag" (store_true) or "list" (repeatable flag)
-    choices: tuple[str, ...] | None = None
-    env_only: bool = False  # settable by environment only (e.g. the key list)
-    flag_name: str | None = None  # overrides --name-with-dashes
-
-    @property
-    def flag(self) -> str:
-        return self.flag_name or "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
-
+_LIMIT = {opt.name: opt for opt in LIMIT_OPTIONS}
 
 OPTIONS: tuple[Option, ...] = (
-    Option("model", "hub id, local Hugging Face directory or BLIP .pth file"),
-    Option("revision", "hub branch, tag or commit to pin", _optional_str),
-    Option("tokenizer", "tokenizer directory or hub id for a .pth model", _optional_str),
-    Option("protocol", "scoring protocol (see the README)", choices=PROTOCOL_NAMES),
-    Option("device", "cpu, cuda or cuda:N"),
-    Option("dtype", "model dtype", choices=DTYPE_NAMES),
+    *MODEL_OPTIONS,
     Option(
         "served_model_name",
         "name clients pass as `model` and see in /v1/models (default: the --model string)",
-        _optional_str,
+        optional_str,
     ),
     Option(
         "index",
         "retrieval index folder served by POST /v1/search (see `blipitm index build`)",
-        _optional_str,
+        optional_str,
     ),
     Option("host", "interface to bind; 0.0.0.0 exposes the server to the network"),
     Option("port", "TCP port", int),
@@ -188,6 +164,7 @@ OPTIONS: tuple[Option, ...] = (
         _parse_list,
         kind="list",
         flag_name="--api-key",
+        metavar="KEY",
     ),
     Option("protect_metrics", "require the API key for /metrics too", _parse_bool, kind="flag"),
     Option(
@@ -207,10 +184,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_queue", "queued requests before new ones get 429", int),
     Option("request_timeout_s", "deadline per request (seconds); past it: 504", float),
     Option("decode_threads", "threads that decode images and fetch URLs", int),
-    Option("cache_bytes", "bytes of encoded images kept in the engine's cache", int),
+    _LIMIT["cache_bytes"],
     Option("max_body_bytes", "largest request body (bytes); larger: 413", int),
     Option("max_items", "most inputs / documents / pairs per request; more: 413", int),
-    Option("max_image_pixels", "largest image (width x height); larger: 413", int),
+    _LIMIT["max_image_pixels"],
     Option(
         "max_decoded_pixels",
         "full-size pixels decoding at once, server-wide (about 4 bytes each); more waits, "
@@ -218,13 +195,14 @@ OPTIONS: tuple[Option, ...] = (
         int,
     ),
     Option("max_image_bytes", "largest encoded image, base64-decoded or fetched (bytes)", int),
-    Option("max_text_chars", "longest text (characters); longer: 400", int),
+    _LIMIT["max_text_chars"],
     Option("allow_url_fetch", "accept http(s) image URLs (off by default)", _parse_bool, "flag"),
     Option(
         "url_allowlist",
         "only fetch from these hosts (repeatable; env: comma-separated); default: any public host",
         _parse_list,
         kind="list",
+        metavar="HOST",
     ),
     Option("url_timeout_s", "connect / read timeout of one image fetch (seconds)", float),
     Option("url_max_redirects", "redirects followed per image URL, each re-checked", int),
@@ -284,9 +262,7 @@ def markdown_table() -> str:
             shown = "off" if not default else "on"
         else:
             shown = "—" if default is None else str(default)
-        flag = opt.flag + (" KEY" if opt.name == "api_keys" else "")
-        if opt.name == "url_allowlist":
-            flag += " HOST"
+        flag = opt.flag + (f" {opt.metavar}" if opt.metavar else "")
         help_text = opt.help + (f" ({'/'.join(opt.choices)})" if opt.choices else "")
         rows.append(f"| `{flag}` | `{opt.env}` | `{shown}` | {help_text} |")
     return "\n".join(rows)

@@ -76,7 +76,7 @@ class ServerState:
             executor=self.executor,
             fetcher=self.fetcher,
             max_bytes=s.max_image_bytes,
-            max_pixels=s.max_image_pixels,
+            max_pixels=engine.max_pixels,  # the engine's limit: one home, set by the settings
             budget=PixelBudget(s.max_decoded_pixels, setting="--max-decoded-pixels"),
             image_settings=engine.image_settings,
             protocol=engine.protocol,
@@ -163,13 +163,13 @@ class ServerState:
             raise _queue_full(batcher.retry_after_s())
 
     def validate_texts(self, items: Sequence[TextItem]) -> list[str]:
+        """Checked before queueing, with the engine's own limit, so a bad text fails alone."""
+        engine, _, _ = self.require_ready()
         out = []
         for item in items:
             try:
                 out.append(
-                    validate_text(
-                        item.text, field=item.param, max_chars=self.settings.max_text_chars
-                    )
+                    validate_text(item.text, field=item.param, max_chars=engine.max_text_chars)
                 )
             except InvalidInputError as e:
                 raise from_invalid_input(e, item.param) from None

@@ -1,0 +1,118 @@
+"""``blipitm.load``: resolve a checkpoint, build the model for a protocol, wrap it in an Engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from blipitm.checkpoint import load_into, load_weights, resolve
+from blipitm.engine.devices import TORCH_DTYPES, dtype_name, native_compute_dtype
+from blipitm.engine.engine import Engine
+from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
+from blipitm.engine.types import ModelInfo
+from blipitm.errors import InvalidInputError
+from blipitm.model import ATTN_IMPLS, BlipITM
+from blipitm.processing.image import ImageSettings
+from blipitm.processing.tokenizer import Tokenizer
+from blipitm.scoring import get_protocol
+
+log = logging.getLogger("blipitm")
+
+
+def load(source: str | os.PathLike[str] = DEFAULT_MODEL, **options: Any) -> Engine:
+    """Load a BLIP ITM checkpoint and return a ready :class:`Engine`.
+
+    The keyword arguments are the fields of :class:`LoadOptions`, which says what each means;
+    ``load(source, **options)`` is ``load_options(LoadOptions(source, **options))``.
+    """
+    return load_options(LoadOptions(source, **options))
+
+
+def load_options(options: LoadOptions) -> Engine:
+    """Load the checkpoint ``options`` name, as they say; what the CLI and the server call."""
+    if options.attn_impl not in ATTN_IMPLS:
+        raise InvalidInputError(
+            f"must be one of {ATTN_IMPLS}, got {options.attn_impl!r}", field="attn_impl"
+        )
+    torch_device = _device(options.device)
+    if TORCH_DTYPES[options.dtype] == torch.float16 and torch_device.type == "cpu":
+        raise InvalidInputError(
+            "float16 is not supported on CPU; use bfloat16 (fast on modern CPUs) or float32",
+            field="dtype",
+        )
+
+    resolved = resolve(options.source, revision=options.revision, tokenizer=options.tokenizer)
+    scoring = get_protocol(options.protocol)
+    config, overrides = scoring.configure(resolved.config)
+    for override in overrides:
+        log.info("protocol %s overrides %s", options.protocol, override)
+
+    # Tensors are converted to the storage dtype as they are read and assigned to a model built
+    # on the meta device, so no second copy of the weights ever exists (peak RSS).
+    state_dict = load_weights(resolved, dtype=TORCH_DTYPES[options.dtype])
+    with torch.device("meta"):
+        model = BlipITM(config)
+    load_into(model, state_dict)
+    del state_dict
+    model = model.to(device=torch_device).eval().requires_grad_(False)
+    model.set_attn_impl(options.attn_impl)  # type: ignore[arg-type]
+    if options.compute_dtype is None:
+        compute = native_compute_dtype(torch_device, TORCH_DTYPES[options.dtype])
+    else:
+        compute = TORCH_DTYPES[options.compute_dtype]
+
+    info = ModelInfo(
+        source=resolved.source,
+        kind=resolved.kind,
+        revision=resolved.revision,
+        commit=resolved.commit,
+        protocol=scoring.name,
+        device=str(torch_device),
+        dtype=options.dtype,
+        config=config,
+        overrides=overrides,
+        compute_dtype=dtype_name(compute),
+    )
+    log.info(
+        "loaded %s (%s, revision=%s, commit=%s) protocol=%s device=%s dtype=%s compute=%s "
+        "overrides=[%s]",
+        info.source,
+        info.kind,
+        info.revision,
+        info.commit,
+        options.protocol,
+        info.device,
+        options.dtype,
+        info.compute_dtype,
+        "; ".join(str(x) for x in overrides),
+    )
+    return Engine(
+        model,
+        Tokenizer.from_dir(resolved.tokenizer_dir),
+        ImageSettings.from_processor_dict(resolved.image_settings_dict),
+        info,
+        max_pixels=options.max_pixels,
+        max_text_chars=options.max_text_chars,
+        cache_bytes=options.cache_bytes,
+        batch_sizes=options.batch_sizes,
+        decode_threads=options.decode_threads,
+        decode_budget_pixels=options.decode_budget_pixels,
+    )
+
+
+def _device(device: str) -> torch.device:
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInputError(
+            f"{device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'", field="device"
+        ) from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(
+            "CUDA was requested but torch sees no GPU (CPU-only build or no driver); use 'cpu'",
+            field="device",
+        )
+    return d

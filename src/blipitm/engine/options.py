@@ -1,0 +1,160 @@
+"""What to load and how: one frozen, validated record shared by ``load()``, the CLI and the server.
+
+:class:`LoadOptions` is checked once, when it is built, so a bad value fails before anything is
+read from disk, with the same message from every entry point. :data:`LOAD_OPTIONS` declares how
+the options a user sets appear outside Python (flag, ``BLIPITM_*`` environment variable, help):
+the CLI builds its flags from it and the server's settings table reuses it.
+
+No torch here (``blipitm.engine`` loads its other names on first use), so ``blipitm --help`` and
+the server's settings stay cheap; :mod:`blipitm.engine.loader` turns the dtype names into torch
+dtypes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from blipitm.config import DEFAULT_MAX_PIXELS
+from blipitm.engine.types import DTYPE_NAMES, Dtype
+from blipitm.errors import InvalidInputError
+from blipitm.scoring import PROTOCOL_NAMES, ProtocolName
+
+if TYPE_CHECKING:
+    from blipitm.engine.engine import BatchSizes
+
+DEFAULT_MODEL = "Salesforce/blip-itm-base-flickr"
+DEFAULT_CACHE_BYTES = 512 << 20
+DEFAULT_MAX_TEXT_CHARS = 100_000
+ENV_PREFIX = "BLIPITM_"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Which checkpoint to load, how to run it, and the engine's input limits.
+
+    ``source``: a hub id (``revision`` pins it), a local Hugging Face directory, or an original
+    BLIP/LAVIS ``.pth`` file (then ``tokenizer`` names the tokenizer directory or hub id).
+    ``protocol``: ``"blip"`` (the model as Salesforce evaluated it) or ``"transformers"``
+    (bit-compatible with ``transformers.BlipForImageTextRetrieval``); see the README.
+    ``dtype`` is how the weights are stored; ``compute_dtype`` (default: ``dtype`` where the
+    hardware runs it natively, else float32) is what the arithmetic runs in.
+    ``max_pixels`` (None: no limit) and ``max_text_chars`` bound each input; ``decode_threads``
+    and ``decode_budget_pixels`` (full-size pixels decoded at once; default ``max_pixels``)
+    bound the image decoding; see :class:`~blipitm.engine.engine.Engine`.
+    """
+
+    source: str | os.PathLike[str] = DEFAULT_MODEL
+    revision: str | None = None
+    tokenizer: str | os.PathLike[str] | None = None
+    device: str = "cpu"  # checked against the machine when loading: that needs torch
+    dtype: Dtype = "float32"
+    protocol: ProtocolName = "blip"
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    batch_sizes: BatchSizes | None = None
+    attn_impl: str = "sdpa"  # checked against the model's implementations when loading
+    compute_dtype: Dtype | None = None
+    decode_threads: int | None = None
+    decode_budget_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("protocol", self.protocol, PROTOCOL_NAMES)
+        _check_choice("dtype", self.dtype, DTYPE_NAMES)
+        if self.compute_dtype is not None:
+            _check_choice("compute_dtype", self.compute_dtype, DTYPE_NAMES)
+        for name in ("max_pixels", "max_text_chars"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidInputError(f"must be >= 1, got {value}", field=name)
+        if self.cache_bytes < 0:
+            raise InvalidInputError(f"must be >= 0, got {self.cache_bytes}", field="cache_bytes")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidInputError(f"must be one of {choices}, got {value!r}", field=name)
+
+
+# -- the options as flags and environment variables ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as the outside world sees it: a flag, an environment variable, a help line."""
+
+    name: str  # the flag (--name-with-dashes), the variable (BLIPITM_NAME), the settings field
+    help: str
+    parse: Callable[[str], Any] = str  # environment string -> value
+    kind: str = "value"  # "value", "flag" (store_true) or "list" (repeatable flag)
+    choices: tuple[str, ...] | None = None
+    flag_name: str | None = None  # overrides --name-with-dashes
+    metavar: str | None = None
+    field: str | None = None  # the LoadOptions field it sets, where it names one
+
+    @property
+    def flag(self) -> str:
+        return self.flag_name or "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+def optional_str(value: str) -> str | None:
+    return value or None
+
+
+MODEL_OPTIONS: tuple[Option, ...] = (
+    Option("model", "hub id, local Hugging Face directory or BLIP .pth file", field="source"),
+    Option("revision", "hub branch, tag or commit to pin", optional_str, field="revision"),
+    Option(
+        "tokenizer",
+        "tokenizer directory or hub id for a .pth model (default: bert-base-uncased)",
+        optional_str,
+        field="tokenizer",
+    ),
+    Option(
+        "protocol",
+        "scoring protocol; blip: as Salesforce evaluated it, transformers: bit-compatible with "
+        "Hugging Face (see the README)",
+        choices=PROTOCOL_NAMES,
+        field="protocol",
+    ),
+    Option("device", "cpu, cuda or cuda:N", field="device"),
+    Option("dtype", "dtype the weights are stored in", choices=DTYPE_NAMES, field="dtype"),
+)
+LIMIT_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "cache_bytes",
+        "bytes of encoded images kept in the engine's cache",
+        int,
+        field="cache_bytes",
+    ),
+    Option(
+        "max_image_pixels",
+        "largest image (width x height); larger: 413",
+        int,
+        field="max_pixels",
+    ),
+    Option("max_text_chars", "longest text (characters); longer: 400", int, field="max_text_chars"),
+)
+LOAD_OPTIONS = MODEL_OPTIONS + LIMIT_OPTIONS
+
+
+def options_from(values: Mapping[str, Any]) -> LoadOptions:
+    """The record for option values keyed by :data:`LOAD_OPTIONS` names (parsed flags, server
+    settings); an absent or None value keeps the default. A bad value names its option."""
+    given = {
+        o.field: values[o.name]
+        for o in LOAD_OPTIONS
+        if o.field is not None and values.get(o.name) is not None
+    }
+    try:
+        return LoadOptions(**given)
+    except InvalidInputError as e:
+        name = next((o.name for o in LOAD_OPTIONS if o.field == e.field), e.field)
+        raise InvalidInputError(e.reason, field=name) from None

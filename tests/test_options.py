@@ -1,0 +1,118 @@
+"""One record of load options (engine/options.py) shared by ``load()``, the CLI and the server."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import blipitm
+from blipitm.cli import eval as eval_cmd
+from blipitm.cli import index as index_cmd
+from blipitm.cli.main import COMMANDS, build_parser
+from blipitm.engine import LoadOptions, load_options
+from blipitm.engine.options import LOAD_OPTIONS, MODEL_OPTIONS, options_from
+from blipitm.errors import InvalidInputError
+from blipitm.server.app import load_engine
+from blipitm.server.settings import OPTIONS, ServerSettings
+
+
+def test_options_are_checked_once_when_built() -> None:
+    for field, bad in [
+        ("protocol", "lavis"),
+        ("dtype", "float64"),
+        ("compute_dtype", "int8"),
+        ("max_pixels", 0),
+        ("max_text_chars", 0),
+        ("cache_bytes", -1),
+    ]:
+        with pytest.raises(InvalidInputError, match=field):
+            LoadOptions(**{field: bad})
+    assert dataclasses.is_dataclass(LoadOptions) and LoadOptions.__dataclass_params__.frozen  # type: ignore[attr-defined]
+
+
+def test_a_bad_option_names_the_flag_it_came_from() -> None:
+    with pytest.raises(InvalidInputError, match="max_image_pixels"):
+        options_from({"max_image_pixels": 0})
+    with pytest.raises(InvalidInputError, match="max_image_pixels"):
+        ServerSettings(max_image_pixels=0)
+    with pytest.raises(InvalidInputError, match="protocol"):
+        ServerSettings(protocol="lavis")
+
+
+def test_every_load_option_is_a_field_and_a_server_setting() -> None:
+    fields = {f.name for f in dataclasses.fields(LoadOptions)}
+    assert all(o.field in fields for o in LOAD_OPTIONS)
+    assert all(o in OPTIONS for o in LOAD_OPTIONS), "the server reuses the declarations"
+    settings = ServerSettings(model="m", max_image_pixels=7, max_text_chars=9, cache_bytes=3)
+    assert settings.to_load_options() == LoadOptions(
+        "m", max_pixels=7, max_text_chars=9, cache_bytes=3
+    )
+
+
+def test_cli_flags_come_from_the_declarations() -> None:
+    parser = build_parser(["score", "search"])
+    args = parser.parse_args(["score", "i", "t", "--model", "m", "--dtype", "bfloat16"])
+    assert options_from(vars(args)) == LoadOptions("m", dtype="bfloat16")
+    args = parser.parse_args(["search", "INDEX", "q", "--revision", "v1"])  # rest: the index's
+    given = {o.name: getattr(args, o.name) for o in MODEL_OPTIONS}
+    assert given == {
+        "model": None,
+        "revision": "v1",
+        "tokenizer": None,
+        "protocol": None,
+        "device": "cpu",
+        "dtype": None,
+    }
+
+
+def test_load_is_load_options(tiny_ckpt: Path) -> None:
+    a = blipitm.load(tiny_ckpt, protocol="transformers", max_text_chars=12)
+    b = load_options(LoadOptions(tiny_ckpt, protocol="transformers", max_text_chars=12))
+    assert a.info == b.info and a.max_text_chars == b.max_text_chars == 12
+
+
+def test_server_limits_have_one_home_the_engine(tiny_ckpt: Path) -> None:
+    engine = load_engine(
+        ServerSettings(model=str(tiny_ckpt), max_image_pixels=1234, max_text_chars=56)
+    )
+    assert (engine.max_pixels, engine.max_text_chars) == (1234, 56)
+
+
+def test_cli_defaults_are_the_librarys() -> None:
+    from blipitm.evaluation.matrices import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST
+
+    from blipitm.retrieval.ingest import DEFAULT_BATCH
+
+    assert (eval_cmd.DEFAULT_K_TEST, eval_cmd.DEFAULT_CHUNK_PAIRS) == (
+        DEFAULT_K_TEST,
+        DEFAULT_CHUNK_PAIRS,
+    )
+    assert index_cmd.DEFAULT_BATCH == DEFAULT_BATCH
+
+
+HEAVY = ("torch", "blipitm.engine.engine")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], *([c.name] for c in COMMANDS), ["index", "build"], ["index", "add"]],
+    ids=lambda argv: " ".join(argv) or "blipitm",
+)
+def test_help_imports_neither_torch_nor_the_engine(argv: list[str]) -> None:
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "blipitm", *argv, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "usage: blipitm" in run.stdout
+    # -X importtime writes one line per module: "import time: self | cumulative | name".
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines()}
+    assert not imported & set(HEAVY), (
+        f"`blipitm {' '.join(argv)} --help` imports {imported & set(HEAVY)}"
+    )
