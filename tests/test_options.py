@@ -84,7 +84,6 @@ def test_server_limits_have_one_home_the_engine(tiny_ckpt: Path) -> None:
 
 def test_cli_defaults_are_the_librarys() -> None:
     from blipitm.evaluation.matrices import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST
-
     from blipitm.retrieval.ingest import DEFAULT_BATCH
 
     assert (eval_cmd.DEFAULT_K_TEST, eval_cmd.DEFAULT_CHUNK_PAIRS) == (
