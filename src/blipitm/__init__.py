@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from blipitm.common.version import __version__
 from blipitm.engine import (
     DEFAULT_MODEL,
     BatchSizes,
@@ -25,8 +26,6 @@ from blipitm.errors import (
     ImageTooLargeError,
     InvalidInputError,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",

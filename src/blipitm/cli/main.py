@@ -7,9 +7,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from blipitm import __version__
 from blipitm.cli import convert, index, score, search, serve
 from blipitm.cli import eval as eval_cmd
+from blipitm.common.version import __version__
 from blipitm.errors import BlipitmError
 
 COMMANDS = (score, convert, serve, eval_cmd, index, search)

@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from blipitm.common.identity import mismatch, model_record
+from blipitm.common.progress import Progress, no_progress
+from blipitm.common.topk import top_k_mask
 from blipitm.engine import Engine, ImageFeatures
 from blipitm.errors import InvalidInputError
 from blipitm.evaluation.workdir import WorkDir
 from blipitm.processing.image import ImageInput, content_key
-from blipitm.retrieval.identity import mismatch, model_record
-from blipitm.retrieval.progress import Progress, no_progress
-from blipitm.retrieval.topk import top_k_mask
 
 DEFAULT_K_TEST = 128  # configs/retrieval_flickr.yaml (COCO uses 256)
 DEFAULT_CHUNK_PAIRS = 8192

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from blipitm.common.progress import Progress, no_progress
 from blipitm.engine import Engine
 from blipitm.errors import InvalidInputError
-from blipitm.retrieval.progress import Progress, no_progress
 from blipitm.retrieval.store import Index, NewItem
 
 log = logging.getLogger("blipitm")

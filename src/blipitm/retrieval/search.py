@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from blipitm.common.topk import merge_top_k, top_k_indices
 from blipitm.engine import Engine, ImageFeatures, PairScores
 from blipitm.errors import InvalidInputError
 from blipitm.processing.image import ImageInput
 from blipitm.retrieval.errors import IndexDamagedError, IndexMismatchError
 from blipitm.retrieval.store import Index, Item, Kind
-from blipitm.retrieval.topk import merge_top_k, top_k_indices
 
 SCAN_CHUNK_ROWS = 1 << 16
 

@@ -10,18 +10,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 from starlette.routing import Route
 
+from blipitm.common.version import __version__
 from blipitm.engine import Engine, load
 from blipitm.errors import BlipitmError
 from blipitm.server import docs, errors
 from blipitm.server.auth import KeyChecker
 from blipitm.server.metrics import Metrics
 from blipitm.server.middleware import GuardMiddleware, MetricsMiddleware
-from blipitm.server.openapi import customise_openapi
 from blipitm.server.routes_api import router as api_router
 from blipitm.server.routes_ops import router as ops_router
 from blipitm.server.settings import ServerSettings
@@ -33,14 +32,6 @@ DESCRIPTION = (
     "BLIP image-text matching behind OpenAI (embeddings), vLLM (score) and Cohere/Jina (rerank) "
     "compatible endpoints. Errors use OpenAI's envelope."
 )
-
-
-def _version() -> str:
-    # Not ``blipitm.__version__``: the server layer does not import the package root (layering).
-    try:
-        return version("blipitm")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def load_engine(settings: ServerSettings) -> Engine:
@@ -97,7 +88,7 @@ def create_app(
 
     app = FastAPI(
         title="blipitm",
-        version=_version(),
+        version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
         docs_url=None,  # served by blipitm.server.docs, without a CDN
@@ -118,5 +109,5 @@ def create_app(
     own = [r for r in app.routes if isinstance(r, Route)]  # /openapi.json
     routes = [*own, *(r for router in routers for r in router.routes)]
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=routes)
-    customise_openapi(app)
+    docs.customise_openapi(app)
     return app
