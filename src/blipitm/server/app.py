@@ -21,8 +21,7 @@ from blipitm.server import docs, errors
 from blipitm.server.auth import KeyChecker
 from blipitm.server.metrics import Metrics
 from blipitm.server.middleware import GuardMiddleware, MetricsMiddleware
-from blipitm.server.routes_api import router as api_router
-from blipitm.server.routes_ops import router as ops_router
+from blipitm.server.routes import embeddings, models, ops, rerank, score, search
 from blipitm.server.settings import ServerSettings
 from blipitm.server.state import EngineFactory, ServerState
 
@@ -96,7 +95,7 @@ def create_app(
     )
     app.state.blipitm = state
     errors.install(app)
-    routers = (ops_router, api_router, docs.router)
+    routers = [r.router for r in (ops, models, embeddings, score, rerank, search, docs)]
     for router in routers:
         app.include_router(router)
     app.add_middleware(

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blipitm.errors import ImageTooLargeError, InvalidInputError
+from blipitm.server.schemas import ErrorResponse
 
 log = logging.getLogger("blipitm.server")
 
@@ -53,6 +54,28 @@ class APIError(Exception):
         self.code = code
         self.param = param
         self.headers = headers or {}
+
+
+_DESCRIPTIONS = {
+    400: "invalid input (the `param` names the item)",
+    401: "missing or invalid API key",
+    404: "unknown model",
+    413: "request, item count or image over a limit",
+    415: "not JSON, or not an image media type",
+    422: "request does not match the schema",
+    429: "inference queue full (see Retry-After)",
+    503: "model not loaded yet",
+    504: "request deadline passed",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route's OpenAPI entry: these codes, in the error envelope."""
+    return {c: {"model": ErrorResponse, "description": _DESCRIPTIONS[c]} for c in codes}
+
+
+# What every model route may answer besides 200.
+API_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 429, 503, 504)
 
 
 def envelope(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
