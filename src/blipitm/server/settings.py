@@ -19,6 +19,21 @@ from blipitm.errors import InvalidInputError
 ENV_PREFIX = "BLIPITM_"
 PROTOCOL_CHOICES = ("blip", "transformers")
 
+# Lower bounds of the numeric settings: (names, bound, strict); strict means "> bound".
+_BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
+    (
+        (
+            *("max_batch_size", "max_queue", "max_items", "decode_threads", "port"),
+            *("max_body_bytes", "max_image_pixels", "max_decoded_pixels", "max_image_bytes"),
+            *("max_text_chars", "max_connections"),
+        ),
+        1,
+        False,
+    ),
+    (("max_wait_ms", "url_max_redirects", "cache_bytes"), 0, False),
+    (("request_timeout_s", "url_timeout_s", "head_timeout_s", "drain_timeout_s"), 0, True),
+)
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -67,31 +82,15 @@ class ServerSettings:
     _allow_loopback_for_tests: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_items", "decode_threads", "port"):
-            if getattr(self, name) < 1:
-                raise InvalidInputError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        for name in (
-            "max_body_bytes",
-            "max_image_pixels",
-            "max_decoded_pixels",
-            "max_image_bytes",
-            "max_text_chars",
-        ):
-            if getattr(self, name) < 1:
-                raise InvalidInputError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        for name in ("max_wait_ms", "url_max_redirects", "cache_bytes"):
-            if getattr(self, name) < 0:
-                raise InvalidInputError(f"must be >= 0, got {getattr(self, name)}", field=name)
-        for name in ("request_timeout_s", "url_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise InvalidInputError(f"must be > 0, got {getattr(self, name)}", field=name)
-        if self.max_connections < 1:
-            raise InvalidInputError(
-                f"must be >= 1, got {self.max_connections}", field="max_connections"
-            )
-        for name in ("head_timeout_s", "drain_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise InvalidInputError(f"must be > 0, got {getattr(self, name)}", field=name)
+        for names, low, strict in _BOUNDS:
+            for name in names:
+                value = getattr(self, name)
+                if value < low or (strict and value == low):
+                    op = ">" if strict else ">="
+                    raise InvalidInputError(f"must be {op} {low}, got {value}", field=name)
+        self._check_choices()
+
+    def _check_choices(self) -> None:
         if self.protocol not in PROTOCOL_CHOICES:
             raise InvalidInputError(
                 f"must be one of {PROTOCOL_CHOICES}, got {self.protocol!r}", field="protocol"
