@@ -28,6 +28,7 @@ from blipitm.processing.image import (
 
 SETTINGS = ImageSettings()
 FIELD = "images[3]"
+LOC = ("images", 3)  # what FIELD says, as the error's loc
 
 
 # -- image factories (all generated here, deterministic) ------------------------------------------
@@ -276,7 +277,7 @@ def test_preprocess_and_to_rgb_argument_errors() -> None:
     with pytest.raises(ValueError, match="protocol"):
         to_rgb(_noise("RGB", (8, 8)), "lavis")
     with pytest.raises(InvalidInputError) as info:
-        to_rgb(Image.new("La", (4, 4)), "blip", field=FIELD)
+        to_rgb(Image.new("La", (4, 4)), "blip", loc=LOC)
     assert str(info.value).startswith(f"{FIELD}:")
 
 
@@ -285,7 +286,7 @@ def test_preprocess_and_to_rgb_argument_errors() -> None:
 
 def _expect_error(image: object, match: str, **kwargs: object) -> InvalidInputError:
     with pytest.raises(InvalidInputError, match=match) as info:
-        load_image(image, field=FIELD, **kwargs)  # type: ignore[arg-type]
+        load_image(image, loc=LOC, **kwargs)  # type: ignore[arg-type]
     assert info.value.field == FIELD
     assert str(info.value).startswith(f"{FIELD}: ")
     return info.value

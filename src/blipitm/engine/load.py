@@ -55,18 +55,18 @@ def load(
     ``max_pixels``) bound the image decoding; see :class:`Engine`.
     """
     if protocol not in PROTOCOLS:
-        raise InvalidInputError(f"must be one of {PROTOCOLS}, got {protocol!r}", field="protocol")
+        raise InvalidInputError(f"must be one of {PROTOCOLS}, got {protocol!r}", loc=("protocol",))
     if dtype not in DTYPES:
-        raise InvalidInputError(f"must be one of {tuple(DTYPES)}, got {dtype!r}", field="dtype")
+        raise InvalidInputError(f"must be one of {tuple(DTYPES)}, got {dtype!r}", loc=("dtype",))
     if attn_impl not in ATTN_IMPLS:
         raise InvalidInputError(
-            f"must be one of {ATTN_IMPLS}, got {attn_impl!r}", field="attn_impl"
+            f"must be one of {ATTN_IMPLS}, got {attn_impl!r}", loc=("attn_impl",)
         )
     torch_device = _device(device)
     if DTYPES[dtype] == torch.float16 and torch_device.type == "cpu":
         raise InvalidInputError(
             "float16 is not supported on CPU; use bfloat16 (fast on modern CPUs) or float32",
-            field="dtype",
+            loc=("dtype",),
         )
 
     resolved = resolve(source, revision=revision, tokenizer=tokenizer)
@@ -89,7 +89,7 @@ def load(
         compute = DTYPES[compute_dtype]
     else:
         raise InvalidInputError(
-            f"must be one of {tuple(DTYPES)} or None, got {compute_dtype!r}", field="compute_dtype"
+            f"must be one of {tuple(DTYPES)} or None, got {compute_dtype!r}", loc=("compute_dtype",)
         )
 
     info = ModelInfo(
@@ -135,11 +135,11 @@ def _device(device: str) -> torch.device:
         d = torch.device(device)
     except (RuntimeError, TypeError):
         raise InvalidInputError(
-            f"{device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'", field="device"
+            f"{device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'", loc=("device",)
         ) from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(
             "CUDA was requested but torch sees no GPU (CPU-only build or no driver); use 'cpu'",
-            field="device",
+            loc=("device",),
         )
     return d

@@ -104,9 +104,9 @@ def compute_scores(
     ``work_dir`` holds a resumable run of the same inputs.
     """
     if k_test < 1:
-        raise InvalidInputError(f"must be >= 1, got {k_test}", field="k_test")
+        raise InvalidInputError(f"must be >= 1, got {k_test}", loc=("k_test",))
     if chunk_pairs < 1:
-        raise InvalidInputError(f"must be >= 1, got {chunk_pairs}", field="chunk_pairs")
+        raise InvalidInputError(f"must be >= 1, got {chunk_pairs}", loc=("chunk_pairs",))
     n_img, n_txt = len(images), len(texts)
     if n_img == 0 or n_txt == 0:
         raise InvalidInputError(f"need images and texts, got {n_img} and {n_txt}")

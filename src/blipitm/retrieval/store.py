@@ -643,7 +643,7 @@ def _refuse_non_finite(array: np.ndarray, name: str) -> None:
         raise InvalidInputError(
             f"items {bad} of this batch have non-finite values (NaN or inf); an index never "
             "stores them",
-            field=name,
+            loc=(name,),
         )
 
 

@@ -19,7 +19,7 @@ from fastapi import Depends, Request
 from blipitm.engine import Engine
 from blipitm.errors import InvalidInputError
 from blipitm.processing import ResizedImage, validate_text
-from blipitm.server.batching import Batcher, FieldMap, Job, QueueFull
+from blipitm.server.batching import Batcher, Job, LocMap, QueueFull
 from blipitm.server.errors import APIError, from_invalid_input
 from blipitm.server.images import ImageLoader
 from blipitm.server.inputs import ImageItem, TextItem
@@ -72,17 +72,11 @@ class Ready(Generic[B]):
         return self._validate_texts(texts), await self._load_images(images)
 
     def _validate_texts(self, items: Sequence[TextItem]) -> list[str]:
-        out = []
-        for item in items:
-            try:
-                out.append(
-                    validate_text(
-                        item.text, field=item.param, max_chars=self.state.settings.max_text_chars
-                    )
-                )
-            except InvalidInputError as e:
-                raise from_invalid_input(e, item.param) from None
-        return out
+        limit = self.state.settings.max_text_chars
+        try:
+            return [validate_text(item.text, loc=item.loc, max_chars=limit) for item in items]
+        except InvalidInputError as e:
+            raise from_invalid_input(e) from None
 
     async def _load_images(self, items: Sequence[ImageItem]) -> list[ResizedImage]:
         if not items:
@@ -90,18 +84,16 @@ class Ready(Generic[B]):
         started = time.perf_counter()
         try:
             async with asyncio.timeout_at(self.deadline):
-                return await self.loader.load_all(
-                    [i.source for i in items], [i.param for i in items]
-                )
+                return await self.loader.load_all([i.source for i in items], [i.loc for i in items])
         except TimeoutError:
             raise self._timeout() from None
         finally:
             self.state.metrics.preprocess_duration.observe(time.perf_counter() - started)
 
-    async def run(self, job: Job, fields: FieldMap) -> Any:
+    async def run(self, job: Job, locs: LocMap) -> Any:
         """Queue ``job`` and wait for it, the deadline, or the client going away."""
         try:
-            future = self.batcher.submit(job, fields)
+            future = self.batcher.submit(job, locs)
         except QueueFull as e:
             raise _queue_full(e.retry_after_s) from None
         result = asyncio.wrap_future(future)

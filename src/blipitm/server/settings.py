@@ -87,20 +87,20 @@ class ServerSettings:
                 value = getattr(self, name)
                 if value < low or (strict and value == low):
                     op = ">" if strict else ">="
-                    raise InvalidInputError(f"must be {op} {low}, got {value}", field=name)
+                    raise InvalidInputError(f"must be {op} {low}, got {value}", loc=(name,))
         self._check_choices()
 
     def _check_choices(self) -> None:
         if self.protocol not in PROTOCOL_CHOICES:
             raise InvalidInputError(
-                f"must be one of {PROTOCOL_CHOICES}, got {self.protocol!r}", field="protocol"
+                f"must be one of {PROTOCOL_CHOICES}, got {self.protocol!r}", loc=("protocol",)
             )
         if self.dtype not in DTYPES:
             raise InvalidInputError(
-                f"must be one of {tuple(DTYPES)}, got {self.dtype!r}", field="dtype"
+                f"must be one of {tuple(DTYPES)}, got {self.dtype!r}", loc=("dtype",)
             )
         if any(not k for k in self.api_keys):
-            raise InvalidInputError("an API key must not be empty", field="api_keys")
+            raise InvalidInputError("an API key must not be empty", loc=("api_keys",))
 
     @property
     def model_name(self) -> str:
@@ -262,9 +262,9 @@ def env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
             value = opt.parse(raw)
         except ValueError as e:
-            raise InvalidInputError(f"cannot parse {raw!r}: {e}", field=opt.env) from None
+            raise InvalidInputError(f"cannot parse {raw!r}: {e}", loc=(opt.env,)) from None
         if opt.choices is not None and value not in opt.choices:
-            raise InvalidInputError(f"must be one of {opt.choices}, got {raw!r}", field=opt.env)
+            raise InvalidInputError(f"must be one of {opt.choices}, got {raw!r}", loc=(opt.env,))
         out[opt.name] = value
     return out
 

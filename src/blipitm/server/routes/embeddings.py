@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from blipitm.server.batching import EmbedImages, EmbedTexts
 from blipitm.server.context import Ready, ready
 from blipitm.server.errors import API_ERRORS, APIError
-from blipitm.server.inputs import ImageItem, TextItem, embedding_items, field_mapper
+from blipitm.server.inputs import ImageItem, TextItem, embedding_items, loc_mapper
 from blipitm.server.schemas import EmbeddingRequest, EmbeddingResponse
 
 router = APIRouter()
@@ -47,9 +47,9 @@ async def embeddings(
     texts, images = await ctx.inputs(text_items, image_items)
     vectors = np.empty((len(items), dim), dtype=np.float32)  # [N, E] in request order
     if texts:
-        vectors[text_pos] = await ctx.run(EmbedTexts(texts), field_mapper(texts=text_items))
+        vectors[text_pos] = await ctx.run(EmbedTexts(texts), loc_mapper(texts=text_items))
     if images:
-        vectors[image_pos] = await ctx.run(EmbedImages(images), field_mapper(images=image_items))
+        vectors[image_pos] = await ctx.run(EmbedImages(images), loc_mapper(images=image_items))
     tokens = await ctx.usage_tokens(texts, len(images))
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from blipitm.engine import PairScores, Ranked
 from blipitm.processing import ResizedImage
-from blipitm.server.batching import FieldMap, Rank, ScorePairs
+from blipitm.server.batching import LocMap, Rank, ScorePairs
 from blipitm.server.context import Ready, ready
 from blipitm.server.errors import API_ERRORS, APIError
 from blipitm.server.inputs import (
@@ -20,7 +20,7 @@ from blipitm.server.inputs import (
     check_count,
     check_rerank_modalities,
     classify,
-    field_mapper,
+    loc_mapper,
     side_items,
 )
 from blipitm.server.schemas import RerankRequest, RerankResponse
@@ -49,7 +49,7 @@ async def _score_all(
     image_query: bool,
     texts: list[str],
     images: list[ResizedImage],
-    fields: FieldMap,
+    fields: LocMap,
 ) -> list[Hit]:
     """Every document gets the ITM pass: a plain pair job, which merges with other requests'."""
     n = len(texts) if image_query else len(images)
@@ -69,10 +69,10 @@ async def _score_cut(
     """BLIP's two-stage cut: only the ``rerank_k`` best by ITC cosine get the ITM pass."""
     if isinstance(query, ImageItem):
         job = Rank(images[0], texts, rerank_k, image_query=True)
-        fields = field_mapper(query, query_field="image", texts=docs)
+        fields = loc_mapper(query, query_loc="image", texts=docs)
     else:
         job = Rank(texts[0], images, rerank_k, image_query=False)
-        fields = field_mapper(query, query_field="text", images=docs)
+        fields = loc_mapper(query, query_loc="text", images=docs)
     kept: list[Ranked] = await ctx.run(job, fields)
     return [(r.index, r.itm_probability, r.itc_cosine) for r in kept]
 
@@ -80,7 +80,7 @@ async def _score_cut(
 async def _rerank(ctx: Ready[RerankRequest]) -> JSONResponse:
     body = ctx.body
     _check_limits(body)
-    query = classify(body.query, "query")
+    query = classify(body.query, ("query",))
     docs = side_items(body.documents, "documents")
     check_count(len(docs), ctx.state.settings.max_items, "documents")
     check_rerank_modalities(query, docs)
@@ -88,7 +88,7 @@ async def _rerank(ctx: Ready[RerankRequest]) -> JSONResponse:
     image_items = [d for d in [query, *docs] if isinstance(d, ImageItem)]
     texts, images = await ctx.inputs(text_items, image_items)
     if body.rerank_k is None or body.rerank_k >= len(docs):
-        fields = field_mapper(images=image_items, texts=text_items)
+        fields = loc_mapper(images=image_items, texts=text_items)
         ranked = await _score_all(ctx, isinstance(query, ImageItem), texts, images, fields)
     else:
         ranked = await _score_cut(ctx, query, docs, texts, images, body.rerank_k)

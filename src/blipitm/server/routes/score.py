@@ -13,7 +13,7 @@ from blipitm.engine import PairScores
 from blipitm.server.batching import ScorePairs
 from blipitm.server.context import Ready, ready
 from blipitm.server.errors import API_ERRORS
-from blipitm.server.inputs import check_count, field_mapper, plan_pairs, side_items
+from blipitm.server.inputs import check_count, loc_mapper, plan_pairs, side_items
 from blipitm.server.schemas import ScoreRequest, ScoreResponse
 
 router = APIRouter()
@@ -31,7 +31,7 @@ async def score(ctx: Annotated[Ready[ScoreRequest], ready(ScoreRequest)]) -> JSO
     texts, images = await ctx.inputs(plan.texts, plan.images)
     scores: PairScores = await ctx.run(
         ScorePairs(images, texts, plan.pairs),
-        field_mapper(images=plan.images, texts=plan.texts),
+        loc_mapper(images=plan.images, texts=plan.texts),
     )
     data = [
         {

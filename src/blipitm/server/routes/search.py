@@ -12,7 +12,7 @@ from blipitm.retrieval import Index, IndexFormatError, SearchHit, search
 from blipitm.server.batching import Call
 from blipitm.server.context import Ready, ready
 from blipitm.server.errors import API_ERRORS, APIError
-from blipitm.server.inputs import TextItem, classify, field_mapper
+from blipitm.server.inputs import TextItem, classify, loc_mapper
 from blipitm.server.schemas import SearchRequest, SearchResponse
 
 router = APIRouter()
@@ -52,7 +52,7 @@ async def search_index(
     ctx: Annotated[Ready[SearchRequest], ready(SearchRequest)],
 ) -> JSONResponse:
     index = _checked_index(ctx)
-    query = classify(ctx.body.query, "query")
+    query = classify(ctx.body.query, ("query",))
     if isinstance(query, TextItem):
         texts, images = await ctx.inputs([query], [])
     else:
@@ -62,7 +62,7 @@ async def search_index(
     try:
         hits: list[SearchHit] = await ctx.run(
             Call(lambda engine: search(engine, index, q, top_k=top_k, rerank_k=rerank_k)),
-            field_mapper(query, images=[query], texts=[query]),
+            loc_mapper(query, images=[query], texts=[query]),
         )
     except IndexFormatError as e:
         # Damaged on disk since start-up (open checked it): the operator's to fix, and the
