@@ -251,7 +251,7 @@ def test_eviction_under_pressure_is_never_stale(tiny_ckpt: Path, images: list[Im
     engine = blipitm.load(tiny_ckpt)
     kv_bytes = sum(
         k.nbytes + v.nbytes
-        for k, v in engine._cross_kv(engine._image_features(images[:1], field="x"))
+        for k, v in engine._cross_kv(engine._image_features(images[:1], loc=("x",)))
     )
     engine = blipitm.load(tiny_ckpt, cache_bytes=2 * kv_bytes)
     rng = np.random.default_rng(5)

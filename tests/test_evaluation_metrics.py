@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from blipitm.common.topk import top_k_indices
 from blipitm.evaluation import itm_eval, retrieval_ranks
-from blipitm.retrieval.topk import top_k_indices
 
 
 def blip_itm_eval(scores_i2t: Any, scores_t2i: Any, txt2img: Any, img2txt: Any, kind: str) -> dict:

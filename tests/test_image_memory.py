@@ -131,11 +131,11 @@ def test_budget_makes_excess_decodes_wait() -> None:
     settings = ImageSettings(size=48)
     images = [encoded(noise("RGB", (120, 100), seed)) for seed in range(6)]
     budget = PixelBudget(120 * 100, setting="test")
-    held = budget.reserve(1, field="held")
+    held = budget.reserve(1, loc=("held",))
     held.__enter__()
     with ThreadPoolExecutor(4) as pool:
         futures = [
-            pool.submit(load_resized, im, settings, BLIP, field=f"images[{i}]", budget=budget)
+            pool.submit(load_resized, im, settings, BLIP, loc=("images", i), budget=budget)
             for i, im in enumerate(images)
         ]
         try:
@@ -193,7 +193,7 @@ def test_one_image_over_the_budget_is_refused() -> None:
             png_bytes((9, 9, 9), (40, 30)),
             ImageSettings(),
             BLIP,
-            field="images[2]",
+            loc=("images", 2),
             budget=budget,
         )
     assert info.value.field == "images[2]" and budget.in_use == 0
@@ -216,12 +216,12 @@ def test_server_loader_queues_model_sized_images_and_refuses_one_over_the_budget
     with ThreadPoolExecutor(4) as pool:
         loader = _loader(pool, PixelBudget(40 * 30, setting="--max-decoded-pixels"))
         uris = [data_uri(png_bytes((i, 2 * i, 3 * i), (40, 30))) for i in range(8)]
-        got = asyncio.run(loader.load_all(uris, [f"input[{i}]" for i in range(8)]))
+        got = asyncio.run(loader.load_all(uris, [("input", i) for i in range(8)]))
         assert all(isinstance(r, ResizedImage) and r.pixels.shape == (48, 48, 3) for r in got)
         assert loader.budget.in_use == 0
         too_big = data_uri(png_bytes((1, 2, 3), (41, 30)))
         with pytest.raises(APIError) as info:
-            asyncio.run(loader.load(too_big, "input[3]"))
+            asyncio.run(loader.load(too_big, ("input", 3)))
     err = info.value
     assert (err.status, err.code, err.param) == (413, "image_too_large", "input[3]")
     assert "--max-decoded-pixels" in err.message

@@ -1,5 +1,6 @@
 """DESIGN.md §3: a layer imports only layers above it; torch stays in the layers that compute;
-nothing in src/ imports transformers; the scoring protocol is decided in scoring.py only."""
+nothing in src/ imports transformers; the scoring protocol is decided in scoring.py only; the
+import graph of src/blipitm has no cycle."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ LAYERS = [
     "processing",
     "checkpoint",
     "engine",
+    "common",  # shared by the siblings below: top-k, atomic files, progress, model identity
     "retrieval",
     "evaluation",
     "filtering",
@@ -28,11 +30,14 @@ FORBIDDEN = {
     "server": {"model", "checkpoint"},
     "model": {"processing"},
     "processing": {"model"},
+    # Siblings: what both need lives in common/, so neither depends on the other.
+    "evaluation": {"retrieval"},
+    "filtering": {"retrieval", "evaluation"},
 }
 # Layers that hand numpy arrays and records around; torch is the engine's business.
-NO_TORCH = {"retrieval", "evaluation", "filtering", "server", "cli"}
+NO_TORCH = {"common", "retrieval", "evaluation", "filtering", "server", "cli"}
 # Modules inside the engine that make up its public records.
-NO_TORCH_MODULES = {"engine/types.py", "scoring.py", "config.py"}
+NO_TORCH_MODULES = {"engine/types.py", "engine/options.py", "scoring.py", "config.py"}
 # Leaf packages usable from anywhere below their position, with their own rule.
 TESTING = "testing"  # random checkpoints: may use config/checkpoint; only tests/bench/cli import it
 
@@ -133,3 +138,63 @@ def test_cli_and_server_load_through_one_options_record() -> None:
                 ):
                     offenders.append(str(path.relative_to(SRC)))
     assert not offenders, f"load options through blipitm.engine.load_options: {offenders}"
+
+
+def module_name(path: Path) -> str:
+    parts = ("blipitm", *path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the blipitm modules it imports, lazy (function-level) imports included: a cycle
+    through a lazy import still ties the two modules together."""
+    modules = {module_name(path): path for path in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0 and node.module, f"{path}: use absolute imports"
+                base = node.module
+                # ``from pkg import mod``: the submodule; ``from mod import name``: the module
+                subs = {f"{base}.{a.name}" for a in node.names} & modules.keys()
+                edges |= subs or {base}
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path ``[a, b, ..., a]``, or None (iterative DFS with colours)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in sorted(graph):
+        if root in state:
+            continue
+        path = [root]
+        stack = [iter(sorted(graph[root]))]
+        state[root] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph[nxt])))
+    return None
+
+
+def test_import_graph_has_no_cycle() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    # The check above must be able to fail: today's shape of the fixed app <-> openapi cycle.
+    graph = {"app": {"openapi", "docs"}, "openapi": {"app"}, "docs": set()}
+    assert find_cycle(graph) == ["app", "openapi", "app"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None

@@ -29,6 +29,7 @@ from blipitm.scoring import BLIP, TRANSFORMERS, get_protocol
 
 SETTINGS = ImageSettings()
 FIELD = "images[3]"
+LOC = ("images", 3)  # what FIELD says, as the error's loc
 
 
 # -- image factories (all generated here, deterministic) ------------------------------------------
@@ -278,7 +279,7 @@ def test_preprocess_and_to_rgb_argument_errors() -> None:
     with pytest.raises(ValueError, match="protocol"):
         get_protocol("lavis")
     with pytest.raises(InvalidInputError) as info:
-        to_rgb(Image.new("La", (4, 4)), BLIP, field=FIELD)
+        to_rgb(Image.new("La", (4, 4)), BLIP, loc=LOC)
     assert str(info.value).startswith(f"{FIELD}:")
 
 
@@ -287,7 +288,7 @@ def test_preprocess_and_to_rgb_argument_errors() -> None:
 
 def _expect_error(image: object, match: str, **kwargs: object) -> InvalidInputError:
     with pytest.raises(InvalidInputError, match=match) as info:
-        load_image(image, field=FIELD, **kwargs)  # type: ignore[arg-type]
+        load_image(image, loc=LOC, **kwargs)  # type: ignore[arg-type]
     assert info.value.field == FIELD
     assert str(info.value).startswith(f"{FIELD}: ")
     return info.value

@@ -116,15 +116,15 @@ def test_pre_caption_equals_blip_hypothesis(caption: str, max_words: int) -> Non
 
 
 def test_validate_text_accepts_strings() -> None:
-    assert validate_text("a dog", field="texts[0]") == "a dog"
-    assert validate_text(" ", field="texts[0]") == " "
-    assert validate_text("café 😀", field="texts[0]", max_chars=6) == "café 😀"
+    assert validate_text("a dog", loc=("texts", 0)) == "a dog"
+    assert validate_text(" ", loc=("texts", 0)) == " "
+    assert validate_text("café 😀", loc=("texts", 0), max_chars=6) == "café 😀"
 
 
 @pytest.mark.parametrize("value", [None, 3, b"bytes", ["a"], 1.5])
 def test_validate_text_rejects_non_strings(value: object) -> None:
     with pytest.raises(InvalidInputError) as info:
-        validate_text(value, field="texts[2]")
+        validate_text(value, loc=("texts", 2))
     assert info.value.field == "texts[2]"
     assert str(info.value).startswith("texts[2]: ")
     assert type(value).__name__ in str(info.value)
@@ -132,18 +132,18 @@ def test_validate_text_rejects_non_strings(value: object) -> None:
 
 def test_validate_text_rejects_the_empty_string() -> None:
     with pytest.raises(InvalidInputError, match="text is empty") as info:
-        validate_text("", field="texts[3]")
+        validate_text("", loc=("texts", 3))
     assert info.value.field == "texts[3]"
 
 
 def test_validate_text_length_limit() -> None:
-    assert validate_text("x" * 10, field="q", max_chars=10)
+    assert validate_text("x" * 10, loc=("q",), max_chars=10)
     with pytest.raises(InvalidInputError, match="11 characters, over the limit of 10") as info:
-        validate_text("x" * 11, field="q", max_chars=10)
+        validate_text("x" * 11, loc=("q",), max_chars=10)
     assert info.value.field == "q"
 
 
 def test_validate_text_rejects_lone_surrogates() -> None:
     with pytest.raises(InvalidInputError, match="surrogate") as info:
-        validate_text("ab\ud800", field="texts[1]")
+        validate_text("ab\ud800", loc=("texts", 1))
     assert info.value.field == "texts[1]"

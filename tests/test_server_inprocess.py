@@ -20,6 +20,7 @@ import blipitm
 from blipitm.engine import Engine
 from blipitm.server.app import create_app
 from blipitm.server.batching import EmbedTexts
+from blipitm.server.context import Ready
 from blipitm.server.errors import APIError
 from blipitm.server.settings import ServerSettings
 from server_helpers import image_server, png_bytes
@@ -134,9 +135,11 @@ def test_disconnected_client_work_is_dropped(engine: Engine) -> None:
                 return {"type": "http.disconnect"}
 
             request = Request({"type": "http", "method": "POST", "headers": []}, receive)
-            loop = asyncio.get_running_loop()
+            up = state.require_ready()
+            deadline = asyncio.get_running_loop().time() + 10
+            ctx = Ready(None, request, state, up.engine, up.batcher, up.loader, deadline)
             with pytest.raises(APIError) as info:
-                await state.run(request, EmbedTexts(["gone"]), lambda f: f, loop.time() + 10)
+                await ctx.run(EmbedTexts(["gone"]), lambda f: f)
             assert info.value.status == 499
             gate.set()
             assert (await busy).status_code == 200

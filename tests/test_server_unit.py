@@ -30,7 +30,7 @@ from blipitm.server.inputs import (
     check_rerank_modalities,
     classify,
     embedding_items,
-    field_mapper,
+    loc_mapper,
     pair_indices,
     plan_pairs,
 )
@@ -197,16 +197,17 @@ IMG = "data:image/png;base64,AAAA"
 
 
 def test_classify_strings_parts_and_tokens() -> None:
-    assert classify("a dog", "x") == TextItem("a dog", "x")
-    assert classify(IMG, "x") == ImageItem(IMG, "x")
-    assert classify("DATA:IMAGE/JPEG;base64,AA", "x") == ImageItem("DATA:IMAGE/JPEG;base64,AA", "x")
-    assert classify("https://a/b.png", "x") == TextItem("https://a/b.png", "x")
-    assert classify("https://a/b.png", "x", strings_are_images=True) == ImageItem(
-        "https://a/b.png", "x"
+    assert classify("a dog", ("x",)) == TextItem("a dog", ("x",))
+    assert classify(IMG, ("x",)) == ImageItem(IMG, ("x",))
+    upper = "DATA:IMAGE/JPEG;base64,AA"
+    assert classify(upper, ("x",)) == ImageItem(upper, ("x",))
+    assert classify("https://a/b.png", ("x",)) == TextItem("https://a/b.png", ("x",))
+    assert classify("https://a/b.png", ("x",), strings_are_images=True) == ImageItem(
+        "https://a/b.png", ("x",)
     )
     part = ImageURLPart(type="image_url", image_url=ImageURL(url="https://a/b.png"))
-    assert classify(part, "x") == ImageItem("https://a/b.png", "x")
-    assert classify(TextPart(type="text", text="hi"), "x") == TextItem("hi", "x")
+    assert classify(part, ("x",)) == ImageItem("https://a/b.png", ("x",))
+    assert classify(TextPart(type="text", text="hi"), ("x",)) == TextItem("hi", ("x",))
     with pytest.raises(APIError, match="token id"):
         embedding_items([1, 2, 3], modality="text", max_items=10)
     with pytest.raises(APIError) as info:
@@ -218,14 +219,14 @@ def test_classify_strings_parts_and_tokens() -> None:
 
 
 def test_plan_pairs_either_order_and_dedup() -> None:
-    img = ImageItem(IMG, "text_1")
-    texts = [TextItem("a", "text_2[0]"), TextItem("b", "text_2[1]")]
+    img = ImageItem(IMG, ("text_1",))
+    texts = [TextItem("a", ("text_2", 0)), TextItem("b", ("text_2", 1))]
     plan = plan_pairs([img], texts)
     assert plan.images == [img] and plan.texts == texts
     assert plan.pairs == [(0, 0), (0, 1)]
     # N:N with images on either side of each pair.
-    side1 = [TextItem("a", "text_1[0]"), ImageItem(IMG, "text_1[1]")]
-    side2 = [ImageItem(IMG, "text_2[0]"), TextItem("b", "text_2[1]")]
+    side1 = [TextItem("a", ("text_1", 0)), ImageItem(IMG, ("text_1", 1))]
+    side2 = [ImageItem(IMG, ("text_2", 0)), TextItem("b", ("text_2", 1))]
     plan = plan_pairs(side1, side2)
     assert [it.param for it in plan.images] == ["text_2[0]", "text_1[1]"]
     assert [it.param for it in plan.texts] == ["text_1[0]", "text_2[1]"]
@@ -234,29 +235,30 @@ def test_plan_pairs_either_order_and_dedup() -> None:
 
 def test_plan_pairs_refuses_same_modality() -> None:
     with pytest.raises(APIError) as info:
-        plan_pairs([TextItem("a", "text_1")], [TextItem("b", "text_2[0]")])
+        plan_pairs([TextItem("a", ("text_1",))], [TextItem("b", ("text_2", 0))])
     assert (info.value.status, info.value.param, info.value.code) == (
         400,
         "text_2[0]",
         "invalid_pairing",
     )
     with pytest.raises(APIError):
-        plan_pairs([ImageItem(IMG, "text_1")], [ImageItem(IMG, "text_2[0]")])
+        plan_pairs([ImageItem(IMG, ("text_1",))], [ImageItem(IMG, ("text_2", 0))])
     with pytest.raises(APIError) as info:
         check_rerank_modalities(
-            TextItem("q", "query"), [ImageItem(IMG, "documents[0]"), TextItem("t", "documents[1]")]
+            TextItem("q", ("query",)),
+            [ImageItem(IMG, ("documents", 0)), TextItem("t", ("documents", 1))],
         )
     assert info.value.param == "documents[1]"
 
 
-def test_field_mapper() -> None:
-    texts = [TextItem("a", "input[2]"), TextItem("b", "input[5]")]
-    m = field_mapper(texts=texts)
-    assert m("texts[1]") == "input[5]"
-    assert m("texts[9]") == "texts[9]"
-    assert m(None) is None
-    q = TextItem("q", "query")
-    assert field_mapper(q, candidates=texts)("query") == "query"
+def test_loc_mapper() -> None:
+    texts = [TextItem("a", ("input", 2)), TextItem("b", ("input", 5))]
+    m = loc_mapper(texts=texts)
+    assert m(("texts", 1)) == ("input", 5)
+    assert m(("texts", 9)) == ("texts", 9)
+    assert m(()) == ()
+    q = TextItem("q", ("query",))
+    assert loc_mapper(q, candidates=texts)(("query",)) == ("query",)
 
 
 # -- the batcher ----------------------------------------------------------------------------------
@@ -278,7 +280,7 @@ class FakeEngine:
         self.calls.append(("embed_texts", len(texts)))
         for i, t in enumerate(texts):
             if t == "BAD":
-                raise InvalidInputError("bad text", field=f"texts[{i}]")
+                raise InvalidInputError("bad text", loc=("texts", i))
         return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
 
     def embed_images(self, images: list[Any]) -> np.ndarray:
@@ -324,7 +326,9 @@ def test_batcher_isolates_a_bad_request() -> None:
     engine = FakeEngine()
     b = _batcher(engine)
     good = b.submit(EmbedTexts(["ok"]))
-    bad = b.submit(EmbedTexts(["fine", "BAD"]), lambda f: "input[1]" if f == "texts[1]" else f)
+    bad = b.submit(
+        EmbedTexts(["fine", "BAD"]), lambda loc: ("input", 1) if loc == ("texts", 1) else loc
+    )
     good2 = b.submit(EmbedTexts(["ok!"]))
     b.start()
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from blipitm.common.version import __version__
 from blipitm.engine import DEFAULT_MODEL
 from blipitm.errors import (
     BlipitmError,
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
         Ranked,
         load,
     )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+# Where an input error is, as FastAPI writes it: ("images", 3), ("text_1", "content", 0).
+Loc = tuple[str | int, ...]
+
+
+def format_loc(loc: Loc) -> str:
+    """``("images", 3)`` -> ``images[3]``; ``("text_1", "content", 0)`` -> ``text_1.content[0]``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else part
+    return out
+
 
 class BlipitmError(Exception):
     """Base class of every error blipitm raises on purpose."""
@@ -10,14 +21,19 @@ class BlipitmError(Exception):
 class InvalidInputError(BlipitmError, ValueError):
     """An input item (image, text, argument) cannot be used.
 
-    ``field`` names the offending item, e.g. ``"images[3]"`` or ``"texts[0]"``, so that a batch
-    caller (the server, a dataset filter) can report it and go on with the rest.
+    ``loc`` says where the offending item is, e.g. ``("images", 3)``, so that a batch caller (the
+    server, a dataset filter) can point at it and go on with the rest; ``field`` is the same as a
+    string (``"images[3]"``), or None when the error is about no particular item.
     """
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
+    def __init__(self, message: str, *, loc: Loc = ()) -> None:
+        self.loc = loc
         self.reason = message
+        super().__init__(f"{self.field}: {message}" if loc else message)
+
+    @property
+    def field(self) -> str | None:
+        return format_loc(self.loc) if self.loc else None
 
 
 class ImageTooLargeError(InvalidInputError):

@@ -119,7 +119,7 @@ PROTOCOLS: dict[ProtocolName, ScoringProtocol] = {p.name: p for p in (BLIP, TRAN
 def get_protocol(name: str) -> ScoringProtocol:
     """The protocol called ``name``; the one place where a name is checked."""
     if name not in PROTOCOLS:
-        raise InvalidInputError(f"must be one of {PROTOCOL_NAMES}, got {name!r}", field="protocol")
+        raise InvalidInputError(f"must be one of {PROTOCOL_NAMES}, got {name!r}", loc=("protocol",))
     return PROTOCOLS[cast(ProtocolName, name)]
 
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from blipitm import __version__
+from blipitm.common.version import __version__
 from blipitm.errors import BlipitmError
 
 

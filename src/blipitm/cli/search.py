@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from blipitm.retrieval import Index, search  # torch: not for `--help`
 
     if (args.query is None) == (args.image is None):  # a usage error: exit 2, like argparse's
-        raise InvalidInputError("give either a caption or --image PATH", field="query")
+        raise InvalidInputError("give either a caption or --image PATH", loc=("query",))
     engine = load_engine(args, index=args.index)
     query: Any = args.query if args.image is None else Path(args.image)
     with Index.open(args.index, engine) as index:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
 from blipitm.engine.types import (
     DTYPE_NAMES,
+    BatchSizes,
     Dtype,
     ImageFeatures,
     MatrixScores,
@@ -22,11 +23,10 @@ from blipitm.engine.types import (
 )
 
 if TYPE_CHECKING:
-    from blipitm.engine.engine import BatchSizes, Engine
+    from blipitm.engine.engine import Engine
     from blipitm.engine.loader import load, load_options
 
 _SUBMODULE_OF = {
-    "BatchSizes": "engine",
     "Engine": "engine",
     "load": "loader",
     "load_options": "loader",

@@ -28,13 +28,14 @@ from blipitm.engine.devices import TORCH_DTYPES
 from blipitm.engine.options import DEFAULT_CACHE_BYTES, DEFAULT_MAX_TEXT_CHARS
 from blipitm.engine.types import (
     NUMPY_DTYPES,
+    BatchSizes,
     ImageFeatures,
     MatrixScores,
     ModelInfo,
     PairScores,
     Ranked,
 )
-from blipitm.errors import InvalidInputError
+from blipitm.errors import InvalidInputError, Loc
 from blipitm.model import BlipITM, CrossKV, DenseKV
 from blipitm.processing.budget import PixelBudget
 from blipitm.processing.image import (
@@ -54,14 +55,6 @@ from blipitm.scoring import PROTOCOLS, itm_probability
 log = logging.getLogger("blipitm")
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class BatchSizes:
-    """Rows per forward pass. Defaults are tuned per device in :func:`default_batch_sizes`."""
-
-    images: int
-    texts: int  # ITM / ITC text rows
 
 
 def default_batch_sizes(device: torch.device) -> BatchSizes:
@@ -167,18 +160,18 @@ class Engine:
             raise InvalidInputError(
                 f"got {len(image_list)} images and {len(text_list)} texts; pass equally many "
                 "(they are zipped into pairs), or a single image or text to broadcast",
-                field="texts",
+                loc=("texts",),
             )
         n = len(text_list)
         if n == 0:
             return PairScores(_empty(0), _empty(0, 2), _empty(0))
         # Broadcast inputs are decoded once: unique images by position before broadcasting.
         uniq_images = image_list[:1] if single_image else image_list
-        feats = self._image_features(uniq_images, field="images")
+        feats = self._image_features(uniq_images, loc=("images",))
         image_of_pair = [0] * n if single_image else list(range(n))
         uniq_texts = text_list[:1] if single_text else text_list
         text_of_pair = [0] * n if single_text else list(range(n))
-        ids = self._token_ids(uniq_texts, "texts")  # once, for both passes
+        ids = self._token_ids(uniq_texts, ("texts",))  # once, for both passes
         logits = self._itm_pairs(feats, ids, image_of_pair, text_of_pair)
         cosine = self._pair_cosine(feats, ids, image_of_pair, text_of_pair, itc)
         return PairScores(itm_probability(logits), logits, cosine)
@@ -192,13 +185,13 @@ class Engine:
         """
         image_list, _ = _as_list(images, _is_single_image)
         text_list, _ = _as_list(texts, lambda t: isinstance(t, str))
-        feats = self._image_features(image_list, field="images")
+        feats = self._image_features(image_list, loc=("images",))
         i, t = len(image_list), len(text_list)
         if i == 0 or t == 0:
             return MatrixScores(_empty(i, t), _empty(i, t, 2), _empty(i, t))
         pairs_img = [g for g in range(i) for _ in range(t)]
         pairs_txt = [k for _ in range(i) for k in range(t)]
-        ids = self._token_ids(text_list, "texts")
+        ids = self._token_ids(text_list, ("texts",))
         logits = self._itm_pairs(feats, ids, pairs_img, pairs_txt).reshape(i, t, 2)
         if itc:
             cosine = self._image_embeddings(feats) @ self._text_embeddings(ids).T
@@ -211,14 +204,14 @@ class Engine:
         image_list, _ = _as_list(images, _is_single_image)
         if not image_list:
             return _empty(0, self.embedding_dim)
-        return self._image_embeddings(self._image_features(image_list, field="images"))
+        return self._image_embeddings(self._image_features(image_list, loc=("images",)))
 
     def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
         """Unit-norm ITC text embeddings ``[N, E]`` float32."""
         text_list, _ = _as_list(texts, lambda t: isinstance(t, str))
         if not text_list:
             return _empty(0, self.embedding_dim)
-        return self._text_embeddings(self._token_ids(text_list, "texts"))
+        return self._text_embeddings(self._token_ids(text_list, ("texts",)))
 
     def rank_texts(
         self,
@@ -236,12 +229,12 @@ class Engine:
         probability under ``transformers``. ``Ranked.index`` points into ``texts``.
         """
         _check_rank_ks(top_k, rerank_k)
-        _reject_single(texts, lambda t: isinstance(t, str), "texts", "rank_texts(image, [text])")
+        _reject_single(texts, lambda t: isinstance(t, str), ("texts",), "rank_texts(image, [text])")
         text_list = list(texts)
         if not text_list:
             return []
-        feats = self._image_features([image], field="image")
-        ids = self._token_ids(text_list, "texts")
+        feats = self._image_features([image], loc=("image",))
+        ids = self._token_ids(text_list, ("texts",))
         cosine = self._text_embeddings(ids) @ feats[0].embedding.numpy()  # [T]
         keep = _top_indices(cosine, rerank_k)
         logits = self._itm_pairs(feats, ids, [0] * len(keep), keep.tolist())
@@ -260,13 +253,13 @@ class Engine:
         ``Ranked.index`` points into ``images``.
         """
         _check_rank_ks(top_k, rerank_k)
-        _reject_single(images, _is_single_image, "images", "rank_images(text, [image])")
+        _reject_single(images, _is_single_image, ("images",), "rank_images(text, [image])")
         image_list = list(images)
         if not image_list:
             return []
-        validate_text(text, field="text", max_chars=self.max_text_chars)
-        ids = self._token_ids([text], "text")
-        feats = self._image_features(image_list, field="images")
+        validate_text(text, loc=("text",), max_chars=self.max_text_chars)
+        ids = self._token_ids([text], ("text",))
+        feats = self._image_features(image_list, loc=("images",))
         cosine = self._image_embeddings(feats) @ self._text_embeddings(ids)[0]
         keep = _top_indices(cosine, rerank_k)
         logits = self._itm_pairs(feats, ids, keep.tolist(), [0] * len(keep))
@@ -275,14 +268,14 @@ class Engine:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens the model reads for each text under this protocol (with ``[CLS]``/``[SEP]``;
         BLIP: after ``pre_caption`` and the 35-token truncation)."""
-        return [len(row) for row in self._token_ids(texts, "texts")]
+        return [len(row) for row in self._token_ids(texts, ("texts",))]
 
     def encode_images(self, images: Sequence[ImageInput]) -> ImageFeatures:
         """Encode images once, for :meth:`score_pairs` or to store (e.g. in an index).
 
         The tokens are in the compute dtype (``info.compute_dtype``), so nothing is lost."""
         image_list, _ = _as_list(images, _is_single_image)
-        feats = self._image_features(image_list, field="images")
+        feats = self._image_features(image_list, loc=("images",))
         if not feats:
             shape = (0, self.info.image_tokens, self.config.vision.hidden_size)
             empty = np.zeros(shape, NUMPY_DTYPES[self.info.compute_dtype])
@@ -311,7 +304,7 @@ class Engine:
         if isinstance(images, ImageFeatures):
             feats = _from_features(images)
         else:
-            feats = self._image_features(list(images), field="images")
+            feats = self._image_features(list(images), loc=("images",))
         text_list = list(texts)
         for col, (name, n) in enumerate((("images", len(feats)), ("texts", len(text_list)))):
             bad = np.flatnonzero((idx[:, col] < 0) | (idx[:, col] >= n))
@@ -319,12 +312,12 @@ class Engine:
                 raise InvalidInputError(
                     f"pair {int(bad[0])} refers to {name}[{int(idx[bad[0], col])}], "
                     f"but there are {n} {name}",
-                    field="pairs",
+                    loc=("pairs",),
                 )
         if idx.shape[0] == 0:
             return PairScores(_empty(0), _empty(0, 2), _empty(0))
         image_of_pair, text_of_pair = idx[:, 0].tolist(), idx[:, 1].tolist()
-        ids = self._token_ids(text_list, "texts")
+        ids = self._token_ids(text_list, ("texts",))
         logits = self._itm_pairs(feats, ids, image_of_pair, text_of_pair)
         cosine = self._pair_cosine(feats, ids, image_of_pair, text_of_pair, itc)
         return PairScores(itm_probability(logits), logits, cosine)
@@ -345,39 +338,39 @@ class Engine:
 
     # -- images -----------------------------------------------------------------------------
 
-    def _decode(self, item: ImageInput, field: str) -> torch.Tensor:
+    def _decode(self, item: ImageInput, loc: Loc) -> torch.Tensor:
         """Model input ``[3, S, S]`` float32; the full-size image is gone when this returns."""
         pixels = load_resized(
             item,
             self.image_settings,
             self.protocol,
-            field=field,
+            loc=loc,
             max_pixels=self.max_pixels,
             budget=self.decode_budget,
         )
         return torch.from_numpy(normalize(pixels, self.image_settings))
 
-    def _intake(self, item: ImageInput, field: str) -> _Intake:
+    def _intake(self, item: ImageInput, loc: Loc) -> _Intake:
         """On a decode thread: read (a path), hash, look up the cache, else decode one image.
 
         Files are read here, one per thread, not all up front, so a long list of paths costs no
         more memory than a short one.
         """
-        source = _read_if_path(item, field)
+        source = _read_if_path(item, loc)
         if isinstance(source, ResizedImage):  # before the cache, which knows only its source
-            source.checked(self.image_settings, self.protocol, field=field)
+            source.checked(self.image_settings, self.protocol, loc=loc)
         key = content_key(source)
         cached = self.cache.get(("img", key))
         if cached is not None:
             return _Intake(key, None, cached)
-        return _Intake(key, self._decode(source, field), None)
+        return _Intake(key, self._decode(source, loc), None)
 
-    def _image_features(self, images: Sequence[ImageInput], *, field: str) -> list[_EncodedImage]:
+    def _image_features(self, images: Sequence[ImageInput], *, loc: Loc) -> list[_EncodedImage]:
         """Features of each image, from the cache or encoded in batches.
 
         Decode threads work a bounded window ahead of the encoder and hand back model-sized
         pixels only; a batch is encoded as soon as it is full. Duplicates are encoded once. A
-        bad item fails the call with its field name (images encoded before it stay cached, so
+        bad item fails the call naming its location (images encoded before it stay cached, so
         a retry without it is cheap).
         """
         for i, item in enumerate(images):
@@ -385,7 +378,7 @@ class Engine:
                 raise InvalidInputError(
                     "expected an image (PIL.Image, path, encoded bytes or HxWx3 uint8 array), "
                     f"got {type(item).__name__}",
-                    field=f"{field}[{i}]",
+                    loc=(*loc, i),
                 )
         out: list[_EncodedImage | None] = [None] * len(images)
         ready: dict[str, _EncodedImage] = {}  # this call's features by content key
@@ -405,9 +398,7 @@ class Engine:
                 self.cache.put(("img", key), (feat.tokens, feat.embedding))
             batch.clear()
 
-        intake = self._prefetch(
-            lambda i: self._intake(images[i], f"{field}[{i}]"), range(len(images))
-        )
+        intake = self._prefetch(lambda i: self._intake(images[i], (*loc, i)), range(len(images)))
         for i, got in enumerate(intake):
             if got.key in ready:
                 out[i] = ready[got.key]
@@ -494,11 +485,11 @@ class Engine:
 
     # -- texts ------------------------------------------------------------------------------
 
-    def _token_ids(self, texts: Sequence[Any], field: str) -> list[list[int]]:
+    def _token_ids(self, texts: Sequence[Any], loc: Loc) -> list[list[int]]:
         """Validated, cleaned and tokenized (per protocol) texts with ``[CLS]`` first."""
         clean = [
             clean_caption(
-                validate_text(t, field=f"{field}[{i}]", max_chars=self.max_text_chars),
+                validate_text(t, loc=(*loc, i), max_chars=self.max_text_chars),
                 self.protocol,
             )
             for i, t in enumerate(texts)
@@ -510,7 +501,7 @@ class Engine:
                 raise InvalidInputError(
                     f"text is {len(row)} tokens; the model accepts at most {limit}. Shorten it, "
                     "or use protocol='blip', which truncates to 35 tokens as BLIP does",
-                    field=f"{field}[{i}]",
+                    loc=(*loc, i),
                 )
         return ids
 
@@ -602,38 +593,34 @@ def _as_list(x: Any, is_single: Callable[[Any], bool]) -> tuple[list[Any], bool]
     raise InvalidInputError(f"expected one item or a list of items, got {type(x).__name__}")
 
 
-def _read_if_path(item: Any, field: str) -> Any:
+def _read_if_path(item: Any, loc: Loc) -> Any:
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         try:
             return path.read_bytes()
         except IsADirectoryError:
-            raise InvalidInputError(
-                f"{path} is a directory, not an image file", field=field
-            ) from None
+            raise InvalidInputError(f"{path} is a directory, not an image file", loc=loc) from None
         except OSError as e:
             raise InvalidInputError(
-                f"cannot read image file {path}: {e.strerror or e}", field=field
+                f"cannot read image file {path}: {e.strerror or e}", loc=loc
             ) from None
     return item
 
 
 def _check_rank_ks(top_k: int | None, rerank_k: int | None) -> None:
     if top_k is not None and top_k < 1:
-        raise InvalidInputError(f"must be >= 1 or None, got {top_k}", field="top_k")
+        raise InvalidInputError(f"must be >= 1 or None, got {top_k}", loc=("top_k",))
     if rerank_k is not None and rerank_k < 1:
-        raise InvalidInputError(f"must be >= 1 or None, got {rerank_k}", field="rerank_k")
+        raise InvalidInputError(f"must be >= 1 or None, got {rerank_k}", loc=("rerank_k",))
 
 
-def _reject_single(
-    candidates: Any, is_single: Callable[[Any], bool], field: str, hint: str
-) -> None:
+def _reject_single(candidates: Any, is_single: Callable[[Any], bool], loc: Loc, hint: str) -> None:
     # A lone str (or image) would otherwise be iterated character by character (or row by row).
     if is_single(candidates):
         raise InvalidInputError(
             f"expected a list of candidates, got a single {type(candidates).__name__}; "
             f"wrap it in a list: {hint}",
-            field=field,
+            loc=loc,
         )
 
 

@@ -35,13 +35,13 @@ def load_options(options: LoadOptions) -> Engine:
     """Load the checkpoint ``options`` name, as they say; what the CLI and the server call."""
     if options.attn_impl not in ATTN_IMPLS:
         raise InvalidInputError(
-            f"must be one of {ATTN_IMPLS}, got {options.attn_impl!r}", field="attn_impl"
+            f"must be one of {ATTN_IMPLS}, got {options.attn_impl!r}", loc=("attn_impl",)
         )
     torch_device = _device(options.device)
     if TORCH_DTYPES[options.dtype] == torch.float16 and torch_device.type == "cpu":
         raise InvalidInputError(
             "float16 is not supported on CPU; use bfloat16 (fast on modern CPUs) or float32",
-            field="dtype",
+            loc=("dtype",),
         )
 
     resolved = resolve(options.source, revision=options.revision, tokenizer=options.tokenizer)
@@ -108,11 +108,11 @@ def _device(device: str) -> torch.device:
         d = torch.device(device)
     except (RuntimeError, TypeError):
         raise InvalidInputError(
-            f"{device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'", field="device"
+            f"{device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'", loc=("device",)
         ) from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(
             "CUDA was requested but torch sees no GPU (CPU-only build or no driver); use 'cpu'",
-            field="device",
+            loc=("device",),
         )
     return d

@@ -15,15 +15,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blipitm.config import DEFAULT_MAX_PIXELS
-from blipitm.engine.types import DTYPE_NAMES, Dtype
+from blipitm.engine.types import DTYPE_NAMES, BatchSizes, Dtype
 from blipitm.errors import InvalidInputError
 from blipitm.scoring import PROTOCOL_NAMES, ProtocolName
-
-if TYPE_CHECKING:
-    from blipitm.engine.engine import BatchSizes
 
 DEFAULT_MODEL = "Salesforce/blip-itm-base-flickr"
 DEFAULT_CACHE_BYTES = 512 << 20
@@ -69,14 +66,14 @@ class LoadOptions:
         for name in ("max_pixels", "max_text_chars"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise InvalidInputError(f"must be >= 1, got {value}", field=name)
+                raise InvalidInputError(f"must be >= 1, got {value}", loc=(name,))
         if self.cache_bytes < 0:
-            raise InvalidInputError(f"must be >= 0, got {self.cache_bytes}", field="cache_bytes")
+            raise InvalidInputError(f"must be >= 0, got {self.cache_bytes}", loc=("cache_bytes",))
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise InvalidInputError(f"must be one of {choices}, got {value!r}", field=name)
+        raise InvalidInputError(f"must be one of {choices}, got {value!r}", loc=(name,))
 
 
 # -- the options as flags and environment variables ----------------------------------------------
@@ -157,4 +154,4 @@ def options_from(values: Mapping[str, Any]) -> LoadOptions:
         return LoadOptions(**given)
     except InvalidInputError as e:
         name = next((o.name for o in LOAD_OPTIONS if o.field == e.field), e.field)
-        raise InvalidInputError(e.reason, field=name) from None
+        raise InvalidInputError(e.reason, loc=(name,) if name else ()) from None

@@ -22,6 +22,15 @@ NUMPY_DTYPES: dict[Dtype, type[np.floating[Any]] | type[np.uint16]] = {
 
 
 @dataclass(frozen=True)
+class BatchSizes:
+    """Rows per forward pass. Defaults are tuned per device in
+    :func:`blipitm.engine.engine.default_batch_sizes`."""
+
+    images: int
+    texts: int  # ITM / ITC text rows
+
+
+@dataclass(frozen=True)
 class PairScores:
     """Scores of zipped (image, text) pairs; every field has ``N`` rows."""
 

@@ -51,9 +51,9 @@ def load_annotations(
         data = json.loads(raw)
     except OSError as e:
         msg = f"cannot read {path}: {e.strerror or e}"
-        raise InvalidInputError(msg, field="annotations") from None
+        raise InvalidInputError(msg, loc=("annotations",)) from None
     except json.JSONDecodeError as e:
-        raise InvalidInputError(f"{path} is not JSON: {e}", field="annotations") from None
+        raise InvalidInputError(f"{path} is not JSON: {e}", loc=("annotations",)) from None
     if isinstance(data, list):
         fmt, entries = "karpathy", _karpathy(data, path)
     elif isinstance(data, dict) and "images" in data and "annotations" in data:
@@ -62,11 +62,11 @@ def load_annotations(
         raise InvalidInputError(
             f"{path}: expected a Karpathy-split list of {{'image', 'caption'}} objects or a "
             "COCO captions file with 'images' and 'annotations'",
-            field="annotations",
+            loc=("annotations",),
         )
     if limit_images is not None:
         if limit_images < 1:
-            raise InvalidInputError(f"must be >= 1, got {limit_images}", field="limit_images")
+            raise InvalidInputError(f"must be >= 1, got {limit_images}", loc=("limit_images",))
         entries = entries[:limit_images]
     root = Path(image_root)
     images: list[str] = []
@@ -82,7 +82,7 @@ def load_annotations(
             texts.append(caption)
         img2txt.append(ids)
     if not images:
-        raise InvalidInputError(f"{path} lists no images", field="annotations")
+        raise InvalidInputError(f"{path} lists no images", loc=("annotations",))
     no_captions = sum(not ids for ids in img2txt)
     if no_captions:
         log.warning("%d images have no captions; they count as misses, as in BLIP", no_captions)
@@ -96,13 +96,13 @@ def _karpathy(data: list[Any], path: Path) -> list[tuple[str, list[str]]]:
     by_image: dict[str, list[str]] = {}
     for n, ann in enumerate(data):
         if not isinstance(ann, dict) or not isinstance(ann.get("image"), str):
-            raise InvalidInputError(f"{path}: entry {n} has no 'image' path", field="annotations")
+            raise InvalidInputError(f"{path}: entry {n} has no 'image' path", loc=("annotations",))
         caption = ann.get("caption", [])
         captions = [caption] if isinstance(caption, str) else caption
         if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
             raise InvalidInputError(
                 f"{path}: entry {n}: 'caption' must be a string or a list of strings",
-                field="annotations",
+                loc=("annotations",),
             )
         by_image.setdefault(ann["image"], []).extend(captions)
     return list(by_image.items())
@@ -113,18 +113,18 @@ def _coco(data: dict[str, Any], path: Path) -> list[tuple[str, list[str]]]:
     for n, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
             raise InvalidInputError(
-                f"{path}: images[{n}] needs 'id' and 'file_name'", field="annotations"
+                f"{path}: images[{n}] needs 'id' and 'file_name'", loc=("annotations",)
             )
         order[img["id"]] = img["file_name"]
     captions: dict[Any, list[str]] = {k: [] for k in order}
     for n, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or ann.get("image_id") not in captions:
             raise InvalidInputError(
-                f"{path}: annotations[{n}] refers to no listed image", field="annotations"
+                f"{path}: annotations[{n}] refers to no listed image", loc=("annotations",)
             )
         if not isinstance(ann.get("caption"), str):
             raise InvalidInputError(
-                f"{path}: annotations[{n}] has no caption string", field="annotations"
+                f"{path}: annotations[{n}] has no caption string", loc=("annotations",)
             )
         captions[ann["image_id"]].append(ann["caption"])
     return [(order[k], captions[k]) for k in order]
@@ -138,5 +138,5 @@ def _check_files(images: list[str], root: Path) -> None:
         raise InvalidInputError(
             f"{len(missing)} of {len(images)} images are missing under {root}: {shown}; check "
             "--image-root",
-            field="image_root",
+            loc=("image_root",),
         )

@@ -31,14 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from blipitm.common.identity import mismatch, model_record
+from blipitm.common.progress import Progress, no_progress
+from blipitm.common.topk import top_k_mask
 from blipitm.engine import Engine, ImageFeatures
 from blipitm.engine.types import NUMPY_DTYPES
 from blipitm.errors import InvalidInputError
 from blipitm.evaluation.workdir import WorkDir
 from blipitm.processing.image import ImageInput, content_key
-from blipitm.retrieval.identity import mismatch, model_record
-from blipitm.retrieval.progress import Progress, no_progress
-from blipitm.retrieval.topk import top_k_mask
 from blipitm.scoring import blip_retrieval_score
 
 DEFAULT_K_TEST = 128  # configs/retrieval_flickr.yaml (COCO uses 256)
@@ -106,9 +106,9 @@ def compute_scores(
     ``work_dir`` holds a resumable run of the same inputs.
     """
     if k_test < 1:
-        raise InvalidInputError(f"must be >= 1, got {k_test}", field="k_test")
+        raise InvalidInputError(f"must be >= 1, got {k_test}", loc=("k_test",))
     if chunk_pairs < 1:
-        raise InvalidInputError(f"must be >= 1, got {chunk_pairs}", field="chunk_pairs")
+        raise InvalidInputError(f"must be >= 1, got {chunk_pairs}", loc=("chunk_pairs",))
     n_img, n_txt = len(images), len(texts)
     if n_img == 0 or n_txt == 0:
         raise InvalidInputError(f"need images and texts, got {n_img} and {n_txt}")

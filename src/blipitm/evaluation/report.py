@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from blipitm.common.files import atomic_write_bytes, atomic_write_json
 from blipitm.evaluation.metrics import recall_curve
-from blipitm.retrieval.fsutil import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

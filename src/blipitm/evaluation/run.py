@@ -9,13 +9,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from blipitm.common.progress import Progress, no_progress
+from blipitm.common.version import __version__
 from blipitm.engine import Engine
 from blipitm.evaluation.dataset import RetrievalDataset, load_annotations
 from blipitm.evaluation.matrices import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST, compute_scores
 from blipitm.evaluation.metrics import itm_eval, retrieval_ranks
 from blipitm.evaluation.report import curves_from_ranks, write_outputs
-from blipitm.retrieval.identity import package_version
-from blipitm.retrieval.progress import Progress, no_progress
 
 WORK = ".work"
 PLOT_MAX_K = 50
@@ -100,7 +100,7 @@ def evaluate(
             "resumed": scores.resumed,
         },
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "blipitm_version": package_version(),
+        "blipitm_version": __version__,
     }
     write_outputs(out, results, curves)
     return EvalRun(results, data)

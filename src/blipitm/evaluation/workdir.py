@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from blipitm.retrieval.fsutil import atomic_save_npy, atomic_write_json, read_json
+from blipitm.common.files import atomic_save_npy, atomic_write_json, read_json
 
 log = logging.getLogger("blipitm")
 

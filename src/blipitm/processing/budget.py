@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from blipitm.errors import ImageTooLargeError
+from blipitm.errors import ImageTooLargeError, Loc
 
 
 class PixelBudget:
@@ -39,17 +39,17 @@ class PixelBudget:
         return self._in_use
 
     @contextmanager
-    def reserve(self, pixels: int, *, field: str = "image") -> Iterator[None]:
+    def reserve(self, pixels: int, *, loc: Loc = ("image",)) -> Iterator[None]:
         """Hold ``pixels`` of the budget for the ``with`` block, waiting until they are free.
 
-        Raises :class:`ImageTooLargeError` (naming ``field``) if ``pixels`` exceeds the budget.
+        Raises :class:`ImageTooLargeError` (naming ``loc``) if ``pixels`` exceeds the budget.
         """
         if pixels > self.max_pixels:
             raise ImageTooLargeError(
                 f"image is {pixels} pixels, more than the {self.max_pixels} decoded pixels "
                 f"allowed in flight at once ({self.setting}); send a smaller image or raise "
                 f"{self.setting}",
-                field=field,
+                loc=loc,
             )
         me = object()
         with self._cond:

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blipitm.config import DEFAULT_MAX_PIXELS, IMAGE_MEAN, IMAGE_STD
-from blipitm.errors import ImageTooLargeError, InvalidInputError
+from blipitm.errors import ImageTooLargeError, InvalidInputError, Loc
 from blipitm.processing.budget import PixelBudget
 from blipitm.scoring import ScoringProtocol
 
@@ -59,13 +59,13 @@ class ImageSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
-            raise InvalidInputError(f"must be a positive int, got {self.size!r}", field="size")
+            raise InvalidInputError(f"must be a positive int, got {self.size!r}", loc=("size",))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != 3:
-                raise InvalidInputError(f"needs 3 values (R, G, B), got {value!r}", field=name)
+                raise InvalidInputError(f"needs 3 values (R, G, B), got {value!r}", loc=(name,))
         if any(s <= 0 for s in self.std):
-            raise InvalidInputError(f"values must be positive, got {self.std!r}", field="std")
+            raise InvalidInputError(f"values must be positive, got {self.std!r}", loc=("std",))
 
     @classmethod
     def from_processor_dict(cls, d: dict[str, Any]) -> ImageSettings:
@@ -94,11 +94,11 @@ def _square_size(value: Any) -> int:
         if height != width:
             raise InvalidInputError(
                 f"BLIP resizes to a square, but the config asks for {height}x{width}",
-                field="size",
+                loc=("size",),
             )
         return int(height)
     raise InvalidInputError(
-        f'expected {{"height": N, "width": N}} or an int, got {value!r}', field="size"
+        f'expected {{"height": N, "width": N}} or an int, got {value!r}', loc=("size",)
     )
 
 
@@ -106,7 +106,7 @@ def _rgb_triple(value: Any, name: str) -> tuple[float, float, float]:
     if isinstance(value, int | float):
         value = [value] * 3  # transformers broadcasts a scalar to every channel
     if not isinstance(value, list | tuple) or len(value) != 3:
-        raise InvalidInputError(f"expected 3 numbers, got {value!r}", field=name)
+        raise InvalidInputError(f"expected 3 numbers, got {value!r}", loc=(name,))
     r, g, b = (float(v) for v in value)
     return (r, g, b)
 
@@ -126,13 +126,13 @@ def _check_pipeline_flags(d: dict[str, Any]) -> None:
             raise InvalidInputError(
                 f"blipitm implements BLIP's fixed preprocessing, which needs {key}={want!r}; "
                 f"the config says {d[key]!r}",
-                field=key,
+                loc=(key,),
             )
     factor = d.get("rescale_factor")
     if factor is not None and abs(float(factor) - 1 / 255) > 1e-12:
         raise InvalidInputError(
             f"blipitm rescales by 1/255 as BLIP does; the config says {factor!r}",
-            field="rescale_factor",
+            loc=("rescale_factor",),
         )
 
 
@@ -157,32 +157,32 @@ class ResizedImage:
         settings: ImageSettings,
         protocol: ScoringProtocol,
         *,
-        field: str = "image",
+        loc: Loc = ("image",),
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         budget: PixelBudget | None = None,
     ) -> ResizedImage:
         """:func:`load_resized` plus the source's content key."""
         pixels = load_resized(
-            image, settings, protocol, field=field, max_pixels=max_pixels, budget=budget
+            image, settings, protocol, loc=loc, max_pixels=max_pixels, budget=budget
         )
         return cls(pixels, protocol, content_key(image))
 
     def checked(
-        self, settings: ImageSettings, protocol: ScoringProtocol, *, field: str = "image"
+        self, settings: ImageSettings, protocol: ScoringProtocol, *, loc: Loc = ("image",)
     ) -> np.ndarray:
         """The pixels, if they were prepared for ``settings`` and ``protocol``; else an error."""
         if self.protocol != protocol:
             raise InvalidInputError(
                 f"was prepared under protocol {self.protocol.name!r}, but this model scores "
                 f"under {protocol.name!r}; prepare it again with protocol={protocol.name!r}",
-                field=field,
+                loc=loc,
             )
         want = (settings.size, settings.size, 3)
         if self.pixels.dtype != np.uint8 or self.pixels.shape != want:
             raise InvalidInputError(
                 f"expected prepared pixels as uint8 {want} (this model's input size), got "
                 f"{self.pixels.dtype} {self.pixels.shape}",
-                field=field,
+                loc=loc,
             )
         return self.pixels
 
@@ -205,7 +205,7 @@ ImageInput = (
 def load_image(
     image: ImageInput,
     *,
-    field: str = "image",
+    loc: Loc = ("image",),
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     exif_transpose: bool = False,
 ) -> Image.Image:
@@ -220,58 +220,54 @@ def load_image(
     transformers all ignore it and the scores would otherwise differ from theirs.
 
     Every failure is an :class:`InvalidInputError` (or :class:`ImageTooLargeError`) whose message
-    starts with ``field``.
+    starts with ``format_loc(loc)``.
     """
     if isinstance(image, Image.Image):
-        result = _from_pil(image, field, max_pixels)
+        result = _from_pil(image, loc, max_pixels)
     elif isinstance(image, np.ndarray):
-        result = _from_array(image, field, max_pixels)
+        result = _from_array(image, loc, max_pixels)
     elif isinstance(image, bytes | bytearray | memoryview):
         data = bytes(image)
         if not data:
-            raise InvalidInputError("image data is empty (0 bytes)", field=field)
-        result = _decode(io.BytesIO(data), field, max_pixels, source="image data")
+            raise InvalidInputError("image data is empty (0 bytes)", loc=loc)
+        result = _decode(io.BytesIO(data), loc, max_pixels, source="image data")
     elif isinstance(image, str | os.PathLike):
-        result = _from_path(image, field, max_pixels)
+        result = _from_path(image, loc, max_pixels)
     else:
-        raise InvalidInputError(
-            f"expected {_ACCEPTED_TYPES}; got {type(image).__name__}", field=field
-        )
+        raise InvalidInputError(f"expected {_ACCEPTED_TYPES}; got {type(image).__name__}", loc=loc)
     if exif_transpose:
         try:
             result = ImageOps.exif_transpose(result)
         except _DECODE_ERRORS as e:
-            raise InvalidInputError(f"cannot apply EXIF orientation: {e}", field=field) from e
+            raise InvalidInputError(f"cannot apply EXIF orientation: {e}", loc=loc) from e
     return result
 
 
-def _from_path(path: str | os.PathLike[str], field: str, max_pixels: int | None) -> Image.Image:
+def _from_path(path: str | os.PathLike[str], loc: Loc, max_pixels: int | None) -> Image.Image:
     name = os.fspath(path)
     if not name:
-        raise InvalidInputError("image path is an empty string", field=field)
+        raise InvalidInputError("image path is an empty string", loc=loc)
     try:
         with open(name, "rb") as fp:
-            return _decode(fp, field, max_pixels, source=f"file {name!r}")
+            return _decode(fp, loc, max_pixels, source=f"file {name!r}")
     except FileNotFoundError:
-        raise InvalidInputError(f"no such image file: {name!r}", field=field) from None
+        raise InvalidInputError(f"no such image file: {name!r}", loc=loc) from None
     except IsADirectoryError:
-        raise InvalidInputError(
-            f"{name!r} is a directory, not an image file", field=field
-        ) from None
+        raise InvalidInputError(f"{name!r} is a directory, not an image file", loc=loc) from None
     except OSError as e:  # permissions and the like; decoding errors are handled in _decode
-        raise InvalidInputError(f"cannot open image file {name!r}: {e}", field=field) from e
+        raise InvalidInputError(f"cannot open image file {name!r}: {e}", loc=loc) from e
 
 
-def _decode(fp: Any, field: str, max_pixels: int | None, *, source: str) -> Image.Image:
+def _decode(fp: Any, loc: Loc, max_pixels: int | None, *, source: str) -> Image.Image:
     """Open lazily, check the header size, then decode the first frame into memory.
 
     The result no longer reads from ``fp`` (the caller closes it), so no file handles leak and the
     image can be used after the file is gone.
     """
-    return _load_first_frame(_open(fp, field, max_pixels, source=source), field, source)
+    return _load_first_frame(_open(fp, loc, max_pixels, source=source), loc, source)
 
 
-def _open(fp: Any, field: str, max_pixels: int | None, *, source: str) -> Image.Image:
+def _open(fp: Any, loc: Loc, max_pixels: int | None, *, source: str) -> Image.Image:
     """Identify ``fp`` and check the size its header declares; no pixel data is decoded yet."""
     try:
         im = Image.open(fp, formats=_open_formats())
@@ -279,28 +275,28 @@ def _open(fp: Any, field: str, max_pixels: int | None, *, source: str) -> Image.
         raise ImageTooLargeError(
             f"{source} exceeds Pillow's global decompression-bomb limit ({e}); this limit is "
             "PIL.Image.MAX_IMAGE_PIXELS, which blipitm never changes",
-            field=field,
+            loc=loc,
         ) from e
     except UnidentifiedImageError as e:
         raise InvalidInputError(
             f"cannot identify {source} as an image; supported formats: {_supported_formats()}",
-            field=field,
+            loc=loc,
         ) from e
     except _DECODE_ERRORS as e:
-        raise InvalidInputError(f"cannot read {source}: {e}", field=field) from e
+        raise InvalidInputError(f"cannot read {source}: {e}", loc=loc) from e
     try:
-        _check_size(im.size, field, max_pixels)
+        _check_size(im.size, loc, max_pixels)
     except BaseException:
         im.close()
         raise
     return im
 
 
-def _load_first_frame(im: Image.Image, field: str, source: str) -> Image.Image:
+def _load_first_frame(im: Image.Image, loc: Loc, source: str) -> Image.Image:
     """Decode the pixels of an opened image (its first frame); ``im`` is closed on failure."""
     try:
-        _decode_pixels(im, field, source)
-        if not _is_animated(im, field, source):
+        _decode_pixels(im, loc, source)
+        if not _is_animated(im, loc, source):
             return im
         # Multi-frame images keep a reference to the file for seeking; a copy of the decoded first
         # frame (pixels, palette and ``info`` included) lets the file and its buffer go.
@@ -312,18 +308,16 @@ def _load_first_frame(im: Image.Image, field: str, source: str) -> Image.Image:
     return frame
 
 
-def _is_animated(im: Image.Image, field: str, source: str) -> bool:
+def _is_animated(im: Image.Image, loc: Loc, source: str) -> bool:
     # ``is_animated`` only looks for a second frame (``n_frames`` would walk the whole file), but
     # it still parses, so a corrupt tail can fail here.
     try:
         return bool(getattr(im, "is_animated", False))
     except _DECODE_ERRORS as e:
-        raise InvalidInputError(
-            f"cannot decode {source} (corrupt frames?): {e}", field=field
-        ) from e
+        raise InvalidInputError(f"cannot decode {source} (corrupt frames?): {e}", loc=loc) from e
 
 
-def _decode_pixels(im: Image.Image, field: str, source: str) -> None:
+def _decode_pixels(im: Image.Image, loc: Loc, source: str) -> None:
     """``im.load()`` with decoder failures turned into one error type.
 
     Truncated files raise here because we leave ``ImageFile.LOAD_TRUNCATED_IMAGES`` at its default
@@ -334,43 +328,43 @@ def _decode_pixels(im: Image.Image, field: str, source: str) -> None:
             im.seek(0)
         im.load()
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{source}: {e}", field=field) from e
+        raise ImageTooLargeError(f"{source}: {e}", loc=loc) from e
     except _DECODE_ERRORS as e:
         raise InvalidInputError(
-            f"cannot decode {source} (truncated or corrupt?): {e}", field=field
+            f"cannot decode {source} (truncated or corrupt?): {e}", loc=loc
         ) from e
 
 
-def _from_pil(im: Image.Image, field: str, max_pixels: int | None) -> Image.Image:
+def _from_pil(im: Image.Image, loc: Loc, max_pixels: int | None) -> Image.Image:
     """A caller's image is used as is (rewound to frame 0 if animated), still size-checked."""
-    _check_size(im.size, field, max_pixels)
-    _decode_pixels(im, field, source="PIL image")
+    _check_size(im.size, loc, max_pixels)
+    _decode_pixels(im, loc, source="PIL image")
     return im
 
 
-def _from_array(arr: np.ndarray, field: str, max_pixels: int | None) -> Image.Image:
+def _from_array(arr: np.ndarray, loc: Loc, max_pixels: int | None) -> Image.Image:
     expected = "expected a uint8 array of shape (H, W), (H, W, 3) or (H, W, 4)"
     if arr.dtype != np.uint8:
-        raise InvalidInputError(f"{expected}; got dtype {arr.dtype}", field=field)
+        raise InvalidInputError(f"{expected}; got dtype {arr.dtype}", loc=loc)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise InvalidInputError(f"{expected}; got shape {arr.shape}", field=field)
+        raise InvalidInputError(f"{expected}; got shape {arr.shape}", loc=loc)
     height, width = arr.shape[:2]
-    _check_size((width, height), field, max_pixels)
+    _check_size((width, height), loc, max_pixels)
     # Pillow picks L / RGB / RGBA from the shape. It would share memory with an L or RGBA array,
     # so it gets a private copy: a caller reusing its buffer must not change an image in flight.
     return Image.fromarray(np.array(arr, order="C"))
 
 
-def _check_size(size: tuple[int, int], field: str, max_pixels: int | None) -> None:
+def _check_size(size: tuple[int, int], loc: Loc, max_pixels: int | None) -> None:
     width, height = size
     if width <= 0 or height <= 0:
-        raise InvalidInputError(f"image has zero size ({width}x{height})", field=field)
+        raise InvalidInputError(f"image has zero size ({width}x{height})", loc=loc)
     pixels = width * height
     if max_pixels is not None and pixels > max_pixels:
         raise ImageTooLargeError(
             f"image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels} "
             "(a decompression-bomb guard); raise the max_pixels setting to accept it",
-            field=field,
+            loc=loc,
         )
 
 
@@ -393,7 +387,7 @@ def load_resized(
     settings: ImageSettings,
     protocol: ScoringProtocol,
     *,
-    field: str = "image",
+    loc: Loc = ("image",),
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     budget: PixelBudget | None = None,
 ) -> np.ndarray:
@@ -410,14 +404,14 @@ def load_resized(
     for bit: the same calls in the same order.
     """
     if isinstance(image, ResizedImage):
-        return image.checked(settings, protocol, field=field)
+        return image.checked(settings, protocol, loc=loc)
     reserved: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if budget is not None:
-        reserved = budget.reserve(_declared_pixels(image, field, max_pixels), field=field)
+        reserved = budget.reserve(_declared_pixels(image, loc, max_pixels), loc=loc)
     with reserved:
-        full = load_image(image, field=field, max_pixels=max_pixels)
+        full = load_image(image, loc=loc, max_pixels=max_pixels)
         try:
-            rgb = to_rgb(full, protocol, field=field)
+            rgb = to_rgb(full, protocol, loc=loc)
             try:
                 return resize(rgb, settings)
             finally:
@@ -430,7 +424,7 @@ def load_resized(
                 full.close()
 
 
-def _declared_pixels(image: ImageInput, field: str, max_pixels: int | None) -> int:
+def _declared_pixels(image: ImageInput, loc: Loc, max_pixels: int | None) -> int:
     """Pixels ``image`` will have once decoded, from its header only; 0 where unknown (then
     :func:`load_image` reports the problem)."""
     if isinstance(image, Image.Image):
@@ -440,7 +434,7 @@ def _declared_pixels(image: ImageInput, field: str, max_pixels: int | None) -> i
     if isinstance(image, bytes | bytearray | memoryview):
         if not len(image):
             return 0
-        im = _open(io.BytesIO(image), field, max_pixels, source="image data")
+        im = _open(io.BytesIO(image), loc, max_pixels, source="image data")
         with contextlib.closing(im):
             return im.width * im.height
     if isinstance(image, str | os.PathLike) and os.fspath(image):
@@ -449,7 +443,7 @@ def _declared_pixels(image: ImageInput, field: str, max_pixels: int | None) -> i
             fp = open(name, "rb")  # noqa: SIM115 - closed below; open errors are load_image's
         except OSError:
             return 0
-        with fp, contextlib.closing(_open(fp, field, max_pixels, source=f"file {name!r}")) as im:
+        with fp, contextlib.closing(_open(fp, loc, max_pixels, source=f"file {name!r}")) as im:
             return im.width * im.height
     return 0
 
@@ -512,7 +506,7 @@ def return_image_memory_to_os() -> None:
 # -- RGB conversion ---------------------------------------------------------------------------
 
 
-def to_rgb(image: Image.Image, protocol: ScoringProtocol, *, field: str = "image") -> Image.Image:
+def to_rgb(image: Image.Image, protocol: ScoringProtocol, *, loc: Loc = ("image",)) -> Image.Image:
     """Convert to an RGB image the way the protocol's reference does.
 
     Alpha dropped (``blip``): ``image.convert("RGB")``, as BLIP's and LAVIS' datasets do, so a
@@ -532,7 +526,7 @@ def to_rgb(image: Image.Image, protocol: ScoringProtocol, *, field: str = "image
             return image  # convert() would only copy
         return image.convert("RGB")
     except ValueError as e:
-        raise InvalidInputError(f"cannot convert mode {image.mode} to RGB: {e}", field=field) from e
+        raise InvalidInputError(f"cannot convert mode {image.mode} to RGB: {e}", loc=loc) from e
 
 
 def _has_transparency(image: Image.Image) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from blipitm.errors import InvalidInputError
+from blipitm.errors import InvalidInputError, Loc
 from blipitm.scoring import BLIP_MAX_CAPTION_WORDS, ScoringProtocol
 
 # The characters BLIP replaces by a space (data/utils.py). Others, commas and '?' included, stay.
@@ -38,7 +38,7 @@ def clean_caption(text: str, protocol: ScoringProtocol) -> str:
     return pre_caption(text, protocol.caption_max_words)
 
 
-def validate_text(text: object, *, field: str = "text", max_chars: int | None = None) -> str:
+def validate_text(text: object, *, loc: Loc = ("text",), max_chars: int | None = None) -> str:
     """Return ``text`` if it can be tokenized, else raise :class:`InvalidInputError`.
 
     The empty string is refused, as OpenAI's embeddings API does: it would tokenize to
@@ -48,12 +48,12 @@ def validate_text(text: object, *, field: str = "text", max_chars: int | None = 
     error.
     """
     if not isinstance(text, str):
-        raise InvalidInputError(f"expected a string, got {type(text).__name__}", field=field)
+        raise InvalidInputError(f"expected a string, got {type(text).__name__}", loc=loc)
     if not text:
-        raise InvalidInputError("text is empty; send at least one character", field=field)
+        raise InvalidInputError("text is empty; send at least one character", loc=loc)
     if max_chars is not None and len(text) > max_chars:
         raise InvalidInputError(
-            f"text is {len(text)} characters, over the limit of {max_chars}", field=field
+            f"text is {len(text)} characters, over the limit of {max_chars}", loc=loc
         )
     if not text.isascii():
         try:
@@ -61,6 +61,6 @@ def validate_text(text: object, *, field: str = "text", max_chars: int | None = 
         except UnicodeEncodeError as e:
             raise InvalidInputError(
                 f"text is not valid Unicode (character {e.start} is a lone surrogate)",
-                field=field,
+                loc=loc,
             ) from None
     return text

@@ -7,22 +7,20 @@ rerun of an interrupted build (or ``index add`` of a grown folder) does only the
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from blipitm.common.progress import Progress, no_progress
 from blipitm.engine import Engine
 from blipitm.errors import InvalidInputError
-from blipitm.retrieval.progress import Progress, no_progress
 from blipitm.retrieval.store import Index, NewItem
 
 log = logging.getLogger("blipitm")
 
 DEFAULT_BATCH = 64
-_FIELD = re.compile(r"^(?:images|texts)\[(\d+)\]")
 
 
 @dataclass
@@ -114,10 +112,10 @@ def _embed(
 
 
 def _bad_position(e: InvalidInputError, n: int) -> int | None:
-    m = _FIELD.match(e.field or "")
-    if m is None or int(m.group(1)) >= n:
-        return None
-    return int(m.group(1))
+    match e.loc:
+        case ("images" | "texts", int(j)) if j < n:
+            return j
+    return None
 
 
 def _no_features(engine: Engine, keep: bool) -> np.ndarray | None:

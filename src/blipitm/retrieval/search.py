@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from blipitm.common.topk import merge_top_k, top_k_indices
 from blipitm.engine import Engine, ImageFeatures, PairScores
 from blipitm.errors import InvalidInputError
 from blipitm.processing.image import ImageInput
 from blipitm.retrieval.errors import IndexDamagedError, IndexMismatchError
 from blipitm.retrieval.store import Index, Item, Kind
-from blipitm.retrieval.topk import merge_top_k, top_k_indices
 
 SCAN_CHUNK_ROWS = 1 << 16
 
@@ -74,9 +74,9 @@ def search(
     ``Index.open(path, engine)``). Raises InvalidInputError for a bad query or arguments.
     """
     if top_k < 1:
-        raise InvalidInputError(f"must be >= 1, got {top_k}", field="top_k")
+        raise InvalidInputError(f"must be >= 1, got {top_k}", loc=("top_k",))
     if rerank_k < 0:
-        raise InvalidInputError(f"must be >= 0, got {rerank_k}", field="rerank_k")
+        raise InvalidInputError(f"must be >= 0, got {rerank_k}", loc=("rerank_k",))
     if index.dim != engine.embedding_dim:  # Index.open(path, engine) refuses this already
         raise IndexMismatchError(
             f"index {index.path} has {index.dim}-d embeddings, the model {engine.embedding_dim}-d"

@@ -38,7 +38,7 @@ def list_source(src: str | os.PathLike[str]) -> SourceListing:
     if path.is_dir():
         return _list_folder(path)
     if not path.is_file():
-        raise InvalidInputError(f"{src} does not exist", field="source")
+        raise InvalidInputError(f"{src} does not exist", loc=("source",))
     suffix = path.suffix.lower()
     if suffix in JSONL_EXTENSIONS:
         return _list_jsonl(path)
@@ -51,7 +51,7 @@ def list_source(src: str | os.PathLike[str]) -> SourceListing:
         f"{src}: cannot tell what this is from its extension; pass a folder of images, a "
         f"captions file ({', '.join(sorted(TEXT_EXTENSIONS))}) or JSONL "
         f"({', '.join(sorted(JSONL_EXTENSIONS))})",
-        field="source",
+        loc=("source",),
     )
 
 

@@ -31,6 +31,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from blipitm.common.files import atomic_write_bytes, json_bytes
+from blipitm.common.identity import mismatch, model_record
+from blipitm.common.version import __version__
 from blipitm.engine import Engine
 from blipitm.errors import InvalidInputError
 from blipitm.retrieval.errors import (
@@ -39,8 +42,6 @@ from blipitm.retrieval.errors import (
     IndexFormatError,
     IndexMismatchError,
 )
-from blipitm.retrieval.fsutil import atomic_write_bytes, json_bytes
-from blipitm.retrieval.identity import mismatch, model_record, package_version
 from blipitm.retrieval.integrity import (
     Batch,
     check_checksums,
@@ -172,7 +173,7 @@ class Index:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "blipitm_version": package_version(),
+            "blipitm_version": __version__,
             "model": model_record(engine),
             "embedding_dim": engine.embedding_dim,
             "embedding_dtype": "float32",
@@ -642,7 +643,7 @@ def _refuse_non_finite(array: np.ndarray, name: str) -> None:
         raise InvalidInputError(
             f"items {bad} of this batch have non-finite values (NaN or inf); an index never "
             "stores them",
-            field=name,
+            loc=(name,),
         )
 
 

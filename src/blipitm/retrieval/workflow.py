@@ -6,9 +6,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from blipitm.common.progress import Progress, no_progress
 from blipitm.engine import Engine
 from blipitm.retrieval.ingest import DEFAULT_BATCH, AddReport, add_items
-from blipitm.retrieval.progress import Progress, no_progress
 from blipitm.retrieval.sources import list_source
 from blipitm.retrieval.store import MANIFEST, Index, NewItem
 

@@ -10,20 +10,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 from starlette.routing import Route
 
+from blipitm.common.version import __version__
 from blipitm.engine import Engine, load_options
 from blipitm.errors import BlipitmError
 from blipitm.server import docs, errors
 from blipitm.server.auth import KeyChecker
 from blipitm.server.metrics import Metrics
 from blipitm.server.middleware import GuardMiddleware, MetricsMiddleware
-from blipitm.server.openapi import customise_openapi
-from blipitm.server.routes_api import router as api_router
-from blipitm.server.routes_ops import router as ops_router
+from blipitm.server.routes import embeddings, models, ops, rerank, score, search
 from blipitm.server.settings import ServerSettings
 from blipitm.server.state import EngineFactory, ServerState
 
@@ -33,14 +31,6 @@ DESCRIPTION = (
     "BLIP image-text matching behind OpenAI (embeddings), vLLM (score) and Cohere/Jina (rerank) "
     "compatible endpoints. Errors use OpenAI's envelope."
 )
-
-
-def _version() -> str:
-    # Not ``blipitm.__version__``: the server layer does not import the package root (layering).
-    try:
-        return version("blipitm")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def load_engine(settings: ServerSettings) -> Engine:
@@ -88,7 +78,7 @@ def create_app(
 
     app = FastAPI(
         title="blipitm",
-        version=_version(),
+        version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
         docs_url=None,  # served by blipitm.server.docs, without a CDN
@@ -96,7 +86,7 @@ def create_app(
     )
     app.state.blipitm = state
     errors.install(app)
-    routers = (ops_router, api_router, docs.router)
+    routers = [r.router for r in (ops, models, embeddings, score, rerank, search, docs)]
     for router in routers:
         app.include_router(router)
     app.add_middleware(
@@ -109,5 +99,5 @@ def create_app(
     own = [r for r in app.routes if isinstance(r, Route)]  # /openapi.json
     routes = [*own, *(r for router in routers for r in router.routes)]
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=routes)
-    customise_openapi(app)
+    docs.customise_openapi(app)
     return app

@@ -8,7 +8,7 @@ one engine call (many text-embedding requests -> one ``embed_texts``; many score
 ``score_pairs`` over the concatenated images and texts). Results are split back per request.
 
 Isolation: if a merged call raises, its items are re-run one by one, so only the bad request fails
-(and an error's ``field`` is translated back into that request's own ``param``).
+(and an error's ``loc`` is translated back into that request's own).
 
 Backpressure: ``submit`` never blocks; a full queue is :class:`QueueFull` (-> 429). Cancellation:
 each item carries a ``concurrent.futures.Future``; a request that gives up (client gone, deadline)
@@ -30,12 +30,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from blipitm.engine import PairScores, Ranked
-from blipitm.errors import InvalidInputError
+from blipitm.errors import InvalidInputError, Loc
 from blipitm.server.metrics import Metrics
 
 log = logging.getLogger("blipitm.server")
 
-FieldMap = Callable[[str | None], str | None]
+# An engine error's location -> the request's: ("texts", 3) -> ("input", 5).
+LocMap = Callable[[Loc], Loc]
 
 
 class EngineLike(Protocol):
@@ -116,7 +117,7 @@ Job = EmbedTexts | EmbedImages | ScorePairs | Rank | Call
 class _Work:
     job: Job
     future: Future[Any]
-    fields: FieldMap
+    locs: LocMap
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -237,9 +238,9 @@ class Batcher:
         batches = max(1, math.ceil(self.depth / self.max_batch_size))
         return max(1, min(60, math.ceil(batches * self._batch_seconds)))
 
-    def submit(self, job: Job, fields: FieldMap = lambda f: f) -> Future[Any]:
+    def submit(self, job: Job, locs: LocMap = lambda loc: loc) -> Future[Any]:
         """Queue ``job``; raises :class:`QueueFull` instead of waiting."""
-        work = _Work(job, Future(), fields)
+        work = _Work(job, Future(), locs)
         try:
             self._queue.put_nowait(work)
         except queue.Full:
@@ -319,8 +320,8 @@ class Batcher:
         try:
             result = run_one(self.engine, w.job)
         except InvalidInputError as e:
-            # Rebuild the error with this request's own param name ("texts[3]" -> "input[3]").
-            w.future.set_exception(type(e)(e.reason, field=w.fields(e.field)))
+            # Rebuild the error with this request's own location (("texts", 3) -> ("input", 3)).
+            w.future.set_exception(type(e)(e.reason, loc=w.locs(e.loc)))
         except Exception as e:
             w.future.set_exception(e)
         else:

@@ -1,4 +1,5 @@
-"""Swagger UI at ``/docs``, its assets served from the installed ``fastapi-swagger`` package.
+"""The API's documentation: the OpenAPI schema (bearer auth declared on the API routes) and
+Swagger UI at ``/docs``, its assets served from the installed ``fastapi-swagger`` package.
 
 FastAPI's stock page loads Swagger UI from a CDN, so it is blank on a machine without network (the
 setting this server is built for). Here the page references only this server.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import functools
 from importlib.resources import files
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response
 
 from blipitm.server.errors import APIError
@@ -22,6 +25,35 @@ _ASSETS = {
     "swagger-ui.css": "text/css",
     "favicon-32x32.png": "image/png",
 }
+
+
+_SCHEME = "bearerAuth"
+
+
+def customise_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {})[_SCHEME] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "required on /v1 and /v2 when the server has API keys",
+        }
+        for path, operations in schema.get("paths", {}).items():
+            if path.startswith(("/v1/", "/v2/")):
+                for operation in operations.values():
+                    operation["security"] = [{_SCHEME: []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 @functools.cache

@@ -15,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from blipitm.errors import ImageTooLargeError, InvalidInputError
+from blipitm.errors import ImageTooLargeError, InvalidInputError, format_loc
+from blipitm.server.schemas import ErrorResponse
 
 log = logging.getLogger("blipitm.server")
 
@@ -55,6 +56,28 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+_DESCRIPTIONS = {
+    400: "invalid input (the `param` names the item)",
+    401: "missing or invalid API key",
+    404: "unknown model",
+    413: "request, item count or image over a limit",
+    415: "not JSON, or not an image media type",
+    422: "request does not match the schema",
+    429: "inference queue full (see Retry-After)",
+    503: "model not loaded yet",
+    504: "request deadline passed",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route's OpenAPI entry: these codes, in the error envelope."""
+    return {c: {"model": ErrorResponse, "description": _DESCRIPTIONS[c]} for c in codes}
+
+
+# What every model route may answer besides 200.
+API_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 429, 503, 504)
+
+
 def envelope(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
     return {
         "error": {
@@ -74,27 +97,20 @@ def error_response(err: APIError) -> JSONResponse:
     )
 
 
-def from_invalid_input(e: InvalidInputError, param: str | None = None) -> APIError:
+def from_invalid_input(e: InvalidInputError) -> APIError:
     """An engine / processing input error as a 400 (413 for an image over the pixel limit)."""
     if isinstance(e, ImageTooLargeError):
-        return APIError(413, e.reason, code="image_too_large", param=param or e.field)
-    return APIError(400, e.reason, code="invalid_input", param=param or e.field)
+        return APIError(413, e.reason, code="image_too_large", param=e.field)
+    return APIError(400, e.reason, code="invalid_input", param=e.field)
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     """FastAPI's ``("body", "input", 3)`` -> ``input[3]``."""
     parts = [p for p in loc if p != "body"]
-    out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif not out:
-            out = str(p)
-        elif p.startswith(("str", "list[", "function-", "tagged-union", "constrained")):
-            continue  # pydantic's union-branch labels, not fields the client wrote
-        else:
-            out += f".{p}"
-    return out or None
+    # pydantic's union-branch labels (after the first part) are not fields the client wrote.
+    labels = ("str", "list[", "function-", "tagged-union", "constrained")
+    kept = parts[:1] + [p for p in parts[1:] if not (isinstance(p, str) and p.startswith(labels))]
+    return format_loc(tuple(kept)) or None
 
 
 def install(app: FastAPI) -> None:

@@ -331,18 +331,7 @@ class DrainingServer(uvicorn.Server):
         for protocol in guarded():
             protocol.begin_drain()
 
-        # In-flight requests finish first; idle keep-alive connections stay open meanwhile, so a
-        # request that races the drain gets a 503 rather than a closed socket.
-        while self.server_state.tasks and loop.time() < deadline and not self.force_exit:
-            await asyncio.sleep(0.05)
-        # Then close idle kept-alive connections; a fresh connection that has not yet sent its
-        # request keeps its head timeout to send it (and be answered 503).
-        while self.server_state.connections and loop.time() < deadline and not self.force_exit:
-            for protocol in guarded():
-                if protocol.idle and protocol.served:
-                    protocol.close_gracefully()
-            await asyncio.sleep(0.05)
-
+        await self._drain(deadline)
         if self.server_state.tasks or self.server_state.connections:
             log.warning(
                 "drain timeout: cancelling %d request(s), closing %d connection(s)",
@@ -355,6 +344,21 @@ class DrainingServer(uvicorn.Server):
                 protocol.abort()
         if not self.force_exit:
             await self.lifespan.shutdown()
+
+    async def _drain(self, deadline: float) -> None:
+        """Wait until ``deadline`` (or a forced exit) for requests and connections to finish."""
+        loop = asyncio.get_running_loop()
+        # In-flight requests finish first; idle keep-alive connections stay open meanwhile, so a
+        # request that races the drain gets a 503 rather than a closed socket.
+        while self.server_state.tasks and loop.time() < deadline and not self.force_exit:
+            await asyncio.sleep(0.05)
+        # Then close idle kept-alive connections; a fresh connection that has not yet sent its
+        # request keeps its head timeout to send it (and be answered 503).
+        while self.server_state.connections and loop.time() < deadline and not self.force_exit:
+            for protocol in self._guarded():
+                if protocol.idle and protocol.served:
+                    protocol.close_gracefully()
+            await asyncio.sleep(0.05)
 
     def _guarded(self) -> list[GuardedH11Protocol]:
         return [c for c in self.server_state.connections if isinstance(c, GuardedH11Protocol)]

@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from concurrent.futures import Executor
 
-from blipitm.errors import InvalidInputError
+from blipitm.errors import InvalidInputError, Loc, format_loc
 from blipitm.processing import ImageSettings, PixelBudget, ResizedImage
 from blipitm.scoring import ScoringProtocol
 from blipitm.server.errors import APIError, from_invalid_input
@@ -62,10 +62,10 @@ class ImageLoader:
         self._protocol = protocol
         self._metrics = metrics
 
-    async def load_all(self, sources: Sequence[str], params: Sequence[str]) -> list[ResizedImage]:
+    async def load_all(self, sources: Sequence[str], locs: Sequence[Loc]) -> list[ResizedImage]:
         """Decode every reference concurrently; the first failure fails the whole request."""
         tasks = [
-            asyncio.ensure_future(self.load(s, p)) for s, p in zip(sources, params, strict=True)
+            asyncio.ensure_future(self.load(s, loc)) for s, loc in zip(sources, locs, strict=True)
         ]
         try:
             return list(await asyncio.gather(*tasks))
@@ -75,23 +75,23 @@ class ImageLoader:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    async def load(self, source: str, param: str) -> ResizedImage:
-        data = await self._bytes(source, param)
+    async def load(self, source: str, loc: Loc) -> ResizedImage:
+        data = await self._bytes(source, format_loc(loc))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._decode, data, param)
+        return await loop.run_in_executor(self._executor, self._decode, data, loc)
 
-    def _decode(self, data: bytes, param: str) -> ResizedImage:
+    def _decode(self, data: bytes, loc: Loc) -> ResizedImage:
         try:
             return ResizedImage.load(
                 data,
                 self._image_settings,
                 self._protocol,
-                field=param,
+                loc=loc,
                 max_pixels=self.max_pixels,
                 budget=self.budget,
             )
         except InvalidInputError as e:
-            raise from_invalid_input(e, param) from None
+            raise from_invalid_input(e) from None
 
     async def _bytes(self, source: str, param: str) -> bytes:
         match = _DATA_URI.match(source[:512])

@@ -6,25 +6,35 @@ data-URI rule for plain strings, the one-image-one-text rule of ITM) are unit-te
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from blipitm.errors import Loc, format_loc
+from blipitm.server.batching import LocMap
 from blipitm.server.errors import APIError
 from blipitm.server.images import is_image_data_uri
 from blipitm.server.schemas import Content, ImageDocument, ImageURLPart, TextDocument, TextPart
 
 
+class _Located:
+    loc: Loc  # where the item is in the request: ("input", 3)
+
+    @property
+    def param(self) -> str:
+        """The ``param`` of an error about this item: ``input[3]``."""
+        return format_loc(self.loc)
+
+
 @dataclass(frozen=True)
-class TextItem:
+class TextItem(_Located):
     text: str
-    param: str
+    loc: Loc
 
 
 @dataclass(frozen=True)
-class ImageItem:
+class ImageItem(_Located):
     source: str  # data URI, base64 or URL
-    param: str
+    loc: Loc
 
 
 Item = TextItem | ImageItem
@@ -34,27 +44,27 @@ def _bad(message: str, param: str | None, code: str = "invalid_input") -> APIErr
     return APIError(400, message, code=code, param=param)
 
 
-def classify(value: object, param: str, *, strings_are_images: bool = False) -> Item:
+def classify(value: object, loc: Loc, *, strings_are_images: bool = False) -> Item:
     """One request item. A plain string is an image if it is a ``data:image/`` URI (or if the
     request says all its strings are images); content parts say what they are."""
     if isinstance(value, str):
         if strings_are_images or is_image_data_uri(value):
-            return ImageItem(value, param)
-        return TextItem(value, param)
+            return ImageItem(value, loc)
+        return TextItem(value, loc)
     if isinstance(value, ImageURLPart):
-        return ImageItem(value.image_url.url, param)
+        return ImageItem(value.image_url.url, loc)
     if isinstance(value, ImageDocument):
-        return ImageItem(value.image, param)
+        return ImageItem(value.image, loc)
     if isinstance(value, TextPart | TextDocument):
-        return TextItem(value.text, param)
+        return TextItem(value.text, loc)
     if isinstance(value, int | list):
         raise _bad(
             "token id arrays are not supported: this model has its own tokenizer; send the text "
             "as a string",
-            param,
+            format_loc(loc),
             code="unsupported_input",
         )
-    raise _bad(f"unsupported item of type {type(value).__name__}", param)
+    raise _bad(f"unsupported item of type {type(value).__name__}", format_loc(loc))
 
 
 def check_count(n: int, max_items: int, param: str) -> None:
@@ -72,21 +82,21 @@ def check_count(n: int, max_items: int, param: str) -> None:
 def embedding_items(value: object, *, modality: str, max_items: int) -> list[Item]:
     images = modality == "image"
     if isinstance(value, str):
-        return [classify(value, "input", strings_are_images=images)]
+        return [classify(value, ("input",), strings_are_images=images)]
     assert isinstance(value, list)
     check_count(len(value), max_items, "input")
     if all(isinstance(v, int) for v in value):
-        classify(value, "input")  # a single token array: raises the clear 400
-    return [classify(v, f"input[{i}]", strings_are_images=images) for i, v in enumerate(value)]
+        classify(value, ("input",))  # a single token array: raises the clear 400
+    return [classify(v, ("input", i), strings_are_images=images) for i, v in enumerate(value)]
 
 
 def side_items(value: object, name: str) -> list[Item]:
     """``text_1`` / ``text_2`` of a score request, or ``documents`` of a rerank request."""
     if isinstance(value, Content):
-        return [classify(p, f"{name}.content[{i}]") for i, p in enumerate(value.content)]
+        return [classify(p, (name, "content", i)) for i, p in enumerate(value.content)]
     if isinstance(value, list):
-        return [classify(v, f"{name}[{i}]") for i, v in enumerate(value)]
-    return [classify(value, name)]
+        return [classify(v, (name, i)) for i, v in enumerate(value)]
+    return [classify(value, (name,))]
 
 
 def pair_indices(n1: int, n2: int) -> list[tuple[int, int]]:
@@ -160,29 +170,21 @@ def check_rerank_modalities(query: Item, documents: Sequence[Item]) -> None:
             )
 
 
-_FIELD = re.compile(r"^(?P<name>[a-z_]+)\[(?P<index>\d+)\]")
+def loc_mapper(
+    query: Item | None = None, *, query_loc: str = "query", **lists: Sequence[Item]
+) -> LocMap:
+    """Translate an engine error's ``loc`` (``("texts", 3)``) into the request's (``("input", 5)``).
 
-
-def field_mapper(
-    query: Item | None = None, *, query_field: str = "query", **lists: Sequence[Item]
-) -> Callable[[str | None], str | None]:
-    """Translate an engine error's ``field`` (``texts[3]``) into the request's ``param``.
-
-    ``query_field`` is the engine's name for the single ``query`` (``image`` in ``rank_texts``);
+    ``query_loc`` is the engine's name for the single ``query`` (``image`` in ``rank_texts``);
     ``lists`` names the sequences the engine saw (``images=``, ``texts=``).
     """
 
-    def mapping(field: str | None) -> str | None:
-        if field is None:
-            return None
-        if field == query_field and query is not None:
-            return query.param
-        m = _FIELD.match(field)
-        if m:
-            seq = lists.get(m.group("name"))
-            index = int(m.group("index"))
-            if seq is not None and index < len(seq):
-                return seq[index].param
-        return field
+    def mapping(loc: Loc) -> Loc:
+        if query is not None and loc == (query_loc,):
+            return query.loc
+        match loc:
+            case (str(name), int(index)) if index < len(lists.get(name, ())):
+                return lists[name][index].loc
+        return loc
 
     return mapping

@@ -146,36 +146,13 @@ class GuardMiddleware:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
-        if content_type != "application/json" and not content_type.endswith("+json"):
-            await send_error(
-                send,
-                415,
-                f"Content-Type must be application/json, got {content_type or 'none'!r}",
-                "unsupported_media_type",
-            )
+        refused = self._refused_headers(scope)
+        if refused is not None:
+            await send_error(send, *refused)
             return
-        declared = _header(scope, b"content-length")
-        too_large = f"request body is larger than the limit of {self.max_body_bytes} bytes"
-        if declared and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
-            await send_error(send, 413, too_large, "request_too_large")
+        body = await self._read_body(receive, send)
+        if body is None:
             return
-        # Read the body under the cap (chunked uploads have no Content-Length), then replay it.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await send_error(send, 413, too_large, "request_too_large")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
         param = lone_surrogate_param(body)
         if param is not None:
             await send_error(
@@ -197,6 +174,42 @@ class GuardMiddleware:
             return await receive()  # later calls: the real channel (disconnect notice)
 
         await self.app(scope, replay, send)
+
+    def _refused_headers(self, scope: Scope) -> tuple[int, str, str] | None:
+        """(status, message, code) when Content-Type or a declared length refuses the request."""
+        content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json" and not content_type.endswith("+json"):
+            return (
+                415,
+                f"Content-Type must be application/json, got {content_type or 'none'!r}",
+                "unsupported_media_type",
+            )
+        declared = _header(scope, b"content-length")
+        if declared and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
+            return 413, self._too_large, "request_too_large"
+        return None
+
+    @property
+    def _too_large(self) -> str:
+        return f"request body is larger than the limit of {self.max_body_bytes} bytes"
+
+    async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
+        """The body, read under the cap (chunked uploads have no Content-Length); None when the
+        client left or the body was over the cap (then the 413 is sent)."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await send_error(send, 413, self._too_large, "request_too_large")
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
 # A lone surrogate reaches a JSON body only as a \uD800-\uDFFF escape: raw surrogate bytes are not

@@ -29,6 +29,20 @@ from blipitm.engine.types import Dtype
 from blipitm.errors import InvalidInputError
 from blipitm.scoring import ProtocolName
 
+# Lower bounds of the numeric settings: (names, bound, strict); strict means "> bound".
+_BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
+    (
+        (
+            *("max_batch_size", "max_queue", "max_items", "decode_threads", "port"),
+            *("max_body_bytes", "max_decoded_pixels", "max_image_bytes", "max_connections"),
+        ),
+        1,
+        False,
+    ),
+    (("max_wait_ms", "url_max_redirects"), 0, False),
+    (("request_timeout_s", "url_timeout_s", "head_timeout_s", "drain_timeout_s"), 0, True),
+)
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -77,27 +91,14 @@ class ServerSettings:
     _allow_loopback_for_tests: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_items", "decode_threads", "port"):
-            if getattr(self, name) < 1:
-                raise InvalidInputError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        for name in ("max_body_bytes", "max_decoded_pixels", "max_image_bytes"):
-            if getattr(self, name) < 1:
-                raise InvalidInputError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        for name in ("max_wait_ms", "url_max_redirects"):
-            if getattr(self, name) < 0:
-                raise InvalidInputError(f"must be >= 0, got {getattr(self, name)}", field=name)
-        for name in ("request_timeout_s", "url_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise InvalidInputError(f"must be > 0, got {getattr(self, name)}", field=name)
-        if self.max_connections < 1:
-            raise InvalidInputError(
-                f"must be >= 1, got {self.max_connections}", field="max_connections"
-            )
-        for name in ("head_timeout_s", "drain_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise InvalidInputError(f"must be > 0, got {getattr(self, name)}", field=name)
+        for names, low, strict in _BOUNDS:
+            for name in names:
+                value = getattr(self, name)
+                if value < low or (strict and value == low):
+                    op = ">" if strict else ">="
+                    raise InvalidInputError(f"must be {op} {low}, got {value}", loc=(name,))
         if any(not k for k in self.api_keys):
-            raise InvalidInputError("an API key must not be empty", field="api_keys")
+            raise InvalidInputError("an API key must not be empty", loc=("api_keys",))
         self.to_load_options()  # validates the model options and the engine's limits
 
     def to_load_options(self) -> LoadOptions:
@@ -238,9 +239,9 @@ def env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
             value = opt.parse(raw)
         except ValueError as e:
-            raise InvalidInputError(f"cannot parse {raw!r}: {e}", field=opt.env) from None
+            raise InvalidInputError(f"cannot parse {raw!r}: {e}", loc=(opt.env,)) from None
         if opt.choices is not None and value not in opt.choices:
-            raise InvalidInputError(f"must be one of {opt.choices}, got {raw!r}", field=opt.env)
+            raise InvalidInputError(f"must be one of {opt.choices}, got {raw!r}", loc=(opt.env,))
         out[opt.name] = value
     return out
 

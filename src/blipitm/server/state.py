@@ -1,32 +1,24 @@
-"""What the routes share: the engine, the batcher, the image loader, and the per-request steps
-(model-name check, deadline, image loading, running a job while watching for the client leaving)."""
+"""The server's state: settings, metrics, and the engine, batcher and image loader once loaded.
+
+Lifecycle (open, load, close) lives here; the steps of one request live in ``context.py``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from PIL import Image
-from starlette.requests import Request
 
 from blipitm.engine import Engine
-from blipitm.errors import InvalidInputError
-from blipitm.processing import (
-    PixelBudget,
-    ResizedImage,
-    return_image_memory_to_os,
-    validate_text,
-)
+from blipitm.processing import PixelBudget, return_image_memory_to_os
 from blipitm.retrieval import Index
-from blipitm.server.batching import Batcher, Call, FieldMap, Job, QueueFull
-from blipitm.server.errors import APIError, from_invalid_input
+from blipitm.server.batching import Batcher, Call
+from blipitm.server.errors import APIError
 from blipitm.server.images import ImageLoader
-from blipitm.server.inputs import ImageItem, TextItem
 from blipitm.server.metrics import Metrics
 from blipitm.server.settings import ServerSettings
 from blipitm.server.urlfetch import URLFetcher
@@ -34,6 +26,15 @@ from blipitm.server.urlfetch import URLFetcher
 log = logging.getLogger("blipitm.server")
 
 EngineFactory = Callable[[ServerSettings], Engine]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a request needs once the model is up: the engine, its inference worker, the loader."""
+
+    engine: Engine
+    batcher: Batcher
+    loader: ImageLoader
 
 
 @dataclass
@@ -129,7 +130,7 @@ class ServerState:
 
     # -- per request ----------------------------------------------------------------------------
 
-    def require_ready(self) -> tuple[Engine, Batcher, ImageLoader]:
+    def require_ready(self) -> Loaded:
         if not self.ready or self.engine is None or self.batcher is None or self.loader is None:
             raise APIError(
                 503,
@@ -139,7 +140,7 @@ class ServerState:
                 code="model_not_ready",
                 headers={"Retry-After": "5"},
             )
-        return self.engine, self.batcher, self.loader
+        return Loaded(self.engine, self.batcher, self.loader)
 
     def check_model(self, model: str | None) -> None:
         """``model`` may be omitted; if given it must name the served model."""
@@ -152,107 +153,3 @@ class ServerState:
                 code="model_not_found",
                 param="model",
             )
-
-    def deadline(self) -> float:
-        return asyncio.get_running_loop().time() + self.settings.request_timeout_s
-
-    def check_room(self, batcher: Batcher) -> None:
-        """Refuse before decoding anything when the queue is already full."""
-        if not batcher.has_room():
-            self.metrics.rejected.labels(reason="queue_full").inc()
-            raise _queue_full(batcher.retry_after_s())
-
-    def validate_texts(self, items: Sequence[TextItem]) -> list[str]:
-        """Checked before queueing, with the engine's own limit, so a bad text fails alone."""
-        engine, _, _ = self.require_ready()
-        out = []
-        for item in items:
-            try:
-                out.append(
-                    validate_text(item.text, field=item.param, max_chars=engine.max_text_chars)
-                )
-            except InvalidInputError as e:
-                raise from_invalid_input(e, item.param) from None
-        return out
-
-    async def load_images(self, items: Sequence[ImageItem], deadline: float) -> list[ResizedImage]:
-        if not items:
-            return []
-        _, _, loader = self.require_ready()
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await loader.load_all([i.source for i in items], [i.param for i in items])
-        except TimeoutError:
-            raise self._timeout() from None
-        finally:
-            self.metrics.preprocess_duration.observe(time.perf_counter() - started)
-
-    async def run(self, request: Request, job: Job, fields: FieldMap, deadline: float) -> Any:
-        """Queue ``job`` and wait for it, its deadline, or the client going away."""
-        _, batcher, _ = self.require_ready()
-        try:
-            future = batcher.submit(job, fields)
-        except QueueFull as e:
-            raise _queue_full(e.retry_after_s) from None
-        result = asyncio.wrap_future(future)
-        gone = asyncio.ensure_future(_client_gone(request))
-        try:
-            done, _ = await asyncio.wait(
-                {result, gone},
-                timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            gone.cancel()
-        if result in done:
-            try:
-                return result.result()
-            except InvalidInputError as e:
-                raise from_invalid_input(e) from None
-        # Cancelling the future makes the worker skip the job if it has not started it yet.
-        result.cancel()
-        if gone in done:
-            self.metrics.rejected.labels(reason="client_disconnected").inc()
-            raise APIError(499, "client closed the request", code="client_closed_request")
-        self.metrics.rejected.labels(reason="timeout").inc()
-        raise self._timeout()
-
-    def _timeout(self) -> APIError:
-        return APIError(
-            504,
-            f"the request did not finish within {self.settings.request_timeout_s:g}s",
-            code="timeout",
-        )
-
-    def count_text_tokens(self, texts: Sequence[str]) -> int:
-        """Tokens the model reads for ``texts`` (per protocol: cleaned and truncated for blip)."""
-        engine, _, _ = self.require_ready()
-        return sum(engine.count_tokens(texts)) if texts else 0
-
-    def image_tokens(self) -> int:
-        """What one image counts in ``usage``: the vision tokens it becomes (patches + CLS)."""
-        engine, _, _ = self.require_ready()
-        return engine.info.image_tokens
-
-    async def usage_tokens(self, texts: Sequence[str], n_images: int) -> int:
-        loop = asyncio.get_running_loop()
-        n_text = await loop.run_in_executor(self.executor, self.count_text_tokens, texts)
-        return n_text + n_images * self.image_tokens()
-
-
-def _queue_full(retry_after_s: int) -> APIError:
-    return APIError(
-        429,
-        "the server is busy (inference queue full); retry later",
-        code="queue_full",
-        headers={"Retry-After": str(retry_after_s)},
-    )
-
-
-async def _client_gone(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read; only that is left)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -42,44 +42,53 @@ def forbidden_reason(ip: IPAddress, *, allow_loopback: bool = False) -> str | No
     IPv6 forms that carry an IPv4 address (IPv4-mapped, IPv4-compatible, 6to4, Teredo, NAT64)
     are judged by the address they carry as well, since traffic may end up there.
     """
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            inner = forbidden_reason(ip.ipv4_mapped, allow_loopback=allow_loopback)
-            return f"IPv4-mapped {inner}" if inner else None
-        if ip in _V4_COMPATIBLE and not (ip.is_unspecified or ip.is_loopback):
-            return "an IPv4-compatible IPv6 address (deprecated; may route to IPv4)"
-        embedded: list[ipaddress.IPv4Address] = []
-        if ip.sixtofour is not None:
-            embedded.append(ip.sixtofour)
-        if ip.teredo is not None:
-            embedded.extend(ip.teredo)
-        if ip in _NAT64:
-            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        for inner_ip in embedded:
-            inner = forbidden_reason(inner_ip, allow_loopback=False)
-            if inner:
-                return f"an IPv6 address embedding {inner}"
-        if ip.is_site_local:
-            return "a site-local IPv6 address"
-    if ip.is_unspecified:
-        return f"the unspecified address {ip}"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        inner = forbidden_reason(ip.ipv4_mapped, allow_loopback=allow_loopback)
+        return f"IPv4-mapped {inner}" if inner else None
     if ip.is_loopback:
         return None if allow_loopback else f"a loopback address ({ip})"
-    if ip.is_link_local:
-        return f"a link-local address ({ip}; this includes cloud metadata endpoints)"
-    if ip.is_multicast:
-        return f"a multicast address ({ip})"
-    if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
-        return f"a carrier-grade NAT address ({ip})"
-    if isinstance(ip, ipaddress.IPv4Address) and ip in _IETF:
-        return f"an IETF protocol-assignment address ({ip})"
-    if ip.is_private:
-        return f"a private address ({ip})"
-    if ip.is_reserved:
-        return f"a reserved address ({ip})"
-    if not ip.is_global:
-        return f"not a globally routable address ({ip})"
+    if isinstance(ip, ipaddress.IPv6Address):
+        reason = _ipv6_reason(ip)
+        if reason:
+            return reason
+    for kind, describe in _NOT_PUBLIC:
+        if kind(ip):
+            return describe.format(ip=ip)
     return None
+
+
+def _ipv6_reason(ip: ipaddress.IPv6Address) -> str | None:
+    """What is wrong with an IPv6 (not loopback, not IPv4-mapped) beyond the generic kinds."""
+    if ip in _V4_COMPATIBLE and not ip.is_unspecified:
+        return "an IPv4-compatible IPv6 address (deprecated; may route to IPv4)"
+    embedded: list[ipaddress.IPv4Address] = []
+    if ip.sixtofour is not None:
+        embedded.append(ip.sixtofour)
+    if ip.teredo is not None:
+        embedded.extend(ip.teredo)
+    if ip in _NAT64:
+        embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    for inner_ip in embedded:
+        inner = forbidden_reason(inner_ip, allow_loopback=False)
+        if inner:
+            return f"an IPv6 address embedding {inner}"
+    return "a site-local IPv6 address" if ip.is_site_local else None
+
+
+# Checked in order after loopback; the first kind that matches names the refusal.
+_NOT_PUBLIC: list[tuple[Callable[[IPAddress], bool], str]] = [
+    (lambda ip: ip.is_unspecified, "the unspecified address {ip}"),
+    (
+        lambda ip: ip.is_link_local,
+        "a link-local address ({ip}; this includes cloud metadata endpoints)",
+    ),
+    (lambda ip: ip.is_multicast, "a multicast address ({ip})"),
+    (lambda ip: ip.version == 4 and ip in _CGNAT, "a carrier-grade NAT address ({ip})"),
+    (lambda ip: ip.version == 4 and ip in _IETF, "an IETF protocol-assignment address ({ip})"),
+    (lambda ip: ip.is_private, "a private address ({ip})"),
+    (lambda ip: ip.is_reserved, "a reserved address ({ip})"),
+    (lambda ip: not ip.is_global, "not a globally routable address ({ip})"),
+]
 
 
 async def system_resolve(host: str, port: int) -> list[str]:
@@ -169,6 +178,17 @@ class URLFetcher:
     async def _checked_target(
         self, url: str, param: str
     ) -> tuple[httpx.URL, dict[str, str], dict[str, object]]:
+        parsed, host = self._checked_url(url, param)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        target = parsed.copy_with(host=await self._public_address(host, port, param))
+        headers = {"Host": parsed.netloc.decode("ascii"), "Accept-Encoding": "identity"}
+        extensions: dict[str, object] = {}
+        if parsed.scheme == "https":
+            extensions["sni_hostname"] = host  # certificate checked against the name, not the IP
+        return target, headers, extensions
+
+    def _checked_url(self, url: str, param: str) -> tuple[httpx.URL, str]:
+        """The parsed URL and its lower-case host, if scheme, credentials and host are allowed."""
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, ValueError, TypeError):
@@ -186,7 +206,10 @@ class URLFetcher:
             raise _refuse("the URL has no host", param, code="invalid_url")
         if self.allowlist and _normalise_host(host) not in self.allowlist:
             raise _refuse(f"host {host!r} is not in the URL allowlist", param)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        return parsed, host
+
+    async def _public_address(self, host: str, port: int, param: str) -> str:
+        """The address to connect to, once every address ``host`` resolves to is public."""
         try:
             addresses = await self._resolve(host, port)
         except (OSError, UnicodeError):
@@ -199,13 +222,7 @@ class URLFetcher:
             reason = forbidden_reason(ip, allow_loopback=self.allow_loopback)
             if reason:
                 raise _refuse(f"host {host!r} resolves to {reason}; refused", param)
-        pinned = addresses[0].split("%", 1)[0]
-        target = parsed.copy_with(host=pinned)
-        headers = {"Host": parsed.netloc.decode("ascii"), "Accept-Encoding": "identity"}
-        extensions: dict[str, object] = {}
-        if parsed.scheme == "https":
-            extensions["sni_hostname"] = host  # certificate checked against the name, not the IP
-        return target, headers, extensions
+        return addresses[0].split("%", 1)[0]
 
     async def _read_capped(self, response: httpx.Response, param: str) -> bytes:
         encoding = response.headers.get("content-encoding", "identity").lower()

@@ -86,13 +86,3 @@ def mismatch(recorded: dict[str, Any], engine: Engine) -> str | None:
                 f"{info.source} (revision {info.revision}); load the model it was built with"
             )
     return None
-
-
-def package_version() -> str:
-    """blipitm's installed version, for manifests and reports."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("blipitm")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "unknown"

@@ -1,0 +1,169 @@
+"""What every model route starts from: one FastAPI dependency that yields a ready request.
+
+``Annotated[Ready[Body], ready(Body)]`` parses the body (422), checks the model name (404) and
+that the model is loaded (503), in that order, and starts the request's deadline. The route then
+checks its own parameters and calls :meth:`Ready.inputs` (queue room, texts, images),
+:meth:`Ready.run` and :meth:`Ready.usage_tokens`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from fastapi import Depends, Request
+
+from blipitm.engine import Engine
+from blipitm.errors import InvalidInputError
+from blipitm.processing import ResizedImage, validate_text
+from blipitm.server.batching import Batcher, Job, LocMap, QueueFull
+from blipitm.server.errors import APIError, from_invalid_input
+from blipitm.server.images import ImageLoader
+from blipitm.server.inputs import ImageItem, TextItem
+from blipitm.server.state import ServerState
+
+
+class NamesModel(Protocol):
+    """A request body with OpenAI's optional ``model`` field."""
+
+    @property
+    def model(self) -> str | None: ...
+
+
+B = TypeVar("B", bound=NamesModel)
+
+
+def server_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.blipitm
+    return state
+
+
+@dataclass(frozen=True)
+class Ready(Generic[B]):
+    """One request against the loaded model."""
+
+    body: B
+    request: Request
+    state: ServerState
+    engine: Engine
+    batcher: Batcher
+    loader: ImageLoader
+    deadline: float  # on the event loop's clock
+
+    @classmethod
+    def start(cls, body: B, request: Request) -> Ready[B]:
+        state = server_state(request)
+        state.check_model(body.model)
+        loaded = state.require_ready()
+        deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
+        return cls(body, request, state, loaded.engine, loaded.batcher, loaded.loader, deadline)
+
+    async def inputs(
+        self, texts: Sequence[TextItem], images: Sequence[ImageItem]
+    ) -> tuple[list[str], list[ResizedImage]]:
+        """The request's texts, validated, and images, decoded and resized. Refuses first when
+        the queue is already full, so that a busy server decodes nothing it cannot run."""
+        if not self.batcher.has_room():
+            self.state.metrics.rejected.labels(reason="queue_full").inc()
+            raise _queue_full(self.batcher.retry_after_s())
+        return self._validate_texts(texts), await self._load_images(images)
+
+    def _validate_texts(self, items: Sequence[TextItem]) -> list[str]:
+        limit = self.engine.max_text_chars  # the engine's own limit: one home
+        try:
+            return [validate_text(item.text, loc=item.loc, max_chars=limit) for item in items]
+        except InvalidInputError as e:
+            raise from_invalid_input(e) from None
+
+    async def _load_images(self, items: Sequence[ImageItem]) -> list[ResizedImage]:
+        if not items:
+            return []
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                return await self.loader.load_all([i.source for i in items], [i.loc for i in items])
+        except TimeoutError:
+            raise self._timeout() from None
+        finally:
+            self.state.metrics.preprocess_duration.observe(time.perf_counter() - started)
+
+    async def run(self, job: Job, locs: LocMap) -> Any:
+        """Queue ``job`` and wait for it, the deadline, or the client going away."""
+        try:
+            future = self.batcher.submit(job, locs)
+        except QueueFull as e:
+            raise _queue_full(e.retry_after_s) from None
+        result = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_client_gone(self.request))
+        try:
+            done, _ = await asyncio.wait(
+                {result, gone},
+                timeout=max(0.0, self.deadline - asyncio.get_running_loop().time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            gone.cancel()
+        if result in done:
+            try:
+                return result.result()
+            except InvalidInputError as e:
+                raise from_invalid_input(e) from None
+        # Cancelling the future makes the worker skip the job if it has not started it yet.
+        result.cancel()
+        metrics = self.state.metrics
+        if gone in done:
+            metrics.rejected.labels(reason="client_disconnected").inc()
+            raise APIError(499, "client closed the request", code="client_closed_request")
+        metrics.rejected.labels(reason="timeout").inc()
+        raise self._timeout()
+
+    def _timeout(self) -> APIError:
+        return APIError(
+            504,
+            f"the request did not finish within {self.state.settings.request_timeout_s:g}s",
+            code="timeout",
+        )
+
+    def count_text_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens the model reads for ``texts`` (per protocol: cleaned and truncated for blip)."""
+        return sum(self.engine.count_tokens(texts)) if texts else 0
+
+    def image_tokens(self) -> int:
+        """What one image counts in ``usage``: the vision tokens it becomes (patches + CLS)."""
+        return self.engine.info.image_tokens
+
+    async def usage_tokens(self, texts: Sequence[str], n_images: int) -> int:
+        loop = asyncio.get_running_loop()
+        n_text = await loop.run_in_executor(self.state.executor, self.count_text_tokens, texts)
+        return n_text + n_images * self.image_tokens()
+
+
+def ready(body_type: type[B]) -> Any:
+    """``Depends`` for a route whose body is ``body_type``: see the module docstring."""
+
+    async def dependency(body: B, request: Request) -> Ready[B]:
+        return Ready.start(body, request)
+
+    # FastAPI reads the body's model from the signature; this route's model, not the TypeVar.
+    dependency.__annotations__["body"] = body_type
+    return Depends(dependency)
+
+
+def _queue_full(retry_after_s: int) -> APIError:
+    return APIError(
+        429,
+        "the server is busy (inference queue full); retry later",
+        code="queue_full",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read; only that is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,65 @@
+"""``/v1/embeddings``: OpenAI's embeddings API over texts and images (one ITC space for both)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from blipitm.server.batching import EmbedImages, EmbedTexts
+from blipitm.server.context import Ready, ready
+from blipitm.server.errors import API_ERRORS, APIError
+from blipitm.server.inputs import ImageItem, TextItem, embedding_items, loc_mapper
+from blipitm.server.schemas import EmbeddingRequest, EmbeddingResponse
+
+router = APIRouter()
+
+
+def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        # What OpenAI's SDKs decode: the raw little-endian float32 bytes, base64-encoded.
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=API_ERRORS)
+async def embeddings(
+    ctx: Annotated[Ready[EmbeddingRequest], ready(EmbeddingRequest)],
+) -> JSONResponse:
+    """OpenAI embeddings of texts or images (unit-norm ITC embeddings, one space for both)."""
+    body, settings = ctx.body, ctx.state.settings
+    dim = ctx.engine.embedding_dim
+    if body.dimensions is not None and body.dimensions != dim:
+        raise APIError(
+            400,
+            f"this model's embeddings have {dim} dimensions; `dimensions` must be {dim} or omitted",
+            code="unsupported_dimensions",
+            param="dimensions",
+        )
+    items = embedding_items(body.input, modality=body.modality, max_items=settings.max_items)
+    text_pos = [i for i, it in enumerate(items) if isinstance(it, TextItem)]
+    image_pos = [i for i, it in enumerate(items) if isinstance(it, ImageItem)]
+    text_items = [it for it in items if isinstance(it, TextItem)]
+    image_items = [it for it in items if isinstance(it, ImageItem)]
+    texts, images = await ctx.inputs(text_items, image_items)
+    vectors = np.empty((len(items), dim), dtype=np.float32)  # [N, E] in request order
+    if texts:
+        vectors[text_pos] = await ctx.run(EmbedTexts(texts), loc_mapper(texts=text_items))
+    if images:
+        vectors[image_pos] = await ctx.run(EmbedImages(images), loc_mapper(images=image_items))
+    tokens = await ctx.usage_tokens(texts, len(images))
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+        for i, v in enumerate(vectors)
+    ]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": settings.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )

@@ -1,0 +1,85 @@
+"""``/v1/search``: two-stage retrieval over the index given by ``--index``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from blipitm.retrieval import Index, IndexFormatError, SearchHit, search
+from blipitm.server.batching import Call
+from blipitm.server.context import Ready, ready
+from blipitm.server.errors import API_ERRORS, APIError
+from blipitm.server.inputs import TextItem, classify, loc_mapper
+from blipitm.server.schemas import SearchRequest, SearchResponse
+
+router = APIRouter()
+
+_log = logging.getLogger("blipitm.server")
+
+
+def _checked_index(ctx: Ready[SearchRequest]) -> Index:
+    """The server's index, once ``top_k`` and ``rerank_k`` are within the server's limits."""
+    index = ctx.state.index
+    if index is None:
+        raise APIError(
+            404,
+            "this server has no retrieval index; start it with --index INDEX "
+            "(built with `blipitm index build SRC --out INDEX`)",
+            code="index_not_configured",
+        )
+    limit = ctx.state.settings.max_items
+    if not 1 <= ctx.body.top_k <= limit:
+        raise APIError(400, f"must be between 1 and {limit}", code="invalid_input", param="top_k")
+    if not 0 <= ctx.body.rerank_k <= 8 * limit:
+        raise APIError(
+            400, f"must be between 0 and {8 * limit}", code="invalid_input", param="rerank_k"
+        )
+    return index
+
+
+@router.post(
+    "/v1/search",
+    response_model=SearchResponse,
+    responses=API_ERRORS,
+    description="Search the index given by --index: a text query finds images, an image query "
+    "finds captions. Exact ITC top-k over the whole index, then the rerank_k best are scored "
+    "with ITM; score = itm_logits[1] + itc_cosine under the BLIP protocol.",
+)
+async def search_index(
+    ctx: Annotated[Ready[SearchRequest], ready(SearchRequest)],
+) -> JSONResponse:
+    index = _checked_index(ctx)
+    query = classify(ctx.body.query, ("query",))
+    if isinstance(query, TextItem):
+        texts, images = await ctx.inputs([query], [])
+    else:
+        texts, images = await ctx.inputs([], [query])
+    q: Any = texts[0] if texts else images[0]
+    top_k, rerank_k = ctx.body.top_k, ctx.body.rerank_k
+    try:
+        hits: list[SearchHit] = await ctx.run(
+            Call(lambda engine: search(engine, index, q, top_k=top_k, rerank_k=rerank_k)),
+            loc_mapper(query, images=[query], texts=[query]),
+        )
+    except IndexFormatError as e:
+        # Damaged on disk since start-up (open checked it): the operator's to fix, and the
+        # message names server paths, so the client gets neither a 500 nor the details.
+        _log.error("search failed: %s", e)
+        raise APIError(
+            503,
+            "the search index cannot be used: it is damaged (the server log says how); "
+            "the operator can check it with `blipitm index verify`",
+            code="index_damaged",
+        ) from None
+    tokens = await ctx.usage_tokens(texts, len(images))
+    return JSONResponse(
+        {
+            "object": "list",
+            "model": ctx.state.settings.model_name,
+            "data": [{"object": "search_result", **hit.as_dict()} for hit in hits],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
