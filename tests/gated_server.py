@@ -4,7 +4,7 @@ live tests can hold the inference worker and see 429, 504 and disconnects over r
     python tests/gated_server.py CKPT PORT GATE_DIR '{"max_queue": 1, ...}'
 
 The last argument holds ServerSettings fields as JSON. Loading the model waits for the file
-``GATE_DIR/load``. ``embed_texts`` of a text ``hold-NAME`` creates ``GATE_DIR/entered-NAME`` and
+``GATE_DIR/load``. ``encode_texts`` of a text ``hold-NAME`` creates ``GATE_DIR/entered-NAME`` and
 waits for ``GATE_DIR/release-NAME``. Every text the engine embeds is printed as ``embedded: TEXT``,
 so a test can tell from the output which work the worker really did.
 """
@@ -36,7 +36,7 @@ def wait_for(path: Path) -> None:
 
 
 class GatedEngine:
-    """The real engine, delegated to, except that ``embed_texts`` honours the gates."""
+    """The real engine, delegated to, except that ``encode_texts`` honours the gates."""
 
     def __init__(self, real: Engine, gates: Path) -> None:
         self.real = real
@@ -45,7 +45,7 @@ class GatedEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
-    def embed_texts(self, texts: list[str]) -> Any:
+    def encode_texts(self, texts: list[str]) -> Any:
         for text in texts:
             if text.startswith("hold-"):
                 name = text.removeprefix("hold-")
@@ -53,7 +53,7 @@ class GatedEngine:
                 wait_for(self.gates / f"release-{name}")
         for text in texts:
             print(f"embedded: {text}", flush=True)
-        return self.real.embed_texts(texts)
+        return self.real.encode_texts(texts)
 
 
 def main(argv: list[str]) -> int:

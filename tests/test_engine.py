@@ -311,6 +311,40 @@ def test_count_tokens_follows_the_protocol(tiny_ckpt: Path, engine: blipitm.Engi
     assert plain.count_tokens(["a dog.", long]) == [5, 52]  # "." kept, no truncation
 
 
+@pytest.mark.parametrize("protocol", ["blip", "transformers"])
+def test_results_carry_the_token_counts_of_count_tokens(
+    tiny_ckpt: Path, images: list[Image.Image], protocol: str
+) -> None:
+    """Every result counts its texts' tokens from the ids it scored, so usage needs no second
+    tokenization: the counts equal count_tokens, truncation and caption cleanup included."""
+    engine = blipitm.load(tiny_ckpt, protocol=protocol)  # type: ignore[arg-type]
+    texts = [
+        "a dog.",
+        " ".join(["dog"] * 50),  # over 30 words: BLIP keeps 30
+        "xqzvwk " * 10,  # 10 words of 6 word pieces each: BLIP truncates at 35 tokens
+        "Two CATS on the grass!",
+    ]
+    want = engine.count_tokens(texts)
+    assert want == ([4, 32, 35, 7] if protocol == "blip" else [5, 52, 62, 8])
+
+    def counts(got: np.ndarray) -> list[int]:
+        assert got.dtype == np.int64
+        return got.tolist()
+
+    encoded = engine.encode_texts(texts)
+    assert counts(encoded.text_tokens) == want
+    np.testing.assert_array_equal(encoded.embeddings, engine.embed_texts(texts))
+    assert counts(engine.score(images[0], texts).text_tokens) == want
+    assert counts(engine.score(images[:2], texts[0]).text_tokens) == want[:1]  # broadcast: once
+    assert counts(engine.score_matrix(images[:2], texts).text_tokens) == want
+    assert counts(engine.score_pairs(images[:2], texts, [(0, 3), (1, 3)]).text_tokens) == want
+    assert counts(engine.score_pairs(images[:2], texts, []).text_tokens) == want
+    ranked = engine.rank_texts(images[0], texts, rerank_k=2)
+    assert len(ranked) == 2 and ranked.text_tokens == sum(want)  # every text read, not only kept
+    assert engine.rank_images(texts[2], images, top_k=1).text_tokens == want[2]
+    assert engine.rank_texts(images[0], []).text_tokens == 0
+
+
 def test_decoding_overlaps_encoding_in_a_bounded_window(tiny_ckpt: Path) -> None:
     engine = blipitm.load(tiny_ckpt, batch_sizes=blipitm.BatchSizes(images=2, texts=8))
     events: list[str] = []

@@ -17,13 +17,13 @@ import pytest
 from starlette.requests import Request
 
 import blipitm
-from blipitm.engine import Engine
+from blipitm.engine import Engine, TextFeatures
 from blipitm.server.app import create_app
 from blipitm.server.batching import EmbedTexts
 from blipitm.server.context import Ready
 from blipitm.server.errors import APIError
 from blipitm.server.settings import ServerSettings
-from server_helpers import image_server, png_bytes
+from server_helpers import data_uri, image_server, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ class Shared:
 
 
 class GatedEngine(Shared):
-    """The real engine, but ``embed_texts`` waits for ``gate`` and records what it was given."""
+    """The real engine, but ``encode_texts`` waits for ``gate`` and records what it was given."""
 
     def __init__(self, real: Engine, gate: threading.Event) -> None:
         super().__init__(real)
@@ -53,11 +53,11 @@ class GatedEngine(Shared):
         self.entered = threading.Event()
         self.seen: list[str] = []
 
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
+    def encode_texts(self, texts: list[str]) -> TextFeatures:
         self.entered.set()
         assert self.gate.wait(20)
         self.seen += texts
-        return self.real.embed_texts(texts)
+        return self.real.encode_texts(texts)
 
 
 @asynccontextmanager
@@ -230,7 +230,7 @@ def test_models_show_no_server_path_unless_asked(engine: Engine, tiny_ckpt: Path
 
 def test_unexpected_error_is_a_500_envelope_without_internals(engine: Engine) -> None:
     class Broken(GatedEngine):
-        def embed_texts(self, texts: list[str]) -> np.ndarray:
+        def encode_texts(self, texts: list[str]) -> TextFeatures:
             raise RuntimeError("secret detail /srv/internal/path")
 
     async def main() -> None:
@@ -249,6 +249,53 @@ def test_unexpected_error_is_a_500_envelope_without_internals(engine: Engine) ->
                 }
             }
             assert "secret" not in r.text
+
+    asyncio.run(main())
+
+
+def test_usage_reads_the_engines_counts_without_tokenizing_again(engine: Engine) -> None:
+    """usage comes from the token counts the engine's results carry: the request path never
+    calls count_tokens (a second tokenization), and the numbers equal what it would say."""
+
+    class NoRecount(Shared):
+        def count_tokens(self, texts: Any) -> list[int]:
+            raise AssertionError("the request path tokenized the texts a second time")
+
+    texts = ["a red dog", "Two CATS on the grass!", " ".join(["dog"] * 40)]
+    image = data_uri(png_bytes((9, 9, 9)))  # a data URI is an image wherever a text may be
+    part = {"type": "image_url", "image_url": {"url": image}}
+    per_image = engine.info.image_tokens
+
+    def tokens(*t: str) -> int:
+        return sum(engine.count_tokens(list(t)))
+
+    requests: list[tuple[str, dict[str, Any], int]] = [
+        ("/v1/embeddings", {"input": [texts[0], part, texts[1]]}, tokens(*texts[:2]) + per_image),
+        ("/v1/score", {"text_1": image, "text_2": texts}, tokens(*texts) + per_image),
+        ("/v1/rerank", {"query": image, "documents": texts}, tokens(*texts) + per_image),
+        (
+            "/v1/rerank",
+            {"query": image, "documents": texts, "rerank_k": 1},
+            tokens(*texts) + per_image,
+        ),
+        (
+            "/v2/rerank",
+            {"query": texts[2], "documents": [image] * 3},
+            tokens(texts[2]) + 3 * per_image,
+        ),
+        (
+            "/v2/rerank",
+            {"query": texts[2], "documents": [image] * 3, "rerank_k": 2},
+            tokens(texts[2]) + 3 * per_image,
+        ),
+    ]
+
+    async def main() -> None:
+        async with running(ServerSettings(), lambda s: NoRecount(engine)) as (client, _):
+            for path, body, want in requests:
+                r = await client.post(path, json=body)
+                assert r.status_code == 200, r.text
+                assert r.json()["usage"]["prompt_tokens"] == want, (path, body)
 
     asyncio.run(main())
 

@@ -57,6 +57,9 @@ def test_text_query_finds_images(server: ServerProcess, tiny_ckpt: Path, index_d
     assert all(d["kind"] == "image" and d["object"] == "search_result" for d in body["data"])
     np.testing.assert_allclose([d["score"] for d in body["data"]], [h.score for h in want], 1e-5)
     assert body["usage"]["prompt_tokens"] > 0
+    # The query's tokens as search() counted them while embedding it: no second tokenization.
+    assert want.text_tokens == engine.count_tokens(["a dog on the grass"])[0]
+    assert body["usage"]["prompt_tokens"] == want.text_tokens
 
 
 def test_image_query_finds_captions(

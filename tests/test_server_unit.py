@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from blipitm.engine import PairScores
+from blipitm.engine import PairScores, TextFeatures
 from blipitm.errors import InvalidInputError
 from blipitm.server import settings as settings_mod
 from blipitm.server.auth import KeyChecker, needs_key
@@ -275,13 +275,14 @@ class FakeEngine:
         if self.gate is not None:
             assert self.gate.wait(10)
 
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
+    def encode_texts(self, texts: list[str]) -> TextFeatures:
         self._wait()
-        self.calls.append(("embed_texts", len(texts)))
+        self.calls.append(("encode_texts", len(texts)))
         for i, t in enumerate(texts):
             if t == "BAD":
                 raise InvalidInputError("bad text", loc=("texts", i))
-        return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
+        emb = np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
+        return TextFeatures(emb, np.array([len(t) + 2 for t in texts], dtype=np.int64))
 
     def embed_images(self, images: list[Any]) -> np.ndarray:
         raise AssertionError("not used")
@@ -290,7 +291,8 @@ class FakeEngine:
         self._wait()
         self.calls.append(("score_pairs", len(pairs)))
         p = np.array([images[i] * 10 + len(texts[t]) for i, t in pairs], dtype=np.float32)
-        return PairScores(p, np.stack([p, p], axis=1), p)
+        tokens = np.array([len(t) + 2 for t in texts], dtype=np.int64)
+        return PairScores(p, np.stack([p, p], axis=1), p, tokens)
 
     def rank_texts(self, *a: Any, **k: Any) -> list[Any]:
         raise AssertionError("not used")
@@ -314,10 +316,14 @@ def test_batcher_merges_and_splits() -> None:
     b.start()
     try:
         out = [f.result(5) for f in futs]
-        assert [o[:, 0].tolist() for o in out] == [[1, 1], [2, 1], [3, 1]]
+        assert [o.embeddings[:, 0].tolist() for o in out] == [[1, 1], [2, 1], [3, 1]]
+        # Each request gets its own texts' token counts back (the fake counts len + 2).
+        assert [o.text_tokens.tolist() for o in out] == [[3, 3], [4, 3], [5, 3]]
         assert s1.result(5).itm_probability.tolist() == [12, 13]
         assert s2.result(5).itm_probability.tolist() == [31]
-        assert sorted(engine.calls) == [("embed_texts", 6), ("score_pairs", 3)]
+        assert s1.result(5).text_tokens.tolist() == [4, 5]
+        assert s2.result(5).text_tokens.tolist() == [3]
+        assert sorted(engine.calls) == [("encode_texts", 6), ("score_pairs", 3)]
     finally:
         b.stop()
 
@@ -332,17 +338,17 @@ def test_batcher_isolates_a_bad_request() -> None:
     good2 = b.submit(EmbedTexts(["ok!"]))
     b.start()
     try:
-        assert good.result(5)[:, 0].tolist() == [2]
-        assert good2.result(5)[:, 0].tolist() == [3]
+        assert good.result(5).embeddings[:, 0].tolist() == [2]
+        assert good2.result(5).embeddings[:, 0].tolist() == [3]
         with pytest.raises(InvalidInputError) as info:
             bad.result(5)
         assert info.value.field == "input[1]"  # translated into the request's own param
         # The merged call failed, then each request ran alone.
-        assert engine.calls[0] == ("embed_texts", 4)
+        assert engine.calls[0] == ("encode_texts", 4)
         assert sorted(engine.calls[1:]) == [
-            ("embed_texts", 1),
-            ("embed_texts", 1),
-            ("embed_texts", 2),
+            ("encode_texts", 1),
+            ("encode_texts", 1),
+            ("encode_texts", 2),
         ]
     finally:
         b.stop()
@@ -365,9 +371,9 @@ def test_batcher_skips_cancelled_work_and_refuses_when_full() -> None:
         assert info.value.retry_after_s >= 1
         assert dropped.cancel()
         gate.set()
-        assert first.result(5).shape == (1, 2)
-        assert kept.result(5)[:, 0].tolist() == [4]
-        assert engine.calls == [("embed_texts", 1), ("embed_texts", 1)]  # dropped never ran
+        assert first.result(5).embeddings.shape == (1, 2)
+        assert kept.result(5).embeddings[:, 0].tolist() == [4]
+        assert engine.calls == [("encode_texts", 1), ("encode_texts", 1)]  # dropped never ran
     finally:
         gate.set()
         b.stop()

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
         ModelInfo,
         PairScores,
         Ranked,
+        Ranking,
+        TextFeatures,
         load,
     )
 
@@ -46,6 +48,8 @@ __all__ = [
     "ModelInfo",
     "PairScores",
     "Ranked",
+    "Ranking",
+    "TextFeatures",
     "__version__",
     "load",
 ]

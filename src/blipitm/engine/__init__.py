@@ -20,6 +20,8 @@ from blipitm.engine.types import (
     ModelInfo,
     PairScores,
     Ranked,
+    Ranking,
+    TextFeatures,
 )
 
 if TYPE_CHECKING:
@@ -44,6 +46,8 @@ __all__ = [
     "ModelInfo",
     "PairScores",
     "Ranked",
+    "Ranking",
+    "TextFeatures",
     "load",
     "load_options",
 ]

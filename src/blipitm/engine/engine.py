@@ -34,6 +34,8 @@ from blipitm.engine.types import (
     ModelInfo,
     PairScores,
     Ranked,
+    Ranking,
+    TextFeatures,
 )
 from blipitm.errors import InvalidInputError, Loc
 from blipitm.model import BlipITM, CrossKV, DenseKV
@@ -164,7 +166,7 @@ class Engine:
             )
         n = len(text_list)
         if n == 0:
-            return PairScores(_empty(0), _empty(0, 2), _empty(0))
+            return PairScores(_empty(0), _empty(0, 2), _empty(0), _token_counts([]))
         # Broadcast inputs are decoded once: unique images by position before broadcasting.
         uniq_images = image_list[:1] if single_image else image_list
         feats = self._image_features(uniq_images, loc=("images",))
@@ -174,7 +176,7 @@ class Engine:
         ids = self._token_ids(uniq_texts, ("texts",))  # once, for both passes
         logits = self._itm_pairs(feats, ids, image_of_pair, text_of_pair)
         cosine = self._pair_cosine(feats, ids, image_of_pair, text_of_pair, itc)
-        return PairScores(itm_probability(logits), logits, cosine)
+        return PairScores(itm_probability(logits), logits, cosine, _token_counts(ids))
 
     def score_matrix(
         self, images: Sequence[ImageInput], texts: Sequence[str], *, itc: bool = True
@@ -186,18 +188,20 @@ class Engine:
         image_list, _ = _as_list(images, _is_single_image)
         text_list, _ = _as_list(texts, lambda t: isinstance(t, str))
         feats = self._image_features(image_list, loc=("images",))
+        ids = self._token_ids(text_list, ("texts",))
         i, t = len(image_list), len(text_list)
         if i == 0 or t == 0:
-            return MatrixScores(_empty(i, t), _empty(i, t, 2), _empty(i, t))
+            return MatrixScores(_empty(i, t), _empty(i, t, 2), _empty(i, t), _token_counts(ids))
         pairs_img = [g for g in range(i) for _ in range(t)]
         pairs_txt = [k for _ in range(i) for k in range(t)]
-        ids = self._token_ids(text_list, ("texts",))
         logits = self._itm_pairs(feats, ids, pairs_img, pairs_txt).reshape(i, t, 2)
         if itc:
             cosine = self._image_embeddings(feats) @ self._text_embeddings(ids).T
         else:
             cosine = np.full((i, t), np.nan, dtype=np.float32)
-        return MatrixScores(itm_probability(logits), logits, cosine.astype(np.float32))
+        return MatrixScores(
+            itm_probability(logits), logits, cosine.astype(np.float32), _token_counts(ids)
+        )
 
     def embed_images(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Unit-norm ITC image embeddings ``[N, E]`` float32."""
@@ -208,10 +212,16 @@ class Engine:
 
     def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
         """Unit-norm ITC text embeddings ``[N, E]`` float32."""
+        return self.encode_texts(texts).embeddings
+
+    def encode_texts(self, texts: str | Sequence[str]) -> TextFeatures:
+        """:meth:`embed_texts` with the tokens the model read for each text (as
+        :meth:`count_tokens`, from the same tokenization)."""
         text_list, _ = _as_list(texts, lambda t: isinstance(t, str))
         if not text_list:
-            return _empty(0, self.embedding_dim)
-        return self._text_embeddings(self._token_ids(text_list, ("texts",)))
+            return TextFeatures(_empty(0, self.embedding_dim), _token_counts([]))
+        ids = self._token_ids(text_list, ("texts",))
+        return TextFeatures(self._text_embeddings(ids), _token_counts(ids))
 
     def rank_texts(
         self,
@@ -220,25 +230,26 @@ class Engine:
         *,
         top_k: int | None = None,
         rerank_k: int | None = 128,
-    ) -> list[Ranked]:
+    ) -> Ranking:
         """Rank ``texts`` for one ``image`` (a ``str`` is a path, as in :meth:`score`), best first.
 
         The ``rerank_k`` texts with the highest ITC cosine are scored with ITM; the rest are not
         returned. Score: the protocol's :meth:`~blipitm.scoring.ScoringProtocol.rank_score`,
         ``itm_logits[1] + itc_cosine`` under ``blip`` (BLIP's retrieval evaluation) and the ITM
-        probability under ``transformers``. ``Ranked.index`` points into ``texts``.
+        probability under ``transformers``. ``Ranked.index`` points into ``texts``;
+        ``text_tokens`` counts the tokens of all ``texts``, ranked or not.
         """
         _check_rank_ks(top_k, rerank_k)
         _reject_single(texts, lambda t: isinstance(t, str), ("texts",), "rank_texts(image, [text])")
         text_list = list(texts)
         if not text_list:
-            return []
+            return Ranking(text_tokens=0)
         feats = self._image_features([image], loc=("image",))
         ids = self._token_ids(text_list, ("texts",))
         cosine = self._text_embeddings(ids) @ feats[0].embedding.numpy()  # [T]
         keep = _top_indices(cosine, rerank_k)
         logits = self._itm_pairs(feats, ids, [0] * len(keep), keep.tolist())
-        return self._ranked(keep, logits, cosine[keep], top_k)
+        return self._ranked(keep, logits, cosine[keep], top_k, ids)
 
     def rank_images(
         self,
@@ -247,28 +258,29 @@ class Engine:
         *,
         top_k: int | None = None,
         rerank_k: int | None = 128,
-    ) -> list[Ranked]:
+    ) -> Ranking:
         """Rank ``images`` for one ``text``, best first; as :meth:`rank_texts` the other way.
 
-        ``Ranked.index`` points into ``images``.
+        ``Ranked.index`` points into ``images``; ``text_tokens`` counts ``text``'s tokens.
         """
         _check_rank_ks(top_k, rerank_k)
         _reject_single(images, _is_single_image, ("images",), "rank_images(text, [image])")
         image_list = list(images)
         if not image_list:
-            return []
+            return Ranking(text_tokens=0)
         validate_text(text, loc=("text",), max_chars=self.max_text_chars)
         ids = self._token_ids([text], ("text",))
         feats = self._image_features(image_list, loc=("images",))
         cosine = self._image_embeddings(feats) @ self._text_embeddings(ids)[0]
         keep = _top_indices(cosine, rerank_k)
         logits = self._itm_pairs(feats, ids, keep.tolist(), [0] * len(keep))
-        return self._ranked(keep, logits, cosine[keep], top_k)
+        return self._ranked(keep, logits, cosine[keep], top_k, ids)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens the model reads for each text under this protocol (with ``[CLS]``/``[SEP]``;
-        BLIP: after ``pre_caption`` and the 35-token truncation)."""
-        return [len(row) for row in self._token_ids(texts, ("texts",))]
+        BLIP: after ``pre_caption`` and the 35-token truncation). Every result carries these
+        counts already (``text_tokens``); this is for texts that are not scored."""
+        return _token_counts(self._token_ids(texts, ("texts",))).tolist()
 
     def encode_images(self, images: Sequence[ImageInput]) -> ImageFeatures:
         """Encode images once, for :meth:`score_pairs` or to store (e.g. in an index).
@@ -314,27 +326,37 @@ class Engine:
                     f"but there are {n} {name}",
                     loc=("pairs",),
                 )
-        if idx.shape[0] == 0:
-            return PairScores(_empty(0), _empty(0, 2), _empty(0))
-        image_of_pair, text_of_pair = idx[:, 0].tolist(), idx[:, 1].tolist()
         ids = self._token_ids(text_list, ("texts",))
+        if idx.shape[0] == 0:
+            return PairScores(_empty(0), _empty(0, 2), _empty(0), _token_counts(ids))
+        image_of_pair, text_of_pair = idx[:, 0].tolist(), idx[:, 1].tolist()
         logits = self._itm_pairs(feats, ids, image_of_pair, text_of_pair)
         cosine = self._pair_cosine(feats, ids, image_of_pair, text_of_pair, itc)
-        return PairScores(itm_probability(logits), logits, cosine)
+        return PairScores(itm_probability(logits), logits, cosine, _token_counts(ids))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _ranked(
-        self, keep: np.ndarray, logits: np.ndarray, cosine: np.ndarray, top_k: int | None
-    ) -> list[Ranked]:
-        """The kept candidates ordered by the protocol's ranking score (ties: better ITC first)."""
+        self,
+        keep: np.ndarray,
+        logits: np.ndarray,
+        cosine: np.ndarray,
+        top_k: int | None,
+        ids: Sequence[Sequence[int]],
+    ) -> Ranking:
+        """The kept candidates ordered by the protocol's ranking score (ties: better ITC first),
+        with the tokens of the texts ``ids`` the ranking read."""
         prob = itm_probability(logits)
         score = self.protocol.rank_score(logits, cosine)
         order = np.argsort(-score, kind="stable")[:top_k]
-        return [
-            Ranked(int(keep[j]), float(score[j]), float(prob[j]), float(cosine[j])) for j in order
-        ]
+        return Ranking(
+            (
+                Ranked(int(keep[j]), float(score[j]), float(prob[j]), float(cosine[j]))
+                for j in order
+            ),
+            text_tokens=int(_token_counts(ids).sum()),
+        )
 
     # -- images -----------------------------------------------------------------------------
 
@@ -651,6 +673,11 @@ def _from_features(features: ImageFeatures) -> list[_EncodedImage]:
         _EncodedImage(tokens[i], torch.from_numpy(features.embeddings[i]), None)
         for i in range(len(features))
     ]
+
+
+def _token_counts(ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """Tokens per text ``[N]`` int64, from :meth:`Engine._token_ids` (the ids the model reads)."""
+    return np.array([len(row) for row in ids], dtype=np.int64)
 
 
 def _empty(*shape: int) -> np.ndarray:

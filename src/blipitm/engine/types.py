@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,11 +33,16 @@ class BatchSizes:
 
 @dataclass(frozen=True)
 class PairScores:
-    """Scores of zipped (image, text) pairs; every field has ``N`` rows."""
+    """Scores of zipped (image, text) pairs; the score fields have ``N`` rows.
+
+    ``text_tokens`` has one entry per text the call read (``score_pairs``' ``texts``; ``score``'s
+    texts, one if a single text was broadcast), not per pair: see :meth:`Engine.count_tokens`.
+    """
 
     itm_probability: np.ndarray  # [N] float32, softmax(itm_logits)[:, 1]
     itm_logits: np.ndarray  # [N, 2] float32, class 1 = match
     itc_cosine: np.ndarray  # [N] float32
+    text_tokens: np.ndarray  # [T] int64, tokens the model read per text
 
     def __len__(self) -> int:
         return int(self.itm_probability.shape[0])
@@ -49,10 +55,22 @@ class MatrixScores:
     itm_probability: np.ndarray
     itm_logits: np.ndarray
     itc_cosine: np.ndarray
+    text_tokens: np.ndarray  # [T] int64, tokens the model read per text (column)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.itc_cosine.shape[0]), int(self.itc_cosine.shape[1]))
+
+
+@dataclass(frozen=True)
+class TextFeatures:
+    """Encoded texts: unit-norm ITC embeddings and the tokens the model read for each."""
+
+    embeddings: np.ndarray  # [N, E] float32
+    text_tokens: np.ndarray  # [N] int64
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,15 @@ class Ranked:
     score: float
     itm_probability: float
     itc_cosine: float
+
+
+class Ranking(list[Ranked]):
+    """What ``rank_texts`` / ``rank_images`` return: the kept candidates best first, as a plain
+    list, and ``text_tokens``, the tokens the model read for all the call's texts together."""
+
+    def __init__(self, ranked: Iterable[Ranked] = (), *, text_tokens: int) -> None:
+        super().__init__(ranked)
+        self.text_tokens = text_tokens
 
 
 @dataclass(frozen=True)

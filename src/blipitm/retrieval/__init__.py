@@ -14,7 +14,7 @@ from blipitm.retrieval.errors import (
     IndexMismatchError,
 )
 from blipitm.retrieval.ingest import AddReport, add_items
-from blipitm.retrieval.search import SearchHit, scan_top_k, search
+from blipitm.retrieval.search import SearchHit, SearchHits, scan_top_k, search
 from blipitm.retrieval.sources import SourceListing, list_source
 from blipitm.retrieval.store import Index, Item, NewItem
 from blipitm.retrieval.workflow import add_sources, build_index
@@ -29,6 +29,7 @@ __all__ = [
     "Item",
     "NewItem",
     "SearchHit",
+    "SearchHits",
     "SourceListing",
     "add_items",
     "add_sources",

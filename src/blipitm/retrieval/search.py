@@ -10,6 +10,7 @@ best ``rerank_k`` with the ITM head through ``Engine.score_pairs``; the score is
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,15 @@ class SearchHit:
         }
 
 
+class SearchHits(list[SearchHit]):
+    """What :func:`search` returns: the hits best first, as a plain list, and ``text_tokens``,
+    the tokens the model read for a text query (0 for an image query)."""
+
+    def __init__(self, hits: Iterable[SearchHit] = (), *, text_tokens: int) -> None:
+        super().__init__(hits)
+        self.text_tokens = text_tokens
+
+
 def search(
     engine: Engine,
     index: Index,
@@ -63,7 +73,7 @@ def search(
     *,
     top_k: int = 10,
     rerank_k: int = 128,
-) -> list[SearchHit]:
+) -> SearchHits:
     """Search ``index`` for the items of the other modality that best match ``query``.
 
     A ``str`` query is a caption and finds images; anything else is an image (PIL, bytes, array,
@@ -84,20 +94,23 @@ def search(
     text_query = isinstance(query, str)
     target: Kind = "image" if text_query else "text"
     query_feats: ImageFeatures | None = None
+    text_tokens = 0
     if isinstance(query, str):
-        q = engine.embed_texts([query])[0]
+        encoded = engine.encode_texts([query])
+        q, text_tokens = encoded.embeddings[0], int(encoded.text_tokens[0])
     else:
         query_feats = engine.encode_images([query])  # field "images[0]" on a bad image
         q = query_feats.embeddings[0]
     first_k = rerank_k if rerank_k > 0 else top_k
     rows, cosine = scan_top_k(index, q, first_k, target)
     if rows.size == 0:
-        return []
+        return SearchHits(text_tokens=text_tokens)
     items = index.items_at_rows(rows.tolist())
     if rerank_k == 0:
-        return [
-            _hit(it, float(c), float(c), None, None) for it, c in zip(items, cosine, strict=True)
-        ]
+        return SearchHits(
+            (_hit(it, float(c), float(c), None, None) for it, c in zip(items, cosine, strict=True)),
+            text_tokens=text_tokens,
+        )
     if text_query:
         scores = _rerank_images(engine, index, str(query), items, rows)
     else:
@@ -115,10 +128,13 @@ def search(
             f"damaged?); check it with 'blipitm index verify {index.path}'"
         )
     order = np.argsort(-score, kind="stable")[:top_k]  # ties: better ITC first, as Engine.rank_*
-    return [
-        _hit(items[j], float(score[j]), float(cosine[j]), float(prob[j]), float(logits[j, 1]))
-        for j in order
-    ]
+    return SearchHits(
+        (
+            _hit(items[j], float(score[j]), float(cosine[j]), float(prob[j]), float(logits[j, 1]))
+            for j in order
+        ),
+        text_tokens=text_tokens,
+    )
 
 
 def scan_top_k(

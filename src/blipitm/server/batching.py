@@ -4,8 +4,9 @@ The engine is not thread-safe and one model saturates the device, so exactly one
 Torch releases the GIL during compute, so the event loop keeps serving (and decoding on its own
 pool) meanwhile. The worker takes the first queued item, then keeps taking items until it has
 ``max_batch_size`` of them or ``max_wait_ms`` has passed, and merges items of the same kind into
-one engine call (many text-embedding requests -> one ``embed_texts``; many score requests -> one
-``score_pairs`` over the concatenated images and texts). Results are split back per request.
+one engine call (many text-embedding requests -> one ``encode_texts``; many score requests -> one
+``score_pairs`` over the concatenated images and texts). Results are split back per request,
+token counts included (each request's usage is its own texts').
 
 Isolation: if a merged call raises, its items are re-run one by one, so only the bad request fails
 (and an error's ``loc`` is translated back into that request's own).
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from blipitm.engine import PairScores, Ranked
+from blipitm.engine import PairScores, Ranking, TextFeatures
 from blipitm.errors import InvalidInputError, Loc
 from blipitm.server.metrics import Metrics
 
@@ -42,7 +43,7 @@ LocMap = Callable[[Loc], Loc]
 class EngineLike(Protocol):
     """What the worker needs from :class:`blipitm.Engine` (tests pass slow or failing fakes)."""
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+    def encode_texts(self, texts: Sequence[str]) -> TextFeatures: ...
 
     def embed_images(self, images: Sequence[Any]) -> np.ndarray: ...
 
@@ -57,7 +58,7 @@ class EngineLike(Protocol):
         *,
         top_k: int | None = None,
         rerank_k: int | None = 128,
-    ) -> list[Ranked]: ...
+    ) -> Ranking: ...
 
     def rank_images(
         self,
@@ -66,7 +67,7 @@ class EngineLike(Protocol):
         *,
         top_k: int | None = None,
         rerank_k: int | None = 128,
-    ) -> list[Ranked]: ...
+    ) -> Ranking: ...
 
 
 class QueueFull(Exception):
@@ -129,7 +130,7 @@ _STOP = object()
 
 def run_one(engine: EngineLike, job: Job) -> Any:
     if isinstance(job, EmbedTexts):
-        return engine.embed_texts(job.texts)
+        return engine.encode_texts(job.texts)
     if isinstance(job, EmbedImages):
         return engine.embed_images(job.images)
     if isinstance(job, ScorePairs):
@@ -149,8 +150,14 @@ def run_merged(engine: EngineLike, jobs: Sequence[Job]) -> list[Any]:
     first = jobs[0]
     if isinstance(first, EmbedTexts):
         text_jobs = [j for j in jobs if isinstance(j, EmbedTexts)]
-        out = engine.embed_texts([t for j in text_jobs for t in j.texts])
-        return _split(out, [len(j.texts) for j in text_jobs])
+        feats = engine.encode_texts([t for j in text_jobs for t in j.texts])
+        sizes = [len(j.texts) for j in text_jobs]
+        return [
+            TextFeatures(e, n)
+            for e, n in zip(
+                _split(feats.embeddings, sizes), _split(feats.text_tokens, sizes), strict=True
+            )
+        ]
     if isinstance(first, EmbedImages):
         image_jobs = [j for j in jobs if isinstance(j, EmbedImages)]
         out = engine.embed_images([im for j in image_jobs for im in j.images])
@@ -169,11 +176,12 @@ def run_merged(engine: EngineLike, jobs: Sequence[Job]) -> list[Any]:
         scores = engine.score_pairs(images, texts, pairs)
         sizes = [len(j.pairs) for j in score_jobs]
         return [
-            PairScores(p, lg, c)
-            for p, lg, c in zip(
+            PairScores(p, lg, c, n)
+            for p, lg, c, n in zip(
                 _split(scores.itm_probability, sizes),
                 _split(scores.itm_logits, sizes),
                 _split(scores.itc_cosine, sizes),
+                _split(scores.text_tokens, [len(j.texts) for j in score_jobs]),
                 strict=True,
             )
         ]

@@ -127,18 +127,11 @@ class Ready(Generic[B]):
             code="timeout",
         )
 
-    def count_text_tokens(self, texts: Sequence[str]) -> int:
-        """Tokens the model reads for ``texts`` (per protocol: cleaned and truncated for blip)."""
-        return sum(self.engine.count_tokens(texts)) if texts else 0
-
-    def image_tokens(self) -> int:
-        """What one image counts in ``usage``: the vision tokens it becomes (patches + CLS)."""
-        return self.engine.info.image_tokens
-
-    async def usage_tokens(self, texts: Sequence[str], n_images: int) -> int:
-        loop = asyncio.get_running_loop()
-        n_text = await loop.run_in_executor(self.state.executor, self.count_text_tokens, texts)
-        return n_text + n_images * self.image_tokens()
+    def usage_tokens(self, text_tokens: int, n_images: int) -> int:
+        """``usage``: the tokens the model read for the texts, as the engine's results count them
+        (``text_tokens``: no second tokenization), plus the vision tokens (patches + CLS) each
+        image becomes."""
+        return int(text_tokens) + n_images * self.engine.info.image_tokens
 
 
 def ready(body_type: type[B]) -> Any:

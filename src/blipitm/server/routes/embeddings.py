@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from blipitm.engine import TextFeatures
 from blipitm.server.batching import EmbedImages, EmbedTexts
 from blipitm.server.context import Ready, ready
 from blipitm.server.errors import API_ERRORS, APIError
@@ -46,11 +47,14 @@ async def embeddings(
     image_items = [it for it in items if isinstance(it, ImageItem)]
     texts, images = await ctx.inputs(text_items, image_items)
     vectors = np.empty((len(items), dim), dtype=np.float32)  # [N, E] in request order
+    text_tokens = 0
     if texts:
-        vectors[text_pos] = await ctx.run(EmbedTexts(texts), loc_mapper(texts=text_items))
+        encoded: TextFeatures = await ctx.run(EmbedTexts(texts), loc_mapper(texts=text_items))
+        vectors[text_pos] = encoded.embeddings
+        text_tokens = int(encoded.text_tokens.sum())
     if images:
         vectors[image_pos] = await ctx.run(EmbedImages(images), loc_mapper(images=image_items))
-    tokens = await ctx.usage_tokens(texts, len(images))
+    tokens = ctx.usage_tokens(text_tokens, len(images))
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
         for i, v in enumerate(vectors)

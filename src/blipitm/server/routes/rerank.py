@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from blipitm.engine import PairScores, Ranked
+from blipitm.engine import PairScores, Ranking
 from blipitm.processing import ResizedImage
 from blipitm.server.batching import LocMap, Rank, ScorePairs
 from blipitm.server.context import Ready, ready
@@ -29,6 +29,7 @@ router = APIRouter()
 
 Context = Annotated[Ready[RerankRequest], ready(RerankRequest)]
 Hit = tuple[int, float, float]  # (document index, ITM probability, ITC cosine)
+Hits = tuple[list[Hit], int]  # and the tokens the engine read for the request's texts
 
 
 def _document(item: Item) -> dict[str, Any]:
@@ -50,12 +51,13 @@ async def _score_all(
     texts: list[str],
     images: list[ResizedImage],
     fields: LocMap,
-) -> list[Hit]:
+) -> Hits:
     """Every document gets the ITM pass: a plain pair job, which merges with other requests'."""
     n = len(texts) if image_query else len(images)
     pairs = [(0, j) for j in range(n)] if image_query else [(j, 0) for j in range(n)]
     scores: PairScores = await ctx.run(ScorePairs(images, texts, pairs), fields)
-    return [(j, float(scores.itm_probability[j]), float(scores.itc_cosine[j])) for j in range(n)]
+    hits = [(j, float(scores.itm_probability[j]), float(scores.itc_cosine[j])) for j in range(n)]
+    return hits, int(scores.text_tokens.sum())
 
 
 async def _score_cut(
@@ -65,7 +67,7 @@ async def _score_cut(
     texts: list[str],
     images: list[ResizedImage],
     rerank_k: int,
-) -> list[Hit]:
+) -> Hits:
     """BLIP's two-stage cut: only the ``rerank_k`` best by ITC cosine get the ITM pass."""
     if isinstance(query, ImageItem):
         job = Rank(images[0], texts, rerank_k, image_query=True)
@@ -73,8 +75,8 @@ async def _score_cut(
     else:
         job = Rank(texts[0], images, rerank_k, image_query=False)
         fields = loc_mapper(query, query_loc="text", images=docs)
-    kept: list[Ranked] = await ctx.run(job, fields)
-    return [(r.index, r.itm_probability, r.itc_cosine) for r in kept]
+    kept: Ranking = await ctx.run(job, fields)
+    return [(r.index, r.itm_probability, r.itc_cosine) for r in kept], kept.text_tokens
 
 
 async def _rerank(ctx: Ready[RerankRequest]) -> JSONResponse:
@@ -89,9 +91,11 @@ async def _rerank(ctx: Ready[RerankRequest]) -> JSONResponse:
     texts, images = await ctx.inputs(text_items, image_items)
     if body.rerank_k is None or body.rerank_k >= len(docs):
         fields = loc_mapper(images=image_items, texts=text_items)
-        ranked = await _score_all(ctx, isinstance(query, ImageItem), texts, images, fields)
+        ranked, text_tokens = await _score_all(
+            ctx, isinstance(query, ImageItem), texts, images, fields
+        )
     else:
-        ranked = await _score_cut(ctx, query, docs, texts, images, body.rerank_k)
+        ranked, text_tokens = await _score_cut(ctx, query, docs, texts, images, body.rerank_k)
     ranked.sort(key=lambda r: (-r[1], r[0]))
     if body.top_n:
         ranked = ranked[: body.top_n]
@@ -100,7 +104,7 @@ async def _rerank(ctx: Ready[RerankRequest]) -> JSONResponse:
         | ({"document": _document(docs[index])} if body.return_documents else {})
         for index, probability, cosine in ranked
     ]
-    tokens = await ctx.usage_tokens(texts, len(images))
+    tokens = ctx.usage_tokens(text_tokens, len(images))
     return JSONResponse(
         {
             "id": f"rerank-{uuid.uuid4().hex}",

@@ -44,7 +44,7 @@ async def score(ctx: Annotated[Ready[ScoreRequest], ready(ScoreRequest)]) -> JSO
         }
         for p in range(len(scores))
     ]
-    tokens = await ctx.usage_tokens(texts, len(images))
+    tokens = ctx.usage_tokens(int(scores.text_tokens.sum()), len(images))
     return JSONResponse(
         {
             "id": f"score-{uuid.uuid4().hex}",

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from blipitm.retrieval import Index, IndexFormatError, SearchHit, search
+from blipitm.retrieval import Index, IndexFormatError, SearchHits, search
 from blipitm.server.batching import Call
 from blipitm.server.context import Ready, ready
 from blipitm.server.errors import API_ERRORS, APIError
@@ -60,7 +60,7 @@ async def search_index(
     q: Any = texts[0] if texts else images[0]
     top_k, rerank_k = ctx.body.top_k, ctx.body.rerank_k
     try:
-        hits: list[SearchHit] = await ctx.run(
+        hits: SearchHits = await ctx.run(
             Call(lambda engine: search(engine, index, q, top_k=top_k, rerank_k=rerank_k)),
             loc_mapper(query, images=[query], texts=[query]),
         )
@@ -74,7 +74,7 @@ async def search_index(
             "the operator can check it with `blipitm index verify`",
             code="index_damaged",
         ) from None
-    tokens = await ctx.usage_tokens(texts, len(images))
+    tokens = ctx.usage_tokens(hits.text_tokens, len(images))
     return JSONResponse(
         {
             "object": "list",
