@@ -39,6 +39,7 @@ COMMANDS = (
     Command("eval", "retrieval recall (BLIP's Flickr30k / COCO protocol)", "blipitm.cli.eval"),
     Command("index", "build and maintain a retrieval index", "blipitm.cli.index"),
     Command("search", "search an index with a caption or an image", "blipitm.cli.search"),
+    Command("filter", "score an image-caption dataset and keep the matches", "blipitm.cli.filter"),
 )
 
 

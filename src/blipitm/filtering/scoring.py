@@ -1,0 +1,113 @@
+"""The per-batch primitive: samples -> one score row per (sample, candidate caption).
+
+The local runner and a Ray Data actor call the same :func:`score_batch`. It makes one
+``engine.score_pairs`` call for the batch (each image encoded once, identical images by content
+once, each image's cross-attention shared by its captions). A sample the engine refuses (corrupt,
+truncated or missing image; an unusable caption) gets a status row and the rest of the batch is
+scored again without it: the images encoded before it are in the engine's cache, so that costs
+little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from blipitm.errors import InvalidInputError
+from blipitm.filtering.readers import Sample
+from blipitm.scoring import blip_retrieval_score
+
+if TYPE_CHECKING:
+    from blipitm.engine import Engine
+
+SCORE_COLUMNS = ("itm_probability", "itm_logit", "itc_cosine", "blip_score")
+BY_COLUMN = {"itm": "itm_probability", "itc": "itc_cosine", "blip": "blip_score"}
+
+
+def score_batch(engine: Engine, samples: Sequence[Sample]) -> dict[str, list[Any]]:
+    """Score rows for ``samples``, in sample order then candidate order.
+
+    Columns: ``sample`` (index into ``samples``), ``id``, ``candidate``, ``caption``,
+    ``itm_probability``, ``itm_logit`` (the match logit), ``itc_cosine``, ``blip_score``
+    (match logit + cosine, BLIP's retrieval score), ``status`` and ``error``. Rows without a
+    score have NaN scores and a status other than ``ok``.
+    """
+    status = {i: (s.status, s.error) for i, s in enumerate(samples) if s.status != "ok"}
+    bad_text: dict[tuple[int, int], tuple[str, str]] = {}
+    while True:
+        live = [i for i in range(len(samples)) if i not in status]
+        pairs = [
+            (i, c) for i in live for c in range(len(samples[i].captions)) if (i, c) not in bad_text
+        ]
+        try:
+            scores = _score(engine, samples, live, pairs)
+            break
+        except InvalidInputError as e:
+            where, pos = (*e.loc, None, None)[:2]
+            if not isinstance(pos, int):
+                raise
+            if where == "images":
+                status[live[pos]] = ("bad_image", str(e))
+            elif where == "texts":
+                bad_text[pairs[pos]] = ("bad_caption", str(e))
+            else:
+                raise
+    return _rows(samples, status, bad_text, pairs, scores)
+
+
+def _score(
+    engine: Engine, samples: Sequence[Sample], live: list[int], pairs: list[tuple[int, int]]
+) -> dict[str, np.ndarray]:
+    if not pairs:
+        return {name: np.zeros(0, np.float32) for name in SCORE_COLUMNS}
+    slot = {i: k for k, i in enumerate(live)}
+    images = [samples[i].image for i in live]
+    texts = [samples[i].captions[c] for i, c in pairs]
+    index = [(slot[i], t) for t, (i, _) in enumerate(pairs)]
+    got = engine.score_pairs(images, texts, index)  # type: ignore[arg-type]
+    logit = got.itm_logits[:, 1].astype(np.float32)
+    return {
+        "itm_probability": got.itm_probability.astype(np.float32),
+        "itm_logit": logit,
+        "itc_cosine": got.itc_cosine.astype(np.float32),
+        "blip_score": blip_retrieval_score(logit, got.itc_cosine).astype(np.float32),
+    }
+
+
+def _rows(
+    samples: Sequence[Sample],
+    status: dict[int, tuple[str, str]],
+    bad_text: dict[tuple[int, int], tuple[str, str]],
+    pairs: list[tuple[int, int]],
+    scores: dict[str, np.ndarray],
+) -> dict[str, list[Any]]:
+    row_of = {p: r for r, p in enumerate(pairs)}
+    cols: dict[str, list[Any]] = {
+        k: [] for k in ("sample", "id", "candidate", "caption", *SCORE_COLUMNS, "status", "error")
+    }
+    nan = float("nan")
+
+    def add(i: int, c: int, caption: str | None, st: str, err: str, r: int | None) -> None:
+        cols["sample"].append(i)
+        cols["id"].append(samples[i].key)
+        cols["candidate"].append(c)
+        cols["caption"].append(caption)
+        for name in SCORE_COLUMNS:
+            cols[name].append(nan if r is None else float(scores[name][r]))
+        cols["status"].append(st)
+        cols["error"].append(err)
+
+    for i, s in enumerate(samples):
+        if i in status or not s.captions:
+            st, err = status.get(i, ("no_caption", "no caption"))
+            for c, caption in enumerate(s.captions or [None]):
+                add(i, c, caption, st, err, None)
+            continue
+        for c, caption in enumerate(s.captions):
+            if (i, c) in bad_text:
+                add(i, c, caption, *bad_text[(i, c)], None)
+            else:
+                add(i, c, caption, "ok", "", row_of[(i, c)])
+    return cols
