@@ -40,6 +40,7 @@ COMMANDS = (
     Command("index", "build and maintain a retrieval index", "blipitm.cli.index"),
     Command("search", "search an index with a caption or an image", "blipitm.cli.search"),
     Command("filter", "score an image-caption dataset and keep the matches", "blipitm.cli.filter"),
+    Command("keys", "per-key API keys: limits, credits, usage", "blipitm.cli.keys"),
 )
 
 

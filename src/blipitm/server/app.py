@@ -18,10 +18,11 @@ from blipitm.common.version import __version__
 from blipitm.engine import Engine, load_options
 from blipitm.errors import BlipitmError
 from blipitm.server import docs, errors
-from blipitm.server.auth import KeyChecker
+from blipitm.server.auth import Authenticator, KeyChecker
+from blipitm.server.keys import KeyService
 from blipitm.server.metrics import Metrics
 from blipitm.server.middleware import GuardMiddleware, MetricsMiddleware
-from blipitm.server.routes import embeddings, models, ops, rerank, score, search
+from blipitm.server.routes import embeddings, models, ops, rerank, score, search, usage
 from blipitm.server.settings import ServerSettings
 from blipitm.server.state import EngineFactory, ServerState
 
@@ -38,6 +39,21 @@ def load_engine(settings: ServerSettings) -> Engine:
     return load_options(settings.to_load_options())
 
 
+async def _start_keys(
+    service: KeyService | None, on_failure: Callable[[BaseException], None] | None
+) -> None:
+    """Load the keys and reach Redis before serving; a failure stops the server (the CLI says
+    why in one line)."""
+    if service is None:
+        return
+    try:
+        await service.start()
+    except BlipitmError as e:
+        if on_failure is not None:
+            on_failure(e)
+        raise
+
+
 def create_app(
     settings: ServerSettings,
     engine_factory: EngineFactory = load_engine,
@@ -46,6 +62,9 @@ def create_app(
 ) -> FastAPI:
     """Build the app. ``on_load_failure`` lets the CLI stop the server if the model cannot load."""
     state = ServerState(settings, Metrics())
+    # Per-key API keys: the store is opened here, so a bad --keys-db fails before serving.
+    service = None if settings.keys_db is None else KeyService(settings, state.metrics.registry)
+    state.keys = service
 
     async def load_in_background() -> None:
         try:
@@ -66,6 +85,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await _start_keys(service, on_load_failure)
         state.open()
         task = asyncio.create_task(load_in_background())
         try:
@@ -75,6 +95,8 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await state.close()
+            if service is not None:  # after the drain: the last usage reaches the store
+                await service.stop()
 
     app = FastAPI(
         title="blipitm",
@@ -86,18 +108,19 @@ def create_app(
     )
     app.state.blipitm = state
     errors.install(app)
-    routers = [r.router for r in (ops, models, embeddings, score, rerank, search, docs)]
+    routers = [r.router for r in (ops, models, embeddings, score, rerank, search, usage, docs)]
     for router in routers:
         app.include_router(router)
-    app.add_middleware(
-        GuardMiddleware,
-        keys=KeyChecker(settings.api_keys),
-        protect_metrics=settings.protect_metrics,
-        max_body_bytes=settings.max_body_bytes,
-    )
     # The routes themselves, not app.routes: FastAPI keeps an included router there as one entry.
     own = [r for r in app.routes if isinstance(r, Route)]  # /openapi.json
     routes = [*own, *(r for router in routers for r in router.routes)]
+    app.add_middleware(
+        GuardMiddleware,
+        keys=Authenticator(KeyChecker(settings.api_keys), service),
+        protect_metrics=settings.protect_metrics,
+        max_body_bytes=settings.max_body_bytes,
+        routes=routes,
+    )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=routes)
     docs.customise_openapi(app)
     return app

@@ -1,10 +1,20 @@
-"""Bearer-token check: constant-time, over every configured key, and the key never logged."""
+"""Bearer-token check: constant-time, over every configured key, and the key never logged.
+
+Two kinds of key: the static ``--api-key`` keys (unlimited operator keys, checked here) and the
+per-key store of ``--keys-db`` (:mod:`blipitm.server.keys`), asked when no static key matches.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from blipitm.keys import KeyRecord
+
+if TYPE_CHECKING:
+    from blipitm.server.keys import KeyService
 
 
 def _digest(value: str) -> bytes:
@@ -28,12 +38,10 @@ class KeyChecker:
         """
         if not self._digests:
             return True
-        if not authorization:
+        token = bearer_token(authorization)
+        if token is None:
             return False
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        got = _digest(token.strip())
+        got = _digest(token)
         ok = False
         for want in self._digests:
             ok |= hmac.compare_digest(got, want)
@@ -45,3 +53,40 @@ def needs_key(path: str, protect_metrics: bool) -> bool:
     if path.startswith(("/v1/", "/v2/")) or path in ("/v1", "/v2"):
         return True
     return protect_metrics and path == "/metrics"
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of ``Bearer <token>``, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+OPERATOR = None  # authenticated by a static key: unlimited, not metered
+
+
+class Authenticator:
+    """Static operator keys first, then the key store. ``authenticate`` answers the key record
+    (metered), :data:`OPERATOR` (a static key, or no keys configured at all) or, as a string,
+    why the request is refused."""
+
+    def __init__(self, static: KeyChecker, service: KeyService | None) -> None:
+        self.static = static
+        self.service = service
+
+    @property
+    def enabled(self) -> bool:
+        return self.static.enabled or self.service is not None
+
+    def authenticate(self, authorization: str | None) -> KeyRecord | str | None:
+        if not self.enabled or (self.static.enabled and self.static.check(authorization)):
+            return OPERATOR
+        token = bearer_token(authorization)
+        if token is None:
+            return "missing API key; send `Authorization: Bearer <key>`"
+        if self.service is None:
+            return "invalid API key; send `Authorization: Bearer <key>`"
+        return self.service.authenticate(token)

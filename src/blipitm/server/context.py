@@ -23,6 +23,7 @@ from blipitm.server.batching import Batcher, Job, LocMap, QueueFull
 from blipitm.server.errors import APIError, from_invalid_input
 from blipitm.server.images import ImageLoader
 from blipitm.server.inputs import ImageItem, TextItem
+from blipitm.server.keys import LimiterUnavailable, charge_of
 from blipitm.server.state import ServerState
 
 
@@ -57,6 +58,10 @@ class Ready(Generic[B]):
     def start(cls, body: B, request: Request) -> Ready[B]:
         state = server_state(request)
         state.check_model(body.model)
+        charge = charge_of(request.scope)
+        if charge is not None:
+            settings = state.settings
+            charge.check_model(body.model, (settings.model_name, settings.model))
         loaded = state.require_ready()
         deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
         return cls(body, request, state, loaded.engine, loaded.batcher, loaded.loader, deadline)
@@ -69,7 +74,19 @@ class Ready(Generic[B]):
         if not self.batcher.has_room():
             self.state.metrics.rejected.labels(reason="queue_full").inc()
             raise _queue_full(self.batcher.retry_after_s())
+        await self._reserve(len(texts), len(images))
         return self._validate_texts(texts), await self._load_images(images)
+
+    async def _reserve(self, texts: int, images: int) -> None:
+        """A metered key's items and credits, from what the request declares (settled by the
+        guard middleware when the response is complete)."""
+        charge = charge_of(self.request.scope)
+        if charge is None:
+            return
+        try:
+            await charge.reserve(texts, images)
+        except LimiterUnavailable as e:
+            raise APIError(503, str(e), code="limiter_unavailable") from None
 
     def _validate_texts(self, items: Sequence[TextItem]) -> list[str]:
         limit = self.engine.max_text_chars  # the engine's own limit: one home
@@ -131,7 +148,11 @@ class Ready(Generic[B]):
         """``usage``: the tokens the model read for the texts, as the engine's results count them
         (``text_tokens``: no second tokenization), plus the vision tokens (patches + CLS) each
         image becomes."""
-        return int(text_tokens) + n_images * self.engine.info.image_tokens
+        tokens = int(text_tokens) + n_images * self.engine.info.image_tokens
+        charge = charge_of(self.request.scope)
+        if charge is not None:
+            charge.tokens = tokens  # metered with the request
+        return tokens
 
 
 def ready(body_type: type[B]) -> Any:

@@ -24,6 +24,7 @@ log = logging.getLogger("blipitm.server")
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -59,11 +60,12 @@ class APIError(Exception):
 _DESCRIPTIONS = {
     400: "invalid input (the `param` names the item)",
     401: "missing or invalid API key",
+    403: "this API key may not use the served model",
     404: "unknown model",
     413: "request, item count or image over a limit",
     415: "not JSON, or not an image media type",
     422: "request does not match the schema",
-    429: "inference queue full (see Retry-After)",
+    429: "inference queue full, or over an API key's limits or credits (see Retry-After)",
     503: "model not loaded yet",
     504: "request deadline passed",
 }

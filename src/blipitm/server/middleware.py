@@ -8,6 +8,7 @@ body is read, so an unauthenticated client cannot make the server buffer a large
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -15,9 +16,14 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Match
 
-from blipitm.server.auth import KeyChecker, needs_key
+from blipitm.keys import KeyRecord
+from blipitm.server.auth import Authenticator, needs_key
 from blipitm.server.errors import envelope
+from blipitm.server.keys import SCOPE_KEY, Charge, LimiterUnavailable
+from blipitm.server.limits import refusal_headers
 from blipitm.server.metrics import Metrics
+
+log = logging.getLogger("blipitm.server")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -65,19 +71,7 @@ class MetricsMiddleware:
         self.routes = routes
 
     def route_label(self, scope: Scope) -> str:
-        """The template of the route ``scope`` addresses (``/v1/models/{model}``), else "other".
-
-        Matched here, before the app runs, so requests refused by the guard (401, 413) are labelled
-        by their route too. Never the raw path: clients would create unbounded label sets.
-        """
-        partial = None
-        for route in self.routes:
-            match, _ = route.matches(scope)
-            if match is Match.FULL:
-                return _template(route)
-            if match is Match.PARTIAL and partial is None:  # right path, wrong method (405)
-                partial = _template(route)
-        return partial or "other"
+        return route_label(self.routes, scope)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,45 +98,98 @@ class MetricsMiddleware:
             self.metrics.request_duration.labels(route=route).observe(time.perf_counter() - started)
 
 
+def route_label(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    """The template of the route ``scope`` addresses (``/v1/models/{model}``), else "other".
+
+    Matched before the app runs, so requests refused by the guard (401, 413) are labelled by their
+    route too. Never the raw path: clients would create unbounded label sets (metrics, usage).
+    """
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return _template(route)
+        if match is Match.PARTIAL and partial is None:  # right path, wrong method (405)
+            partial = _template(route)
+    return partial or "other"
+
+
 def _template(route: BaseRoute) -> str:
     # ``path_format`` drops convertors: "/v1/models/{model}", not "/v1/models/{model:path}".
     return str(getattr(route, "path_format", None) or getattr(route, "path", "other"))
 
 
+UNMETERED = "/v1/usage"
+
+
 class GuardMiddleware:
-    """Auth for /v1, /v2 (and /metrics if protected); JSON content type and body-size limits."""
+    """Auth for /v1, /v2 (and /metrics if protected); a metered key's admission, rate-limit
+    headers and settlement; JSON content type and body-size limits."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        keys: KeyChecker,
+        keys: Authenticator,
         protect_metrics: bool,
         max_body_bytes: int,
+        routes: Sequence[BaseRoute] = (),
     ) -> None:
         self.app = app
         self.keys = keys
         self.protect_metrics = protect_metrics
         self.max_body_bytes = max_body_bytes
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        if (
-            self.keys.enabled
-            and needs_key(path, self.protect_metrics)
-            and not self.keys.check(_header(scope, b"authorization"))
-        ):
-            await send_error(
-                send,
-                401,
-                "missing or invalid API key; send `Authorization: Bearer <key>`",
-                "invalid_api_key",
-                {"WWW-Authenticate": "Bearer"},
-            )
+        if not (self.keys.enabled and needs_key(scope["path"], self.protect_metrics)):
+            await self._checked(scope, receive, send)
             return
+        key = self.keys.authenticate(_header(scope, b"authorization"))
+        if isinstance(key, str):
+            await send_error(send, 401, key, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        elif isinstance(key, KeyRecord):
+            await self._metered(key, scope, receive, send)
+        else:  # an operator key
+            await self._checked(scope, receive, send)
+
+    async def _metered(self, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
+        """A store key's request: admitted (rate, concurrency), run with its ``x-ratelimit-*``
+        headers, then settled by its status (no status: the client left, 499, refunded)."""
+        assert self.keys.service is not None
+        charge = self.keys.service.open(key, route_label(self.routes, scope))
+        if charge.endpoint == UNMETERED:  # a key may always ask what it has left
+            scope[SCOPE_KEY] = charge
+            await self._checked(scope, receive, send)
+            return
+        try:
+            verdict = await charge.admit()
+        except LimiterUnavailable as e:
+            await send_error(send, 503, str(e), "limiter_unavailable", {"Retry-After": "5"})
+            return
+        if not verdict.allowed:
+            headers = {**charge.headers, **refusal_headers(verdict)}
+            await send_error(send, 429, verdict.message, str(verdict.refusal), headers)
+            return
+        scope[SCOPE_KEY] = charge
+        status = CLIENT_CLOSED
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                message["headers"] = [*message.get("headers", ()), *_raw(charge)]
+            await send(message)
+
+        try:
+            await self._checked(scope, receive, send_with_headers)
+        finally:
+            await _settle(charge, status)
+
+    async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
@@ -210,6 +257,17 @@ class GuardMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def _raw(charge: Charge) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in charge.headers.items()]
+
+
+async def _settle(charge: Charge, status: int) -> None:
+    try:
+        await charge.finish(status)
+    except LimiterUnavailable as e:  # the slot and reservation expire in Redis by themselves
+        log.error("could not settle a request of key %r: %s", charge.key.name, e)
 
 
 # A lone surrogate reaches a JSON body only as a \uD800-\uDFFF escape: raw surrogate bytes are not

@@ -259,3 +259,50 @@ class SearchResponse(BaseModel):
     model: str
     data: list[SearchResult]
     usage: RerankUsage
+
+
+class RateWindow(BaseModel):
+    limit: int
+    remaining: int
+    reset_s: float = Field(description="seconds until the limit is whole again")
+
+
+class KeyLimits(BaseModel):
+    requests_per_minute: int | None
+    items_per_minute: int | None
+    concurrency: int | None
+    credits: int | None = Field(description="credits granted in all (None: unlimited)")
+    image_credits: int = Field(description="credits one image costs (a text costs 1)")
+    window_s: float = Field(description="the window of the per-minute limits, in seconds")
+
+
+class KeyRemaining(BaseModel):
+    requests: RateWindow | None
+    items: RateWindow | None
+    concurrency: int | None
+    credits: int | None
+
+
+class UsageEntry(BaseModel):
+    object: Literal["usage"] = "usage"
+    name: str
+    day: str = Field(description="UTC day, YYYY-MM-DD")
+    endpoint: str
+    status: int
+    requests: int
+    texts: int
+    images: int
+    tokens: int
+    credits: int
+    latency_ms: float = Field(description="summed over the requests")
+
+
+class KeyUsage(BaseModel):
+    object: Literal["key_usage"] = "key_usage"
+    name: str
+    created: str
+    expires: str | None
+    models: list[str] | None
+    limits: KeyLimits
+    remaining: KeyRemaining
+    data: list[UsageEntry]

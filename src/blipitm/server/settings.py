@@ -41,6 +41,8 @@ _BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
     ),
     (("max_wait_ms", "url_max_redirects"), 0, False),
     (("request_timeout_s", "url_timeout_s", "head_timeout_s", "drain_timeout_s"), 0, True),
+    (("image_credits", "metrics_key_labels"), 0, False),
+    (("rate_window_s",), 0, True),
 )
 
 
@@ -60,6 +62,12 @@ class ServerSettings:
     port: int = 8000
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # never printed
     protect_metrics: bool = False
+    # -- per-key API keys (see server/keys.py, docs/keys.md) -------------------------------------
+    keys_db: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    image_credits: int = 1
+    rate_window_s: float = 60.0
+    metrics_key_labels: int = 100
     # -- connections (see server/http.py) -------------------------------------------------------
     head_timeout_s: float = 10.0
     max_connections: int = 512
@@ -99,6 +107,10 @@ class ServerSettings:
                     raise InvalidInputError(f"must be {op} {low}, got {value}", loc=(name,))
         if any(not k for k in self.api_keys):
             raise InvalidInputError("an API key must not be empty", loc=("api_keys",))
+        if self.redis_url is not None and self.keys_db is None:
+            raise InvalidInputError(
+                "--redis shares per-key limits; it needs --keys-db with the keys", loc=("redis",)
+            )
         self.to_load_options()  # validates the model options and the engine's limits
 
     def to_load_options(self) -> LoadOptions:
@@ -168,6 +180,30 @@ OPTIONS: tuple[Option, ...] = (
         metavar="KEY",
     ),
     Option("protect_metrics", "require the API key for /metrics too", _parse_bool, kind="flag"),
+    Option(
+        "keys_db",
+        "SQLite key store of per-key API keys with limits, credits and usage (see "
+        "`blipitm keys`); /v1 and /v2 then need one of its keys (or an --api-key)",
+        optional_str,
+        metavar="PATH",
+    ),
+    Option(
+        "redis_url",
+        "Redis URL (redis://host:6379/0) holding the per-key rate, concurrency and credit "
+        "counters, so several replicas enforce one key's limits together",
+        optional_str,
+        flag_name="--redis",
+        metavar="URL",
+    ),
+    Option("image_credits", "credits one image costs (a text costs 1)", int),
+    Option(
+        "rate_window_s", "window of the per-minute key limits (seconds; tests shorten it)", float
+    ),
+    Option(
+        "metrics_key_labels",
+        "key names with their own label in /metrics; later ones count as `other`",
+        int,
+    ),
     Option(
         "head_timeout_s",
         "seconds a connection has to send a complete request head (after opening, or after its "

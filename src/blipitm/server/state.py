@@ -19,6 +19,7 @@ from blipitm.retrieval import Index
 from blipitm.server.batching import Batcher, Call
 from blipitm.server.errors import APIError
 from blipitm.server.images import ImageLoader
+from blipitm.server.keys import KeyService
 from blipitm.server.metrics import Metrics
 from blipitm.server.settings import ServerSettings
 from blipitm.server.urlfetch import URLFetcher
@@ -50,6 +51,7 @@ class ServerState:
     index: Index | None = None
     ready: bool = False
     load_error: str | None = None
+    keys: KeyService | None = None  # per-key API keys (--keys-db)
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from blipitm.server.context import server_state
 from blipitm.server.errors import error_responses
+from blipitm.server.keys import charge_of
 from blipitm.server.schemas import ModelCard, ModelList
 from blipitm.server.settings import public_path
 from blipitm.server.state import ServerState
@@ -38,14 +39,23 @@ def _model_card(st: ServerState) -> dict[str, Any]:
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503))
-async def list_models(st: State) -> JSONResponse:
-    """The served model, in OpenAI's list shape, with its protocol and overrides."""
+async def list_models(st: State, request: Request) -> JSONResponse:
+    """The served model, in OpenAI's list shape, with its protocol and overrides (none when the
+    API key may not use it)."""
+    charge = charge_of(request.scope)
+    if charge is not None and not charge.key.allows_model(
+        st.settings.model_name, st.settings.model
+    ):
+        return JSONResponse({"object": "list", "data": []})
     return JSONResponse({"object": "list", "data": [_model_card(st)]})
 
 
 @router.get(
     "/v1/models/{model:path}", response_model=ModelCard, responses=error_responses(401, 404, 503)
 )
-async def retrieve_model(model: str, st: State) -> JSONResponse:
+async def retrieve_model(model: str, st: State, request: Request) -> JSONResponse:
     st.check_model(model)
+    charge = charge_of(request.scope)
+    if charge is not None:
+        charge.check_model(model, (st.settings.model_name, st.settings.model))
     return JSONResponse(_model_card(st))

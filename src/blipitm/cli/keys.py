@@ -1,0 +1,276 @@
+"""``blipitm keys``: per-key API keys in the SQLite store that ``blipitm serve --keys-db`` reads.
+
+``create`` prints the new secret once, alone on stdout (``KEY=$(blipitm keys create NAME ...)``);
+only its hash is stored. ``list`` and ``usage`` never show secrets. A running server picks up
+changes within about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from blipitm.errors import InvalidInputError
+from blipitm.keys import UNSET, KeyRecord, KeyStore, UsageRow, parse_date
+from blipitm.keys.store import day_of
+
+ENV = "BLIPITM_KEYS_DB"
+NONE = "none"  # on update: remove a limit
+
+
+def _count(low: int, allow_none: bool) -> Any:
+    def parse(value: str) -> int | None:
+        if allow_none and value.strip().lower() == NONE:
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            number = low - 1
+        if number < low:
+            extra = f" or '{NONE}'" if allow_none else ""
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}{extra}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _date(allow_none: bool) -> Any:
+    def parse(value: str) -> float | None:
+        if allow_none and value.strip().lower() == NONE:
+            return None
+        try:
+            return parse_date(value, "expires")
+        except InvalidInputError as e:
+            raise argparse.ArgumentTypeError(e.reason) from None
+
+    return parse
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+
+
+def add_parser(sub: Any, name: str, help: str) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--keys-db",
+        metavar="PATH",
+        default=os.environ.get(ENV),
+        help=f"the key store (SQLite; created if missing) [env {ENV}]",
+    )
+    p = sub.add_parser(
+        name,
+        help=help,
+        description="Manage per-key API keys for `blipitm serve --keys-db PATH`: limits, "
+        "credits, expiry, allowed models, usage. See docs/keys.md.",
+    )
+    cmds = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+
+    c = cmds.add_parser("create", parents=[common], help="add a key; prints its secret once")
+    c.add_argument(
+        "name", help="the key's name (letters, digits, . _ -), shown in usage and metrics"
+    )
+    _limit_flags(c, update=False)
+    c.set_defaults(run=run_create)
+
+    u = cmds.add_parser("update", parents=[common], help="change a key's limits, credits, expiry")
+    u.add_argument("name")
+    _limit_flags(u, update=True)
+    u.add_argument(
+        "--add-credits", type=_int, default=0, metavar="N", help="add N credits (negative: take)"
+    )
+    u.set_defaults(run=run_update)
+
+    ls = cmds.add_parser("list", parents=[common], help="the keys and their limits (no secrets)")
+    ls.add_argument("--json", action="store_true", help="JSON lines")
+    ls.set_defaults(run=run_list)
+
+    r = cmds.add_parser("revoke", parents=[common], help="revoke a key for good (usage is kept)")
+    r.add_argument("name")
+    r.set_defaults(run=run_revoke)
+
+    us = cmds.add_parser("usage", parents=[common], help="usage per key, UTC day and endpoint")
+    us.add_argument("name", nargs="?", help="one key (default: all)")
+    us.add_argument("--since", type=_date(False), metavar="DATE", help="first day (YYYY-MM-DD)")
+    us.add_argument("--json", action="store_true", help="JSON lines")
+    us.set_defaults(run=run_usage)
+
+
+def _limit_flags(p: argparse.ArgumentParser, *, update: bool) -> None:
+    unset: Any = UNSET if update else None
+    none = f" ('{NONE}': unlimited)" if update else " (default: unlimited)"
+    p.add_argument("--rpm", type=_count(1, update), default=unset, metavar="N",
+                   help="requests per minute" + none)  # fmt: skip
+    p.add_argument("--items-per-minute", type=_count(1, update), default=unset, metavar="N",
+                   help="texts + images per minute" + none)  # fmt: skip
+    p.add_argument("--concurrency", type=_count(1, update), default=unset, metavar="N",
+                   help="requests in progress at once" + none)  # fmt: skip
+    p.add_argument(
+        "--credits",
+        type=_count(0, update),
+        default=unset,
+        metavar="N",
+        help=("set the balance to N" if update else "starting balance")
+        + " (1 credit per text, --image-credits per image)"
+        + none,
+    )
+    p.add_argument("--expires", type=_date(update), default=unset, metavar="DATE",
+                   help="YYYY-MM-DD (UTC midnight) or ISO 8601 time" + none)  # fmt: skip
+    p.add_argument("--models", nargs="+", default=unset, metavar="M",
+                   help="served model names the key may use (default: all)")  # fmt: skip
+    if update:
+        p.add_argument("--all-models", action="store_true", help="allow every model again")
+
+
+def _store(args: argparse.Namespace) -> KeyStore:
+    if not args.keys_db:
+        raise InvalidInputError(f"name the key store: --keys-db PATH (or {ENV})", loc=("keys_db",))
+    return KeyStore(args.keys_db)
+
+
+def run_create(args: argparse.Namespace) -> int:
+    secret = _store(args).create(
+        args.name,
+        rpm=args.rpm,
+        items_per_minute=args.items_per_minute,
+        concurrency=args.concurrency,
+        credits=args.credits,
+        expires=args.expires,
+        models=args.models,
+    )
+    print(secret)
+    print(
+        f"created key {args.name!r}; its secret (above) is shown only this once: store it now",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_update(args: argparse.Namespace) -> int:
+    if args.all_models and args.models is not UNSET:
+        raise InvalidInputError("give --models or --all-models, not both", loc=("models",))
+    record = _store(args).update(
+        args.name,
+        rpm=args.rpm,
+        items_per_minute=args.items_per_minute,
+        concurrency=args.concurrency,
+        credits=args.credits,
+        add_credits=args.add_credits,
+        expires=args.expires,
+        models=None if args.all_models else args.models,
+    )
+    _print_keys([record], as_json=False)
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    record = _store(args).revoke(args.name)
+    print(f"revoked key {record.name!r} ({record.hint})")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    _print_keys(_store(args).records(), as_json=args.json)
+    return 0
+
+
+def run_usage(args: argparse.Namespace) -> int:
+    since = None if args.since is None else day_of(args.since)
+    rows = _store(args).usage(args.name, since)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.as_dict()))
+        return 0
+    _print_usage(rows)
+    return 0
+
+
+def _status(record: KeyRecord) -> str:
+    return record.refusal(time.time()) or "active"
+
+
+def _shown(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _print_keys(records: list[KeyRecord], *, as_json: bool) -> None:
+    if as_json:
+        for record in records:
+            print(json.dumps(record.as_dict() | {"status": _status(record)}))
+        return
+    header = (
+        "name",
+        "key",
+        "status",
+        "rpm",
+        "items/min",
+        "concurrency",
+        "credits left",
+        "expires",
+        "models",
+    )
+    rows = [
+        (
+            r.name,
+            r.hint,
+            _status(r),
+            _shown(r.rpm),
+            _shown(r.items_per_minute),
+            _shown(r.concurrency),
+            _shown(r.credits_remaining),
+            _shown(r.as_dict()["expires"]),
+            "all" if r.models is None else ",".join(r.models),
+        )
+        for r in records
+    ]
+    _table(header, rows)
+
+
+def _print_usage(rows: list[UsageRow]) -> None:
+    header = (
+        "name",
+        "day",
+        "endpoint",
+        "status",
+        "requests",
+        "texts",
+        "images",
+        "tokens",
+        "credits",
+        "mean ms",
+    )
+    _table(
+        header,
+        [
+            (
+                r.name,
+                r.day,
+                r.endpoint,
+                str(r.status),
+                str(r.requests),
+                str(r.texts),
+                str(r.images),
+                str(r.tokens),
+                str(r.credits),
+                f"{r.latency_ms / max(r.requests, 1):.1f}",
+            )
+            for r in rows
+        ],
+    )
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    if not rows:
+        print("(none)", file=sys.stderr)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for line in (header, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())

@@ -1,0 +1,439 @@
+"""The key store: one SQLite file in WAL mode, so the CLI and running servers use it at once.
+
+Two tables. ``keys``: one row per key name with the secret's hash, its limits, its credit grant
+(``credit_limit``, NULL: unlimited) and what it has spent (``credits_used``). ``usage``: one row
+per key, UTC day, endpoint and HTTP status with summed counters. A server adds its buffered usage
+and the credits it spent in one transaction, so the balance and the usage rows always agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from blipitm.errors import BlipitmError, InvalidInputError
+from blipitm.keys.secret import hash_secret, hint, new_secret
+
+
+class UnknownKeyError(BlipitmError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no key named {name!r}; `blipitm keys list` shows the names")
+
+
+class KeyExistsError(BlipitmError):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"a key named {name!r} already exists (revoked keys keep their name and usage); "
+            "choose another name"
+        )
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = _Unset()  # "leave as it is" in update(); None there means "no limit"
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_LIMITS = ("rpm", "items_per_minute", "concurrency")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    name TEXT PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    hint TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL,
+    revoked REAL,
+    rpm INTEGER,
+    items_per_minute INTEGER,
+    concurrency INTEGER,
+    credit_limit INTEGER,
+    credits_used INTEGER NOT NULL DEFAULT 0,
+    models TEXT
+);
+CREATE TABLE IF NOT EXISTS usage (
+    name TEXT NOT NULL,
+    day TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    texts INTEGER NOT NULL,
+    images INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    credits INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    PRIMARY KEY (name, day, endpoint, status)
+);
+"""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A key as stored, without its secret. ``None`` limits mean unlimited."""
+
+    name: str
+    hash: bytes = dataclasses.field(repr=False)
+    hint: str
+    created: float
+    expires: float | None = None
+    revoked: float | None = None
+    rpm: int | None = None
+    items_per_minute: int | None = None
+    concurrency: int | None = None
+    credit_limit: int | None = None
+    credits_used: int = 0
+    models: tuple[str, ...] | None = None
+
+    @property
+    def credits_remaining(self) -> int | None:
+        return None if self.credit_limit is None else self.credit_limit - self.credits_used
+
+    def refusal(self, now: float) -> str | None:
+        """Why this key cannot be used at ``now`` (revoked, expired), or None."""
+        if self.revoked is not None:
+            return "revoked"
+        if self.expires is not None and now >= self.expires:
+            return "expired"
+        return None
+
+    def allows_model(self, *names: str) -> bool:
+        return self.models is None or any(n in self.models for n in names)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For ``keys list --json`` and ``/v1/usage``: everything but the hash."""
+        out = dataclasses.asdict(self)
+        del out["hash"]
+        out["credits_remaining"] = self.credits_remaining
+        out["models"] = list(self.models) if self.models is not None else None
+        for name in ("created", "expires", "revoked"):
+            out[name] = _iso(out[name])
+        return out
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """Usage of one key on one UTC day, endpoint and status (summed)."""
+
+    name: str
+    day: str  # YYYY-MM-DD, UTC
+    endpoint: str
+    status: int
+    requests: int = 0
+    texts: int = 0
+    images: int = 0
+    tokens: int = 0
+    credits: int = 0
+    latency_ms: float = 0.0  # summed; divide by requests for the mean
+
+    @property
+    def slot(self) -> tuple[str, str, str, int]:
+        return self.name, self.day, self.endpoint, self.status
+
+    def __add__(self, other: UsageRow) -> UsageRow:
+        assert self.slot == other.slot
+        return dataclasses.replace(
+            self,
+            requests=self.requests + other.requests,
+            texts=self.texts + other.texts,
+            images=self.images + other.images,
+            tokens=self.tokens + other.tokens,
+            credits=self.credits + other.credits,
+            latency_ms=self.latency_ms + other.latency_ms,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise InvalidInputError(
+            "a key name is 1-64 characters: letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit; got {name!r}",
+            loc=("name",),
+        )
+    return name
+
+
+def parse_date(value: str, field: str) -> float:
+    """``YYYY-MM-DD`` (midnight UTC) or an ISO 8601 time (UTC unless it says otherwise)."""
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidInputError(
+            f"not a date: {value!r}; write YYYY-MM-DD or an ISO 8601 time "
+            "such as 2027-01-31T12:00:00+00:00",
+            loc=(field,),
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _check_limit(value: Any, field: str, low: int) -> None:
+    if value is None or value is UNSET:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidInputError(
+            f"must be an integer >= {low} (or none), got {value!r}", loc=(field,)
+        )
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def day_of(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).date().isoformat()
+
+
+class KeyStore:
+    """The SQLite key store at ``path`` (created on first use).
+
+    Every method opens its own short connection, so one store object serves any thread; WAL lets
+    readers (a server reloading keys) run while a writer (the CLI, another server) commits.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise InvalidInputError(
+                f"{self.path} is a directory; --keys-db names a file", loc=("keys_db",)
+            )
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+        except sqlite3.Error as e:
+            raise InvalidInputError(
+                f"cannot open the key store {self.path}: {e}", loc=("keys_db",)
+            ) from None
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
+            yield db
+        finally:
+            db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        *,
+        rpm: int | None = None,
+        items_per_minute: int | None = None,
+        concurrency: int | None = None,
+        credits: int | None = None,
+        expires: float | None = None,
+        models: Sequence[str] | None = None,
+    ) -> str:
+        """Add a key; returns its secret, which is not stored and cannot be shown again."""
+        validate_name(name)
+        _check_limits(rpm=rpm, items_per_minute=items_per_minute, concurrency=concurrency)
+        _check_limit(credits, "credits", 0)
+        secret = new_secret()
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone():
+                raise KeyExistsError(name)
+            db.execute(
+                "INSERT INTO keys (name, hash, hint, created, expires, rpm, items_per_minute, "
+                "concurrency, credit_limit, models) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    hash_secret(secret),
+                    hint(secret),
+                    time.time(),
+                    expires,
+                    rpm,
+                    items_per_minute,
+                    concurrency,
+                    credits,
+                    _models_json(models),
+                ),
+            )
+        return secret
+
+    def update(
+        self,
+        name: str,
+        *,
+        rpm: int | _Unset | None = UNSET,
+        items_per_minute: int | _Unset | None = UNSET,
+        concurrency: int | _Unset | None = UNSET,
+        credits: int | _Unset | None = UNSET,
+        add_credits: int = 0,
+        expires: float | _Unset | None = UNSET,
+        models: Sequence[str] | _Unset | None = UNSET,
+    ) -> KeyRecord:
+        """Change a key. ``credits`` sets the balance (what remains) to that number; None makes
+        it unlimited; ``add_credits`` tops the balance up (or, negative, takes some away)."""
+        _check_limits(rpm=rpm, items_per_minute=items_per_minute, concurrency=concurrency)
+        _check_limit(credits, "credits", 0)
+        if isinstance(add_credits, bool) or not isinstance(add_credits, int):
+            raise InvalidInputError(
+                f"must be an integer, got {add_credits!r}", loc=("add_credits",)
+            )
+        sets: list[str] = []
+        args: list[Any] = []
+        for column, value in (
+            ("rpm", rpm),
+            ("items_per_minute", items_per_minute),
+            ("concurrency", concurrency),
+            ("expires", expires),
+        ):
+            if value is not UNSET:
+                sets.append(f"{column} = ?")
+                args.append(value)
+        if models is not UNSET:
+            assert not isinstance(models, _Unset)
+            sets.append("models = ?")
+            args.append(_models_json(models))
+        if credits is not UNSET:
+            # Relative to what is spent at commit time, so spending that lands meanwhile counts.
+            sets.append("credit_limit = CASE WHEN ? IS NULL THEN NULL ELSE credits_used + ? END")
+            args += [credits, credits]
+        with self._transaction() as db:
+            if sets:
+                cursor = db.execute(
+                    f"UPDATE keys SET {', '.join(sets)} WHERE name = ?", (*args, name)
+                )
+                if cursor.rowcount == 0:
+                    raise UnknownKeyError(name)
+            if add_credits:
+                row = db.execute("SELECT credit_limit FROM keys WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    raise UnknownKeyError(name)
+                if row[0] is None:
+                    raise InvalidInputError(
+                        f"key {name!r} has unlimited credits; set a balance with --credits N",
+                        loc=("add_credits",),
+                    )
+                db.execute(
+                    "UPDATE keys SET credit_limit = credit_limit + ? WHERE name = ?",
+                    (add_credits, name),
+                )
+            record = self._get(db, name)
+        return record
+
+    def revoke(self, name: str) -> KeyRecord:
+        """Revoke a key for good (it keeps its name and usage history)."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE keys SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                (time.time(), name),
+            )
+            record = self._get(db, name)
+            if cursor.rowcount == 0 and record.revoked is None:  # pragma: no cover - raced
+                raise UnknownKeyError(name)
+        return record
+
+    def get(self, name: str) -> KeyRecord:
+        with self._connect() as db:
+            return self._get(db, name)
+
+    def records(self) -> list[KeyRecord]:
+        with self._connect() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM keys ORDER BY name").fetchall()
+        return [_record(r) for r in rows]
+
+    def _get(self, db: sqlite3.Connection, name: str) -> KeyRecord:
+        row = db.execute(f"SELECT {_COLUMNS} FROM keys WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise UnknownKeyError(name)
+        return _record(row)
+
+    # -- usage ----------------------------------------------------------------------------------
+
+    def add_usage(self, rows: Iterable[UsageRow]) -> None:
+        """Add usage rows and charge their credits to their keys, in one transaction."""
+        rows = list(rows)
+        if not rows:
+            return
+        spent: dict[str, int] = {}
+        for row in rows:
+            spent[row.name] = spent.get(row.name, 0) + row.credits
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (name, day, endpoint, status) DO UPDATE SET "
+                "requests = requests + excluded.requests, texts = texts + excluded.texts, "
+                "images = images + excluded.images, tokens = tokens + excluded.tokens, "
+                "credits = credits + excluded.credits, "
+                "latency_ms = latency_ms + excluded.latency_ms",
+                [
+                    (*r.slot, r.requests, r.texts, r.images, r.tokens, r.credits, r.latency_ms)
+                    for r in rows
+                ],
+            )
+            db.executemany(
+                "UPDATE keys SET credits_used = credits_used + ? WHERE name = ?",
+                [(n, name) for name, n in spent.items() if n],
+            )
+
+    def usage(self, name: str | None = None, since: str | date | None = None) -> list[UsageRow]:
+        """Usage rows, oldest day first; ``since`` is a day (inclusive)."""
+        where, args = [], []
+        if name is not None:
+            with self._connect() as db:
+                self._get(db, name)  # an unknown name is an error, not an empty answer
+            where.append("name = ?")
+            args.append(name)
+        if since is not None:
+            where.append("day >= ?")
+            args.append(since.isoformat() if isinstance(since, date) else since)
+        sql = "SELECT * FROM usage" + (" WHERE " + " AND ".join(where) if where else "")
+        with self._connect() as db:
+            rows = db.execute(sql + " ORDER BY day, name, endpoint, status", args).fetchall()
+        return [UsageRow(*r) for r in rows]
+
+
+_COLUMNS = (
+    "name, hash, hint, created, expires, revoked, rpm, items_per_minute, concurrency, "
+    "credit_limit, credits_used, models"
+)
+
+
+def _record(row: tuple[Any, ...]) -> KeyRecord:
+    models = row[-1]
+    fields = dict(zip(_COLUMNS.split(", ")[:-1], row[:-1], strict=True))
+    return KeyRecord(**fields, models=None if models is None else tuple(json.loads(models)))
+
+
+def _models_json(models: Sequence[str] | None) -> str | None:
+    if models is None:
+        return None
+    models = [m.strip() for m in models]
+    if not models or not all(models):
+        raise InvalidInputError("name at least one model, none empty", loc=("models",))
+    return json.dumps(models)
+
+
+def _check_limits(**limits: Any) -> None:
+    for field in _LIMITS:
+        _check_limit(limits[field], field, 1)

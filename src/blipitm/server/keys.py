@@ -1,0 +1,236 @@
+"""Per-key API keys in the server: who is calling, what they may still do, what they did.
+
+:class:`KeyService` holds the keys of the store in memory (reloaded every second, so the CLI's
+``create``, ``update`` and ``revoke`` apply within about a second and no request waits on the
+disk), the limiter (in-process, or Redis with ``--redis``), the usage buffer and the per-key
+metrics. :class:`Charge` is one request's account: admitted by the guard middleware, its items and
+credits reserved by the route (``Ready.inputs``) from what the body declares, settled when the
+response is complete (billed on 2xx, refunded on any other status or a client that went away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from blipitm.keys import KeyRecord, KeyStore, hash_secret
+from blipitm.server.errors import APIError
+from blipitm.server.limits import (
+    Limiter,
+    LocalLimiter,
+    Verdict,
+    Window,
+    rate_headers,
+    refusal_headers,
+)
+from blipitm.server.metering import KeyMetrics, UsageBuffer, usage_row
+from blipitm.server.redis_limits import LimiterUnavailable, RedisLimiter
+from blipitm.server.settings import ServerSettings
+
+log = logging.getLogger("blipitm.server")
+
+FLUSH_S = 1.0  # usage reaches the store within this (plus the write); SIGKILL loses at most this
+SCOPE_KEY = "blipitm.charge"  # where the guard leaves a request's Charge in the ASGI scope
+
+
+class KeyService:
+    def __init__(self, settings: ServerSettings, registry: CollectorRegistry) -> None:
+        assert settings.keys_db is not None
+        self.store = KeyStore(settings.keys_db)
+        self.image_credits = settings.image_credits
+        self.limiter_window_s = settings.rate_window_s
+        self.limiter: Limiter
+        if settings.redis_url is not None:
+            slot_ttl = 2 * (settings.request_timeout_s + settings.drain_timeout_s) + 30
+            self.limiter = RedisLimiter(settings.redis_url, settings.rate_window_s, slot_ttl)
+        else:
+            self.limiter = LocalLimiter(settings.rate_window_s)
+        self.buffer = UsageBuffer(self.store)
+        self.metrics = KeyMetrics(registry, settings.metrics_key_labels)
+        self._by_hash: dict[bytes, KeyRecord] = {}
+        self._by_name: dict[str, KeyRecord] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.reload()
+        if isinstance(self.limiter, RedisLimiter):
+            await self.limiter.ping()  # a wrong --redis fails at start-up, not per request
+        log.info(
+            "key store %s: %d key(s); limits kept %s",
+            self.store.path,
+            len(self._by_name),
+            "in Redis" if isinstance(self.limiter, RedisLimiter) else "in this process",
+        )
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """The shutdown path (after the drain): the last usage goes to the store."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            await self.buffer.flush()
+        except Exception as e:
+            log.error("could not write the last usage to the key store: %s", e)
+        await self.limiter.close()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            try:
+                await self.buffer.flush()
+                await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a locked or full disk: keep serving, retry next second
+                log.warning("key store not updated this time (retrying): %s", e)
+
+    async def reload(self) -> None:
+        records = await asyncio.to_thread(self.store.records)
+        self._by_hash = {r.hash: r for r in records}
+        self._by_name = {r.name: r for r in records}
+
+    # -- per request ----------------------------------------------------------------------------
+
+    def authenticate(self, token: str) -> KeyRecord | str:
+        """The key ``token`` is the secret of, or why it is refused (never echoing the token)."""
+        digest = hash_secret(token)
+        record = self._by_hash.get(digest)
+        # The lookup is by SHA-256 of a 256-bit secret: its timing can reveal bits of a hash,
+        # which do not help find a secret. The final comparison is constant-time all the same.
+        if record is None or not hmac.compare_digest(record.hash, digest):
+            return "invalid API key; send `Authorization: Bearer <key>`"
+        reason = record.refusal(time.time())
+        if reason is not None:
+            return (
+                f"this API key has been {reason}"
+                if reason == "revoked"
+                else "this API key has expired"
+            )
+        return record
+
+    def current(self, name: str) -> KeyRecord | None:
+        return self._by_name.get(name)
+
+    def open(self, key: KeyRecord, endpoint: str) -> Charge:
+        return Charge(self, key, endpoint)
+
+    def record(self, charge: Charge, status: int, billed: bool) -> None:
+        row = usage_row(
+            charge.key.name,
+            charge.endpoint,
+            status,
+            texts=charge.texts,
+            images=charge.images,
+            tokens=charge.tokens if billed else 0,
+            credits=charge.credits if billed else 0,
+            started=charge.started,
+        )
+        self.buffer.add(row)
+        self.metrics.observe(row)
+
+
+@dataclass
+class Charge:
+    """One request of a metered key."""
+
+    service: KeyService
+    key: KeyRecord
+    endpoint: str
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+    texts: int = 0
+    images: int = 0
+    credits: int = 0  # reserved, billed on success
+    tokens: int = 0  # the response's usage.total_tokens, as the route computed it
+    admitted: bool = False
+    requests: Window | None = None
+    items: Window | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return rate_headers(self.requests, self.items)
+
+    def _note(self, verdict: Verdict) -> None:
+        self.requests = verdict.requests or self.requests
+        self.items = verdict.items or self.items
+
+    async def admit(self) -> Verdict:
+        """Rate and concurrency check before the body is read; refusals are recorded here."""
+        verdict = await self.service.limiter.admit(self.key, self.request_id)
+        self._note(verdict)
+        self.admitted = verdict.allowed
+        if not verdict.allowed:
+            self.service.metrics.refused.labels(
+                key=self.service.metrics.label(self.key.name), reason=str(verdict.refusal)
+            ).inc()
+            self.service.record(self, 429, billed=False)
+        return verdict
+
+    def check_model(self, named: str | None, served: tuple[str, ...]) -> None:
+        """OpenAI's answers: a model the key may not use 'does not exist' for it (404) when the
+        request names it; with ``model`` omitted, the served model is refused (403)."""
+        if self.key.allows_model(*served):
+            return
+        if named is not None:
+            raise APIError(
+                404,
+                f"the model {named!r} does not exist or this key does not have access to it",
+                code="model_not_found",
+                param="model",
+            )
+        raise APIError(
+            403, "this key may not use the model this server serves", code="model_not_allowed"
+        )
+
+    async def reserve(self, texts: int, images: int) -> None:
+        """Take the request's items and credits (1 per text, ``--image-credits`` per image)
+        before any work; 429 if a limit refuses."""
+        assert self.credits == 0, "one reservation per request"
+        needed = texts + images * self.service.image_credits
+        # Only what the balance may hold: a refused request bills nothing, a refunded one gives
+        # back exactly what it took.
+        key = self.service.current(self.key.name) or self.key
+        verdict = await self.service.limiter.reserve(key, self.request_id, texts + images, needed)
+        self._note(verdict)
+        self.texts, self.images = texts, images
+        if not verdict.allowed:
+            self.service.metrics.refused.labels(
+                key=self.service.metrics.label(self.key.name), reason=str(verdict.refusal)
+            ).inc()
+            raise APIError(
+                429,
+                verdict.message,
+                code=str(verdict.refusal),
+                headers=refusal_headers(verdict),  # the guard adds the x-ratelimit-* ones
+            )
+        self.credits = needed
+
+    async def finish(self, status: int) -> None:
+        """Settle after the response: bill a 2xx, refund anything else (499: client left)."""
+        if not self.admitted:
+            return
+        billed = 200 <= status < 300
+        try:
+            await self.service.limiter.finish(self.key, self.request_id, self.credits, billed)
+        finally:
+            self.service.record(self, status, billed)
+
+
+def charge_of(scope: Any) -> Charge | None:
+    charge = scope.get(SCOPE_KEY)
+    return charge if isinstance(charge, Charge) else None
+
+
+__all__ = ["SCOPE_KEY", "Charge", "KeyService", "LimiterUnavailable", "charge_of"]

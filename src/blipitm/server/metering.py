@@ -1,0 +1,122 @@
+"""Usage metering: requests are summed in memory and flushed to the key store off the hot path.
+
+A request adds to an in-memory row (key, UTC day, endpoint, status); a background task hands the
+rows to the store once a second in one transaction (:meth:`KeyStore.add_usage`), and the server's
+shutdown flushes the rest. So SIGTERM loses nothing and SIGKILL loses at most the last second.
+A failed flush (disk full, store locked past its timeout) keeps the rows for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter
+
+from blipitm.keys import KeyStore, UsageRow
+from blipitm.keys.store import day_of
+
+log = logging.getLogger("blipitm.server")
+
+OTHER = "other"
+
+
+class UsageBuffer:
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
+        self._rows: dict[tuple[str, str, str, int], UsageRow] = {}
+        self._lock = asyncio.Lock()  # one flush at a time (the timer's and shutdown's)
+
+    def add(self, row: UsageRow) -> None:
+        old = self._rows.get(row.slot)
+        self._rows[row.slot] = row if old is None else old + row
+
+    def pending(self, name: str) -> list[UsageRow]:
+        """Rows of ``name`` not yet in the store (``/v1/usage`` adds them to the store's)."""
+        return [r for r in self._rows.values() if r.name == name]
+
+    async def flush(self) -> None:
+        async with self._lock:
+            rows, self._rows = self._rows, {}
+            if not rows:
+                return
+            try:
+                await asyncio.to_thread(self.store.add_usage, rows.values())
+            except BaseException:
+                for row in rows.values():  # back in front of what arrived meanwhile
+                    self.add(row)
+                raise
+
+
+class KeyMetrics:
+    """Prometheus counters per key *name* (never the secret). Label cardinality is bounded: the
+    first ``max_names`` names seen get their own label, every later one counts as ``other``."""
+
+    def __init__(self, registry: CollectorRegistry, max_names: int) -> None:
+        self.max_names = max_names
+        self._names: set[str] = set()
+        self.requests = Counter(
+            "blipitm_key_requests",
+            "Requests of metered API keys, by key name and status",
+            ["key", "status"],
+            registry=registry,
+        )
+        self.items = Counter(
+            "blipitm_key_items",
+            "Texts and images of successful requests, by key name",
+            ["key", "kind"],
+            registry=registry,
+        )
+        self.credits = Counter(
+            "blipitm_key_credits", "Credits billed, by key name", ["key"], registry=registry
+        )
+        self.refused = Counter(
+            "blipitm_key_refused",
+            "Requests refused by a key's limits, by key name and reason",
+            ["key", "reason"],
+            registry=registry,
+        )
+
+    def label(self, name: str) -> str:
+        if name in self._names:
+            return name
+        if len(self._names) < self.max_names:
+            self._names.add(name)
+            return name
+        return OTHER
+
+    def observe(self, row: UsageRow) -> None:
+        key = self.label(row.name)
+        self.requests.labels(key=key, status=str(row.status)).inc()
+        if row.credits:
+            self.credits.labels(key=key).inc(row.credits)
+        if 200 <= row.status < 300:
+            self.items.labels(key=key, kind="text").inc(row.texts)
+            self.items.labels(key=key, kind="image").inc(row.images)
+
+
+def usage_row(
+    name: str,
+    endpoint: str,
+    status: int,
+    *,
+    texts: int,
+    images: int,
+    tokens: int,
+    credits: int,
+    started: float,
+) -> UsageRow:
+    """One finished request as a usage row (``started``: its ``time.perf_counter()``)."""
+    return UsageRow(
+        name=name,
+        day=day_of(time.time()),
+        endpoint=endpoint,
+        status=status,
+        requests=1,
+        texts=texts,
+        images=images,
+        tokens=tokens,
+        credits=credits,
+        latency_ms=(time.perf_counter() - started) * 1000.0,
+    )
