@@ -1,0 +1,190 @@
+"""The per-key limiter, in-process and in a real redis-server, held to the same expectations:
+token-bucket rate limits, concurrency slots, credit reservations that never overdraw under
+concurrency, refunds; and OpenAI's header formats. Expectations are worked out by hand here."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from blipitm.keys import KeyRecord
+from blipitm.server.limits import (
+    NO_CREDITS,
+    RATE_LIMITED,
+    Bucket,
+    Limiter,
+    LocalLimiter,
+    Verdict,
+    duration,
+    rate_headers,
+    refusal_headers,
+)
+from redis_helpers import redis_server
+
+WINDOW = 60.0
+
+
+def key(name: str = "k", **limits: object) -> KeyRecord:
+    return KeyRecord(name=name, hash=b"h" * 32, hint="bk-...x", created=0.0, **limits)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+# pytest-asyncio is not a dependency: each test drives its own loop through this wrapper.
+@pytest.fixture(params=["local", "redis"])
+def make(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    def factory() -> Limiter:
+        if request.param == "local":
+            return LocalLimiter(WINDOW)
+        from blipitm.server.redis_limits import RedisLimiter
+
+        return RedisLimiter(request.getfixturevalue("redis_url"), WINDOW, slot_ttl_s=60)
+
+    if request.param == "redis":
+        import redis
+
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+        client.flushdb()
+        client.close()
+    return factory
+
+
+def test_requests_per_window(make) -> None:  # type: ignore[no-untyped-def]
+    async def go() -> list[Verdict]:
+        lim = make()
+        k = key(rpm=3)
+        out = [await lim.admit(k, f"r{i}") for i in range(4)]
+        await lim.close()
+        return out
+
+    verdicts = run(go())
+    assert [v.allowed for v in verdicts] == [True, True, True, False]
+    refused = verdicts[3]
+    assert refused.refusal == RATE_LIMITED and "3 requests per minute" in refused.message
+    # One token comes back every 60/3 = 20 s; a little has refilled since the bucket emptied.
+    assert refused.retry_after_s is not None and 19.0 < refused.retry_after_s <= 20.0
+    assert refused.requests is not None and refused.requests.limit == 3
+    assert refused.requests.remaining == 0
+    assert verdicts[0].requests is not None and verdicts[0].requests.remaining == 2
+
+
+def test_concurrency_slots_are_released(make) -> None:  # type: ignore[no-untyped-def]
+    async def go() -> list[bool]:
+        lim = make()
+        k = key(concurrency=2)
+        a, b, c = [(await lim.admit(k, r)).allowed for r in ("a", "b", "c")]
+        await lim.finish(k, "a", 0, billed=True)
+        d = (await lim.admit(k, "d")).allowed
+        await lim.close()
+        return [a, b, c, d]
+
+    assert run(go()) == [True, True, False, True]
+
+
+def test_credits_reserve_settle_refund(make) -> None:  # type: ignore[no-untyped-def]
+    async def go() -> tuple[list[Verdict], int | None]:
+        lim = make()
+        k = key(credit_limit=10)
+        out = [await lim.admit(k, "a"), await lim.reserve(k, "a", 4, 4)]
+        out.append(await lim.reserve(k, "b", 7, 7))  # 6 left while 4 are held
+        await lim.finish(k, "a", 4, billed=False)  # a failed request: refunded
+        out.append(await lim.admit(k, "c"))
+        out.append(await lim.reserve(k, "c", 10, 10))
+        await lim.finish(k, "c", 10, billed=True)
+        remaining = (await lim.state(k)).credits_remaining
+        out.append(await lim.reserve(k, "d", 1, 1))
+        await lim.close()
+        return out, remaining
+
+    verdicts, remaining = run(go())
+    assert [v.allowed for v in verdicts] == [True, True, False, True, True, False]
+    assert verdicts[2].refusal == NO_CREDITS and "6 credits left" in verdicts[2].message
+    assert verdicts[2].retry_after_s is None  # retrying cannot help: x-should-retry: false
+    assert remaining == 0
+
+
+def test_parallel_reservations_never_overdraw(make) -> None:  # type: ignore[no-untyped-def]
+    async def go() -> tuple[int, int | None]:
+        lim = make()
+        k = key(credit_limit=10)
+        verdicts = await asyncio.gather(*(lim.reserve(k, f"r{i}", 1, 1) for i in range(50)))
+        ok = [i for i, v in enumerate(verdicts) if v.allowed]
+        for i in ok:
+            await lim.finish(k, f"r{i}", 1, billed=True)
+        remaining = (await lim.state(k)).credits_remaining
+        await lim.close()
+        return len(ok), remaining
+
+    assert run(go()) == (10, 0)
+
+
+def test_store_balance_is_a_floor(make) -> None:  # type: ignore[no-untyped-def]
+    """Credits spent per the store (another replica, a previous run) count even if this
+    limiter never saw them."""
+
+    async def go() -> list[bool]:
+        lim = make()
+        k = key(credit_limit=10, credits_used=8)
+        out = [(await lim.reserve(k, "a", 3, 3)).allowed, (await lim.reserve(k, "b", 2, 2)).allowed]
+        await lim.close()
+        return out
+
+    assert run(go()) == [False, True]
+
+
+def test_items_per_window(make) -> None:  # type: ignore[no-untyped-def]
+    async def go() -> list[Verdict]:
+        lim = make()
+        k = key(items_per_minute=5)
+        out = [await lim.reserve(k, "a", 6, 0), await lim.reserve(k, "b", 3, 0)]
+        out.append(await lim.reserve(k, "c", 3, 0))
+        await lim.close()
+        return out
+
+    too_big, ok, over = run(go())
+    assert too_big.refusal == RATE_LIMITED and too_big.retry_after_s is None
+    assert "send fewer items" in too_big.message
+    assert ok.allowed and ok.items is not None and ok.items.remaining == 2
+    # 1 item missing, refilled at 5 per 60 s: 12 s.
+    assert over.refusal == RATE_LIMITED and over.retry_after_s is not None
+    assert 11.0 < over.retry_after_s <= 12.0
+
+
+def test_bucket_refill_by_hand() -> None:
+    b = Bucket(6, 60.0, stamp=100.0)  # 0.1 token per second
+    b.tokens = 0.0
+    b.refill(6, 115.0)
+    assert b.tokens == pytest.approx(1.5, abs=1e-12)
+    assert b.wait_s(2) == pytest.approx(5.0, abs=1e-9)
+    assert b.window().remaining == 1 and b.window().reset_s == pytest.approx(45.0, abs=1e-9)
+    b.refill(6, 10_000.0)
+    assert b.tokens == 6.0  # never above the limit
+    b.refill(2, 10_000.0)  # the key's limit was lowered
+    assert b.tokens == 2.0
+
+
+def test_header_formats() -> None:
+    assert [duration(s) for s in (0.0, 0.0201, 1.5, 59.9991, 360.0)] == [
+        "0ms", "21ms", "1.5s", "1m0s", "6m0s",
+    ]  # fmt: skip
+    v = Verdict(RATE_LIMITED, "x", 1.2)
+    assert refusal_headers(v) == {"Retry-After": "2", "retry-after-ms": "1200"}
+    assert refusal_headers(Verdict(NO_CREDITS, "x", None)) == {"x-should-retry": "false"}
+    from blipitm.server.limits import Window
+
+    h = rate_headers(Window(60, 59, 1.0), None)
+    assert h == {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "59",
+        "x-ratelimit-reset-requests": "1s",
+    }
