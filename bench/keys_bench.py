@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,18 +78,55 @@ async def _throughput(url: str, key: str, n: int, concurrency: int) -> float:
         return n / (time.perf_counter() - t)
 
 
+def in_process_us(db: Path, n: int = 20_000) -> float:
+    """CPU time of the per-request key path alone (auth, admit, reserve, headers, settle,
+    metering), in-process limiter, no HTTP: what a metered request adds to the server's work."""
+    from prometheus_client import CollectorRegistry
+
+    from blipitm.server.auth import Authenticator, KeyChecker
+    from blipitm.server.keys import KeyService
+    from blipitm.server.settings import ServerSettings
+
+    service = KeyService(ServerSettings(keys_db=str(db)), CollectorRegistry())
+    (secret,) = _SECRETS
+    auth = Authenticator(KeyChecker([OPERATOR]), service)
+
+    async def run() -> float:
+        await service.reload()
+        t = time.perf_counter()
+        for _ in range(n):
+            key = auth.authenticate(f"Bearer {secret}")
+            assert not isinstance(key, str) and key is not None
+            charge = service.open(key, "/v1/embeddings")
+            await charge.admit()
+            await charge.reserve(1, 0)
+            _ = charge.headers
+            await charge.finish(200)
+        return (time.perf_counter() - t) / n * 1e6
+
+    return asyncio.run(run())
+
+
+_SECRETS: list[str] = []
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=400, help="per measurement")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument(
+        "--preset", default="tiny", choices=("tiny", "base"), help="random checkpoint size"
+    )
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="keys-bench-"))
-    ckpt = make_checkpoint(work / "tiny", preset="tiny", seed=0)
+    ckpt = make_checkpoint(work / "ckpt", preset=args.preset, seed=0)
     store = KeyStore(work / "keys.db")
     big = 10**12  # limits that never refuse, so every check runs and none stops the bench
     secret = store.create("bench", rpm=big, items_per_minute=big, concurrency=10_000, credits=big)
+    _SECRETS.append(secret)
+    path_us = in_process_us(work / "keys.db")
     servers: dict[str, tuple[ServerProcess, str]] = {}
     with redis_server() as redis_url:
         try:
@@ -118,10 +154,11 @@ def main() -> None:
     base_thr = statistics.median(thr["operator"])
     load = os.getloadavg()
     print()
-    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, load average before/after "
-          f"ends at {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")  # fmt: skip
-    print(f"requests per measurement: {args.requests}, rounds: {args.rounds}, "
-          f"throughput clients: {args.concurrency}")  # fmt: skip
+    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, load average at the end "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")  # fmt: skip
+    print(f"{args.preset} checkpoint, requests per measurement: {args.requests}, "
+          f"rounds: {args.rounds}, throughput clients: {args.concurrency}")  # fmt: skip
+    print(f"in-process key path (auth + limits + metering, no HTTP): {path_us:.1f} us/request")
     print()
     print("| server | median latency (ms) | added (ms) | throughput (req/s) | vs operator |")
     print("|---|---|---|---|---|")
