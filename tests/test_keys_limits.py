@@ -5,7 +5,9 @@ concurrency, refunds; and OpenAI's header formats. Expectations are worked out b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,8 +28,8 @@ from redis_helpers import redis_server
 WINDOW = 60.0
 
 
-def key(name: str = "k", **limits: object) -> KeyRecord:
-    return KeyRecord(name=name, hash=b"h" * 32, hint="bk-...x", created=0.0, **limits)  # type: ignore[arg-type]
+def key(name: str = "k", **limits: Any) -> KeyRecord:
+    return KeyRecord(name=name, hash=b"h" * 32, hint="bk-...x", created=0.0, **limits)
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +38,19 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
-def run(coro):  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+Make = Callable[[], Limiter]
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """pytest-asyncio is not a dependency: each test drives its own event loop."""
     return asyncio.run(coro)
 
 
-# pytest-asyncio is not a dependency: each test drives its own loop through this wrapper.
 @pytest.fixture(params=["local", "redis"])
-def make(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def make(request: pytest.FixtureRequest) -> Make:
+    """A factory of fresh limiters (one per event loop), in-process or on a flushed Redis."""
+
     def factory() -> Limiter:
         if request.param == "local":
             return LocalLimiter(WINDOW)
@@ -59,7 +67,7 @@ def make(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     return factory
 
 
-def test_requests_per_window(make) -> None:  # type: ignore[no-untyped-def]
+def test_requests_per_window(make: Make) -> None:
     async def go() -> list[Verdict]:
         lim = make()
         k = key(rpm=3)
@@ -78,7 +86,7 @@ def test_requests_per_window(make) -> None:  # type: ignore[no-untyped-def]
     assert verdicts[0].requests is not None and verdicts[0].requests.remaining == 2
 
 
-def test_concurrency_slots_are_released(make) -> None:  # type: ignore[no-untyped-def]
+def test_concurrency_slots_are_released(make: Make) -> None:
     async def go() -> list[bool]:
         lim = make()
         k = key(concurrency=2)
@@ -91,7 +99,7 @@ def test_concurrency_slots_are_released(make) -> None:  # type: ignore[no-untype
     assert run(go()) == [True, True, False, True]
 
 
-def test_credits_reserve_settle_refund(make) -> None:  # type: ignore[no-untyped-def]
+def test_credits_reserve_settle_refund(make: Make) -> None:
     async def go() -> tuple[list[Verdict], int | None]:
         lim = make()
         k = key(credit_limit=10)
@@ -113,7 +121,7 @@ def test_credits_reserve_settle_refund(make) -> None:  # type: ignore[no-untyped
     assert remaining == 0
 
 
-def test_parallel_reservations_never_overdraw(make) -> None:  # type: ignore[no-untyped-def]
+def test_parallel_reservations_never_overdraw(make: Make) -> None:
     async def go() -> tuple[int, int | None]:
         lim = make()
         k = key(credit_limit=10)
@@ -128,7 +136,7 @@ def test_parallel_reservations_never_overdraw(make) -> None:  # type: ignore[no-
     assert run(go()) == (10, 0)
 
 
-def test_store_balance_is_a_floor(make) -> None:  # type: ignore[no-untyped-def]
+def test_store_balance_is_a_floor(make: Make) -> None:
     """Credits spent per the store (another replica, a previous run) count even if this
     limiter never saw them."""
 
@@ -142,7 +150,7 @@ def test_store_balance_is_a_floor(make) -> None:  # type: ignore[no-untyped-def]
     assert run(go()) == [False, True]
 
 
-def test_items_per_window(make) -> None:  # type: ignore[no-untyped-def]
+def test_items_per_window(make: Make) -> None:
     async def go() -> list[Verdict]:
         lim = make()
         k = key(items_per_minute=5)
@@ -188,3 +196,46 @@ def test_header_formats() -> None:
         "x-ratelimit-remaining-requests": "59",
         "x-ratelimit-reset-requests": "1s",
     }
+
+
+def test_a_client_that_left_is_refunded_and_metered(tmp_path: Path) -> None:
+    """The guard settles a request whose client went away with status 499: refunded, recorded."""
+    from prometheus_client import CollectorRegistry
+
+    from blipitm.server.keys import KeyService
+    from blipitm.server.settings import ServerSettings
+
+    service = KeyService(ServerSettings(keys_db=str(tmp_path / "k.db")), CollectorRegistry())
+    service.store.create("k", credits=5)
+
+    async def go() -> int | None:
+        await service.reload()
+        record = service.current("k")
+        assert record is not None
+        for status in (499, 200):
+            charge = service.open(record, "/v1/embeddings")
+            assert (await charge.admit()).allowed
+            await charge.reserve(texts=2, images=0)
+            await charge.finish(status)
+        await service.buffer.flush()
+        return (await service.limiter.state(record)).credits_remaining
+
+    assert run(go()) == 3
+    rows = {r.status: r for r in service.store.usage("k")}
+    assert (rows[499].requests, rows[499].credits, rows[499].tokens) == (1, 0, 0)
+    assert rows[200].credits == 2 and service.store.get("k").credits_remaining == 3
+
+
+def test_metric_labels_are_bounded() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from blipitm.server.metering import KeyMetrics
+
+    metrics = KeyMetrics(CollectorRegistry(), max_names=2)
+    assert [metrics.label(n) for n in ("a", "b", "c", "a", "d")] == [
+        "a",
+        "b",
+        "other",
+        "a",
+        "other",
+    ]

@@ -83,7 +83,8 @@ def _serve(
     from blipitm.server.http import DrainingServer, Gate, protocol_class
 
     log.info("starting blipitm serve: %s", settings)  # the dataclass repr omits the API keys
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+    open_to_all = not settings.api_keys and settings.keys_db is None
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and open_to_all:
         log.warning(
             "listening on %s without API keys: anyone who can reach the port can use the model",
             settings.host,
