@@ -186,6 +186,9 @@ class GuardMiddleware:
 
         try:
             await self._checked(scope, receive, send_with_headers)
+        except Exception:  # becomes a 500 outside this middleware
+            status = 500
+            raise
         finally:
             await _settle(charge, status)
 
