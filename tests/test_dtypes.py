@@ -39,8 +39,9 @@ def images(seed: int) -> list[Image.Image]:
     return out
 
 
-# int8 against fp32 on base-size weights (bench/accuracy.py measures the full table).
-INT8_BUDGET = {"itm_probability": 0.05, "itc_cosine": 0.02}
+# int8 against fp32 on base-size weights: measured 0.011 / 0.0067 here (3 images x 4 texts) and
+# 0.023 / 0.0071 over 16 images x 128 captions (bench/accuracy.py, the README's table).
+INT8_BUDGET = {"itm_probability": 0.03, "itc_cosine": 0.01}
 
 
 def cpu_computes_bf16() -> bool:
