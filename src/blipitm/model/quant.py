@@ -50,19 +50,13 @@ class Int8Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-def quantize_int8(module: nn.Module, *, skip: tuple[str, ...] = ()) -> int:
-    """Replace every :class:`Linear` under ``module`` (except names in ``skip`` and below) by an
-    :class:`Int8Linear`, in place; returns how many were replaced."""
-    count = 0
+def quantize_int8(module: nn.Module) -> None:
+    """Replace every :class:`Linear` under ``module`` by an :class:`Int8Linear`, in place."""
     for name, child in list(module.named_children()):
-        if name in skip:
-            continue
         if isinstance(child, Linear):
             setattr(module, name, Int8Linear(child))
-            count += 1
         else:
-            count += quantize_int8(child)
-    return count
+            quantize_int8(child)
 
 
 def int8_supported() -> bool:
