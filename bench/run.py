@@ -248,7 +248,7 @@ def run_child(model: Path, which: str, dtype: str, device: str) -> dict[str, flo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="default: a random base checkpoint")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--captions", type=int, default=128)
     p.add_argument("--cached-images", type=int, default=128)
@@ -283,6 +283,8 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    log(f"CPU flags: {cpu_flags()}; load average {os.getloadavg()}")
+    load_before = os.getloadavg()
     log("transformers: loading")
     base = measure_transformers(args.model, texts, image, many, args)
     t_best, t_naive, t_best_cached = base["best"], base["naive"], base["best_cached"]
@@ -295,7 +297,11 @@ def main() -> None:
     for dtype in args.dtypes:
         engine = blipitm.load(args.model, dtype=dtype, device=args.device, cache_bytes=16 << 30)
         compute = engine.info.compute_dtype
-        tag = dtype if compute == dtype else f"{dtype} (weights; computes in {compute})"
+        if dtype == "int8":
+            tag = "int8 (linear layers; the rest in float32)"
+        else:
+            tag = dtype if compute == dtype else f"{dtype} (weights; computes in {compute})"
+        pk = peak[compute]
 
         def cold_itm(engine: blipitm.Engine = engine) -> None:
             engine.cache.clear()
@@ -335,7 +341,8 @@ def main() -> None:
         rows += [
             (
                 f"1 image x {n} captions, ITM ({tag})",
-                f"{n / t_itm:.1f} pairs/s ({t_itm:.2f} s; {itm_gflop / t_itm:.0f} GFLOP/s)",
+                f"{n / t_itm:.1f} pairs/s ({t_itm:.2f} s; {itm_gflop / t_itm:.0f} GFLOP/s = "
+                f"{itm_gflop / t_itm / pk:.0%} of peak)",
                 f"{t_best / t_itm:.1f}x best, {t_naive / t_itm:.0f}x naive",
             ),
             (
@@ -352,7 +359,7 @@ def main() -> None:
                 f"image encoding ({tag})",
                 f"{len(enc) / t_enc:.2f} images/s = "
                 f"{gflop_image * len(enc) / t_enc:.0f} GFLOP/s "
-                f"(matmul peak {peak[compute]:.0f})",
+                f"({gflop_image * len(enc) / t_enc / pk:.0%} of matmul peak {pk:.0f})",
                 f"{t_ref_enc / t_enc:.2f}x",
             ),
             (
@@ -381,7 +388,22 @@ def main() -> None:
         ("transformers image encoding", f"{len(enc) / t_ref_enc:.2f} images/s"),
         ("transformers text embeddings", f"{2 * n / t_ref_txt:.0f} texts/s"),
     ]
-    write_report(args, rows, transformers_rows, peak)
+    load = (load_before[0], os.getloadavg()[0])
+    write_report(args, rows, transformers_rows, peak, load)
+
+
+def cpu_flags() -> str:
+    """The CPU features that decide the fast dtypes: native bf16 (AMX, AVX512-BF16) and int8."""
+    wanted = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    have = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            have.update(line.split(":", 1)[1].split())
+    return " ".join(f for f in wanted if f in have) or "none of " + " ".join(wanted)
 
 
 def write_report(
@@ -389,6 +411,7 @@ def write_report(
     rows: list[tuple[str, str, str]],
     ref_rows: list[tuple[str, str]],
     peak: dict[str, float],
+    load: tuple[float, float],
 ) -> None:
     import transformers
 
@@ -413,7 +436,10 @@ def write_report(
         "base-size weights (ViT-B/16 @ 384, BERT-base), in one run. Ratios are blipitm / "
         "transformers.",
         "",
-        f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        f"- machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+        f"CPU flags: {cpu_flags()}",
+        f"- 1-minute load average at start / end: {load[0]:.2f} / {load[1]:.2f} (the machine "
+        "is shared when it is above what this run adds, about 2)",
         f"- device: {device}; torch {torch.__version__}; transformers {transformers.__version__}; "
         f"blipitm {blipitm.__version__}",
         f"- measured matmul peak: fp32 {peak['float32']:.0f} GFLOP/s, "

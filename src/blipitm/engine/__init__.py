@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
 from blipitm.engine.types import (
     DTYPE_NAMES,
+    WEIGHT_DTYPE_NAMES,
     BatchSizes,
     Dtype,
     ImageFeatures,
@@ -22,6 +23,7 @@ from blipitm.engine.types import (
     Ranked,
     Ranking,
     TextFeatures,
+    WeightDtype,
 )
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ _SUBMODULE_OF = {
 __all__ = [
     "DEFAULT_MODEL",
     "DTYPE_NAMES",
+    "WEIGHT_DTYPE_NAMES",
     "BatchSizes",
     "Dtype",
     "Engine",
@@ -48,6 +51,7 @@ __all__ = [
     "Ranked",
     "Ranking",
     "TextFeatures",
+    "WeightDtype",
     "load",
     "load_options",
 ]

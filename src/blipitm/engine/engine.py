@@ -3,7 +3,7 @@
 Work is organised around what it costs (DESIGN.md §2, cost model): an image is decoded and encoded
 once and its tokens cached by content hash; its cross-attention keys/values are computed once per
 call (and kept in the cache while it has room) and shared by every text scored against it; texts are
-sorted by length and padded to their batch's longest.
+sorted by length into batches, which the model runs packed (no work on padding).
 """
 
 from __future__ import annotations

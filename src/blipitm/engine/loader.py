@@ -14,7 +14,7 @@ from blipitm.engine.engine import Engine
 from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
 from blipitm.engine.types import ModelInfo
 from blipitm.errors import InvalidInputError
-from blipitm.model import ATTN_IMPLS, BlipITM
+from blipitm.model import ATTN_IMPLS, BlipITM, int8_supported
 from blipitm.processing.image import ImageSettings
 from blipitm.processing.tokenizer import Tokenizer
 from blipitm.scoring import get_protocol
@@ -38,11 +38,15 @@ def load_options(options: LoadOptions) -> Engine:
             f"must be one of {ATTN_IMPLS}, got {options.attn_impl!r}", loc=("attn_impl",)
         )
     torch_device = _device(options.device)
-    if TORCH_DTYPES[options.dtype] == torch.float16 and torch_device.type == "cpu":
+    if options.dtype == "float16" and torch_device.type == "cpu":
         raise InvalidInputError(
             "float16 is not supported on CPU; use bfloat16 (fast on modern CPUs) or float32",
             loc=("dtype",),
         )
+    if options.dtype == "int8":
+        _check_int8(torch_device, options)
+    # int8 layers are quantized from float32 weights after loading.
+    storage = torch.float32 if options.dtype == "int8" else TORCH_DTYPES[options.dtype]
 
     resolved = resolve(options.source, revision=options.revision, tokenizer=options.tokenizer)
     scoring = get_protocol(options.protocol)
@@ -52,15 +56,17 @@ def load_options(options: LoadOptions) -> Engine:
 
     # Tensors are converted to the storage dtype as they are read and assigned to a model built
     # on the meta device, so no second copy of the weights ever exists (peak RSS).
-    state_dict = load_weights(resolved, dtype=TORCH_DTYPES[options.dtype])
+    state_dict = load_weights(resolved, dtype=storage)
     with torch.device("meta"):
         model = BlipITM(config)
     load_into(model, state_dict)
     del state_dict
     model = model.to(device=torch_device).eval().requires_grad_(False)
     model.set_attn_impl(options.attn_impl)  # type: ignore[arg-type]
+    if options.dtype == "int8":
+        model.quantize_int8()
     if options.compute_dtype is None:
-        compute = native_compute_dtype(torch_device, TORCH_DTYPES[options.dtype])
+        compute = native_compute_dtype(torch_device, storage)
     else:
         compute = TORCH_DTYPES[options.compute_dtype]
 
@@ -101,6 +107,24 @@ def load_options(options: LoadOptions) -> Engine:
         decode_threads=options.decode_threads,
         decode_budget_pixels=options.decode_budget_pixels,
     )
+
+
+def _check_int8(device: torch.device, options: LoadOptions) -> None:
+    if device.type != "cpu":
+        raise InvalidInputError(
+            "int8 runs on the CPU only; on a GPU use bfloat16 or float16", loc=("dtype",)
+        )
+    if not int8_supported():
+        raise InvalidInputError(
+            f"this torch build ({torch.__version__}) has no int8 matmul (torch._int_mm); use "
+            "bfloat16 or float32",
+            loc=("dtype",),
+        )
+    if options.compute_dtype not in (None, "float32"):
+        raise InvalidInputError(
+            "int8 layers compute the rest of the model in float32; leave compute_dtype unset",
+            loc=("compute_dtype",),
+        )
 
 
 def _device(device: str) -> torch.device:

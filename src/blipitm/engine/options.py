@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blipitm.config import DEFAULT_MAX_PIXELS
-from blipitm.engine.types import DTYPE_NAMES, BatchSizes, Dtype
+from blipitm.engine.types import DTYPE_NAMES, WEIGHT_DTYPE_NAMES, BatchSizes, Dtype, WeightDtype
 from blipitm.errors import InvalidInputError
 from blipitm.scoring import PROTOCOL_NAMES, ProtocolName
 
@@ -37,7 +37,8 @@ class LoadOptions:
     ``protocol``: ``"blip"`` (the model as Salesforce evaluated it) or ``"transformers"``
     (bit-compatible with ``transformers.BlipForImageTextRetrieval``); see the README.
     ``dtype`` is how the weights are stored; ``compute_dtype`` (default: ``dtype`` where the
-    hardware runs it natively, else float32) is what the arithmetic runs in.
+    hardware runs it natively, else float32) is what the arithmetic runs in. ``dtype="int8"``
+    (CPU only, opt-in) runs the towers' linear layers in dynamic int8 and the rest in float32.
     ``max_pixels`` (None: no limit) and ``max_text_chars`` bound each input; ``decode_threads``
     and ``decode_budget_pixels`` (full-size pixels decoded at once; default ``max_pixels``)
     bound the image decoding; see :class:`~blipitm.engine.engine.Engine`.
@@ -47,7 +48,7 @@ class LoadOptions:
     revision: str | None = None
     tokenizer: str | os.PathLike[str] | None = None
     device: str = "cpu"  # checked against the machine when loading: that needs torch
-    dtype: Dtype = "float32"
+    dtype: WeightDtype = "float32"
     protocol: ProtocolName = "blip"
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
@@ -60,7 +61,7 @@ class LoadOptions:
 
     def __post_init__(self) -> None:
         _check_choice("protocol", self.protocol, PROTOCOL_NAMES)
-        _check_choice("dtype", self.dtype, DTYPE_NAMES)
+        _check_choice("dtype", self.dtype, WEIGHT_DTYPE_NAMES)
         if self.compute_dtype is not None:
             _check_choice("compute_dtype", self.compute_dtype, DTYPE_NAMES)
         for name in ("max_pixels", "max_text_chars"):
@@ -122,7 +123,12 @@ MODEL_OPTIONS: tuple[Option, ...] = (
         field="protocol",
     ),
     Option("device", "cpu, cuda or cuda:N", field="device"),
-    Option("dtype", "dtype the weights are stored in", choices=DTYPE_NAMES, field="dtype"),
+    Option(
+        "dtype",
+        "dtype the weights are stored in; int8: dynamic int8 linear layers (CPU, opt-in)",
+        choices=WEIGHT_DTYPE_NAMES,
+        field="dtype",
+    ),
 )
 LIMIT_OPTIONS: tuple[Option, ...] = (
     Option(

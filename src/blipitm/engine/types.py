@@ -11,9 +11,13 @@ import numpy as np
 from blipitm.config import BlipConfig
 from blipitm.scoring import Override, ProtocolName
 
-# Weight and compute dtypes by name; torch.dtype exists only inside engine/ and model/.
+# Tensor (compute, feature) dtypes by name; torch.dtype exists only inside engine/ and model/.
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPE_NAMES: tuple[Dtype, ...] = ("float32", "bfloat16", "float16")
+# How a model's weights are held: a tensor dtype, or "int8" (dynamic int8 linear layers, an
+# opt-in trading accuracy for speed on CPUs; see the README).
+WeightDtype = Literal["float32", "bfloat16", "float16", "int8"]
+WEIGHT_DTYPE_NAMES: tuple[WeightDtype, ...] = (*DTYPE_NAMES, "int8")
 # How each dtype is held in numpy, which has no bfloat16: as its raw 16 bits.
 NUMPY_DTYPES: dict[Dtype, type[np.floating[Any]] | type[np.uint16]] = {
     "float32": np.float32,
@@ -151,7 +155,7 @@ class ModelInfo:
     commit: str | None
     protocol: ProtocolName
     device: str
-    dtype: Dtype
+    dtype: WeightDtype
     config: BlipConfig
     overrides: list[Override] = field(default_factory=list)
     compute_dtype: Dtype = "float32"  # may be wider than ``dtype`` (see engine.devices)

@@ -14,6 +14,7 @@ from torch import nn
 from blipitm.config import BlipConfig
 from blipitm.model.attention import ATTN_IMPLS, AttnImpl
 from blipitm.model.layers import Embedding, Linear
+from blipitm.model.quant import quantize_int8
 from blipitm.model.text import Attention, CrossKV, DenseKV, TextEncoder
 from blipitm.model.vision import VisionAttention, VisionTransformer
 
@@ -41,6 +42,12 @@ class BlipITM(nn.Module):
         for module in self.modules():
             if isinstance(module, Embedding):
                 module.compute_dtype = dtype
+
+    def quantize_int8(self) -> None:
+        """Run the towers' linear layers in dynamic int8 (see :mod:`blipitm.model.quant`); the
+        heads and projections (0.01% of the work) stay in float32, as do norms and attention."""
+        quantize_int8(self.vision_model)
+        quantize_int8(self.text_encoder)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> image tokens ``[B, N, Dv]``."""

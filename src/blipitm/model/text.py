@@ -3,16 +3,23 @@
 Names follow the Hugging Face checkpoint (``text_encoder.*``), which kept BLIP's ``med.py`` names.
 Two modes: *unimodal* (no cross-attention; the ITC text embedding) and *multimodal* (the ITM pass).
 
+Texts run *packed*: the ``L`` real tokens of a right-padded ``[B, T]`` batch are the rows of one
+``[L, D]`` tensor (:class:`Packing`), so the linear layers, norms and FFN (nine tenths of the work)
+never compute padding, and a batch of mixed lengths costs what its tokens cost. Only
+self-attention goes back to the padded ``[B, T]`` layout, where the padding mask applies.
+
 Cross-attention keys/values depend only on the image, so they are computed once per image
 (:meth:`TextEncoder.cross_kv`) and shared by every text scored against it. A batch of
-``B = G * M`` texts is laid out as ``G`` images with ``M`` texts each, contiguous; the ``M`` texts
-of one image attend to that image's keys as one ``M*T``-row query block, which is exact because the
+``B = G * M`` texts is laid out as ``G`` images with ``M`` texts each, contiguous; the token rows of
+one image's ``M`` texts attend to that image's keys as one query block, which is exact because the
 image side has no padding mask: each query row's softmax is over the same keys either way.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -34,6 +41,48 @@ def num_images(kv: KV) -> int:
     return kv.shape[0] if isinstance(kv, torch.Tensor) else len(kv)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Where the real tokens of a right-padded ``[B, T]`` batch are among its ``L`` packed rows."""
+
+    index: torch.Tensor  # [L] row-major positions b*T + t of the real tokens, text by text
+    starts: torch.Tensor  # [B] packed row of each text's first token
+    lengths: list[int]  # [B] tokens per text
+    width: int  # T
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> Packing:
+        keep = attention_mask.reshape(-1).to(torch.bool)
+        lengths = attention_mask.sum(dim=1)  # [B]
+        starts = torch.cumsum(lengths, 0) - lengths
+        index = keep.nonzero().squeeze(1)
+        return cls(index, starts, lengths.tolist(), attention_mask.shape[1])
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``[L, D]`` -> ``[B, T, D]``, zeros at the padding."""
+        b, d = len(self.lengths), x.shape[-1]
+        out = x.new_zeros(b * self.width, d).index_copy_(0, self.index, x)
+        return out.view(b, self.width, d)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, D]`` -> ``[L, D]``."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+
+    def rows_per_image(self, images: int, first_only: bool) -> list[int]:
+        """Rows of each image's ``M = B / images`` texts: their tokens, or one row per text."""
+        m = len(self.lengths) // images
+        if first_only:
+            return [m] * images
+        return [sum(self.lengths[g * m : (g + 1) * m]) for g in range(images)]
+
+
+def _image_kv(k: KV, v: KV, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image ``i``'s keys and values, ``[1, h, N, d]`` each."""
+    if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
+        return k[i : i + 1], v[i : i + 1]
+    return k[i], v[i]
+
+
 class TextEmbeddings(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -41,9 +90,11 @@ class TextEmbeddings(nn.Module):
         self.position_embeddings = Embedding(config.max_position_embeddings, config.hidden_size)
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+    def forward(self, input_ids: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """``[B, T]`` ids -> ``[L, D]`` packed token states."""
+        ids = input_ids.reshape(-1).index_select(0, packing.index)  # [L]
+        positions = packing.index % packing.width  # [L]
+        x = self.word_embeddings(ids) + self.position_embeddings(positions)
         return self.LayerNorm(x)
 
 
@@ -74,7 +125,7 @@ class AttentionOutput(nn.Module):
 
 
 class Attention(nn.Module):
-    """Post-norm attention block: ``LayerNorm(x + dense(attn(x, kv)))``."""
+    """Post-norm attention block: ``LayerNorm(x + dense(attn(x, kv)))`` on packed rows."""
 
     def __init__(self, config: TextConfig, kv_width: int) -> None:
         super().__init__()
@@ -83,30 +134,44 @@ class Attention(nn.Module):
         self.impl: AttnImpl = "sdpa"
 
     def forward_self(
-        self, x: torch.Tensor, mask: torch.Tensor, first_only: bool = False
+        self, x: torch.Tensor, packing: Packing, mask: torch.Tensor, first_only: bool = False
     ) -> torch.Tensor:
-        """``first_only``: keys/values from every token, but only the first token's output
-        ``[B, 1, D]`` (all that the heads read, after the last layer)."""
-        xq = x[:, :1] if first_only else x
-        q = split_heads(self.self.query(xq), self.self.heads)  # [B, h, Tq, d]
-        k, v = self.self.kv(x)
-        out = attention(q, k, v, mask, impl=self.impl)
-        return self.output(merge_heads(out), xq)
+        """``[L, D]`` -> ``[L, D]``; ``first_only``: keys/values from every token, but only each
+        text's first-token output ``[B, D]`` (all that the heads read, after the last layer)."""
+        heads = self.self.heads
+        k = split_heads(packing.pad(self.self.key(x)), heads)  # [B, h, T, d]
+        v = split_heads(packing.pad(self.self.value(x)), heads)
+        if first_only:
+            xq = x.index_select(0, packing.starts)  # [B, D]
+            q = split_heads(self.self.query(xq)[:, None], heads)  # [B, h, 1, d]
+            context = merge_heads(attention(q, k, v, mask, impl=self.impl))[:, 0]  # [B, D]
+        else:
+            xq = x
+            q = split_heads(packing.pad(self.self.query(x)), heads)  # [B, h, T, d]
+            context = packing.unpad(merge_heads(attention(q, k, v, mask, impl=self.impl)))
+        return self.output(context, xq)
 
-    def forward_cross(self, x: torch.Tensor, kv: tuple[KV, KV]) -> torch.Tensor:
-        k, v = kv  # [G, h, N, d]
-        g = num_images(k)
-        b, t, _ = x.shape
-        m = b // g
-        q = split_heads(self.self.query(x), self.self.heads)  # [G*M, h, T, d]
-        h, d = q.shape[1], q.shape[3]
-        q = q.view(g, m, h, t, d).transpose(1, 2).reshape(g, h, m * t, d)  # [G, h, M*T, d]
-        if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
-            out = attention(q, k, v, impl=self.impl)  # [G, h, M*T, d]
-        else:  # one image at a time: copying cached K/V into one batch costs more than this
-            out = torch.cat([attention(q[i : i + 1], k[i], v[i], impl=self.impl) for i in range(g)])
-        out = out.view(g, h, m, t, d).transpose(1, 2).reshape(b, h, t, d)  # [G*M, h, T, d]
-        return self.output(merge_heads(out), x)
+    def forward_cross(
+        self, x: torch.Tensor, kv: tuple[KV, KV], rows_per_image: Sequence[int]
+    ) -> torch.Tensor:
+        """``[R, D]`` rows, the first ``rows_per_image[0]`` of image 0 and so on -> ``[R, D]``."""
+        k, v = kv  # [G, h, N, d], or G tensors [1, h, N, d]
+        r = x.shape[0]
+        h = self.self.heads
+        q = self.self.query(x).view(r, h, -1).transpose(0, 1)  # [h, R, d]
+        g, m = len(rows_per_image), rows_per_image[0]
+        if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and g > 1 and r == g * m:
+            # Equal rows per image (one per text): one batched call over the images.
+            qg = q.reshape(h, g, m, -1).transpose(0, 1)  # [G, h, M, d]
+            out = attention(qg, k, v, impl=self.impl).transpose(0, 1).reshape(h, r, -1)
+        else:  # image by image: copying cached K/V into one batch costs more than this
+            bounds = list(itertools.accumulate(rows_per_image, initial=0))
+            outs = [
+                attention(q[None, :, lo:hi], *_image_kv(k, v, i), impl=self.impl)[0]
+                for i, (lo, hi) in enumerate(itertools.pairwise(bounds))
+            ]  # [h, rows of image i, d] each
+            out = outs[0] if g == 1 else torch.cat(outs, dim=1)  # [h, R, d]
+        return self.output(out.transpose(0, 1).reshape(r, -1), x)
 
 
 class Intermediate(nn.Module):
@@ -139,13 +204,16 @@ class TextLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        packing: Packing,
         mask: torch.Tensor,
         cross_kv: tuple[KV, KV] | None,
         first_only: bool = False,
     ) -> torch.Tensor:
-        x = self.attention.forward_self(x, mask, first_only)
+        """Packed rows ``[L, D]`` -> ``[L, D]`` (``[B, D]``, first tokens, with ``first_only``)."""
+        x = self.attention.forward_self(x, packing, mask, first_only)
         if cross_kv is not None:
-            x = self.crossattention.forward_cross(x, cross_kv)
+            rows = packing.rows_per_image(num_images(cross_kv[0]), first_only)
+            x = self.crossattention.forward_cross(x, cross_kv, rows)
         return self.output(self.intermediate(x), x)
 
 
@@ -193,16 +261,20 @@ class TextEncoder(nn.Module):
     ) -> torch.Tensor:
         """Unimodal when ``cross_kv`` is None; otherwise ``B`` must be a multiple of its ``G``.
 
-        ``first_only``: the last layer returns ``[B, 1, D]``, the first token only.
+        ``attention_mask [B, T]`` is 1 for each text's tokens, which come first (right padding).
+        Hidden states at padding positions are zero. ``first_only``: the last layer returns
+        ``[B, 1, D]``, the first token only.
         """
-        x = self.embeddings(input_ids)
-        mask = padding_mask(attention_mask, x.dtype)  # [B, 1, 1, T]
         if cross_kv is not None and input_ids.shape[0] % num_images(cross_kv[0][0]):
             raise ValueError(
                 f"{input_ids.shape[0]} texts cannot be split evenly over "
                 f"{num_images(cross_kv[0][0])} images"
             )
+        packing = Packing.of(attention_mask)
+        x = self.embeddings(input_ids, packing)  # [L, D]
+        mask = padding_mask(attention_mask, x.dtype)  # [B, 1, 1, T]
         last = len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
-            x = layer(x, mask, None if cross_kv is None else cross_kv[i], first_only and i == last)
-        return x
+            kv = None if cross_kv is None else cross_kv[i]
+            x = layer(x, packing, mask, kv, first_only and i == last)
+        return x[:, None] if first_only else packing.pad(x)

@@ -24,8 +24,15 @@ class VisionEmbeddings(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, d))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixel_values)  # computes in the pixels' dtype
-        x = x.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, N, D]
+        # The stride-P PxP convolution as the matmul it is: exact float32 on CUDA too, where
+        # cuDNN would otherwise run float32 convolutions in TF32 (torch's default).
+        b, c, s, _ = pixel_values.shape
+        p, n = self.patch_embedding.kernel_size[0], s // self.patch_embedding.kernel_size[0]
+        patches = pixel_values.reshape(b, c, n, p, n, p).permute(0, 2, 4, 1, 3, 5)  # [B,h,w,C,P,P]
+        conv = self.patch_embedding
+        weight = conv.weight.flatten(1).to(pixel_values.dtype)  # [D, C*P*P]
+        bias = None if conv.bias is None else conv.bias.to(pixel_values.dtype)
+        x = F.linear(patches.reshape(b, n * n, c * p * p), weight, bias)  # [B, N, D]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1) + self.position_embedding.to(x.dtype)  # [B, N+1, D]
 

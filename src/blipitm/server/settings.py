@@ -25,7 +25,7 @@ from blipitm.engine.options import (
     optional_str,
     options_from,
 )
-from blipitm.engine.types import Dtype
+from blipitm.engine.types import WeightDtype
 from blipitm.errors import InvalidInputError
 from blipitm.scoring import ProtocolName
 
@@ -54,7 +54,7 @@ class ServerSettings:
     tokenizer: str | None = None
     protocol: ProtocolName = "blip"
     device: str = "cpu"
-    dtype: Dtype = "float32"
+    dtype: WeightDtype = "float32"
     served_model_name: str | None = None  # None: the --model string
     index: str | None = None  # retrieval index for POST /v1/search
     # -- network --------------------------------------------------------------------------------
