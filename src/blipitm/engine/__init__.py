@@ -23,6 +23,7 @@ from blipitm.engine.types import (
     Ranking,
     TextFeatures,
 )
+from blipitm.explain import Explanation
 
 if TYPE_CHECKING:
     from blipitm.engine.engine import Engine
@@ -40,6 +41,7 @@ __all__ = [
     "BatchSizes",
     "Dtype",
     "Engine",
+    "Explanation",
     "ImageFeatures",
     "LoadOptions",
     "MatrixScores",

@@ -12,7 +12,8 @@ image side has no padding mask: each query row's softmax is over the same keys e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
@@ -73,6 +74,11 @@ class AttentionOutput(nn.Module):
         return self.LayerNorm(self.dense(context) + residual)
 
 
+# Sees a cross-attention's probabilities ``[G, h, M*T, N]`` and returns what the layer uses in
+# their place (explanations: the same values, detached, as a leaf that collects their gradient).
+Probe = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Attention(nn.Module):
     """Post-norm attention block: ``LayerNorm(x + dense(attn(x, kv)))``."""
 
@@ -81,6 +87,7 @@ class Attention(nn.Module):
         self.self = SelfAttention(config, kv_width)
         self.output = AttentionOutput(config)
         self.impl: AttnImpl = "sdpa"
+        self.probe: Probe | None = None  # set only while explaining (blipitm.engine.explain)
 
     def forward_self(
         self, x: torch.Tensor, mask: torch.Tensor, first_only: bool = False
@@ -101,7 +108,12 @@ class Attention(nn.Module):
         q = split_heads(self.self.query(x), self.self.heads)  # [G*M, h, T, d]
         h, d = q.shape[1], q.shape[3]
         q = q.view(g, m, h, t, d).transpose(1, 2).reshape(g, h, m * t, d)  # [G, h, M*T, d]
-        if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
+        if self.probe is not None:  # explaining: the probabilities themselves, then `@ v`
+            if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+                raise ValueError("a probed cross-attention takes stacked keys/values")
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)  # [G, h, M*T, N]
+            out = torch.matmul(self.probe(scores.softmax(dim=-1)), v)
+        elif isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
             out = attention(q, k, v, impl=self.impl)  # [G, h, M*T, d]
         else:  # one image at a time: copying cached K/V into one batch costs more than this
             out = torch.cat([attention(q[i : i + 1], k[i], v[i], impl=self.impl) for i in range(g)])
