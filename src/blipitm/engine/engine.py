@@ -25,7 +25,7 @@ from PIL import Image
 from blipitm.config import BlipConfig
 from blipitm.engine.cache import ByteLRU
 from blipitm.engine.devices import TORCH_DTYPES
-from blipitm.engine.explain import explanations, gradcam, resolve_layer
+from blipitm.engine.explain import explanations, gradcam
 from blipitm.engine.options import DEFAULT_CACHE_BYTES, DEFAULT_MAX_TEXT_CHARS
 from blipitm.engine.types import (
     NUMPY_DTYPES,
@@ -39,7 +39,7 @@ from blipitm.engine.types import (
     TextFeatures,
 )
 from blipitm.errors import InvalidInputError, Loc
-from blipitm.explain import Explanation
+from blipitm.explain import Explanation, resolve_layer
 from blipitm.model import BlipITM, CrossKV, DenseKV
 from blipitm.processing.budget import PixelBudget
 from blipitm.processing.image import (

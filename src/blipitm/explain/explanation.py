@@ -10,6 +10,22 @@ from PIL import Image
 from blipitm.errors import InvalidInputError
 from blipitm.explain.render import overlay
 
+DEFAULT_LAYER = 6  # LAVIS's default (block_num=6 in its ITM demos)
+
+
+def resolve_layer(layer: int | None, num_layers: int) -> int:
+    """``layer``, checked; None: LAVIS's layer 6, or the second to last layer of a shallower model
+    (the last layer's maps are zero for the caption's tokens: only the first token's row of its
+    cross-attention reaches the ITM head)."""
+    if layer is None:
+        return max(0, min(DEFAULT_LAYER, num_layers - 2))
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+        raise InvalidInputError(
+            f"must be a text-encoder layer from 0 to {num_layers - 1}, got {layer!r}",
+            loc=("layer",),
+        )
+    return layer
+
 
 @dataclass(frozen=True, eq=False)
 class Explanation:

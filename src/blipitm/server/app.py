@@ -21,7 +21,16 @@ from blipitm.server import docs, errors
 from blipitm.server.auth import KeyChecker
 from blipitm.server.metrics import Metrics
 from blipitm.server.middleware import GuardMiddleware, MetricsMiddleware
-from blipitm.server.routes import embeddings, models, ops, rerank, score, search
+from blipitm.server.routes import (
+    embeddings,
+    explain,
+    models,
+    ops,
+    playground,
+    rerank,
+    score,
+    search,
+)
 from blipitm.server.settings import ServerSettings
 from blipitm.server.state import EngineFactory, ServerState
 
@@ -86,7 +95,10 @@ def create_app(
     )
     app.state.blipitm = state
     errors.install(app)
-    routers = [r.router for r in (ops, models, embeddings, score, rerank, search, docs)]
+    routers = [
+        r.router
+        for r in (ops, models, embeddings, score, rerank, search, explain, playground, docs)
+    ]
     for router in routers:
         app.include_router(router)
     app.add_middleware(
