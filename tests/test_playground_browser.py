@@ -88,7 +88,9 @@ def test_playground_end_to_end(server: ServerProcess, driver: Any, tmp_path: Pat
     image = _image(tmp_path / "red.png")
     driver.get(server.url + "/")
     # The server requires keys: /v1/models answered 401, so the page asks for one.
-    key = wait.until(ec.visibility_of_element_located((By.ID, "api-key")))
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-auth") == "key")
+    key = driver.find_element(By.ID, "api-key")
+    assert key.is_displayed()
     key.send_keys(KEY)
     driver.find_element(By.ID, "file").send_keys(str(image))
     wait.until(ec.visibility_of_element_located((By.ID, "preview")))
@@ -145,9 +147,20 @@ def test_playground_end_to_end(server: ServerProcess, driver: Any, tmp_path: Pat
 
     # Phone width: nothing wider than the screen.
     driver.set_window_size(390, 844)
-    assert driver.execute_script(
-        "return document.documentElement.scrollWidth <= window.innerWidth"
-    )
+    assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     # The only error allowed is the 401 of the key probe that made the page ask for the key.
     assert all("v1/models" in e["message"] and "401" in e["message"] for e in errors), errors
+
+
+def test_no_key_field_when_the_server_needs_none(tiny_ckpt: Path, driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with cli_server(tiny_ckpt) as open_server:
+        driver.get(open_server.url + "/playground")
+        body = driver.find_element(By.TAG_NAME, "body")
+        WebDriverWait(driver, WAIT_S).until(lambda d: body.get_attribute("data-auth") == "open")
+        assert not driver.find_element(By.ID, "api-key").is_displayed()
+        assert not driver.find_element(By.ID, "overlay").is_displayed()  # nothing to show yet
+        assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -30,10 +30,13 @@ async function api(path, body) {
 }
 
 async function checkKey() {
+  // The page learns whether the server wants a key the way any client would: by asking.
   try {
     await api("v1/models");
+    document.body.dataset.auth = "open";
   } catch (e) {
     if (e.status === 401) showKeyField();
+    document.body.dataset.auth = e.status === 401 ? "key" : "unknown";
   }
 }
 
