@@ -338,8 +338,8 @@ class Engine:
 
     def explain(self, image: ImageInput, text: str, *, layer: int | None = None) -> Explanation:
         """Where ``text`` matches ``image``: LAVIS's Grad-CAM of the ITM match on text-encoder
-        ``layer`` (0-based; default 6 as LAVIS, or the last layer of a shallower model), with
-        the pair's scores. See :mod:`blipitm.engine.explain`."""
+        ``layer`` (0-based; default 6 as LAVIS, or the second to last layer of a shallower
+        model), with the pair's scores. See :mod:`blipitm.engine.explain`."""
         if not isinstance(text, str):
             raise InvalidInputError(
                 f"expected one text (a str), got {type(text).__name__}; for several captions "
