@@ -216,3 +216,17 @@ def test_other_requests_run_between_an_explanations_pieces(engine: Engine) -> No
         asyncio.run(main())
     finally:
         shared.release.set()
+
+
+def test_every_playground_file_is_package_data() -> None:
+    """A non-editable install ships only what pyproject's package-data names."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["blipitm.server"]
+    folder = root / "src" / "blipitm" / "server" / "playground"
+    files = sorted(p.relative_to(folder.parent).as_posix() for p in folder.iterdir())
+    assert {"playground/index.html", "playground/playground.js"} <= set(files)
+    assert [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
