@@ -44,8 +44,9 @@ def server(tiny_ckpt: Path) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture()
-def driver(tmp_path: Path) -> Iterator[Any]:
+def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     _browser_or_skip()
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for downloads
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
