@@ -399,6 +399,7 @@ OPERATIONS = [
     ("POST", "/v1/rerank"),
     ("POST", "/v2/rerank"),
     ("POST", "/v1/search"),  # this server has no --index: 404 in the documented envelope
+    ("POST", "/v1/explain"),
 ]
 
 
