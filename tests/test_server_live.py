@@ -400,6 +400,7 @@ OPERATIONS = [
     ("POST", "/v2/rerank"),
     ("POST", "/v1/search"),  # this server has no --index: 404 in the documented envelope
     ("GET", "/v1/usage"),  # operator keys only here: 400 not_a_metered_key
+    ("POST", "/v1/explain"),
 ]
 
 

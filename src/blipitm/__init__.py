@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from blipitm.engine import (
         BatchSizes,
         Engine,
+        Explanation,
         ImageFeatures,
         MatrixScores,
         ModelInfo,
@@ -40,6 +41,7 @@ __all__ = [
     "BlipitmError",
     "CheckpointError",
     "Engine",
+    "Explanation",
     "HubUnavailableError",
     "ImageFeatures",
     "ImageTooLargeError",

@@ -27,6 +27,11 @@ class Command:
 COMMANDS = (
     Command("score", "score an image against one or more texts", "blipitm.cli.score"),
     Command(
+        "explain",
+        "show where captions match an image (Grad-CAM overlays)",
+        "blipitm.cli.explain",
+    ),
+    Command(
         "convert",
         "convert an original BLIP .pth checkpoint to a Hugging Face directory",
         "blipitm.cli.convert",

@@ -25,6 +25,7 @@ from blipitm.engine.types import (
     TextFeatures,
     WeightDtype,
 )
+from blipitm.explain import Explanation
 
 if TYPE_CHECKING:
     from blipitm.engine.engine import Engine
@@ -43,6 +44,7 @@ __all__ = [
     "BatchSizes",
     "Dtype",
     "Engine",
+    "Explanation",
     "ImageFeatures",
     "LoadOptions",
     "MatrixScores",

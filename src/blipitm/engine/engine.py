@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from PIL import Image
 from blipitm.config import BlipConfig
 from blipitm.engine.cache import ByteLRU
 from blipitm.engine.devices import TORCH_DTYPES
+from blipitm.engine.explain import explanations, gradcam
 from blipitm.engine.options import DEFAULT_CACHE_BYTES, DEFAULT_MAX_TEXT_CHARS
 from blipitm.engine.types import (
     NUMPY_DTYPES,
@@ -38,6 +39,7 @@ from blipitm.engine.types import (
     TextFeatures,
 )
 from blipitm.errors import InvalidInputError, Loc
+from blipitm.explain import Explanation, resolve_layer
 from blipitm.model import BlipITM, CrossKV, DenseKV
 from blipitm.processing.budget import PixelBudget
 from blipitm.processing.image import (
@@ -334,6 +336,54 @@ class Engine:
         cosine = self._pair_cosine(feats, ids, image_of_pair, text_of_pair, itc)
         return PairScores(itm_probability(logits), logits, cosine, _token_counts(ids))
 
+    def explain(self, image: ImageInput, text: str, *, layer: int | None = None) -> Explanation:
+        """Where ``text`` matches ``image``: LAVIS's Grad-CAM of the ITM match on text-encoder
+        ``layer`` (0-based; default 6 as LAVIS, or the second to last layer of a shallower
+        model), with the pair's scores. See :mod:`blipitm.engine.explain`."""
+        if not isinstance(text, str):
+            raise InvalidInputError(
+                f"expected one text (a str), got {type(text).__name__}; for several captions "
+                "use explain_batch(image, texts)",
+                loc=("text",),
+            )
+        return self.explain_batch(image, [text], layer=layer)[0]
+
+    def explain_batch(
+        self, image: ImageInput, texts: Sequence[str], *, layer: int | None = None
+    ) -> list[Explanation]:
+        """:meth:`explain` for several captions of one image, batched (the same maps as one at a
+        time)."""
+        _reject_single(texts, lambda t: isinstance(t, str), ("texts",), "explain_batch(image, [t])")
+        text_list = list(texts)
+        layer = resolve_layer(layer, self.config.text.num_hidden_layers)
+        resized = self._resized(image, ("image",))  # the maps are drawn over it
+        ids = self._token_ids(text_list, ("texts",))
+        feats = self._image_features([resized], loc=("image",))
+        if not ids:
+            return []
+        cosine = self._text_embeddings(ids) @ feats[0].embedding.numpy()  # [N]
+        kv = cast(DenseKV, self._cross_kv(feats))  # one image: its own stacked keys/values
+        first = self.protocol.itm_first_token
+        grid = self.config.vision.image_size // self.config.vision.patch_size
+        out: list[Explanation] = []
+        for rows in _chunks(range(len(ids)), self.batch_sizes.texts):
+            input_ids, mask = pad([[first, *ids[r][1:]] for r in rows])
+            logits, cams = gradcam(
+                self.model, input_ids.to(self.device), mask.to(self.device), kv, layer
+            )
+            out += explanations(
+                [text_list[r] for r in rows],
+                [ids[r] for r in rows],
+                [self.tokenizer.id_to_token(ids[r][1:-1]) for r in rows],
+                logits.cpu().numpy(),
+                cams.cpu().numpy(),
+                cosine[rows],
+                grid=grid,
+                layer=layer,
+                image=resized.pixels,
+            )
+        return out
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -371,6 +421,27 @@ class Engine:
             budget=self.decode_budget,
         )
         return torch.from_numpy(normalize(pixels, self.image_settings))
+
+    def _resized(self, item: ImageInput, loc: Loc) -> ResizedImage:
+        """``item`` decoded and resized once; the engine encodes it (cached by the source's content
+        key) without decoding it again."""
+        if isinstance(item, ResizedImage):
+            item.checked(self.image_settings, self.protocol, loc=loc)
+            return item
+        if not _is_single_image(item):
+            raise InvalidInputError(
+                "expected one image (PIL.Image, path, encoded bytes or HxWx3 uint8 array), "
+                f"got {type(item).__name__}",
+                loc=loc,
+            )
+        return ResizedImage.load(
+            _read_if_path(item, loc),
+            self.image_settings,
+            self.protocol,
+            loc=loc,
+            max_pixels=self.max_pixels,
+            budget=self.decode_budget,
+        )
 
     def _intake(self, item: ImageInput, loc: Loc) -> _Intake:
         """On a decode thread: read (a path), hash, look up the cache, else decode one image.

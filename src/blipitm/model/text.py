@@ -18,7 +18,8 @@ image side has no padding mask: each query row's softmax is over the same keys e
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -124,6 +125,12 @@ class AttentionOutput(nn.Module):
         return self.LayerNorm(self.dense(context) + residual)
 
 
+# Sees a cross-attention's probabilities ``[1, h, R, N]`` (one image, ``R`` packed token rows) and
+# returns what the layer uses in their place (explanations: the same values, detached, as a leaf
+# that collects their gradient).
+Probe = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Attention(nn.Module):
     """Post-norm attention block: ``LayerNorm(x + dense(attn(x, kv)))`` on packed rows."""
 
@@ -132,6 +139,7 @@ class Attention(nn.Module):
         self.self = SelfAttention(config, kv_width)
         self.output = AttentionOutput(config)
         self.impl: AttnImpl = "sdpa"
+        self.probe: Probe | None = None  # set only while explaining (blipitm.engine.explain)
 
     def forward_self(
         self, x: torch.Tensor, packing: Packing, mask: torch.Tensor, first_only: bool = False
@@ -160,7 +168,13 @@ class Attention(nn.Module):
         h = self.self.heads
         q = self.self.query(x).view(r, h, -1).transpose(0, 1)  # [h, R, d]
         g, m = len(rows_per_image), rows_per_image[0]
-        if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and g > 1 and r == g * m:
+        if self.probe is not None:  # explaining: the probabilities themselves, then `@ v`
+            if g != 1:
+                raise ValueError("a probed cross-attention takes the texts of one image")
+            k0, v0 = _image_kv(k, v, 0)  # [1, h, N, d]
+            scores = torch.matmul(q[None], k0.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            out = torch.matmul(self.probe(scores.softmax(dim=-1)), v0)[0]  # [h, R, d]
+        elif isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and g > 1 and r == g * m:
             # Equal rows per image (one per text): one batched call over the images.
             qg = q.reshape(h, g, m, -1).transpose(0, 1)  # [G, h, M, d]
             out = attention(qg, k, v, impl=self.impl).transpose(0, 1).reshape(h, r, -1)

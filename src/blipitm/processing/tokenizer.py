@@ -104,6 +104,10 @@ class Tokenizer:
     def pad_token_id(self) -> int:
         return PAD_TOKEN_ID
 
+    def id_to_token(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary entry of each id (word pieces keep their ``##``)."""
+        return [self._backend.id_to_token(int(i)) or "[UNK]" for i in ids]
+
     def encode(self, texts: Sequence[str], *, max_length: int | None = None) -> list[list[int]]:
         """Token ids of each text, ``[CLS] … [SEP]``, without padding.
 

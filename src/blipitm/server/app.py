@@ -22,7 +22,17 @@ from blipitm.server.auth import Authenticator, KeyChecker
 from blipitm.server.keys import KeyService
 from blipitm.server.metrics import Metrics
 from blipitm.server.middleware import GuardMiddleware, MetricsMiddleware
-from blipitm.server.routes import embeddings, models, ops, rerank, score, search, usage
+from blipitm.server.routes import (
+    embeddings,
+    explain,
+    models,
+    ops,
+    playground,
+    rerank,
+    score,
+    search,
+    usage,
+)
 from blipitm.server.settings import ServerSettings
 from blipitm.server.state import EngineFactory, ServerState
 
@@ -108,7 +118,10 @@ def create_app(
     )
     app.state.blipitm = state
     errors.install(app)
-    routers = [r.router for r in (ops, models, embeddings, score, rerank, search, usage, docs)]
+    routers = [
+        r.router
+        for r in (ops, models, embeddings, score, rerank, search, usage, explain, playground, docs)
+    ]
     for router in routers:
         app.include_router(router)
     # The routes themselves, not app.routes: FastAPI keeps an included router there as one entry.

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from blipitm.engine import PairScores, Ranking, TextFeatures
+from blipitm.engine import Explanation, PairScores, Ranking, TextFeatures
 from blipitm.errors import InvalidInputError, Loc
 from blipitm.server.metrics import Metrics
 
@@ -69,6 +69,10 @@ class EngineLike(Protocol):
         rerank_k: int | None = 128,
     ) -> Ranking: ...
 
+    def explain_batch(
+        self, image: Any, texts: Sequence[str], *, layer: int | None = None
+    ) -> list[Explanation]: ...
+
 
 class QueueFull(Exception):
     def __init__(self, retry_after_s: int) -> None:
@@ -105,13 +109,23 @@ class Rank:
 
 
 @dataclass(frozen=True)
+class Explain:
+    """Grad-CAM of a few captions of one image: a bounded piece of an explanation request (the
+    route queues its captions piece by piece, so other requests run in between)."""
+
+    image: Any
+    texts: list[str]
+    layer: int
+
+
+@dataclass(frozen=True)
 class Call:
     """Run a function on the worker thread (warm-up); never merged."""
 
     fn: Callable[[Any], Any]
 
 
-Job = EmbedTexts | EmbedImages | ScorePairs | Rank | Call
+Job = EmbedTexts | EmbedImages | ScorePairs | Rank | Explain | Call
 
 
 @dataclass
@@ -138,6 +152,8 @@ def run_one(engine: EngineLike, job: Job) -> Any:
     if isinstance(job, Rank):
         rank = engine.rank_texts if job.image_query else engine.rank_images
         return rank(job.query, job.candidates, top_k=None, rerank_k=job.rerank_k)
+    if isinstance(job, Explain):
+        return engine.explain_batch(job.image, job.texts, layer=job.layer)
     return job.fn(engine)
 
 

@@ -306,3 +306,66 @@ class KeyUsage(BaseModel):
     limits: KeyLimits
     remaining: KeyRemaining
     data: list[UsageEntry]
+
+
+# -- /v1/explain ----------------------------------------------------------------------------------
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"image": "data:image/png;base64,...", "texts": ["a dog", "a cat"]}
+        }
+    )
+
+    model: str | None = None
+    image: str | ImageURLPart = Field(
+        description="the image: a data:image/...;base64,... URI, base64 bytes, an http(s) URL "
+        "(when the server fetches URLs), or an image_url content part"
+    )
+    texts: str | list[str] = Field(description="one caption or several, each explained")
+    layer: int | None = Field(
+        default=None,
+        description="text-encoder layer whose cross-attention is explained, 0-based; default 6 "
+        "as LAVIS (or the second to last layer of a shallower model)",
+    )
+    token_maps: bool = Field(default=True, description="include each token's map")
+    overlays: Literal["none", "caption", "tokens"] = Field(
+        default="none",
+        description="PNG data URIs of the maps drawn over the model's input image as LAVIS's "
+        "getAttMap does: none, the caption's map, or the caption's and every token's",
+    )
+    user: str | None = None
+
+
+class Tensor(BaseModel):
+    """A float32 array: ``data`` is its little-endian bytes in row-major order, base64-encoded
+    (as /v1/embeddings' base64 format)."""
+
+    shape: list[int]
+    dtype: Literal["float32"] = "float32"
+    data: str
+
+
+class ExplanationData(BaseModel):
+    index: int
+    object: Literal["explanation"] = "explanation"
+    text: str
+    tokens: list[str] = Field(description="the caption's word pieces as the model read them")
+    itm_probability: float
+    itm_logits: list[float] = Field(description="[no match, match]")
+    itc_cosine: float
+    map: Tensor = Field(description="[grid, grid]: the mean of the token maps")
+    token_maps: Tensor | None = Field(default=None, description="[tokens, grid, grid]")
+    overlay: str | None = Field(default=None, description="PNG data URI of `map` over the image")
+    token_overlays: list[str] | None = Field(default=None, description="one PNG per token")
+
+
+class ExplainResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    layer: int = Field(description="the layer explained")
+    num_layers: int = Field(description="text-encoder layers: valid layers are 0..num_layers-1")
+    grid: int = Field(description="patches per side of the image")
+    data: list[ExplanationData]
+    usage: RerankUsage
