@@ -79,7 +79,7 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     r.add_argument(
         "--cpus-per-worker",
         type=float,
-        help="CPUs per actor (default: a local Ray's CPUs / workers; 1 on a cluster)",
+        help="CPUs per actor (default: a one-machine Ray's CPUs / workers; 1 on a cluster)",
     )
     add_model_options(p)
     p.set_defaults(run=run)
@@ -88,9 +88,9 @@ def add_parser(sub: Any, name: str, help: str) -> None:
 class _Printer:
     """Per-sample progress: a tqdm bar on a terminal, else a log line every LOG_EVERY_S."""
 
-    def __init__(self, stream: TextIO = sys.stderr, *, bar: bool | None = None) -> None:
-        self.stream = stream
-        self.use_bar = stream.isatty() if bar is None else bar
+    def __init__(self, stream: TextIO | None = None, *, bar: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.use_bar = self.stream.isatty() if bar is None else bar
         self.bar: Any = None
         self.last = 0.0
 

@@ -106,21 +106,21 @@ def score_all_ray(
     import ray
 
     started = connect(address, workers, cpus_per_worker)
-    caller_ctx = ray.data.DataContext.get_current()
+    ctx = ray.data.DataContext.get_current()
+    caller = (ctx.enable_progress_bars, ctx.target_max_block_size)
     try:
-        if cpus_per_worker is None:
+        if cpus_per_worker is None:  # one machine: share it; a cluster: Ray's own default
+            one_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
             cpus = ray.cluster_resources().get("CPU", 1.0)
-            cpus_per_worker = max(1.0, cpus // workers) if started else 1.0
+            cpus_per_worker = max(1.0, cpus // workers) if one_node else 1.0
         if gpus_per_worker > 0 and options.device == "cpu":
             options = replace(options, device="cuda")
         # Absolute paths: a worker's working directory is not the driver's.
         shards = [replace(s, path=os.path.abspath(s.path)) for s in tally.shards]
-        ctx = caller_ctx.copy()
         ctx.enable_progress_bars = False  # blipitm reports progress itself, per sample
         # An actor's progress rows are tiny; without this they are buffered into one block
         # per shard and arrive only when the shard is done.
         ctx.target_max_block_size = 1
-        ray.data.DataContext._set_current(ctx)
         ds = ray.data.from_items(
             [{"shard": k} for k in tally.pending], override_num_blocks=len(tally.pending)
         ).map_batches(
@@ -134,7 +134,7 @@ def score_all_ray(
                 "model": model,
             },
             batch_size=1,
-            concurrency=workers,
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=cpus_per_worker,
             num_gpus=gpus_per_worker or None,
         )
@@ -147,7 +147,7 @@ def score_all_ray(
             else:
                 tally.batch(k, int(event["samples"]), int(event["pairs"]))
     finally:
-        ray.data.DataContext._set_current(caller_ctx)
+        ctx.enable_progress_bars, ctx.target_max_block_size = caller
         if started:
             ray.shutdown()
 
