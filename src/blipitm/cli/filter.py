@@ -11,15 +11,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 from blipitm.cli.common import add_model_options
 from blipitm.engine.options import options_from
 from blipitm.errors import InvalidInputError
+from blipitm.filtering.runner import DEFAULT_CACHE_MB
 
 if TYPE_CHECKING:
     from blipitm.filtering import FilterProgress
 
 LOG_EVERY_S = 10.0
 MIB = 1 << 20
-# The engine's default (512 MiB): profiled, the cache costs filtering ~2% CPU on distinct images
-# (docs/filtering.md), and it makes a batch re-scored after a bad image cheap.
-DEFAULT_CACHE_MB = 512
 
 
 def add_parser(sub: Any, name: str, help: str) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from blipitm.common.files import atomic_write_json, read_json
-from blipitm.engine.options import LoadOptions
+from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
 from blipitm.errors import InvalidInputError
 from blipitm.filtering.ray_runner import LOCAL
 from blipitm.filtering.readers import Columns, Sample, Shard, expand_inputs, read_shard
@@ -53,6 +53,10 @@ log = logging.getLogger("blipitm.filter")
 By = Literal["itm", "itc", "blip"]
 Write = Literal["scores", "kept", "both"]
 MANIFEST_VERSION = 1
+# The engine's image cache while filtering (its own default is 512 MiB). Distinct images never
+# hit it, and a full cache is memory a filter run holds for nothing (docs/filtering.md); 64 MiB
+# still re-uses images that repeat nearby and makes most retries after a bad image cheap.
+DEFAULT_CACHE_MB = 64
 
 
 def filter_dataset(
@@ -80,10 +84,11 @@ def filter_dataset(
     """Score, filter and write; returns what ``stats.json`` holds. See docs/filtering.md.
 
     The model: ``engine``, else ``options`` (a :class:`LoadOptions`), else ``model`` (a source
-    with default options). ``ray``: score on Ray Data instead of in this process; ``True`` or
-    ``"local"`` starts a local Ray (unless one is running), any other string is the address of
-    a cluster. Its actors load ``options`` (default: the engine's source, revision, protocol and
-    dtype); ``workers`` actors with ``gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs each.
+    with default options but a ``DEFAULT_CACHE_MB`` image cache). ``ray``: score on Ray Data
+    instead of in this process; ``True`` or ``"local"`` starts a local Ray (unless one is
+    running), any other string is the address of a cluster. Its actors load ``options``
+    (default: the engine's source, revision, protocol and dtype): ``workers`` actors with
+    ``gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs each.
     """
     if (threshold is None) == (keep_fraction is None):
         raise InvalidInputError(
@@ -102,12 +107,12 @@ def filter_dataset(
     shards = expand_inputs(inputs)
     columns = Columns(image_col, caption_col, id_col)
     out = Path(out)
-    if options is None and model is not None:
-        options = LoadOptions(model)
+    if options is None and (engine is None or model is not None):
+        options = LoadOptions(model or DEFAULT_MODEL, cache_bytes=DEFAULT_CACHE_MB << 20)
     if engine is None:
         from blipitm.engine import load_options
 
-        options = options or LoadOptions()
+        assert options is not None
         # Under Ray the driver's engine only proves the model's identity: it needs no GPU.
         engine = load_options(options if ray in (None, False) else replace(options, device="cpu"))
     manifest = _open_out(out, shards, columns, engine, restart)
