@@ -16,6 +16,7 @@ import numpy as np
 from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
 from blipitm.errors import InvalidInputError
 from blipitm.filtering.readers import Sample, set_captions
+from blipitm.filtering.runner import DEFAULT_CACHE_MB
 from blipitm.filtering.scoring import BY_COLUMN, SCORE_COLUMNS, score_batch
 
 MIB = 1 << 20
@@ -49,7 +50,7 @@ class RayScorer:
         protocol: str = "blip",
         dtype: str = "float32",
         device: str | None = None,
-        cache_mb: float = 512,
+        cache_mb: float = DEFAULT_CACHE_MB,
         load: Mapping[str, Any] | None = None,
     ) -> None:
         if by not in BY_COLUMN:
