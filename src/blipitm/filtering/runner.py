@@ -17,7 +17,6 @@ manifest records are refused with a message (``restart=True`` starts over instea
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 from collections.abc import Iterator, Sequence
@@ -48,7 +47,6 @@ from blipitm.filtering.writers import write_kept_parquet, write_kept_tar, write_
 if TYPE_CHECKING:
     from blipitm.engine import Engine
 
-log = logging.getLogger("blipitm.filter")
 
 By = Literal["itm", "itc", "blip"]
 Write = Literal["scores", "kept", "both"]
@@ -107,12 +105,11 @@ def filter_dataset(
     shards = expand_inputs(inputs)
     columns = Columns(image_col, caption_col, id_col)
     out = Path(out)
-    if options is None and (engine is None or model is not None):
-        options = LoadOptions(model or DEFAULT_MODEL, cache_bytes=DEFAULT_CACHE_MB << 20)
     if engine is None:
         from blipitm.engine import load_options
 
-        assert options is not None
+        if options is None:
+            options = LoadOptions(model or DEFAULT_MODEL, cache_bytes=DEFAULT_CACHE_MB << 20)
         # Under Ray the driver's engine only proves the model's identity: it needs no GPU.
         engine = load_options(options if ray in (None, False) else replace(options, device="cpu"))
     manifest = _open_out(out, shards, columns, engine, restart)
@@ -249,6 +246,7 @@ def _options_of(engine: Engine) -> LoadOptions:
         protocol=info.protocol,
         dtype=info.dtype,
         compute_dtype=info.compute_dtype,
+        cache_bytes=DEFAULT_CACHE_MB << 20,
     )
 
 
