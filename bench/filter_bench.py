@@ -133,13 +133,15 @@ def transformers_per_pair(model_dir: Path, images: list[bytes], texts: list[list
 
 
 RSS_CHILD = """
-import resource, sys
+import sys
 import blipitm
 from blipitm.filtering import filter_dataset
 from blipitm.filtering.runner import DEFAULT_CACHE_MB
 engine = blipitm.load(sys.argv[1], cache_bytes=DEFAULT_CACHE_MB << 20)
 filter_dataset(sys.argv[3:], sys.argv[2], engine=engine, threshold=0.5, batch_size=256)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak.
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(int(status.split()[0]) / 1024)
 """
 
 
@@ -184,6 +186,12 @@ def main() -> None:
         f"load: {os.getloadavg()}, torch threads {torch.get_num_threads()}, {platform.processor()}"
     )
     tmp = Path(tempfile.mkdtemp(prefix="filter-bench-"))
+    results: dict[str, Any] = {"images": args.images, "model": str(args.model)}
+    if not args.skip_rss:  # first, while this process is small (its children are measured)
+        results["peak_rss_mb"] = {n: peak_rss(tmp, n) for n in (1000, 10000)}
+        print(results["peak_rss_mb"], flush=True)
+    if args.skip_base:
+        return
     engine = blipitm.load(str(args.model), cache_bytes=DEFAULT_CACHE_MB << 20)  # the filter's
     images = jpeg_images(args.images, 3)
     engine.score(images[:1], "warm up")
@@ -192,8 +200,7 @@ def main() -> None:
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    results: dict[str, Any] = {"images": args.images, "model": str(args.model)}
-    for per_image in () if args.skip_base else (1, 5):
+    for per_image in (1, 5):
         texts = [captions(per_image, 100 + i) for i in range(args.images)]
         paths = write_shards(tmp / f"in{per_image}", images, texts, args.batch_size)
         row: dict[str, Any] = {}
@@ -219,8 +226,6 @@ def main() -> None:
         import ray
 
         ray.shutdown()
-    if not args.skip_rss:
-        results["peak_rss_mb"] = {n: peak_rss(tmp, n) for n in (1000, 10000)}
     results["load_after"] = os.getloadavg()
     results["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(results, indent=1))
