@@ -5,11 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TextIO
 
-from blipitm.cli.common import add_model_options, load_engine
+from blipitm.cli.common import add_model_options
+from blipitm.engine.options import options_from
+from blipitm.errors import InvalidInputError
+from blipitm.filtering.runner import DEFAULT_CACHE_MB
+
+if TYPE_CHECKING:
+    from blipitm.filtering import FilterProgress
 
 LOG_EVERY_S = 10.0
+MIB = 1 << 20
 
 
 def add_parser(sub: Any, name: str, help: str) -> None:
@@ -47,53 +55,103 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     p.add_argument("--caption-col", help="table column (or KEY.json field) holding the caption(s)")
     p.add_argument("--id-col", help="table column holding the sample id (default: key, id)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per engine call")
+    p.add_argument(
+        "--cache-mb",
+        type=float,
+        default=DEFAULT_CACHE_MB,
+        help="MiB of encoded images the engine keeps, so an image repeated in a later batch is "
+        "not encoded again (within a batch it never is); 0: none (default: %(default)s)",
+    )
     p.add_argument("--restart", action="store_true", help="discard DIR's earlier results first")
+    r = p.add_argument_group("Ray Data (docs/filtering.md#ray)")
+    r.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="score on Ray Data: a local Ray started here, or the cluster at ADDRESS "
+        "(e.g. auto, ray://head:10001)",
+    )
+    r.add_argument("--workers", type=int, default=1, help="scoring actors (default: 1)")
+    r.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default: 0)")
+    r.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="CPUs per actor (default: a one-machine Ray's CPUs / workers; 1 on a cluster)",
+    )
     add_model_options(p)
     p.set_defaults(run=run)
 
 
 class _Printer:
-    """One progress line per LOG_EVERY_S: samples, samples/s and an ETA from the shards left."""
+    """Per-sample progress: a tqdm bar on a terminal, else a log line every LOG_EVERY_S."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: TextIO | None = None, *, bar: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.use_bar = self.stream.isatty() if bar is None else bar
+        self.bar: Any = None
         self.last = 0.0
 
-    def __call__(self, p: Any) -> None:
+    def __call__(self, p: FilterProgress) -> None:
+        if self.use_bar:
+            self._bar(p)
+            return
         now = time.monotonic()
         if now - self.last < LOG_EVERY_S:
             return
         self.last = now
-        rate = p.samples / max(p.elapsed_s, 1e-9)
-        eta = ""
-        if p.shards_this_run:
-            left = p.shards - p.shards_done
-            eta = f", ETA {p.elapsed_s / p.shards_this_run * left:.0f} s"
+        eta = "" if p.eta_s is None else f", ETA {p.eta_s:.0f} s"
         print(
-            f"filter: shard {p.shard + 1}/{p.shards} ({p.shards_done} done), {p.samples} samples, "
-            f"{rate:.1f} samples/s{eta}",
-            file=sys.stderr,
+            f"filter: {p.samples} samples ({p.pairs} pairs), "
+            f"{p.samples / max(p.elapsed_s, 1e-9):.1f} samples/s{eta}; "
+            f"shards {p.shards_done}/{p.shards} done",
+            file=self.stream,
         )
+
+    def _bar(self, p: FilterProgress) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="filter", unit="sample", file=self.stream, dynamic_ncols=True)
+        self.bar.total = p.samples_expected  # an estimate until the last shard starts
+        self.bar.n = p.samples
+        self.bar.set_postfix_str(f"shards {p.shards_done}/{p.shards}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run(args: argparse.Namespace) -> int:
     from blipitm.filtering import filter_dataset
 
-    engine = load_engine(args)
-    stats = filter_dataset(
-        args.inputs,
-        args.out,
-        engine=engine,
-        by=args.by,
-        threshold=args.threshold,
-        keep_fraction=args.keep_fraction,
-        write=args.write,
-        image_col=args.image_col,
-        caption_col=args.caption_col,
-        id_col=args.id_col,
-        batch_size=args.batch_size,
-        restart=args.restart,
-        progress=_Printer(),
-    )
+    if args.cache_mb < 0:
+        raise InvalidInputError("must be >= 0", loc=("cache_mb",))
+    options = replace(options_from(vars(args)), cache_bytes=int(args.cache_mb * MIB))
+    printer = _Printer()
+    try:
+        stats = filter_dataset(
+            args.inputs,
+            args.out,
+            options=options,
+            by=args.by,
+            threshold=args.threshold,
+            keep_fraction=args.keep_fraction,
+            write=args.write,
+            image_col=args.image_col,
+            caption_col=args.caption_col,
+            id_col=args.id_col,
+            batch_size=args.batch_size,
+            restart=args.restart,
+            progress=printer,
+            ray=args.ray,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+        )
+    finally:
+        printer.close()
     for err in stats["shard_errors"]:
         print(f"blipitm: error: shard {err['shard']}: {err['error']}", file=sys.stderr)
     bad = {k: v for k, v in stats["status_pairs"].items() if k != "ok"}

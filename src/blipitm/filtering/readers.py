@@ -159,9 +159,9 @@ def _tar_sample(key: str, members: list[tuple[tarfile.TarInfo, bytes]], cols: Co
             meta = json.loads(fields.get("json", b"{}"))
         except ValueError as e:
             return _bad(sample, "bad_caption", f"{key}.json is not JSON: {e}")
-        _set_captions(sample, meta.get(cols.caption) if isinstance(meta, dict) else None)
+        set_captions(sample, meta.get(cols.caption) if isinstance(meta, dict) else None)
     elif "txt" in fields:
-        _set_captions(sample, fields["txt"].decode("utf-8", errors="replace"))
+        set_captions(sample, fields["txt"].decode("utf-8", errors="replace"))
     else:
         _bad(sample, "no_caption", f"no {key}.txt")
     if image is None and sample.status == "ok":
@@ -210,7 +210,7 @@ def _table_sample(row: dict[str, Any], i: int, base: str, cols: Columns) -> Samp
     sample = Sample(key, None, [], raw=row)
     if "__error__" in row:
         return _bad(sample, "bad_row", row["__error__"])
-    _set_captions(sample, row.get(cols.caption or CAPTION_COL))
+    set_captions(sample, row.get(cols.caption or CAPTION_COL))
     image_col = _pick(row, cols.image, IMAGE_COLS)
     cell = row.get(image_col) if image_col is not None else None
     if isinstance(cell, dict):  # Hugging Face datasets' Image struct
@@ -224,7 +224,7 @@ def _table_sample(row: dict[str, Any], i: int, base: str, cols: Columns) -> Samp
     return sample
 
 
-def _set_captions(sample: Sample, cell: Any) -> None:
+def set_captions(sample: Sample, cell: Any) -> None:
     if isinstance(cell, str) and cell.startswith("["):  # a list written as JSON text (CSV)
         with contextlib.suppress(ValueError):
             cell = json.loads(cell)

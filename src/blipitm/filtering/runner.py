@@ -1,5 +1,6 @@
-"""The local runner: score every shard once (committed per shard with a done marker), choose the
-threshold, then write the scores with their ``kept`` column, the kept samples and the statistics.
+"""A filtering run: score every shard once (committed per shard with a done marker; in this
+process, or on Ray Data), choose the threshold, then write the scores with their ``kept`` column,
+the kept samples and the statistics.
 
 Layout of ``out``::
 
@@ -16,53 +17,44 @@ manifest records are refused with a message (``restart=True`` starts over instea
 
 from __future__ import annotations
 
-import csv
-import logging
 import math
 import shutil
-import tarfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from blipitm.common.files import atomic_write, atomic_write_json, read_json
-from blipitm.errors import BlipitmError, InvalidInputError
+from blipitm.common.files import atomic_write_json, read_json
+from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
+from blipitm.errors import InvalidInputError
+from blipitm.filtering.ray_runner import LOCAL
 from blipitm.filtering.readers import Columns, Sample, Shard, expand_inputs, read_shard
-from blipitm.filtering.scoring import BY_COLUMN, SCORE_COLUMNS, score_batch
+from blipitm.filtering.scoring import BY_COLUMN, SCORE_COLUMNS
+from blipitm.filtering.shards import (
+    FilterError,
+    OnProgress,
+    RunTotals,
+    ShardUnreadable,
+    Tally,
+    score_pending_shard,
+)
 from blipitm.filtering.stats import write_stats
 from blipitm.filtering.writers import write_kept_parquet, write_kept_tar, write_parquet
 
 if TYPE_CHECKING:
     from blipitm.engine import Engine
 
-log = logging.getLogger("blipitm.filter")
 
 By = Literal["itm", "itc", "blip"]
 Write = Literal["scores", "kept", "both"]
 MANIFEST_VERSION = 1
-
-
-class FilterError(BlipitmError):
-    """The output folder belongs to another run (inputs, model or options differ)."""
-
-
-@dataclass(frozen=True)
-class FilterProgress:
-    shard: int  # index of the shard being scored
-    shards: int
-    name: str
-    samples: int  # samples scored in this run so far
-    shards_done: int  # shards finished (this run and earlier ones)
-    shards_this_run: int  # shards finished in this run
-    elapsed_s: float
-
-
-OnProgress = Callable[[FilterProgress], None]
+# The engine's image cache while filtering (its own default is 512 MiB). Distinct images never
+# hit it, and a full cache is memory a filter run holds for nothing (docs/filtering.md); 64 MiB
+# still re-uses images that repeat nearby and makes most retries after a bad image cheap.
+DEFAULT_CACHE_MB = 64
 
 
 def filter_dataset(
@@ -81,8 +73,21 @@ def filter_dataset(
     batch_size: int = 256,
     restart: bool = False,
     progress: OnProgress | None = None,
+    options: LoadOptions | None = None,
+    ray: str | bool | None = None,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float | None = None,
 ) -> dict[str, Any]:
-    """Score, filter and write; returns what ``stats.json`` holds. See docs/filtering.md."""
+    """Score, filter and write; returns what ``stats.json`` holds. See docs/filtering.md.
+
+    The model: ``engine``, else ``options`` (a :class:`LoadOptions`), else ``model`` (a source
+    with default options but a ``DEFAULT_CACHE_MB`` image cache). ``ray``: score on Ray Data
+    instead of in this process; ``True`` or ``"local"`` starts a local Ray (unless one is
+    running), any other string is the address of a cluster. Its actors load ``options``
+    (default: the engine's source, revision, protocol and dtype): ``workers`` actors with
+    ``gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs each.
+    """
     if (threshold is None) == (keep_fraction is None):
         raise InvalidInputError(
             "give exactly one of threshold and keep_fraction", loc=("threshold",)
@@ -95,15 +100,35 @@ def filter_dataset(
         raise InvalidInputError(f"by must be one of {sorted(BY_COLUMN)}, got {by!r}", loc=("by",))
     if batch_size < 1:
         raise InvalidInputError("batch_size must be positive", loc=("batch_size",))
+    if model is not None and options is not None:
+        raise InvalidInputError("give model or options, not both", loc=("model",))
     shards = expand_inputs(inputs)
     columns = Columns(image_col, caption_col, id_col)
     out = Path(out)
     if engine is None:
-        from blipitm.engine import DEFAULT_MODEL, load
+        from blipitm.engine import load_options
 
-        engine = load(model or DEFAULT_MODEL)
-    _open_out(out, shards, columns, engine, restart)
-    run = _score_all(engine, shards, out, columns, batch_size, progress)
+        if options is None:
+            options = LoadOptions(model or DEFAULT_MODEL, cache_bytes=DEFAULT_CACHE_MB << 20)
+        # Under Ray the driver's engine only proves the model's identity: it needs no GPU.
+        engine = load_options(options if ray in (None, False) else replace(options, device="cpu"))
+    manifest = _open_out(out, shards, columns, engine, restart)
+    if ray in (None, False):
+        run = _score_all(engine, shards, out, columns, batch_size, progress)
+    else:
+        run = _score_all_ray(
+            options or _options_of(engine),
+            manifest["model"],
+            shards,
+            out,
+            columns,
+            batch_size,
+            progress,
+            address=LOCAL if ray is True else ray,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+        )
     cut = choose_cut(out, shards, run.scored, BY_COLUMN[by], threshold, keep_fraction)
     kept = _write_outputs(out, shards, run.scored, columns, BY_COLUMN[by], cut, write)
     return write_stats(
@@ -124,7 +149,8 @@ def filter_dataset(
 
 def _open_out(
     out: Path, shards: list[Shard], columns: Columns, engine: Engine, restart: bool
-) -> None:
+) -> dict[str, Any]:
+    """The run's manifest: the one ``out`` holds (checked against this run), else a new one."""
     from blipitm.common.identity import mismatch, model_record
 
     manifest_path = out / "manifest.json"
@@ -140,17 +166,16 @@ def _open_out(
                 f"{out} holds another run's results: {why}. Use another --out, or --restart "
                 "to discard them and start over"
             )
-        return
+        return old
     (out / "scores").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        manifest_path,
-        {
-            "version": MANIFEST_VERSION,
-            "inputs": [{"name": s.name, "kind": s.kind, **s.fingerprint()} for s in shards],
-            "columns": asdict(columns),
-            "model": model_record(engine),
-        },
-    )
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "inputs": [{"name": s.name, "kind": s.kind, **s.fingerprint()} for s in shards],
+        "columns": asdict(columns),
+        "model": model_record(engine),
+    }
+    atomic_write_json(manifest_path, manifest)
+    return manifest
 
 
 def _inputs_differ(old: dict[str, Any], shards: list[Shard], columns: Columns) -> str | None:
@@ -169,25 +194,6 @@ def _inputs_differ(old: dict[str, Any], shards: list[Shard], columns: Columns) -
 # -- stage 1: scores ----------------------------------------------------------------------
 
 
-@dataclass
-class _Run:
-    scored: list[Shard]
-    errors: list[dict[str, str]]
-    samples: int = 0
-    pairs: int = 0
-    seconds: float = 0.0
-
-    def throughput(self) -> dict[str, float]:
-        s = max(self.seconds, 1e-9)
-        return {
-            "samples_scored_this_run": self.samples,
-            "pairs_scored_this_run": self.pairs,
-            "seconds": round(self.seconds, 3),
-            "samples_per_s": round(self.samples / s, 2) if self.samples else 0.0,
-            "pairs_per_s": round(self.pairs / s, 2) if self.pairs else 0.0,
-        }
-
-
 def _score_all(
     engine: Engine,
     shards: list[Shard],
@@ -195,103 +201,53 @@ def _score_all(
     columns: Columns,
     batch_size: int,
     progress: OnProgress | None,
-) -> _Run:
-    run = _Run([], [])
-    start = time.monotonic()
-    finished = this_run = 0
-    for k, shard in enumerate(shards):
-        if (out / "scores" / f"{shard.name}.done.json").exists():
-            run.scored.append(shard)
-            finished += 1
-            continue
+) -> RunTotals:
+    tally = Tally(shards, out, progress)
+    for k in tally.pending:
+        samples = 0
         try:
-            for n in score_shard(engine, shard, out / "scores", columns, batch_size):
-                run.samples += n[0]
-                run.pairs += n[1]
-                if progress is not None:
-                    elapsed = time.monotonic() - start
-                    progress(
-                        FilterProgress(
-                            k, len(shards), shard.name, run.samples, finished, this_run, elapsed
-                        )
-                    )
-        except (OSError, ValueError, EOFError, tarfile.TarError, csv.Error) as e:  # a bad shard
-            if isinstance(e, InvalidInputError) and e.loc[:1] not in ((), ("inputs",)):
-                raise
-            msg = f"{type(e).__name__}: {e}"
-            log.error("shard %s cannot be read, skipped: %s", shard.path, msg)
-            run.errors.append({"shard": shard.path, "error": msg})
-            (out / "scores" / f".{shard.name}.parquet.partial").unlink(missing_ok=True)
+            for n, pairs in score_pending_shard(
+                engine, shards[k], out / "scores", columns, batch_size
+            ):
+                samples += n
+                tally.batch(k, n, pairs)
+        except ShardUnreadable as e:
+            tally.shard_failed(k, str(e))
             continue
-        run.scored.append(shard)
-        finished += 1
-        this_run += 1
-    run.seconds = time.monotonic() - start
-    return run
+        tally.shard_done(k, samples)
+    return tally.finish()
 
 
-def score_shard(
-    engine: Engine,
-    shard: Shard,
-    folder: Path,
-    columns: Columns | None = None,
-    batch_size: int = 256,
-) -> Iterator[tuple[int, int]]:
-    """Score one shard into ``folder/NAME.parquet`` and commit it with ``NAME.done.json``.
+def _score_all_ray(
+    options: LoadOptions,
+    model: dict[str, Any],
+    shards: list[Shard],
+    out: Path,
+    columns: Columns,
+    batch_size: int,
+    progress: OnProgress | None,
+    **ray: Any,
+) -> RunTotals:
+    from blipitm.filtering.ray_runner import score_all_ray
 
-    Streams: one batch of samples is held at a time, the rows go to a Parquet writer as they
-    come. Yields (samples, pairs) after each batch. Nothing is visible until the shard is done.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    if ray["workers"] < 1:
+        raise InvalidInputError("workers must be positive", loc=("workers",))
+    tally = Tally(shards, out, progress)
+    score_all_ray(options, model, tally, out, columns, batch_size, **ray)
+    return tally.finish()
 
-    target = folder / f"{shard.name}.parquet"
-    tmp = folder / f".{shard.name}.parquet.partial"
-    samples = pairs = 0
-    with pq.ParquetWriter(tmp, SCHEMA) as writer:
-        for batch in _batches(read_shard(shard, columns or Columns()), batch_size):
-            rows = score_batch(engine, batch)
-            rows["sample"] = [samples + i for i in rows["sample"]]
-            writer.write_table(pa.Table.from_pydict(rows, schema=SCHEMA))
-            samples += len(batch)
-            pairs += len(rows["sample"])
-            yield len(batch), len(rows["sample"])
-    atomic_write(target, lambda f: f.write(tmp.read_bytes()))
-    tmp.unlink()
-    atomic_write_json(
-        folder / f"{shard.name}.done.json",
-        {"input": shard.fingerprint(), "samples": samples, "rows": pairs},
+
+def _options_of(engine: Engine) -> LoadOptions:
+    """What a Ray actor loads to get ``engine``'s model (checked against it by the probe)."""
+    info = engine.info
+    return LoadOptions(
+        info.source,
+        revision=info.revision,
+        protocol=info.protocol,
+        dtype=info.dtype,
+        compute_dtype=info.compute_dtype,
+        cache_bytes=DEFAULT_CACHE_MB << 20,
     )
-
-
-def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
-    batch: list[Sample] = []
-    for s in samples:
-        batch.append(s)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("sample", pa.int64()),
-            ("id", pa.string()),
-            ("candidate", pa.int32()),
-            ("caption", pa.string()),
-            *[(name, pa.float32()) for name in SCORE_COLUMNS],
-            ("status", pa.string()),
-            ("error", pa.string()),
-        ]
-    )
-
-
-SCHEMA = _schema()
 
 
 # -- stage 2: the threshold ---------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 The local runner and a Ray Data actor call the same :func:`score_batch`. It makes one
 ``engine.score_pairs`` call for the batch (each image encoded once, identical images by content
-once, each image's cross-attention shared by its captions). A sample the engine refuses (corrupt,
-truncated or missing image; an unusable caption) gets a status row and the rest of the batch is
-scored again without it: the images encoded before it are in the engine's cache, so that costs
-little.
+once, each image's cross-attention shared by its captions). Unusable captions are found by
+tokenizing first; a sample whose image the engine refuses (corrupt, truncated or missing) gets a
+status row and the rest of the batch is scored again without it: the images encoded before it
+come from the engine's cache (``--cache-mb``), or are encoded again when the cache is off.
 """
 
 from __future__ import annotations
@@ -35,26 +35,46 @@ def score_batch(engine: Engine, samples: Sequence[Sample]) -> dict[str, list[Any
     score have NaN scores and a status other than ``ok``.
     """
     status = {i: (s.status, s.error) for i, s in enumerate(samples) if s.status != "ok"}
-    bad_text: dict[tuple[int, int], tuple[str, str]] = {}
+    bad_text = _bad_captions(engine, samples, status)
     while True:
-        live = [i for i in range(len(samples)) if i not in status]
         pairs = [
-            (i, c) for i in live for c in range(len(samples[i].captions)) if (i, c) not in bad_text
+            (i, c)
+            for i, s in enumerate(samples)
+            if i not in status
+            for c in range(len(s.captions))
+            if (i, c) not in bad_text
         ]
+        live = sorted({i for i, _ in pairs})  # a sample without a usable caption: no image
         try:
             scores = _score(engine, samples, live, pairs)
             break
         except InvalidInputError as e:
             where, pos = (*e.loc, None, None)[:2]
-            if not isinstance(pos, int):
+            if where != "images" or not isinstance(pos, int):
                 raise
-            if where == "images":
-                status[live[pos]] = ("bad_image", str(e))
-            elif where == "texts":
-                bad_text[pairs[pos]] = ("bad_caption", str(e))
-            else:
-                raise
+            status[live[pos]] = ("bad_image", str(e))
     return _rows(samples, status, bad_text, pairs, scores)
+
+
+def _bad_captions(
+    engine: Engine, samples: Sequence[Sample], status: dict[int, tuple[str, str]]
+) -> dict[tuple[int, int], tuple[str, str]]:
+    """Unusable captions, found by tokenizing alone before any image is encoded (the engine
+    checks texts after images, so finding them there would encode the images again)."""
+    pairs = [
+        (i, c) for i, s in enumerate(samples) if i not in status for c in range(len(s.captions))
+    ]
+    bad: dict[tuple[int, int], tuple[str, str]] = {}
+    while True:
+        live = [p for p in pairs if p not in bad]
+        try:
+            engine.count_tokens([samples[i].captions[c] for i, c in live])
+            return bad
+        except InvalidInputError as e:
+            where, pos = (*e.loc, None, None)[:2]
+            if where != "texts" or not isinstance(pos, int):
+                raise
+            bad[live[pos]] = ("bad_caption", e.reason)
 
 
 def _score(

@@ -1,0 +1,174 @@
+"""Stage 1 (scoring) on Ray Data: whole shards handed to an actor pool.
+
+Each pending shard is one row of a Ray dataset; ``map_batches`` with a callable class
+(:class:`ShardScorer`, one engine per actor) scores it with the local runner's own
+:func:`~blipitm.filtering.runner.score_pending_shard` and commits it with the same done marker.
+The actor yields a small progress row after every batch, so the driver reports per-sample
+progress while shards are in flight. Choosing the threshold, writing the kept samples and the
+statistics then run on the driver exactly as in a local run, from the committed score files.
+
+Why whole shards rather than ``read_webdataset`` / ``read_parquet``: resume is per shard, and a
+shard is committed only when all its rows are scored. Ray Data's readers split and merge files
+into blocks with no promise of one block per file, so no task would know when a shard's last row
+is in; they also skip or fail on what the local reader reports as a status (a member without a
+caption, an unreadable file) and group tar members their own way. Handing over the shard keeps
+the reading, the statuses and the commit the local run's, byte for byte. See docs/filtering.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blipitm.engine.options import LoadOptions
+from blipitm.errors import InvalidInputError
+from blipitm.filtering.readers import Columns, Shard
+from blipitm.filtering.shards import FilterError, ShardUnreadable, Tally, score_pending_shard
+
+log = logging.getLogger("blipitm.filter")
+
+LOCAL = "local"
+
+
+class ShardScorer:
+    """A Ray Data actor: loads the model once, then scores whole shards into ``out/scores``.
+
+    Input batches hold shard indices (``{"shard": [k]}``); the output rows are progress events
+    with columns ``shard``, ``samples``, ``pairs``, ``done`` and ``error``.
+    """
+
+    def __init__(
+        self,
+        options: LoadOptions,
+        shards: list[Shard],
+        out: str,
+        columns: Columns,
+        batch_size: int,
+        model: dict[str, Any],
+    ) -> None:
+        from blipitm.common.identity import mismatch
+        from blipitm.engine import load_options
+
+        self.engine = load_options(options)
+        why = mismatch(model, self.engine)
+        if why is not None:  # e.g. a worker node with other weights under the same path
+            raise FilterError(f"a Ray worker loaded another model than the driver: {why}")
+        self.shards, self.folder = shards, Path(out) / "scores"
+        self.columns, self.batch_size = columns, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for k in batch["shard"].tolist():
+            samples = 0
+            try:
+                for n, pairs in score_pending_shard(
+                    self.engine, self.shards[k], self.folder, self.columns, self.batch_size
+                ):
+                    samples += n
+                    yield _event(k, n, pairs)
+            except ShardUnreadable as e:
+                yield _event(k, 0, 0, error=str(e))
+                continue
+            yield _event(k, samples, 0, done=True)
+
+
+def _event(k: int, samples: int, pairs: int, *, done: bool = False, error: str = "") -> Any:
+    return {
+        "shard": np.array([k]),
+        "samples": np.array([samples]),
+        "pairs": np.array([pairs]),
+        "done": np.array([done]),
+        "error": np.array([error], dtype=object),
+    }
+
+
+def score_all_ray(
+    options: LoadOptions,
+    model: dict[str, Any],
+    tally: Tally,
+    out: Path,
+    columns: Columns,
+    batch_size: int,
+    *,
+    address: str,
+    workers: int,
+    gpus_per_worker: float,
+    cpus_per_worker: float | None,
+) -> None:
+    """Score ``tally``'s pending shards on Ray; the tally records what comes back."""
+    if not tally.pending:
+        return
+    import ray
+
+    started = connect(address, workers, cpus_per_worker)
+    ctx = ray.data.DataContext.get_current()
+    caller = (ctx.enable_progress_bars, ctx.target_max_block_size)
+    try:
+        if cpus_per_worker is None:  # one machine: share it; a cluster: Ray's own default
+            one_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
+            cpus = ray.cluster_resources().get("CPU", 1.0)
+            cpus_per_worker = max(1.0, cpus // workers) if one_node else 1.0
+        if gpus_per_worker > 0 and options.device == "cpu":
+            options = replace(options, device="cuda")
+        # Absolute paths: a worker's working directory is not the driver's.
+        shards = [replace(s, path=os.path.abspath(s.path)) for s in tally.shards]
+        ctx.enable_progress_bars = False  # blipitm reports progress itself, per sample
+        # An actor's progress rows are tiny; without this they are buffered into one block
+        # per shard and arrive only when the shard is done.
+        ctx.target_max_block_size = 1
+        ds = ray.data.from_items(
+            [{"shard": k} for k in tally.pending], override_num_blocks=len(tally.pending)
+        ).map_batches(
+            ShardScorer,
+            fn_constructor_kwargs={
+                "options": options,
+                "shards": shards,
+                "out": str(out.resolve()),
+                "columns": columns,
+                "batch_size": batch_size,
+                "model": model,
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cpus_per_worker,
+            num_gpus=gpus_per_worker or None,
+        )
+        for event in ds.iter_rows():
+            k = int(event["shard"])
+            if event["error"]:
+                tally.shard_failed(k, str(event["error"]))
+            elif event["done"]:
+                tally.shard_done(k, int(event["samples"]))
+            else:
+                tally.batch(k, int(event["samples"]), int(event["pairs"]))
+    finally:
+        ctx.enable_progress_bars, ctx.target_max_block_size = caller
+        if started:
+            ray.shutdown()
+
+
+def connect(address: str, workers: int, cpus_per_worker: float | None) -> bool:
+    """Join the Ray the caller already runs, or the cluster at ``address``, or start a local
+    one (``address="local"``). Returns whether this call started Ray (and so must stop it)."""
+    try:
+        import ray
+    except ImportError:
+        raise InvalidInputError(
+            "--ray needs Ray Data: pip install 'ray[data]'", loc=("ray",)
+        ) from None
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a self-hosted tool sends nothing
+    if address == LOCAL:
+        num_cpus = None
+        if cpus_per_worker is not None:  # enough for the pool the caller asked for
+            num_cpus = max(int(os.cpu_count() or 1), int(workers * cpus_per_worker))
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+    return True

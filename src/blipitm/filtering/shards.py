@@ -1,0 +1,227 @@
+"""Stage 1 of a filtering run, shared by the local and the Ray runner: score one shard into
+``scores/NAME.parquet`` and commit it with ``NAME.done.json``, and keep the run's tally (which
+shards are done, samples and pairs scored, progress reports).
+
+A shard is scored into a temporary file and renamed into place before its done marker is
+written, so a marker always means a complete score file and an interrupted shard is redone whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import tarfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blipitm.common.files import atomic_write, atomic_write_json, read_json
+from blipitm.errors import BlipitmError, InvalidInputError
+from blipitm.filtering.readers import Columns, Sample, Shard, read_shard
+from blipitm.filtering.scoring import SCORE_COLUMNS, score_batch
+
+if TYPE_CHECKING:
+    from blipitm.engine import Engine
+
+log = logging.getLogger("blipitm.filter")
+
+
+class FilterError(BlipitmError):
+    """The output folder belongs to another run (inputs, model or options differ)."""
+
+
+@dataclass(frozen=True)
+class FilterProgress:
+    """Sent after every scored batch, by the local and the Ray runner alike."""
+
+    shard: int  # index of the shard the batch came from
+    shards: int
+    name: str
+    samples: int  # samples scored in this run so far (all shards)
+    shards_done: int  # shards finished (this run and earlier ones)
+    shards_this_run: int  # shards finished in this run
+    elapsed_s: float
+    pairs: int = 0  # pairs scored in this run so far
+    # Samples this run will score in all: known once a shard has finished (earlier runs count),
+    # estimated as the shards left times the mean shard size; None before that.
+    samples_expected: int | None = None
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.samples_expected is None or not self.samples:
+            return None
+        rate = self.samples / max(self.elapsed_s, 1e-9)
+        return max(self.samples_expected - self.samples, 0) / rate
+
+
+OnProgress = Callable[[FilterProgress], None]
+
+
+@dataclass
+class RunTotals:
+    scored: list[Shard]
+    errors: list[dict[str, str]]
+    samples: int = 0
+    pairs: int = 0
+    seconds: float = 0.0
+
+    def throughput(self) -> dict[str, float]:
+        s = max(self.seconds, 1e-9)
+        return {
+            "samples_scored_this_run": self.samples,
+            "pairs_scored_this_run": self.pairs,
+            "seconds": round(self.seconds, 3),
+            "samples_per_s": round(self.samples / s, 2) if self.samples else 0.0,
+            "pairs_per_s": round(self.pairs / s, 2) if self.pairs else 0.0,
+        }
+
+
+class Tally:
+    """Stage 1's bookkeeping, shared by the local and the Ray runner: which shards are done
+    (by their done markers), what each batch adds, and the progress reports."""
+
+    def __init__(self, shards: Sequence[Shard], out: Path, progress: OnProgress | None) -> None:
+        self.shards = list(shards)
+        self.progress = progress
+        self.run = RunTotals([], [])
+        self.start = time.monotonic()
+        self.done: dict[int, int] = {}  # shard index -> its samples, once finished
+        for k, shard in enumerate(self.shards):
+            marker = out / "scores" / f"{shard.name}.done.json"
+            if marker.exists():
+                self.done[k] = int(read_json(marker).get("samples", 0))
+        self.pending = [k for k in range(len(self.shards)) if k not in self.done]
+        self.this_run = 0
+        self.failed: set[int] = set()
+        self.finished_samples = 0  # samples of the shards finished in this run
+
+    def batch(self, k: int, samples: int, pairs: int) -> None:
+        self.run.samples += samples
+        self.run.pairs += pairs
+        if self.progress is None:
+            return
+        elapsed = time.monotonic() - self.start
+        self.progress(
+            FilterProgress(
+                k,
+                len(self.shards),
+                self.shards[k].name,
+                self.run.samples,
+                len(self.done),
+                self.this_run,
+                elapsed,
+                self.run.pairs,
+                self._expected(),
+            )
+        )
+
+    def shard_done(self, k: int, samples: int) -> None:
+        self.done[k] = samples
+        self.this_run += 1
+        self.finished_samples += samples
+
+    def shard_failed(self, k: int, error: str) -> None:
+        shard = self.shards[k]
+        log.error("shard %s cannot be read, skipped: %s", shard.path, error)
+        self.run.errors.append({"shard": shard.path, "error": error})
+        self.failed.add(k)
+
+    def _expected(self) -> int | None:
+        if not self.done:
+            return None
+        mean = sum(self.done.values()) / len(self.done)
+        left = sum(1 for k in self.pending if k not in self.done and k not in self.failed)
+        return max(self.run.samples, self.finished_samples + round(left * mean))
+
+    def finish(self) -> RunTotals:
+        self.run.scored = [s for k, s in enumerate(self.shards) if k in self.done]
+        self.run.seconds = time.monotonic() - self.start
+        return self.run
+
+
+class ShardUnreadable(Exception):
+    """An input shard that cannot be read at all; the run goes on without it."""
+
+
+# What reading a broken input raises (besides InvalidInputError about the inputs).
+_UNREADABLE = (OSError, ValueError, EOFError, tarfile.TarError, csv.Error)
+
+
+def score_pending_shard(
+    engine: Engine, shard: Shard, folder: Path, columns: Columns, batch_size: int
+) -> Iterator[tuple[int, int]]:
+    """:func:`score_shard`, with an unreadable input turned into :class:`ShardUnreadable`
+    (and its partial file removed); errors about anything else propagate."""
+    try:
+        yield from score_shard(engine, shard, folder, columns, batch_size)
+    except _UNREADABLE as e:
+        if isinstance(e, InvalidInputError) and e.loc[:1] not in ((), ("inputs",)):
+            raise
+        (folder / f".{shard.name}.parquet.partial").unlink(missing_ok=True)
+        raise ShardUnreadable(f"{type(e).__name__}: {e}") from e
+
+
+def score_shard(
+    engine: Engine,
+    shard: Shard,
+    folder: Path,
+    columns: Columns | None = None,
+    batch_size: int = 256,
+) -> Iterator[tuple[int, int]]:
+    """Score one shard into ``folder/NAME.parquet`` and commit it with ``NAME.done.json``.
+
+    Streams: one batch of samples is held at a time, the rows go to a Parquet writer as they
+    come. Yields (samples, pairs) after each batch. Nothing is visible until the shard is done.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target = folder / f"{shard.name}.parquet"
+    tmp = folder / f".{shard.name}.parquet.partial"
+    samples = pairs = 0
+    with pq.ParquetWriter(tmp, SCHEMA) as writer:
+        for batch in _batches(read_shard(shard, columns or Columns()), batch_size):
+            rows = score_batch(engine, batch)
+            rows["sample"] = [samples + i for i in rows["sample"]]
+            writer.write_table(pa.Table.from_pydict(rows, schema=SCHEMA))
+            samples += len(batch)
+            pairs += len(rows["sample"])
+            yield len(batch), len(rows["sample"])
+    atomic_write(target, lambda f: f.write(tmp.read_bytes()))
+    tmp.unlink()
+    atomic_write_json(
+        folder / f"{shard.name}.done.json",
+        {"input": shard.fingerprint(), "samples": samples, "rows": pairs},
+    )
+
+
+def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    batch: list[Sample] = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("sample", pa.int64()),
+            ("id", pa.string()),
+            ("candidate", pa.int32()),
+            ("caption", pa.string()),
+            *[(name, pa.float32()) for name in SCORE_COLUMNS],
+            ("status", pa.string()),
+            ("error", pa.string()),
+        ]
+    )
+
+
+SCHEMA = _schema()
