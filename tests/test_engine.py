@@ -268,6 +268,21 @@ def test_eviction_under_pressure_is_never_stale(tiny_ckpt: Path, images: list[Im
     assert engine.cache.stats.evictions > 0 and engine.cache.stats.hits > 0
 
 
+def test_cached_kv_entry_is_one_block_per_image(tiny_ckpt: Path, images: list[Image.Image]) -> None:
+    """An image's cached cross-attention K/V, cut from a batch's, is one allocation (per-layer
+    views into it): 2 x layers small tensors per entry fragment the heap as entries churn
+    (BENCHMARKS.md, dataset filtering)."""
+    engine = blipitm.load(tiny_ckpt)
+    engine.score_pairs(images[:3], TEXTS[:2], [(0, 0), (1, 1), (2, 0)])  # one K/V batch
+    entries = [v for k, (v, _) in engine.cache._data.items() if k[0] == "kv"]
+    assert len(entries) == 3
+    for entry in entries:
+        tensors = [t for pair in entry for t in pair]
+        storages = {t.untyped_storage().data_ptr() for t in tensors}
+        assert len(storages) == 1
+        assert tensors[0].untyped_storage().nbytes() == sum(t.nbytes for t in tensors)
+
+
 def test_cache_byte_bound_and_eviction_never_stale() -> None:
     import torch
 

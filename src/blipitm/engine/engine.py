@@ -573,8 +573,9 @@ class Engine:
             return
         for j, f in enumerate(feats):
             if f.key is not None:  # own copies: a slice would pin the whole batch's storage
-                entry = [(k[j : j + 1].clone(), v[j : j + 1].clone()) for k, v in kv]
-                self.cache.put(("kv", f.key), entry)
+                self.cache.put(
+                    ("kv", f.key), _one_block([(k[j : j + 1], v[j : j + 1]) for k, v in kv])
+                )
 
     # -- texts ------------------------------------------------------------------------------
 
@@ -666,6 +667,17 @@ class Engine:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _one_block(kv: DenseKV) -> DenseKV:
+    """A copy of one image's K/V in a single allocation, handed out as per-layer views.
+
+    A cache entry as 2 x layers separate tensors fragments the heap as entries are evicted
+    and replaced, and a long run's resident size creeps up well past the cache's budget; one
+    block per entry is freed and reused whole.
+    """
+    block = torch.stack([torch.stack(pair) for pair in kv])  # [L, 2, 1, h, N, d]
+    return [(block[i, 0], block[i, 1]) for i in range(block.shape[0])]
 
 
 def _is_single_image(x: Any) -> bool:

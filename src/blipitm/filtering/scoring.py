@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from blipitm.common.memory import release_free_memory
 from blipitm.errors import InvalidInputError
 from blipitm.filtering.readers import Sample
 from blipitm.scoring import blip_retrieval_score
@@ -53,7 +54,9 @@ def score_batch(engine: Engine, samples: Sequence[Sample]) -> dict[str, list[Any
             if where != "images" or not isinstance(pos, int):
                 raise
             status[live[pos]] = ("bad_image", str(e))
-    return _rows(samples, status, bad_text, pairs, scores)
+    rows = _rows(samples, status, bad_text, pairs, scores)
+    release_free_memory()  # the batch's images and activations: keeps a long run's RSS flat
+    return rows
 
 
 def _bad_captions(
