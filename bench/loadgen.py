@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,6 +40,18 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` and its threads so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def batch_sizes(port: int) -> tuple[float, float]:
+    """(requests, worker batches) so far, from the server's ``blipitm_batch_size`` histogram."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    got = dict.fromkeys(("sum", "count"), 0.0)
+    for line in text.splitlines():
+        for k in got:
+            if line.startswith(f"blipitm_batch_size_{k} "):
+                got[k] = float(line.split()[1])
+    return got["sum"], got["count"]
 
 
 # -- the load generator (a separate process) -----------------------------------------------------
@@ -128,11 +141,25 @@ def through_server(args: argparse.Namespace) -> dict[str, float]:
         gen = [sys.executable, __file__, "--generator", "--port", str(port)]
         gen += ["--clients", str(args.clients), "--requests", str(args.requests)]
         gen += ["--texts-per-request", str(args.texts_per_request)]
-        cpu0 = cpu_seconds(server.pid)
+        cpu0, batches0 = cpu_seconds(server.pid), batch_sizes(port)
+        spy = None
+        if args.profile:  # a sampling profile of the server (all threads) for the whole run
+            args.profile.mkdir(parents=True, exist_ok=True)
+            name = f"server-{args.clients}x{args.texts_per_request}"
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(server.pid), "--threads", "--idle", "--rate",
+                 "200", "--format", "raw", "--output", str(args.profile / f"{name}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         out = subprocess.run(gen, env=env, capture_output=True, text=True, check=True).stdout
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         result = json.loads(out.strip().splitlines()[-1])
-        # The server's CPU includes the generator's warm-up requests: an upper bound.
+        # The server's CPU and batches include the generator's warm-up requests.
         result["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
+        batches1 = batch_sizes(port)
+        result["mean_batch"] = (batches1[0] - batches0[0]) / max(batches1[1] - batches0[1], 1)
         return result
     finally:
         server.terminate()
@@ -147,6 +174,7 @@ def main() -> None:
     p.add_argument("--texts-per-request", type=int, nargs="+", default=[1, 16])
     p.add_argument("--requests", type=int, default=None, help="default: 512 texts per case")
     p.add_argument("--serve-flag", action="append", default=[], help="extra flag for serve")
+    p.add_argument("--profile", type=Path, help="write py-spy profiles of the server here")
     p.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -156,9 +184,9 @@ def main() -> None:
         return
     print(
         "| clients x texts | in-process texts/s | server texts/s | server / in-process "
-        "| generator CPU (of one core) | server CPU (cores) |"
+        "| generator CPU (of one core) | server CPU (cores) | requests per worker batch |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for clients, per in zip(args.clients, args.texts_per_request, strict=True):
         case = argparse.Namespace(**vars(args))
         case.clients, case.texts_per_request = clients, per
@@ -168,7 +196,8 @@ def main() -> None:
         served = case.requests * per / got["wall_s"]
         print(
             f"| {clients} x {per} | {base:.0f} | {served:.0f} | {served / base:.2f} "
-            f"| {got['cpu_s'] / got['wall_s']:.0%} | {got['server_cpu_s'] / got['wall_s']:.2f} |",
+            f"| {got['cpu_s'] / got['wall_s']:.0%} | {got['server_cpu_s'] / got['wall_s']:.2f} "
+            f"| {got['mean_batch']:.1f} |",
             flush=True,
         )
 
