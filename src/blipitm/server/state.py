@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -23,6 +24,8 @@ from blipitm.server.keys import KeyService
 from blipitm.server.metrics import Metrics
 from blipitm.server.settings import ServerSettings
 from blipitm.server.urlfetch import URLFetcher
+
+T = TypeVar("T")
 
 log = logging.getLogger("blipitm.server")
 
@@ -71,7 +74,7 @@ class ServerState:
     async def load_model(self, factory: EngineFactory) -> None:
         """Load, start the worker, and run a real forward pass; only then is the server ready."""
         s = self.settings
-        engine = await asyncio.to_thread(factory, s)
+        engine = await _in_passing_thread(factory, s)
         self.engine = engine
         assert self.executor is not None, "open() first"
         # Images are resized for this engine (its input size and protocol) as they are decoded.
@@ -86,7 +89,7 @@ class ServerState:
             metrics=self.metrics,
         )
         if s.index is not None:  # opened against the engine: another model is refused here
-            self.index = await asyncio.to_thread(Index.open, s.index, engine)
+            self.index = await _in_passing_thread(Index.open, s.index, engine)
         self.metrics.watch_cache(lambda: engine.cache.stats)
         self.batcher = Batcher(
             engine,
@@ -155,3 +158,17 @@ class ServerState:
                 code="model_not_found",
                 param="model",
             )
+
+
+async def _in_passing_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a thread that ends with it, not on the loop's long-lived default pool.
+
+    Torch's OpenMP keeps a team of worker threads for every thread that ran a parallel op; a
+    second live team beside the inference worker's made the worker's text batches about 15%
+    slower on a 2-core machine (BENCHMARKS.md, server overhead). The team goes with its thread.
+    """
+    pool = ThreadPoolExecutor(1, thread_name_prefix="blipitm-load")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    finally:
+        pool.shutdown(wait=False)  # the thread exits once fn returns (now, unless cancelled)
