@@ -187,6 +187,23 @@ def test_ready_only_after_load_and_warm_up(engine: Engine) -> None:
         release.set()
 
 
+def test_the_model_loads_on_a_thread_that_ends(engine: Engine) -> None:
+    """No thread that ran the load outlives it: OpenMP keeps a worker team per thread that ran
+    torch ops, and a second live team slows the inference worker (BENCHMARKS.md)."""
+    loaders: list[threading.Thread] = []
+
+    def factory(settings: ServerSettings) -> Any:
+        loaders.append(threading.current_thread())
+        return Shared(engine)
+
+    async def main() -> None:
+        async with running(ServerSettings(), factory):
+            await _until(lambda: not loaders[0].is_alive())
+            assert loaders[0] is not threading.main_thread()
+
+    asyncio.run(main())
+
+
 def test_load_failure_is_reported(tiny_ckpt: Path) -> None:
     failures: list[BaseException] = []
 
