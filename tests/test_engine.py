@@ -401,3 +401,11 @@ def test_image_features_are_numpy_and_convert_as_torch_does(engine: blipitm.Engi
     np.testing.assert_array_equal(bf16.astype("float32").tokens, x.bfloat16().float().numpy())
     np.testing.assert_array_equal(bf16.astype("float16").tokens, x.bfloat16().half().numpy())
     assert f32.astype("float32") is f32
+
+
+def test_default_text_batch_follows_the_compute_dtype(tiny_ckpt: Path) -> None:
+    """128 texts per batch where the CPU computes in bf16 (larger GEMMs for AMX), 32 in float32
+    (measured: engine.default_batch_sizes)."""
+    assert blipitm.load(tiny_ckpt).batch_sizes == blipitm.BatchSizes(images=8, texts=32)
+    narrow = blipitm.load(tiny_ckpt, dtype="bfloat16", compute_dtype="bfloat16")
+    assert narrow.batch_sizes == blipitm.BatchSizes(images=8, texts=128)
