@@ -4,8 +4,9 @@ glibc's malloc keeps freed memory for reuse instead of returning it; with many t
 allocation sizes that vary batch to batch (decoded images, packed text of varying length,
 image-cache entries evicted and replaced), the resident size of a filtering run then creeps up
 with the number of samples instead of staying flat (BENCHMARKS.md, "Dataset filtering").
-``malloc_trim(0)`` returns the free pages of every arena, including those inside the heap, and
-costs about a millisecond. Elsewhere than glibc this is a no-op.
+``malloc_trim(0)`` returns the free pages of every arena, including those inside the heap; it
+takes milliseconds (tens on a large, fragmented heap), against the seconds a batch of base-size
+scoring takes. Elsewhere than glibc this is a no-op.
 """
 
 from __future__ import annotations
