@@ -104,20 +104,30 @@ def generator_main(args: argparse.Namespace) -> None:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def in_process(args: argparse.Namespace) -> float:
-    """Texts/s of one ``encode_texts`` call over all the texts the generator sends."""
+def in_process(args: argparse.Namespace) -> tuple[float, float]:
+    """Texts/s of one ``encode_texts`` call over all the texts the generator sends: with the
+    engine's own text batches, and with batches capped at ``clients x texts per request``, the
+    most texts that many closed-loop clients can have in one server batch."""
+    import dataclasses
+
     import blipitm
 
     texts = captions(args.requests * args.texts_per_request, 11)
     engine = blipitm.load(args.model, dtype=args.dtype)
     engine.encode_texts(texts[:64])
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        engine.encode_texts(texts)
-        times.append(time.perf_counter() - t)
+    rates = []
+    for cap in (engine.batch_sizes.texts, args.clients * args.texts_per_request):
+        engine.batch_sizes = dataclasses.replace(
+            engine.batch_sizes, texts=min(cap, engine.batch_sizes.texts)
+        )
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            engine.encode_texts(texts)
+            times.append(time.perf_counter() - t)
+        rates.append(len(texts) / statistics.median(times))
     engine.close()
-    return len(texts) / statistics.median(times)
+    return rates[0], rates[1]
 
 
 def through_server(args: argparse.Namespace) -> dict[str, float]:
@@ -184,18 +194,20 @@ def main() -> None:
         return
     print(
         "| clients x texts | in-process texts/s | server texts/s | server / in-process "
+        "| in-process, batches capped at clients x texts | server / that "
         "| generator CPU (of one core) | server CPU (cores) | requests per worker batch |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for clients, per in zip(args.clients, args.texts_per_request, strict=True):
         case = argparse.Namespace(**vars(args))
         case.clients, case.texts_per_request = clients, per
         case.requests = args.requests or 512 // per
-        base = in_process(case)
+        base, capped = in_process(case)
         got = through_server(case)
         served = case.requests * per / got["wall_s"]
         print(
             f"| {clients} x {per} | {base:.0f} | {served:.0f} | {served / base:.2f} "
+            f"| {capped:.0f} | {served / capped:.2f} "
             f"| {got['cpu_s'] / got['wall_s']:.0%} | {got['server_cpu_s'] / got['wall_s']:.2f} "
             f"| {got['mean_batch']:.1f} |",
             flush=True,
