@@ -503,3 +503,29 @@ def test_captions_null_scores_tgz_and_image_extensions(
         ]
         assert table["itm_probability"].null_count == 2  # NULL, not NaN
         assert (out / "kept" / f"{name}.tar").exists()
+
+
+def test_a_ray_actor_commits_only_while_its_driver_holds_the_folder(
+    engine: blipitm.Engine, tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    """ShardScorer (called here without Ray) checks the driver's lock token before a commit."""
+    from blipitm.common.identity import model_record
+    from blipitm.engine.options import LoadOptions
+    from blipitm.filtering.lock import OutputLock
+    from blipitm.filtering.ray_runner import ShardScorer
+    from blipitm.filtering.readers import Columns
+
+    write_tar(tmp_path / "a.tar", [sample("k0", 0, "a dog")])
+    shards = expand_inputs([str(tmp_path / "a.tar")])
+    out = tmp_path / "out"
+    (out / "scores").mkdir(parents=True)
+    args = (LoadOptions(str(tiny_ckpt)), shards, str(out), Columns(), 4, model_record(engine))
+    with OutputLock(out) as lock:
+        events = list(ShardScorer(*args, token=lock.token)({"shard": np.array([0])}))
+        assert bool(events[-1]["done"][0]) and (out / "scores" / "a.done.json").exists()
+    (out / "scores" / "a.done.json").unlink()
+    (out / "scores" / "a.parquet").unlink()
+    # Another run took the folder over.
+    with OutputLock(out), pytest.raises(FilterError, match="held by another run"):
+        list(ShardScorer(*args, token="the-dead-driver")({"shard": np.array([0])}))
+    assert sorted(p.name for p in (out / "scores").iterdir()) == []
