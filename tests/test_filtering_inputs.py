@@ -291,6 +291,7 @@ def test_tar_members_are_capped_and_duplicates_reported(
         *members("b", ("jpg", jpeg(2)), ("txt", big)),
         *members("c", ("jpg", jpeg(3)), ("txt", b"a cat"), ("png", jpeg(4)), ("txt", b"a car")),
         *members("d", ("jpg", jpeg(5)), ("txt", b"a dog")),
+        *members("a", ("jpg", jpeg(6)), ("txt", b"a dog again")),
     ]
     raw_tar(tmp_path / "s.tar", entries)
     out = tmp_path / "out"
@@ -301,6 +302,7 @@ def test_tar_members_are_capped_and_duplicates_reported(
         ("b", "bad_caption"),
         ("c", "bad_sample"),
         ("d", "ok"),
+        ("a", "bad_sample"),
     ]
     assert "b.txt" in got[1]["error"] and "limit" in got[1]["error"]
     assert "c.txt" in got[2]["error"]

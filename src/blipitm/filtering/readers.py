@@ -191,6 +191,7 @@ def _read_tar(path: str, columns: Columns) -> Iterator[Sample]:
     key: str | None = None
     group: list[tuple[tarfile.TarInfo, bytes]] = []
     skipped: list[tuple[str, str]] = []  # (ext, why) of members over their cap
+    seen: set[str] = set()  # keys of the groups before: one that comes back is not consecutive
     with open(path, "rb") as raw:
         head = raw.peek(6)[:6]
         opener = next((o for magic, o in _MAGIC if head.startswith(magic)), None)
@@ -201,7 +202,8 @@ def _read_tar(path: str, columns: Columns) -> Iterator[Sample]:
                     continue
                 k, ext = _split_name(info.name)
                 if key is not None and k != key:
-                    yield _tar_sample(key, group, skipped, columns)
+                    yield _tar_sample(key, group, skipped, columns, key in seen)
+                    seen.add(key)
                     group, skipped = [], []
                 key = k
                 cap = _member_cap(ext)
@@ -228,7 +230,7 @@ def _read_tar(path: str, columns: Columns) -> Iterator[Sample]:
             while stream.read(1 << 20):  # the rest, so that a compressed stream's end is checked
                 pass
     if key is not None:
-        yield _tar_sample(key, group, skipped, columns)
+        yield _tar_sample(key, group, skipped, columns, key in seen)
 
 
 def _tar_sample(
@@ -236,6 +238,7 @@ def _tar_sample(
     members: list[tuple[tarfile.TarInfo, bytes]],
     skipped: list[tuple[str, str]],
     cols: Columns,
+    again: bool = False,
 ) -> Sample:
     fields = {_split_name(info.name)[1]: data for info, data in members}
     image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
@@ -247,6 +250,10 @@ def _tar_sample(
         if ext in IMAGE_EXTS or ext == cols.image:
             return _bad(sample, "bad_image", why)
         return _bad(sample, "bad_caption" if ext == caption_ext else "bad_sample", why)
+    if again:
+        return _bad(
+            sample, "bad_sample", f"key {key} appears again: a sample's members must be consecutive"
+        )
     exts = [_split_name(info.name)[1] for info, _ in members]
     twice = sorted({e for e in exts if exts.count(e) > 1})
     if twice:
