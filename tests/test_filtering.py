@@ -189,7 +189,7 @@ def test_capfilt_lists_csv_jsonl_paths_and_bad_samples(
     ]
     p0 = engine.score(jpeg(0), ["a dog", "a red car", "a cat"])
     np.testing.assert_allclose([r["itm_probability"] for r in t[:3]], p0.itm_probability, atol=1e-6)
-    assert all(math.isnan(r["itm_probability"]) for r in t if r["status"] != "ok")
+    assert all(r["itm_probability"] is None for r in t if r["status"] != "ok")  # NULL
     assert all(r["error"] for r in t if r["status"] != "ok")
     kept = pq.read_table(out / "kept" / "t.parquet").to_pylist()
     assert [r["key"] for r in kept] == ["p0", "p1", "p4"]

@@ -28,6 +28,7 @@ import numpy as np
 
 from blipitm.engine.options import LoadOptions
 from blipitm.errors import InvalidInputError
+from blipitm.filtering.lock import check_owner
 from blipitm.filtering.readers import Columns, Shard
 from blipitm.filtering.shards import FilterError, ShardUnreadable, Tally, score_pending_shard
 
@@ -51,6 +52,7 @@ class ShardScorer:
         columns: Columns,
         batch_size: int,
         model: dict[str, Any],
+        token: str | None = None,
     ) -> None:
         from blipitm.common.identity import mismatch
         from blipitm.engine import load_options
@@ -61,13 +63,20 @@ class ShardScorer:
             raise FilterError(f"a Ray worker loaded another model than the driver: {why}")
         self.shards, self.folder = shards, Path(out) / "scores"
         self.columns, self.batch_size = columns, batch_size
+        # The driver holds out's lock; an actor commits a shard only while it still does.
+        self.before_commit = None if token is None else (lambda: check_owner(out, token))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for k in batch["shard"].tolist():
             samples = 0
             try:
                 for n, pairs in score_pending_shard(
-                    self.engine, self.shards[k], self.folder, self.columns, self.batch_size
+                    self.engine,
+                    self.shards[k],
+                    self.folder,
+                    self.columns,
+                    self.batch_size,
+                    self.before_commit,
                 ):
                     samples += n
                     yield _event(k, n, pairs)
@@ -99,8 +108,10 @@ def score_all_ray(
     workers: int,
     gpus_per_worker: float,
     cpus_per_worker: float | None,
+    token: str | None = None,
 ) -> None:
-    """Score ``tally``'s pending shards on Ray; the tally records what comes back."""
+    """Score ``tally``'s pending shards on Ray; the tally records what comes back. ``token``:
+    the driver's output lock, which actors check before committing a shard."""
     if not tally.pending:
         return
     import ray
@@ -132,6 +143,7 @@ def score_all_ray(
                 "columns": columns,
                 "batch_size": batch_size,
                 "model": model,
+                "token": token,
             },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=workers),

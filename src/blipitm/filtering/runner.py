@@ -17,7 +17,10 @@ manifest records are refused with a message (``restart=True`` starts over instea
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -27,9 +30,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from blipitm.common.files import atomic_write_json, read_json
+from blipitm.common.files import atomic_write_json
+from blipitm.common.safeio import loads_json, read_regular_file
 from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
 from blipitm.errors import InvalidInputError
+from blipitm.filtering.lock import OutputLock
 from blipitm.filtering.ray_runner import LOCAL
 from blipitm.filtering.readers import Columns, Sample, Shard, expand_inputs, read_shard
 from blipitm.filtering.scoring import BY_COLUMN, SCORE_COLUMNS
@@ -42,7 +47,13 @@ from blipitm.filtering.shards import (
     score_pending_shard,
 )
 from blipitm.filtering.stats import write_stats
-from blipitm.filtering.writers import write_kept_parquet, write_kept_tar, write_parquet
+from blipitm.filtering.writers import (
+    write_kept_csv,
+    write_kept_jsonl,
+    write_kept_parquet,
+    write_kept_tar,
+    write_parquet,
+)
 
 if TYPE_CHECKING:
     from blipitm.engine import Engine
@@ -51,6 +62,7 @@ if TYPE_CHECKING:
 By = Literal["itm", "itc", "blip"]
 Write = Literal["scores", "kept", "both"]
 MANIFEST_VERSION = 1
+log = logging.getLogger("blipitm.filter")
 # The engine's image cache while filtering (its own default is 512 MiB). Distinct images never
 # hit it, and a full cache is memory a filter run holds for nothing (docs/filtering.md); 64 MiB
 # still re-uses images that repeat nearby and makes most retries after a bad image cheap.
@@ -105,6 +117,50 @@ def filter_dataset(
     shards = expand_inputs(inputs)
     columns = Columns(image_col, caption_col, id_col)
     out = Path(out)
+    with OutputLock(out) as lock:  # one run per folder, from here to stats.json
+        return _filter_locked(
+            shards,
+            columns,
+            out,
+            lock,
+            engine=engine,
+            model=model,
+            options=options,
+            by=by,
+            threshold=threshold,
+            keep_fraction=keep_fraction,
+            write=write,
+            batch_size=batch_size,
+            restart=restart,
+            progress=progress,
+            ray=ray,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+        )
+
+
+def _filter_locked(
+    shards: list[Shard],
+    columns: Columns,
+    out: Path,
+    lock: OutputLock,
+    *,
+    engine: Engine | None,
+    model: str | None,
+    options: LoadOptions | None,
+    by: By,
+    threshold: float | None,
+    keep_fraction: float | None,
+    write: Write,
+    batch_size: int,
+    restart: bool,
+    progress: OnProgress | None,
+    ray: str | bool | None,
+    workers: int,
+    gpus_per_worker: float,
+    cpus_per_worker: float | None,
+) -> dict[str, Any]:
     if engine is None:
         from blipitm.engine import load_options
 
@@ -114,7 +170,7 @@ def filter_dataset(
         engine = load_options(options if ray in (None, False) else replace(options, device="cpu"))
     manifest = _open_out(out, shards, columns, engine, restart)
     if ray in (None, False):
-        run = _score_all(engine, shards, out, columns, batch_size, progress)
+        run = _score_all(engine, shards, out, columns, batch_size, progress, lock)
     else:
         run = _score_all_ray(
             options or _options_of(engine),
@@ -128,6 +184,7 @@ def filter_dataset(
             workers=workers,
             gpus_per_worker=gpus_per_worker,
             cpus_per_worker=cpus_per_worker,
+            token=lock.token,
         )
     cut = choose_cut(out, shards, run.scored, BY_COLUMN[by], threshold, keep_fraction)
     kept = _write_outputs(out, shards, run.scored, columns, BY_COLUMN[by], cut, write)
@@ -150,7 +207,8 @@ def filter_dataset(
 def _open_out(
     out: Path, shards: list[Shard], columns: Columns, engine: Engine, restart: bool
 ) -> dict[str, Any]:
-    """The run's manifest: the one ``out`` holds (checked against this run), else a new one."""
+    """The run's manifest: the one ``out`` holds (checked against this run), else a new one.
+    Called under the output lock, so the temporary files found here are litter of killed runs."""
     from blipitm.common.identity import mismatch, model_record
 
     manifest_path = out / "manifest.json"
@@ -158,9 +216,15 @@ def _open_out(
         for sub in ("scores", "kept"):
             shutil.rmtree(out / sub, ignore_errors=True)
         manifest_path.unlink(missing_ok=True)
+    _remove_temporaries(out)
+    pin = _scoring_pin(engine)
     if manifest_path.exists():
-        old = read_json(manifest_path)
-        why = _inputs_differ(old, shards, columns) or mismatch(old["model"], engine)
+        old = _read_manifest(manifest_path)
+        why = (
+            _inputs_differ(old, shards, columns)
+            or mismatch(old["model"], engine)
+            or _pin_differs(old.get("scoring"), pin)
+        )
         if why is not None:
             raise FilterError(
                 f"{out} holds another run's results: {why}. Use another --out, or --restart "
@@ -173,9 +237,95 @@ def _open_out(
         "inputs": [{"name": s.name, "kind": s.kind, **s.fingerprint()} for s in shards],
         "columns": asdict(columns),
         "model": model_record(engine),
+        "scoring": pin,
     }
     atomic_write_json(manifest_path, manifest)
     return manifest
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Partial score files and atomic writes' temporaries that a killed run left behind."""
+    for folder in (out, out / "scores", out / "kept"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".partial" in p.name):
+                log.info("removing %s, left by an interrupted run", p)
+                p.unlink(missing_ok=True)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, or a :class:`FilterError` saying it is damaged and what to do."""
+    try:
+        old = loads_json(read_regular_file(path, max_bytes=64 << 20, what="manifest"))
+        if not (
+            isinstance(old, dict)
+            and isinstance(old.get("inputs"), list)
+            and all(isinstance(i, dict) for i in old["inputs"])
+            and isinstance(old.get("columns"), dict)
+            and isinstance(old.get("model"), dict)
+        ):
+            raise ValueError("not a filter manifest")
+        return old
+    except (OSError, ValueError) as e:
+        raise FilterError(
+            f"{path} is damaged ({e}): remove {path.parent}, or run again with --restart to "
+            "discard its results and start over"
+        ) from None
+
+
+def _scoring_pin(engine: Engine) -> dict[str, Any]:
+    """What changes the scores beyond the probe's tolerance (same weights in bf16 pass it):
+    the weight and compute dtypes, the protocol, the hub commit and the weight files' digest."""
+    info = engine.info
+    return {
+        "dtype": info.dtype,
+        "compute_dtype": info.compute_dtype,
+        "protocol": info.protocol,
+        "commit": info.commit,
+        "weights_sha256": weights_digest(info.source),
+    }
+
+
+def _pin_differs(old: Any, now: dict[str, Any]) -> str | None:
+    if not isinstance(old, dict):
+        return None  # a manifest written before the pin: the probe check alone
+    if (old.get("dtype"), old.get("compute_dtype")) != (now["dtype"], now["compute_dtype"]):
+        return (
+            f"it was scored with dtype {old.get('dtype')} (compute {old.get('compute_dtype')}), "
+            f"now {now['dtype']} (compute {now['compute_dtype']})"
+        )
+    for key in ("protocol", "commit"):
+        if old.get(key) != now[key]:
+            return f"it was scored with {key} {old.get(key)}, now {now[key]}"
+    if old.get("weights_sha256") != now["weights_sha256"]:
+        return (
+            f"its model weights' files changed since (sha256 {str(old.get('weights_sha256'))[:12]}"
+            f", now {str(now['weights_sha256'])[:12]})"
+        )
+    return None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def weights_digest(source: str) -> str | None:
+    """SHA-256 over a local model's weight files (names and bytes); None for a hub id (its
+    commit pins it)."""
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fp:
+            while chunk := fp.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _inputs_differ(old: dict[str, Any], shards: list[Shard], columns: Columns) -> str | None:
@@ -187,7 +337,7 @@ def _inputs_differ(old: dict[str, Any], shards: list[Shard], columns: Columns) -
         return f"it has {len(before)} input shards, now {len(now)}"
     for a, b in zip(before, now, strict=True):
         if a != b:
-            return f"input {b['path']} changed since (was {a['path']}, {a['size']} bytes)"
+            return f"input {b['path']} changed since (was {a.get('path')}, {a.get('size')} bytes)"
     return None
 
 
@@ -201,13 +351,14 @@ def _score_all(
     columns: Columns,
     batch_size: int,
     progress: OnProgress | None,
+    lock: OutputLock,
 ) -> RunTotals:
     tally = Tally(shards, out, progress)
     for k in tally.pending:
         samples = 0
         try:
             for n, pairs in score_pending_shard(
-                engine, shards[k], out / "scores", columns, batch_size
+                engine, shards[k], out / "scores", columns, batch_size, lock.check
             ):
                 samples += n
                 tally.batch(k, n, pairs)
@@ -339,15 +490,20 @@ def _write_kept(out: Path, shard: Shard, columns: Columns, table: Any, column: s
     by_sample: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         by_sample.setdefault(r["sample"], []).append(r)
+    fields = {i: _kept_fields(rs, column) for i, rs in by_sample.items()}
+    if shard.kind == "parquet":  # the input's own schema, row for row
+        return write_kept_parquet(out / "kept" / f"{shard.name}.parquet", shard.path, fields)
 
     def kept() -> Iterator[tuple[Sample, dict[str, Any]]]:
-        for i, sample in enumerate(read_shard(shard, columns)):
-            if i in by_sample:
-                yield sample, _kept_fields(by_sample[i], column)
+        for i, sample in enumerate(read_shard(shard, columns, load_images=False)):
+            if i in fields:
+                yield sample, fields[i]
 
     if shard.kind == "tar":
         return write_kept_tar(out / "kept" / f"{shard.name}.tar", kept())
-    return write_kept_parquet(out / "kept" / f"{shard.name}.parquet", kept())
+    if shard.kind == "jsonl":
+        return write_kept_jsonl(out / "kept" / f"{shard.name}.jsonl", kept())
+    return write_kept_csv(out / "kept" / f"{shard.name}.parquet", shard.path, kept())
 
 
 def _kept_fields(rows: list[dict[str, Any]], column: str) -> dict[str, Any]:

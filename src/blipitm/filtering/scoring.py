@@ -18,6 +18,7 @@ import numpy as np
 from blipitm.common.memory import release_free_memory
 from blipitm.errors import InvalidInputError
 from blipitm.filtering.readers import Sample
+from blipitm.processing.text import clean_caption
 from blipitm.scoring import blip_retrieval_score
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ def _bad_captions(
         (i, c) for i, s in enumerate(samples) if i not in status for c in range(len(s.captions))
     ]
     bad: dict[tuple[int, int], tuple[str, str]] = {}
+    # "", "   " and (under BLIP's cleanup) "!!!" alike: nothing left to score.
+    for i, c in pairs:
+        if not clean_caption(samples[i].captions[c], engine.protocol).strip():
+            bad[(i, c)] = ("bad_caption", "the caption is empty (after the protocol's cleanup)")
     while True:
         live = [p for p in pairs if p not in bad]
         try:

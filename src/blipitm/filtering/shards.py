@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import tarfile
+import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blipitm.common.files import atomic_write, atomic_write_json, read_json
+from blipitm.common.files import atomic_write_json, fsync_dir
+from blipitm.common.safeio import loads_json, read_regular_file
 from blipitm.errors import BlipitmError, InvalidInputError
 from blipitm.filtering.readers import Columns, Sample, Shard, read_shard
 from blipitm.filtering.scoring import SCORE_COLUMNS, score_batch
@@ -89,9 +93,9 @@ class Tally:
         self.start = time.monotonic()
         self.done: dict[int, int] = {}  # shard index -> its samples, once finished
         for k, shard in enumerate(self.shards):
-            marker = out / "scores" / f"{shard.name}.done.json"
-            if marker.exists():
-                self.done[k] = int(read_json(marker).get("samples", 0))
+            samples = committed_samples(out / "scores", shard)
+            if samples is not None:
+                self.done[k] = samples
         self.pending = [k for k in range(len(self.shards)) if k not in self.done]
         self.this_run = 0
         self.failed: set[int] = set()
@@ -141,25 +145,71 @@ class Tally:
         return self.run
 
 
+def committed_samples(folder: Path, shard: Shard) -> int | None:
+    """The samples of ``shard``'s committed score file, or None when it must be scored (again).
+
+    A done marker counts only when it is readable and its score file is there with the rows the
+    marker promises; otherwise (a deleted or truncated score file, a damaged marker: an earlier
+    run's outputs damaged since) both are removed, so that the shard is redone."""
+    import pyarrow.parquet as pq
+
+    marker = folder / f"{shard.name}.done.json"
+    target = folder / f"{shard.name}.parquet"
+    if not marker.exists():
+        return None
+    try:
+        done = loads_json(read_regular_file(marker, max_bytes=1 << 20, what="done marker"))
+        samples, rows = int(done["samples"]), int(done["rows"])
+        if pq.read_metadata(target).num_rows != rows:
+            raise ValueError(f"{target} has not the {rows} rows its done marker says")
+        return samples
+    except (OSError, ValueError, TypeError, KeyError, pa_errors()) as e:
+        log.warning(
+            "shard %s: its committed scores are damaged (%s); scoring it again", shard.path, e
+        )
+        marker.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
+        return None
+
+
+def pa_errors() -> type[Exception]:
+    import pyarrow as pa
+
+    return pa.ArrowException
+
+
 class ShardUnreadable(Exception):
     """An input shard that cannot be read at all; the run goes on without it."""
 
 
 # What reading a broken input raises (besides InvalidInputError about the inputs).
-_UNREADABLE = (OSError, ValueError, EOFError, tarfile.TarError, csv.Error)
+# RecursionError: a last guard, so that one input nested past the stack is one shard's error.
+_UNREADABLE = (
+    OSError,
+    ValueError,
+    EOFError,
+    tarfile.TarError,
+    csv.Error,
+    zlib.error,
+    RecursionError,
+)
 
 
 def score_pending_shard(
-    engine: Engine, shard: Shard, folder: Path, columns: Columns, batch_size: int
+    engine: Engine,
+    shard: Shard,
+    folder: Path,
+    columns: Columns,
+    batch_size: int,
+    before_commit: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """:func:`score_shard`, with an unreadable input turned into :class:`ShardUnreadable`
-    (and its partial file removed); errors about anything else propagate."""
+    (its partial file is removed by ``score_shard``); errors about anything else propagate."""
     try:
-        yield from score_shard(engine, shard, folder, columns, batch_size)
+        yield from score_shard(engine, shard, folder, columns, batch_size, before_commit)
     except _UNREADABLE as e:
         if isinstance(e, InvalidInputError) and e.loc[:1] not in ((), ("inputs",)):
             raise
-        (folder / f".{shard.name}.parquet.partial").unlink(missing_ok=True)
         raise ShardUnreadable(f"{type(e).__name__}: {e}") from e
 
 
@@ -169,31 +219,66 @@ def score_shard(
     folder: Path,
     columns: Columns | None = None,
     batch_size: int = 256,
+    before_commit: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Score one shard into ``folder/NAME.parquet`` and commit it with ``NAME.done.json``.
 
     Streams: one batch of samples is held at a time, the rows go to a Parquet writer as they
     come. Yields (samples, pairs) after each batch. Nothing is visible until the shard is done.
+    The rows go to a temporary file of this call's own (``.NAME.parquet.partial-XXXX``), which
+    is renamed into place: two writers of one shard never write one file, and each commits only
+    what it wrote. ``before_commit`` may raise to stop the commit (the output lock's check).
+    Unscored rows hold NULL scores.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     target = folder / f"{shard.name}.parquet"
-    tmp = folder / f".{shard.name}.parquet.partial"
+    fd, name = tempfile.mkstemp(dir=folder, prefix=f".{shard.name}.parquet.partial-")
+    os.close(fd)
+    tmp = Path(name)
     samples = pairs = 0
-    with pq.ParquetWriter(tmp, SCHEMA) as writer:
-        for batch in _batches(read_shard(shard, columns or Columns()), batch_size):
-            rows = score_batch(engine, batch)
-            rows["sample"] = [samples + i for i in rows["sample"]]
-            writer.write_table(pa.Table.from_pydict(rows, schema=SCHEMA))
-            samples += len(batch)
-            pairs += len(rows["sample"])
-            yield len(batch), len(rows["sample"])
-    atomic_write(target, lambda f: f.write(tmp.read_bytes()))
-    tmp.unlink()
+    try:
+        with pq.ParquetWriter(tmp, SCHEMA) as writer:
+            for batch in _batches(read_shard(shard, columns or Columns()), batch_size):
+                rows = score_batch(engine, batch)
+                rows["sample"] = [samples + i for i in rows["sample"]]
+                writer.write_table(_table(rows))
+                samples += len(batch)
+                pairs += len(rows["sample"])
+                yield len(batch), len(rows["sample"])
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if before_commit is not None:
+            before_commit()
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
     atomic_write_json(
         folder / f"{shard.name}.done.json",
         {"input": shard.fingerprint(), "samples": samples, "rows": pairs},
+    )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what mkstemp's 0600 becomes: an ordinary file
+
+
+def _table(rows: dict[str, list[Any]]) -> Any:
+    """Score rows as Arrow: a NaN score (no score) is NULL, so that SQL engines neither count
+    it in ``>= x`` nor sort it first."""
+    import pyarrow as pa
+
+    return pa.Table.from_arrays(
+        [pa.array(rows[f.name], f.type, from_pandas=f.name in SCORE_COLUMNS) for f in SCHEMA],
+        schema=SCHEMA,
     )
 
 
