@@ -229,7 +229,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_images",
         "most images per request (each waits resized, 442 kB at 384 px, and costs an image-encoder "
-        "pass); more: 413",
+        "pass), and captions per /v1/explain request; more: 413",
         int,
     ),
     _LIMIT["max_image_pixels"],
