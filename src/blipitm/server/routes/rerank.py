@@ -140,7 +140,7 @@ async def _rerank(ctx: Ready[RerankRequest], *, v2: bool) -> JSONResponse:
     if body.top_n:
         ranked = ranked[: body.top_n]
     document = _returned(body, v2)
-    results = []
+    results: list[dict[str, Any]] = []
     for index, probability, cosine in ranked:
         result: dict[str, Any] = {"index": index, "relevance_score": probability}
         result["itc_cosine"] = cosine
