@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,27 @@ def tiny_pth(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tokenizer_files(out)
     weights = load_file(tiny_ckpt / "model.safetensors")
     return write_blip_pth(weights, out / "model_retrieval.pth", seed=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def serve_port_trap() -> Iterator[int]:
+    """The port a ``blipitm serve`` started by a test without ``--port`` would bind: one this
+    session holds, set as ``BLIPITM_PORT`` for every child process.
+
+    Without it such a test binds 8000, and fails only while something else listens there, such
+    as the server the README starts in another shell (issue 18 item 13). With it, it fails every
+    time, here and in CI; ``test_server_connections`` checks that this holds.
+    """
+    with socket.socket() as trap:
+        trap.bind(("127.0.0.1", 0))
+        trap.listen()
+        port = int(trap.getsockname()[1])
+        before = os.environ.get("BLIPITM_PORT")
+        os.environ["BLIPITM_PORT"] = str(port)
+        try:
+            yield port
+        finally:
+            if before is None:
+                os.environ.pop("BLIPITM_PORT", None)
+            else:
+                os.environ["BLIPITM_PORT"] = before

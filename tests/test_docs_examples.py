@@ -16,7 +16,9 @@ The harness is generic, keyed to no example's text:
   ``pip install`` is not run (it needs the network and would change the environment under test;
   this checkout is what runs), and ``blipitm serve`` is started in the background with the same
   flags on a free port on 127.0.0.1, and later blocks reach it there (``localhost:8000`` is
-  rewritten to that port). Everything else in a block runs, in bash with ``set -euo pipefail``.
+  rewritten to that port, and ``BLIPITM_BASE_URL`` is its URL, for snippets that read the
+  address from it as written). Everything else in a block runs, in bash with
+  ``set -euo pipefail``.
 - A block is excluded only by a marker comment on the line right before its fence that says
   why: ``<!-- example: not run — needs the network -->``. Every other block must run and
   succeed.
@@ -383,6 +385,7 @@ def run_page(blocks: list[Block], world: Path, tiny: Path, tiny_pth: Path) -> It
                     if server is not None:
                         server.stop()
                     server = Server(plan.serve, cwd, env, world / f"serve-{block.line}.log")
+                    env = env | {"BLIPITM_BASE_URL": f"http://127.0.0.1:{server.port}"}
                 body = server.rewrite("\n".join(plan.script)) if server else "\n".join(plan.script)
                 argv = ["bash", "-c", "set -euo pipefail\n" + body]
             done = subprocess.run(
@@ -482,3 +485,24 @@ def test_plan_shell() -> None:
     )
     served = serve_on("blipitm serve --model M", 5555)
     assert served == ("blipitm serve --port 5555 --model M", 8000)
+
+
+CLIENTS = ("openai", "cohere", "litellm", "langchain_openai", "llama_index.embeddings.openai")
+
+
+def test_clients_page_runs_every_stock_client() -> None:
+    """docs/clients.md (issue 18 item 9): a snippet per stock client, each run against the server
+    (by ``test_examples_run``) with nothing marked not-run, reading the server's address from
+    ``BLIPITM_BASE_URL``; the README links it."""
+    page = ROOT / "docs" / "clients.md"
+    blocks = extract_blocks(page)
+    assert all(b.not_run is None for b in blocks)
+    assert sum("blipitm serve" in b.code for b in blocks) == 1
+    python = [b.code for b in blocks if b.language == "python"]
+    for client in CLIENTS:
+        using = [c for c in python if re.search(rf"^(from|import) {re.escape(client)}\b", c, re.M)]
+        assert using, f"no snippet uses {client}"
+        assert all('os.environ.get("BLIPITM_BASE_URL"' in c for c in using), client
+    assert "check_embedding_ctx_length=False" in page.read_text()
+    assert "model_name=" in page.read_text()
+    assert "](docs/clients.md)" in (ROOT / "README.md").read_text()

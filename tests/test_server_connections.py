@@ -4,6 +4,7 @@ nothing and exits 0, and start-up failures that print one clean line."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import select
@@ -23,7 +24,7 @@ import blipitm
 from blipitm.cli.main import main
 from blipitm.retrieval import build_index
 from blipitm.testing.make_checkpoint import make_checkpoint
-from server_helpers import REPO, ServerProcess, cli_server, free_port
+from server_helpers import REPO, TESTS, ServerProcess, cli_server, free_port
 
 # -- raw HTTP -------------------------------------------------------------------------------------
 
@@ -225,7 +226,9 @@ def test_sigterm_answers_every_accepted_request(tiny_ckpt: Path, offset: str) ->
 def run_serve(
     *args: str, env: dict[str, str | None] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``serve`` in a child process; ``env`` values of None unset the variable."""
+    """``serve`` in a child process; ``env`` values of None unset the variable. ``args`` name
+    the port (a free one): the default, 8000, may be the README's own server's."""
+    assert "--port" in args, "give serve an explicit free port: --port, str(free_port())"
     full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     full_env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), full_env.get("PYTHONPATH", "")])
     return subprocess.run(
@@ -272,7 +275,9 @@ def test_hub_unreachable_is_one_clean_line(tmp_path: Path) -> None:
 
 def test_missing_index_blames_the_index(tiny_ckpt: Path, tmp_path: Path) -> None:
     missing = tmp_path / "nosuch"
-    result = run_serve("--model", str(tiny_ckpt), "--index", str(missing))
+    result = run_serve(
+        "--model", str(tiny_ckpt), "--index", str(missing), "--port", str(free_port())
+    )
     out = lines(result)
     assert result.returncode == 2
     assert len(out) == 1 and out[0].startswith("blipitm: error: "), out  # failed before loading
@@ -292,6 +297,54 @@ def test_index_of_another_model_blames_the_index(tiny_ckpt: Path, tmp_path: Path
     assert "Traceback" not in out and "cannot load the model" not in out
     errors = [ln for ln in lines(result) if "error" in ln.lower()]
     assert len(errors) == 1 and errors[0].startswith("blipitm: error: "), out
+
+
+GUARD = "test_no_test_starts_serve_on_a_port_it_did_not_pick"  # starts one without, on purpose
+
+
+def test_no_test_starts_serve_on_a_port_it_did_not_pick(serve_port_trap: int) -> None:
+    """Guard for issue 18 item 13: a test that starts ``serve`` names a free ``--port``.
+
+    Statically, every ``serve`` command line in the tests (an argv list with ``"serve"`` after
+    ``blipitm.cli.main``, or a ``run_serve`` call) comes with ``--port``. At run time, a
+    ``serve`` that still lacks one gets the port ``conftest.serve_port_trap`` holds, never 8000:
+    it fails every time, not only while the README's server runs in another shell.
+    """
+    missing: list[str] = []
+    for path in sorted(TESTS.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for scope in ast.walk(tree):
+            if isinstance(scope, ast.FunctionDef | ast.AsyncFunctionDef) and scope.name != GUARD:
+                missing += _serve_without_port(path, scope)
+    assert not missing, f"serve started without --port: {missing}"
+    assert os.environ["BLIPITM_PORT"] == str(serve_port_trap)
+    result = subprocess.run(
+        [sys.executable, "-m", "blipitm.cli.main", "serve", "--model", "unused"],
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and f"127.0.0.1:{serve_port_trap}" in result.stderr, result
+
+
+def _serve_without_port(path: Path, function: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    """Where ``function`` builds a ``serve`` command line and never says ``--port``."""
+    strings = {n.value for n in ast.walk(function) if isinstance(n, ast.Constant)}
+    found = []
+    for node in ast.walk(function):
+        if isinstance(node, ast.List):
+            words = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            starts = any(
+                words[i : i + 2] == ["blipitm.cli.main", "serve"] for i in range(len(words))
+            )
+            if starts and "--port" not in strings:
+                found.append(f"{path.name}:{node.lineno}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_serve":
+            args = {a.value for a in node.args if isinstance(a, ast.Constant)}
+            if "--port" not in args:
+                found.append(f"{path.name}:{node.lineno}")
+    return found
 
 
 def test_served_model_name_help_shows_its_default_once(capsys: pytest.CaptureFixture[str]) -> None:

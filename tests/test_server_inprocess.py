@@ -390,3 +390,29 @@ def test_loopback_fetch_needs_the_test_switch(engine: Engine) -> None:
 
     with image_server(routes) as url:
         asyncio.run(main(url))
+
+
+def test_default_limits_take_what_openai_clients_send(engine: Engine) -> None:
+    """Issue 18 item 9: LangChain sends 1000 texts per request by default and OpenAI accepts 2048,
+    so the default --max-items does too; images stay capped by --max-images, which bounds what a
+    request holds in memory and costs in encoder time."""
+    uri = data_uri(png_bytes((10, 200, 30)))
+
+    async def main() -> None:
+        async with running(ServerSettings(), lambda s: Shared(engine)) as (client, _):
+            texts = [f"caption {i}" for i in range(2048)]
+            r = await client.post("/v1/embeddings", json={"input": texts}, timeout=120)
+            assert r.status_code == 200, r.text
+            assert len(r.json()["data"]) == 2048
+            r = await client.post("/v1/embeddings", json={"input": [*texts, "one more"]})
+            assert (r.status_code, r.json()["error"]["param"]) == (413, "input")
+        async with running(ServerSettings(max_images=2), lambda s: Shared(engine)) as (client, _):
+            r = await client.post("/v2/rerank", json={"query": "a", "documents": [uri] * 2})
+            assert r.status_code == 200, r.text
+            r = await client.post("/v2/rerank", json={"query": "a", "documents": [uri] * 3})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_items"
+            assert r.json()["error"]["param"] == "documents[2]"
+            r = await client.post("/v1/rerank", json={"query": uri, "documents": ["a"] * 50})
+            assert r.status_code == 200, r.text
+
+    asyncio.run(main())

@@ -206,7 +206,104 @@ def test_rerank_text_query_ranks_images(server: ServerProcess, engine: Engine, p
     for x in results:
         assert abs(x["relevance_score"] - want[x["index"]].itm_probability) < 1e-5
         assert abs(x["itc_cosine"] - want[x["index"]].itc_cosine) < 1e-5
-        assert x["document"]["multi_modal"]["image_url"]["url"] == URIS[x["index"]]
+        assert "document" not in x  # no image is sent back unless asked for
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
+def test_rerank_documents_follow_each_apis_defaults(server: ServerProcess, path: str) -> None:
+    """Issue 18 item 9. Unasked, /v1 (Cohere v1 / Jina) returns text documents and /v2 (Cohere
+    v2) none; images come back only when asked, never as base64 by default. A returned document
+    is {"text": ...} (what Cohere's SDK and litellm parse), the text or image as sent."""
+    v1 = path == "/v1/rerank"
+    docs = [URIS[0], {"image": URIS[1]}, {"type": "image_url", "image_url": {"url": URIS[2]}}]
+    for asked in (None, False, True):
+        extra = {} if asked is None else {"return_documents": asked}
+        r = post(server, path, {"query": TEXTS[0], "documents": docs, **extra})
+        assert r.status_code == 200, r.text
+        for x in r.json()["results"]:
+            if asked:
+                assert x["document"] == {"text": URIS[x["index"]]}
+            else:
+                assert "document" not in x and URIS[x["index"]][30:90] not in r.text
+        r = post(
+            server, path, {"query": URIS[0], "documents": [TEXTS[1], {"text": TEXTS[2]}], **extra}
+        )
+        assert r.status_code == 200, r.text
+        for x in r.json()["results"]:
+            if asked or (asked is None and v1):
+                assert x["document"] == {"text": TEXTS[1 + x["index"]]}
+            else:
+                assert "document" not in x
+
+
+@pytest.mark.parametrize("provider", ["cohere", "cohere-v1", "jina_ai"])
+def test_litellm_rerank_text_query_ranks_images(
+    server: ServerProcess, engine: Engine, provider: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """litellm's cohere (v2, or v1 when the base ends in /v1/rerank) and jina_ai providers parse a
+    text-to-images rerank: each result's document is {"text": ...} (litellm asks for documents by
+    default, so images come back as sent); with return_documents=False none do."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else it fetches one at import
+    import litellm
+
+    want = {r.index: r for r in engine.rank_images(TEXTS[0], IMAGES, rerank_k=None)}
+    name, base = provider.removesuffix("-v1"), server.url
+    if provider.endswith("-v1"):
+        base += "/v1/rerank"
+    kw: dict[str, Any] = {"model": f"{name}/{MODEL}", "api_base": base, "api_key": KEY}
+    r = litellm.rerank(query=TEXTS[0], documents=URIS, top_n=2, **kw)
+    assert r.results is not None and len(r.results) == 2
+    for x in r.results:
+        assert abs(x["relevance_score"] - want[x["index"]].itm_probability) < 1e-5
+        assert x["document"]["text"] == URIS[x["index"]]
+    r = litellm.rerank(query=TEXTS[0], documents=URIS, return_documents=False, **kw)
+    assert r.results is not None and all("document" not in x for x in r.results)
+
+
+def test_cohere_sdk_rerank_v1_and_v2(server: ServerProcess, engine: Engine) -> None:
+    """Cohere's own SDK: v1 with document objects and rank_fields, v2 with strings."""
+    import cohere
+
+    want = {r.index: r for r in engine.rank_texts(IMAGES[0], TEXTS, rerank_k=None)}
+    v1 = cohere.Client(api_key=KEY, base_url=server.url)
+    docs = [{"caption": t, "id": str(i)} for i, t in enumerate(TEXTS)]
+    r1 = v1.rerank(
+        model=MODEL, query=URIS[0], documents=docs, rank_fields=["caption"], return_documents=True
+    )
+    for x in r1.results:
+        assert abs(x.relevance_score - want[x.index].itm_probability) < 1e-5
+        assert x.document is not None and x.document.text == TEXTS[x.index]
+    v2 = cohere.ClientV2(api_key=KEY, base_url=server.url)
+    r2 = v2.rerank(model=MODEL, query=TEXTS[0], documents=URIS, top_n=3)
+    want = {r.index: r for r in engine.rank_images(TEXTS[0], IMAGES, rerank_k=None)}
+    assert len(r2.results) == 3
+    for y in r2.results:
+        assert abs(y.relevance_score - want[y.index].itm_probability) < 1e-5
+
+
+def test_rerank_rank_fields_of_cohere_document_objects(
+    server: ServerProcess, engine: Engine
+) -> None:
+    """Cohere v1's structured documents: ``rank_fields`` names the fields ranked (their values
+    joined in order), ``text`` is the default; a document's fields all come back."""
+    docs = [{"title": "a red", "body": "square"}, {"title": "blue", "text": "x", "id": "7"}]
+    body = {"query": URIS[0], "documents": docs, "rank_fields": ["title", "body"]}
+    r = post(server, "/v1/rerank", body | {"return_documents": True})
+    assert r.status_code == 200, r.text
+    want = {
+        x.index: x for x in engine.rank_texts(IMAGES[0], ["a red square", "blue"], rerank_k=None)
+    }
+    got = {x["index"]: x for x in r.json()["results"]}
+    for i, x in got.items():
+        assert abs(x["relevance_score"] - want[i].itm_probability) < 1e-5
+    assert got[0]["document"] == {"text": "a red square", **docs[0]}
+    assert got[1]["document"] == docs[1]
+    r = post(server, "/v1/rerank", {"query": URIS[0], "documents": docs})  # default: text
+    assert r.status_code == 400 and error(r)["param"] == "documents[0]"
+    r = post(server, "/v1/rerank", {"query": URIS[0], "documents": docs[1:]})
+    assert r.status_code == 200, r.text
+    want_x = engine.rank_texts(IMAGES[0], ["x"], rerank_k=None)[0].itm_probability
+    assert abs(r.json()["results"][0]["relevance_score"] - want_x) < 1e-5
 
 
 def test_rerank_image_query_ranks_texts(server: ServerProcess, engine: Engine) -> None:
@@ -640,7 +737,10 @@ def test_rerank_accepts_jinas_multimodal_shape(
     assert r.status_code == 200, r.text
     for x in r.json()["results"]:
         assert abs(x["relevance_score"] - want[x["index"]].itm_probability) < 1e-5
-        assert x["document"] == {"text": TEXTS[x["index"]]}
+        if path == "/v1/rerank":  # Jina's default: documents returned; Cohere v2's: none
+            assert x["document"] == {"text": TEXTS[x["index"]]}
+        else:
+            assert "document" not in x
     r = post(server, path, {"query": {"image": URIS[1]}, "documents": [{"image": URIS[0]}]})
     assert r.status_code == 400 and error(r)["param"] == "documents[0]"
 

@@ -71,6 +71,14 @@ class Ready(Generic[B]):
     ) -> tuple[list[str], list[ResizedImage]]:
         """The request's texts, validated, and images, decoded and resized. Refuses first when
         the queue is already full, so that a busy server decodes nothing it cannot run."""
+        limit = self.state.settings.max_images
+        if len(images) > limit:  # what an image costs (memory, encoding time) is bounded here
+            raise APIError(
+                413,
+                f"{len(images)} images in one request; the limit is {limit} (split the request)",
+                code="too_many_items",
+                param=images[limit].param,
+            )
         if not self.batcher.has_room():
             self.state.metrics.rejected.labels(reason="queue_full").inc()
             raise _queue_full(self.batcher.retry_after_s())

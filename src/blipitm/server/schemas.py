@@ -173,15 +173,40 @@ class ImageDocument(BaseModel):
     image: str = Field(description="data:image/...;base64,... URI, base64 bytes, or an http(s) URL")
 
 
+class FieldsDocument(BaseModel):
+    """A Cohere v1 document object: string fields, ranked by its ``text`` or ``rank_fields``."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, str]
+
+    text: str | None = None
+
+
 class RerankRequest(BaseModel):
     model: str | None = None
     query: str | TextDocument | ImageDocument | ContentPart = Field(
         description="a text (ranks images) or an image (ranks texts): a string (a data:image URI "
         'string is an image), Jina\'s {"text": ...} / {"image": ...}, or a content part'
     )
-    documents: list[str | TextDocument | ImageDocument | ContentPart] | Content
+    documents: list[str | ImageDocument | ContentPart | FieldsDocument] | Content
     top_n: int | None = Field(default=None, description="return the best N (default: all)")
-    return_documents: bool = True
+    rank_fields: list[str] | None = Field(
+        default=None,
+        description="Cohere v1: the fields of document objects whose values, in this order, are "
+        "the text ranked (default: text)",
+    )
+    return_documents: bool | None = Field(
+        default=None,
+        description="include each result's document ({text: the document as sent}). Default: "
+        "/v1/rerank returns text documents (Jina's default), /v2/rerank none (Cohere v2's); image "
+        "documents only when this is true",
+    )
+    max_chunks_per_doc: int | None = Field(
+        default=None, description="Cohere v1; accepted and ignored (a caption is one chunk)"
+    )
+    max_tokens_per_doc: int | None = Field(
+        default=None, description="Cohere v2; accepted and ignored (the model truncates texts)"
+    )
     rerank_k: int | None = Field(
         default=None,
         description="score only the rerank_k documents with the highest ITC cosine with ITM "
@@ -191,8 +216,13 @@ class RerankRequest(BaseModel):
 
 
 class RerankDocument(BaseModel):
-    text: str | None = None
-    multi_modal: ImageURLPart | None = None
+    """A returned document, in the shape Cohere's and litellm's clients parse: ``text`` is the
+    text, or the image reference (data URI, base64 or URL) as sent; a document object's other
+    fields come back too."""
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str
 
 
 class RerankResult(BaseModel):

@@ -35,6 +35,7 @@ _BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
         (
             *("max_batch_size", "max_queue", "max_items", "decode_threads", "port"),
             *("max_body_bytes", "max_decoded_pixels", "max_image_bytes", "max_connections"),
+            "max_images",
         ),
         1,
         False,
@@ -81,7 +82,8 @@ class ServerSettings:
     cache_bytes: int = 1 << 30
     # -- limits ---------------------------------------------------------------------------------
     max_body_bytes: int = 32 * 1024 * 1024
-    max_items: int = 256
+    max_items: int = 2048  # OpenAI's own limit on inputs; above LangChain's chunk_size (1000)
+    max_images: int = 256
     max_image_pixels: int = 40_000_000
     max_decoded_pixels: int = 80_000_000
     max_image_bytes: int = 16 * 1024 * 1024
@@ -224,6 +226,12 @@ OPTIONS: tuple[Option, ...] = (
     _LIMIT["cache_bytes"],
     Option("max_body_bytes", "largest request body (bytes); larger: 413", int),
     Option("max_items", "most inputs / documents / pairs per request; more: 413", int),
+    Option(
+        "max_images",
+        "most images per request (each waits resized, 442 kB at 384 px, and costs an image-encoder "
+        "pass), and captions per /v1/explain request; more: 413",
+        int,
+    ),
     _LIMIT["max_image_pixels"],
     Option(
         "max_decoded_pixels",

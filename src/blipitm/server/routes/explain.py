@@ -71,7 +71,8 @@ async def explain(ctx: Annotated[Ready[ExplainRequest], ready(ExplainRequest)]) 
     except InvalidInputError as e:
         raise from_invalid_input(e) from None
     image_item, text_items = _items(body)
-    check_count(len(text_items), settings.max_items, "texts")
+    # Each caption explained costs a backward pass and image-sized maps: capped as images are.
+    check_count(len(text_items), min(settings.max_items, settings.max_images), "texts")
     texts, images = await ctx.inputs(text_items, [image_item])
     found: list[Explanation] = []
     for start in range(0, len(texts), PIECE):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter
@@ -23,7 +24,7 @@ from blipitm.server.inputs import (
     loc_mapper,
     side_items,
 )
-from blipitm.server.schemas import RerankRequest, RerankResponse
+from blipitm.server.schemas import Content, FieldsDocument, RerankRequest, RerankResponse
 
 router = APIRouter()
 
@@ -32,10 +33,49 @@ Hit = tuple[int, float, float]  # (document index, ITM probability, ITC cosine)
 Hits = tuple[list[Hit], int]  # and the tokens the engine read for the request's texts
 
 
-def _document(item: Item) -> dict[str, Any]:
-    if isinstance(item, TextItem):
-        return {"text": item.text}
-    return {"multi_modal": {"type": "image_url", "image_url": {"url": item.source}}}
+def _item(doc: object, index: int, rank_fields: list[str] | None) -> Item:
+    """One document; a Cohere document object is the text of its ``rank_fields`` (in that
+    order, joined by spaces) or of its ``text``."""
+    loc = ("documents", index)
+    if not isinstance(doc, FieldsDocument):
+        return classify(doc, loc)
+    fields = rank_fields or ["text"]
+    values = doc.model_dump(exclude_none=True)
+    found = [values[f] for f in fields if values.get(f)]
+    if not found:
+        raise APIError(
+            400,
+            f"the document has none of the fields ranked ({', '.join(fields)}); name them with "
+            "rank_fields",
+            code="invalid_input",
+            param=f"documents[{index}]",
+        )
+    return TextItem(" ".join(found), loc)
+
+
+def _documents(body: RerankRequest) -> list[Item]:
+    if isinstance(body.documents, Content):
+        return side_items(body.documents, "documents")
+    return [_item(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
+
+
+def _returned(body: RerankRequest, v2: bool) -> Callable[[int, Item], dict[str, Any] | None]:
+    """Which documents a result carries, and how. Asked (``return_documents: true``): every one,
+    as ``{"text": ...}`` (what Cohere's and litellm's clients parse) holding the text, or the
+    image reference as sent. Unasked: text documents on /v1 (Jina's default), none on /v2
+    (Cohere's); images never, so no base64 image is echoed that the client did not ask for."""
+    asked = body.return_documents
+    raw = body.documents if isinstance(body.documents, list) else None
+
+    def document(index: int, item: Item) -> dict[str, Any] | None:
+        if asked is False or (asked is None and (v2 or isinstance(item, ImageItem))):
+            return None
+        text = item.text if isinstance(item, TextItem) else item.source
+        doc = raw[index] if raw is not None else None
+        extra = doc.model_dump(exclude_none=True) if isinstance(doc, FieldsDocument) else {}
+        return {"text": text, **extra}
+
+    return document
 
 
 def _check_limits(body: RerankRequest) -> None:
@@ -79,11 +119,11 @@ async def _score_cut(
     return [(r.index, r.itm_probability, r.itc_cosine) for r in kept], kept.text_tokens
 
 
-async def _rerank(ctx: Ready[RerankRequest]) -> JSONResponse:
+async def _rerank(ctx: Ready[RerankRequest], *, v2: bool) -> JSONResponse:
     body = ctx.body
     _check_limits(body)
     query = classify(body.query, ("query",))
-    docs = side_items(body.documents, "documents")
+    docs = _documents(body)
     check_count(len(docs), ctx.state.settings.max_items, "documents")
     check_rerank_modalities(query, docs)
     text_items = [d for d in [query, *docs] if isinstance(d, TextItem)]
@@ -99,11 +139,14 @@ async def _rerank(ctx: Ready[RerankRequest]) -> JSONResponse:
     ranked.sort(key=lambda r: (-r[1], r[0]))
     if body.top_n:
         ranked = ranked[: body.top_n]
-    results = [
-        {"index": index, "relevance_score": probability, "itc_cosine": cosine}
-        | ({"document": _document(docs[index])} if body.return_documents else {})
-        for index, probability, cosine in ranked
-    ]
+    document = _returned(body, v2)
+    results: list[dict[str, Any]] = []
+    for index, probability, cosine in ranked:
+        result: dict[str, Any] = {"index": index, "relevance_score": probability}
+        result["itc_cosine"] = cosine
+        if (doc := document(index, docs[index])) is not None:
+            result["document"] = doc
+        results.append(result)
     tokens = ctx.usage_tokens(text_tokens, len(images))
     return JSONResponse(
         {
@@ -125,11 +168,11 @@ _RERANK_DOC = (
     "/v1/rerank", response_model=RerankResponse, responses=API_ERRORS, description=_RERANK_DOC
 )
 async def rerank_v1(ctx: Context) -> JSONResponse:
-    return await _rerank(ctx)
+    return await _rerank(ctx, v2=False)
 
 
 @router.post(
     "/v2/rerank", response_model=RerankResponse, responses=API_ERRORS, description=_RERANK_DOC
 )
 async def rerank_v2(ctx: Context) -> JSONResponse:
-    return await _rerank(ctx)
+    return await _rerank(ctx, v2=True)
