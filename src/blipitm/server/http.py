@@ -59,7 +59,7 @@ LINGER_S = 2.0
 RETRY_AFTER_S = 1
 # While draining, an idle keep-alive connection is closed once it has been this long without a byte
 # from the client: one sending a sequence of requests sends its next one well within it.
-DRAIN_QUIET_S = 1.0
+DRAIN_QUIET_S = 2.0
 
 
 class BindError(BlipitmError):
