@@ -99,7 +99,12 @@ def _serve(
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
-    gate = Gate(head_timeout_s=settings.head_timeout_s, max_connections=settings.max_connections)
+    gate = Gate(
+        head_timeout_s=settings.head_timeout_s,
+        max_connections=settings.max_connections,
+        body_timeout_s=settings.body_timeout_s,
+        keys_enabled=not open_to_all,
+    )
     config = uvicorn.Config(
         app,
         http=protocol_class(gate),

@@ -132,6 +132,7 @@ def create_app(
         keys=Authenticator(KeyChecker(settings.api_keys), service),
         protect_metrics=settings.protect_metrics,
         max_body_bytes=settings.max_body_bytes,
+        max_items=settings.max_items,
         routes=routes,
     )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=routes)

@@ -8,6 +8,7 @@ unexpected exceptions, so stock SDKs always find the shape they parse. ``code`` 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blipitm.errors import ImageTooLargeError, InvalidInputError, format_loc
-from blipitm.server.schemas import ErrorResponse
+from blipitm.server.schemas import TOO_MANY_ITEMS, ErrorResponse
 
 log = logging.getLogger("blipitm.server")
 
@@ -109,10 +110,33 @@ def from_invalid_input(e: InvalidInputError) -> APIError:
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     """FastAPI's ``("body", "input", 3)`` -> ``input[3]``."""
     parts = [p for p in loc if p != "body"]
-    # pydantic's union-branch labels (after the first part) are not fields the client wrote.
+    # pydantic's union-branch labels (after the first part) are not fields the client wrote; a
+    # model branch is labelled with its class name ("Content"), and no request field is Capitalised.
     labels = ("str", "list[", "function-", "tagged-union", "constrained")
-    kept = parts[:1] + [p for p in parts[1:] if not (isinstance(p, str) and p.startswith(labels))]
+    branch = [isinstance(p, str) and (p.startswith(labels) or p[:1].isupper()) for p in parts]
+    kept = parts[:1] + [p for p, skip in zip(parts[1:], branch[1:], strict=True) if not skip]
     return format_loc(tuple(kept)) or None
+
+
+def from_validation_errors(errors: Sequence[dict[str, Any]]) -> APIError:
+    """One error for a request that failed validation: a list over ``--max-items`` is the 413 the
+    routes' own count check gives; else a 422 naming the first problem and how many others.
+
+    The message never lists every problem: its size stays independent of the request's."""
+    for error in errors:
+        if error.get("type") == TOO_MANY_ITEMS:
+            param = _loc_to_param(tuple(error.get("loc", ())))
+            return APIError(413, str(error.get("msg")), code="too_many_items", param=param)
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = _loc_to_param(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid request"))
+    if first.get("type") == "json_invalid":
+        param, msg = None, "the request body is not valid JSON"
+    elif first.get("type") == "missing":
+        msg = "this field is required"
+    extra = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    text = f"{param}: {msg}{extra}" if param else f"{msg}{extra}"
+    return APIError(422, text, code="invalid_request", param=param)
 
 
 def install(app: FastAPI) -> None:
@@ -128,17 +152,7 @@ def install(app: FastAPI) -> None:
 
     async def on_validation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        param = _loc_to_param(tuple(first.get("loc", ())))
-        msg = str(first.get("msg", "invalid request"))
-        if first.get("type") == "json_invalid":
-            param, msg = None, "the request body is not valid JSON"
-        elif first.get("type") == "missing":
-            msg = "this field is required"
-        extra = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        text = f"{param}: {msg}{extra}" if param else f"{msg}{extra}"
-        return error_response(APIError(422, text, code="invalid_request", param=param))
+        return error_response(from_validation_errors(exc.errors()))
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

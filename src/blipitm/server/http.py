@@ -1,13 +1,23 @@
 """The connection layer under the app: binding, connection limits, and a drain that resets nothing.
 
-uvicorn's stock h11 protocol and server are extended in three places:
+uvicorn's stock h11 protocol and server are extended in these places:
 
 - **Request-head timeout.** A connection gets ``head_timeout_s`` to deliver a complete request
   head, counted from when it opened or its previous response ended. uvicorn's keep-alive timer is
   cancelled by the first byte, so without this a client sending one header byte per second holds a
   connection forever. Past the timeout: ``408`` if part of a head arrived, else a quiet close.
+- **Request-body timeout.** Once a head has arrived, its body has ``body_timeout_s`` to arrive in
+  full; past it: ``408`` and close. Without it one byte every few seconds holds a connection (and
+  with ``max_connections`` of them, the server) for ever.
+- **Early answers close.** A response sent before its request's body was read (401, 404, 405, 413
+  from the head) closes the connection: the unread rest is discarded, never buffered, and a client
+  trickling a refused body loses its connection at once.
 - **Connection cap.** Beyond ``max_connections`` open connections, a new one is answered ``503``
-  with ``Retry-After`` at once and closed; nothing of it is parsed.
+  with ``Retry-After`` at once and closed; nothing of it is parsed. With API keys on, connections
+  that have not yet presented a valid key (``keyless``) get no slot for ever: at the cap, the
+  oldest keyless connection not busy with a request is closed to admit the new one (``503``), so
+  idle or slow-head connections cannot lock out clients that hold a key; connections whose request
+  passed the key check are never displaced.
 - **Drain on SIGTERM** (:class:`DrainingServer`). Stock uvicorn closes the listening socket (the
   kernel resets every connection still in its accept queue) and closes idle connections at once
   (a request already sent but not yet read is reset, as closing a socket with unread data sends
@@ -15,7 +25,11 @@ uvicorn's stock h11 protocol and server are extended in three places:
   *before* the socket closes; requests in flight are answered; a request arriving on any other
   connection is answered ``503`` + ``Retry-After`` + ``Connection: close``; and every close is a
   *lingering* close (send FIN, read and discard until the client closes), so a close never meets
-  unread data. The process exits 0 once everything is answered, or at ``drain_timeout_s``.
+  unread data. A response in flight when the drain begins says ``Connection: close`` (a client
+  that reads a plain keep-alive response sends its next request on the connection, which would be
+  lost); an idle keep-alive connection is closed only after ``DRAIN_QUIET_S`` without a byte, so a
+  client in the middle of a request sequence gets its ``503`` instead of a vanished connection.
+  The process exits 0 once everything is answered, or at ``drain_timeout_s``.
 """
 
 from __future__ import annotations
@@ -25,15 +39,17 @@ import json
 import logging
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, ClassVar
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from blipitm.errors import BlipitmError
 from blipitm.server.errors import envelope
+from blipitm.server.middleware import KEY_ACCEPTED
 
 log = logging.getLogger("blipitm.server")
 
@@ -41,6 +57,9 @@ log = logging.getLogger("blipitm.server")
 LINGER_S = 2.0
 # Seconds a client is told to wait before retrying when refused at the cap or while draining.
 RETRY_AFTER_S = 1
+# While draining, an idle keep-alive connection is closed once it has been this long without a byte
+# from the client: one sending a sequence of requests sends its next one well within it.
+DRAIN_QUIET_S = 2.0
 
 
 class BindError(BlipitmError):
@@ -53,8 +72,20 @@ class Gate:
 
     head_timeout_s: float
     max_connections: int
+    body_timeout_s: float = 60.0
+    keys_enabled: bool = False  # keyless connections may be displaced at the cap
     admitted: int = 0  # open connections under the cap (refused ones are not counted)
     draining: bool = False
+    # Admitted connections no request of which has passed the key check, oldest first (a dict as
+    # an ordered set).
+    keyless: dict[GuardedH11Protocol, None] = field(default_factory=dict)
+
+    def displaceable(self) -> GuardedH11Protocol | None:
+        """The oldest keyless connection not busy with a request (idle, or sending a head)."""
+        for conn in self.keyless:
+            if not conn.lingering and (conn.cycle is None or conn.cycle.response_complete):
+                return conn
+        return None
 
 
 def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
@@ -113,7 +144,9 @@ class GuardedH11Protocol(H11Protocol):
         self._raw: asyncio.Transport | None = None
         self._admitted = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        self.last_input = 0.0  # loop time of the last byte received (or response sent)
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -121,37 +154,66 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self._raw = transport
         self.transport = _LingeringTransport(transport, self)  # type: ignore[assignment]
+        self.last_input = self.loop.time()
         gate = self.gate
         if gate.admitted >= gate.max_connections:
-            transport.write(
-                _raw_response(
-                    503,
-                    "Service Unavailable",
-                    f"too many open connections (limit {gate.max_connections}); retry shortly",
-                    "too_many_connections",
-                )
-            )
-            self.close_gracefully()
-            return
+            victim = gate.displaceable() if gate.keys_enabled else None
+            if victim is None:
+                self._refuse_over_cap(transport)
+                return
+            victim.displace()
         gate.admitted += 1
+        gate.keyless[self] = None
         self._admitted = True
         if gate.draining:
             self.app = draining_app
         self._arm_head_timer()
 
+    def _refuse_over_cap(self, transport: asyncio.Transport) -> None:
+        transport.write(self._over_cap_response())
+        self.close_gracefully()
+
+    def _over_cap_response(self) -> bytes:
+        limit = self.gate.max_connections
+        return _raw_response(
+            503,
+            "Service Unavailable",
+            f"too many open connections (limit {limit}); retry shortly",
+            "too_many_connections",
+        )
+
+    def displace(self) -> None:
+        """Close this keyless connection to make room at the cap (it was idle or sending a head).
+
+        It stops counting at once: the slot is the new connection's."""
+        if self.conn.trailing_data[0] and self._raw is not None:  # part of a head: say why
+            self._raw.write(self._over_cap_response())
+        self._release()
+        self.close_gracefully()
+
+    def key_accepted(self) -> None:
+        """A request of this connection passed the key check: it is no longer displaceable."""
+        self.gate.keyless.pop(self, None)
+
+    def _release(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.gate.admitted -= 1
+        self.gate.keyless.pop(self, None)
+
     def data_received(self, data: bytes) -> None:
         if self.lingering:
             return  # we have said our last word; only read so that closing never meets unread data
+        self.last_input = self.loop.time()
         super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
-        if self._admitted:
-            self._admitted = False
-            self.gate.admitted -= 1
+        self._release()
         super().connection_lost(exc)
 
     # -- uvicorn hooks --------------------------------------------------------------------------
@@ -159,10 +221,24 @@ class GuardedH11Protocol(H11Protocol):
     def handle_events(self) -> None:
         before = self.cycle
         super().handle_events()
-        if self.cycle is not before:  # a complete request head arrived
+        if self.cycle is not before and self.cycle is not None:  # a complete request head arrived
             self._cancel_head_timer()
+            # The task that runs the app has not started yet: it sees this in its scope.
+            extensions = self.cycle.scope.setdefault("extensions", {})
+            extensions[KEY_ACCEPTED] = {"callback": self.key_accepted}
+            if self.conn.their_state is h11.SEND_BODY:
+                self._arm_body_timer()
+        if self._body_timer is not None and self.conn.their_state is not h11.SEND_BODY:
+            self._cancel_body_timer()  # the body is complete
 
     def on_response_complete(self) -> None:
+        self.last_input = self.loop.time()
+        if self.conn.their_state is h11.SEND_BODY:
+            # Answered before its body was read (a refusal from the head): rather than read the
+            # rest to reuse the connection, close it; lingering discards what still arrives.
+            self.server_state.total_requests += 1
+            self.close_gracefully()
+            return
         super().on_response_complete()  # may start a pipelined request
         if not self.transport.is_closing() and self.idle:
             self._arm_head_timer()
@@ -182,8 +258,14 @@ class GuardedH11Protocol(H11Protocol):
     def begin_drain(self) -> None:
         """Answer what is in flight, then close; any later request gets 503 (``draining_app``)."""
         self.app = draining_app
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            # Say so in the response: a client that reads a plain keep-alive response sends its
+            # next request on the connection. (uvicorn's keep_alive=False alone closes silently.)
+            cycle.default_headers = [*cycle.default_headers, (b"connection", b"close")]
+            cycle.keep_alive = False
+        # A response already under way keeps the connection open: the client's next request is
+        # answered 503 + Connection: close by draining_app.
 
     def close_gracefully(self) -> None:
         """Lingering close: FIN after the buffered response, discard input until the client closes.
@@ -220,6 +302,28 @@ class GuardedH11Protocol(H11Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def _arm_body_timer(self) -> None:
+        self._cancel_body_timer()
+        self._body_timer = self.loop.call_later(self.gate.body_timeout_s, self._body_timed_out)
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        cycle = self.cycle
+        if self.lingering or cycle is None or self.conn.their_state is not h11.SEND_BODY:
+            return
+        if not cycle.response_started and self._raw is not None:
+            message = f"the request body did not arrive within {self.gate.body_timeout_s:g} s"
+            self._raw.write(_raw_response(408, "Request Timeout", message, "request_timeout"))
+            # The app waiting for the body is told the client left; its answer goes nowhere.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.close_gracefully()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
@@ -355,8 +459,9 @@ class DrainingServer(uvicorn.Server):
         # Then close idle kept-alive connections; a fresh connection that has not yet sent its
         # request keeps its head timeout to send it (and be answered 503).
         while self.server_state.connections and loop.time() < deadline and not self.force_exit:
+            quiet_since = loop.time() - DRAIN_QUIET_S
             for protocol in self._guarded():
-                if protocol.idle and protocol.served:
+                if protocol.idle and protocol.served and protocol.last_input <= quiet_since:
                     protocol.close_gracefully()
             await asyncio.sleep(0.05)
 

@@ -2,7 +2,9 @@
 
 Pure ASGI rather than Starlette's ``BaseHTTPMiddleware`` because the routes listen on ``receive``
 for the client's disconnect, which ``BaseHTTPMiddleware`` would hide. Auth is checked before the
-body is read, so an unauthenticated client cannot make the server buffer a large body.
+body is read, so an unauthenticated client cannot make the server buffer a large body; and a body
+is read only for a route that takes one: ``POST /health`` or an unknown path is answered 405 / 404
+from its head (the connection layer then closes, discarding the body unread).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Match
 
+from blipitm.common.safeio import JSONDepthError, loads_json
 from blipitm.keys import KeyRecord
 from blipitm.server.auth import Authenticator, needs_key
 from blipitm.server.errors import envelope
 from blipitm.server.keys import SCOPE_KEY, Charge, LimiterUnavailable
 from blipitm.server.limits import refusal_headers
 from blipitm.server.metrics import Metrics
+from blipitm.server.schemas import item_limit
 
 log = logging.getLogger("blipitm.server")
 
@@ -120,6 +124,15 @@ def _template(route: BaseRoute) -> str:
 
 
 UNMETERED = "/v1/usage"
+# The ASGI scope extension by which the connection layer (http.py) learns that a request's key was
+# valid: ``{"callback": f}``; such a connection is never displaced at the connection cap.
+KEY_ACCEPTED = "blipitm.key_accepted"
+
+
+def _key_accepted(scope: Scope) -> None:
+    callback = scope.get("extensions", {}).get(KEY_ACCEPTED, {}).get("callback")
+    if callback is not None:
+        callback()
 
 
 class GuardMiddleware:
@@ -133,12 +146,14 @@ class GuardMiddleware:
         keys: Authenticator,
         protect_metrics: bool,
         max_body_bytes: int,
+        max_items: int,
         routes: Sequence[BaseRoute] = (),
     ) -> None:
         self.app = app
         self.keys = keys
         self.protect_metrics = protect_metrics
         self.max_body_bytes = max_body_bytes
+        self.max_items = max_items
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -151,7 +166,9 @@ class GuardMiddleware:
         key = self.keys.authenticate(_header(scope, b"authorization"))
         if isinstance(key, str):
             await send_error(send, 401, key, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-        elif isinstance(key, KeyRecord):
+            return
+        _key_accepted(scope)
+        if isinstance(key, KeyRecord):
             await self._metered(key, scope, receive, send)
         else:  # an operator key
             await self._checked(scope, receive, send)
@@ -193,7 +210,8 @@ class GuardMiddleware:
             await _settle(charge, status)
 
     async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["method"] not in ("POST", "PUT", "PATCH") or not self._takes_body(scope):
+            # No route here reads a body: the app answers (404 / 405) without it being read.
             await self.app(scope, receive, send)
             return
         refused = self._refused_headers(scope)
@@ -203,16 +221,10 @@ class GuardMiddleware:
         body = await self._read_body(receive, send)
         if body is None:
             return
-        param = lone_surrogate_param(body)
-        if param is not None:
-            await send_error(
-                send,
-                400,
-                f"{param or 'the body'} holds a lone surrogate (an unpaired \\ud800-\\udfff "
-                "escape), which is not Unicode text; send valid UTF-8",
-                "invalid_unicode",
-                param=param or None,
-            )
+        problem = _unicode_problem(body)
+        if problem is not None:
+            message, code, param = problem
+            await send_error(send, 400, message, code, param=param)
             return
         replayed = False
 
@@ -223,7 +235,14 @@ class GuardMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # later calls: the real channel (disconnect notice)
 
-        await self.app(scope, replay, send)
+        with item_limit(self.max_items):  # every request list is bounded before validation
+            await self.app(scope, replay, send)
+
+    def _takes_body(self, scope: Scope) -> bool:
+        """Whether a route matches ``scope`` with its method (without routes: assume so)."""
+        if not self.routes:
+            return True
+        return any(route.matches(scope)[0] is Match.FULL for route in self.routes)
 
     def _refused_headers(self, scope: Scope) -> tuple[int, str, str] | None:
         """(status, message, code) when Content-Type or a declared length refuses the request."""
@@ -279,37 +298,60 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _unicode_problem(body: bytes) -> tuple[str, str, str | None] | None:
+    """(message, code, param) of the 400 for a body with a lone surrogate, or nested too deep to
+    scan for one; None if it has neither."""
+    try:
+        param = lone_surrogate_param(body)
+    except JSONDepthError as e:
+        return f"the request body is not valid: {e}", "invalid_json", None
+    if param is None:
+        return None
+    return (
+        f"{param or 'the body'} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), "
+        "which is not Unicode text; send valid UTF-8",
+        "invalid_unicode",
+        param or None,
+    )
+
+
 def lone_surrogate_param(body: bytes) -> str | None:
     """Where the JSON ``body`` holds a string with a lone surrogate (``documents[1].text``; ""
     for the body itself), or None if it holds none.
 
     Checked for every request before any route sees it: such a string cannot be encoded as UTF-8,
     so echoing it (a rerank document) or tokenizing it would fail deep inside, as a 500. A valid
-    pair (``\\ud83d\\ude00``) decodes to one character and passes.
+    pair (``\\ud83d\\ude00``) decodes to one character and passes. Raises
+    :class:`JSONDepthError` for a body nested deeper than any request (which no route accepts).
     """
     if not _SURROGATE_ESCAPE.search(body):
         return None
     try:
-        value = json.loads(body)
+        value = loads_json(body)
+    except JSONDepthError:
+        raise
     except ValueError:
         return None  # not JSON: the route's validation answers that with its own 422
-    return _find_surrogate(value, "")
+    return _find_surrogate(value)
 
 
-def _find_surrogate(value: object, path: str) -> str | None:
-    if isinstance(value, str):
-        return path if _SURROGATE.search(value) else None
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _find_surrogate(item, f"{path}[{i}]")
-            if found is not None:
-                return found
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if _SURROGATE.search(key):
-                return where.encode("utf-8", "backslashreplace").decode("utf-8")
-            found = _find_surrogate(item, where)
-            if found is not None:
-                return found
+def _find_surrogate(value: object) -> str | None:
+    """The first string (or key) holding a surrogate, depth first; iterative, so any nesting is
+    safe (``loads_json`` bounds the depth too)."""
+    stack: list[tuple[object, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return path
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(item))))
+        elif isinstance(item, dict):
+            children: list[tuple[object, str]] = []
+            for key, child in item.items():
+                where = f"{path}.{key}" if path else str(key)
+                if _SURROGATE.search(key):
+                    return where.encode("utf-8", "backslashreplace").decode("utf-8")
+                children.append((child, where))
+            stack.extend(reversed(children))
     return None

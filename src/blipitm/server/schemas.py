@@ -3,13 +3,56 @@
 These models define the committed OpenAPI document. Requests are validated by them; item-level
 rules that need a precise ``param`` (token arrays, image references, modality pairing) are checked
 in :mod:`blipitm.server.inputs` instead, where the item's position is known.
+
+Every list a request may hold is an :data:`Items` list: its length is checked against
+``--max-items`` *before* pydantic validates a single item, so a megabyte of ``[{}, {}, ...]`` costs
+one length check, not a million validation errors (``tests/test_server_unit.py`` checks that no
+request schema holds any other list).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+# -- bounded lists --------------------------------------------------------------------------------
+
+# The --max-items of the app validating the current request (the guard middleware sets it; one
+# process may run several apps in tests). Outside any request: a bound no real request reaches.
+_ITEM_LIMIT: ContextVar[int] = ContextVar("blipitm_item_limit", default=1 << 20)
+TOO_MANY_ITEMS = "too_many_items"  # the pydantic error type: answered 413, as inputs.check_count
+
+
+@contextlib.contextmanager
+def item_limit(limit: int) -> Iterator[None]:
+    """Validate request bodies in this block against ``limit`` items per list."""
+    token = _ITEM_LIMIT.set(limit)
+    try:
+        yield
+    finally:
+        _ITEM_LIMIT.reset(token)
+
+
+def _bounded(value: Any) -> Any:
+    # A "before" validator: it sees the parsed JSON list, so the items are not yet validated.
+    limit = _ITEM_LIMIT.get()
+    if isinstance(value, list) and len(value) > limit:
+        raise PydanticCustomError(
+            TOO_MANY_ITEMS,
+            "{count} items in one request; the limit is {limit} (split the request)",
+            {"count": len(value), "limit": limit},
+        )
+    return value
+
+
+T = TypeVar("T")
+Items = Annotated[list[T], BeforeValidator(_bounded)]
+"""A request list: at most ``--max-items`` long, checked before its items are validated."""
 
 # -- content parts (OpenAI chat style) ------------------------------------------------------------
 
@@ -35,7 +78,7 @@ ContentPart = Annotated[ImageURLPart | TextPart, Field(discriminator="type")]
 class Content(BaseModel):
     """vLLM's multimodal form: ``{"content": [parts]}``, one item per part."""
 
-    content: list[ContentPart]
+    content: Items[ContentPart]
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -85,13 +128,20 @@ class ModelList(BaseModel):
 
 # -- /v1/embeddings -------------------------------------------------------------------------------
 
-EmbeddingItem = str | ContentPart | int | list[int]
+# A token-id array is refused with a 400 naming it (inputs.classify), so its items are not
+# validated here: a list of lists validated item by item would multiply the errors a bomb makes.
+TokenIds = Annotated[
+    list[Any],
+    BeforeValidator(_bounded),
+    WithJsonSchema({"type": "array", "items": {"type": "integer"}}),
+]
+EmbeddingItem = str | ContentPart | int | TokenIds
 
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {"input": ["a dog"], "model": "blip"}})
 
-    input: str | list[EmbeddingItem] = Field(
+    input: str | Items[EmbeddingItem] = Field(
         description="a text, a list of texts, or image references / image_url content parts. "
         "Token-id arrays are not supported."
     )
@@ -126,7 +176,7 @@ class EmbeddingResponse(BaseModel):
 
 # -- /v1/score ------------------------------------------------------------------------------------
 
-ScoreSide = str | list[str | ContentPart] | Content
+ScoreSide = str | Items[str | ContentPart] | Content
 
 
 class ScoreRequest(BaseModel):
@@ -188,9 +238,9 @@ class RerankRequest(BaseModel):
         description="a text (ranks images) or an image (ranks texts): a string (a data:image URI "
         'string is an image), Jina\'s {"text": ...} / {"image": ...}, or a content part'
     )
-    documents: list[str | ImageDocument | ContentPart | FieldsDocument] | Content
+    documents: Items[str | ImageDocument | ContentPart | FieldsDocument] | Content
     top_n: int | None = Field(default=None, description="return the best N (default: all)")
-    rank_fields: list[str] | None = Field(
+    rank_fields: Items[str] | None = Field(
         default=None,
         description="Cohere v1: the fields of document objects whose values, in this order, are "
         "the text ranked (default: text)",
@@ -353,7 +403,7 @@ class ExplainRequest(BaseModel):
         description="the image: a data:image/...;base64,... URI, base64 bytes, an http(s) URL "
         "(when the server fetches URLs), or an image_url content part"
     )
-    texts: str | list[str] = Field(description="one caption or several, each explained")
+    texts: str | Items[str] = Field(description="one caption or several, each explained")
     layer: int | None = Field(
         default=None,
         description="text-encoder layer whose cross-attention is explained, 0-based; default 6 "

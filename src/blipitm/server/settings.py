@@ -41,7 +41,14 @@ _BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
         False,
     ),
     (("max_wait_ms", "url_max_redirects"), 0, False),
-    (("request_timeout_s", "url_timeout_s", "head_timeout_s", "drain_timeout_s"), 0, True),
+    (
+        (
+            *("request_timeout_s", "url_timeout_s", "head_timeout_s", "body_timeout_s"),
+            "drain_timeout_s",
+        ),
+        0,
+        True,
+    ),
     (("image_credits", "metrics_key_labels"), 0, False),
     (("rate_window_s",), 0, True),
 )
@@ -71,6 +78,7 @@ class ServerSettings:
     metrics_key_labels: int = 100
     # -- connections (see server/http.py) -------------------------------------------------------
     head_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     max_connections: int = 512
     drain_timeout_s: float = 25.0
     # -- batching and backpressure --------------------------------------------------------------
@@ -212,7 +220,17 @@ OPTIONS: tuple[Option, ...] = (
         "previous response); then 408 and close",
         float,
     ),
-    Option("max_connections", "most open connections; beyond it a new one gets 503 at once", int),
+    Option(
+        "body_timeout_s",
+        "seconds a request body has to arrive in full once its head has; then 408 and close",
+        float,
+    ),
+    Option(
+        "max_connections",
+        "most open connections; beyond it a new one gets 503 at once (with API keys on, the "
+        "oldest connection that has not yet sent a valid key is closed for it instead)",
+        int,
+    ),
     Option(
         "drain_timeout_s",
         "on SIGTERM, seconds to finish accepted requests (new ones get 503) before exiting",
