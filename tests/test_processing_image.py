@@ -418,6 +418,38 @@ def test_limit_is_inclusive(kind: str) -> None:
     assert isinstance(err, ImageTooLargeError)
 
 
+# -- long thin images (issue 18, item 15) ---------------------------------------------------------
+# Pillow's cost of decoding and resizing grows with the longer side, not only with the pixel
+# count: 8 bytes of row pointer per row, a resize buffer of 384 columns by every source row, and
+# resampling weights of ~32 bytes per source row or column. A 1x80,000,000 PNG (155 kB) is under
+# max_pixels and asked for a 123 GB resize buffer (MemoryError); a 40,000,000x1 one cost 1.6 GB.
+
+
+@pytest.mark.parametrize("size", [(1, 65_536), (65_536, 1), (80_000_000, 1), (1, 80_000_000)])
+def test_a_side_over_65535_is_refused_from_the_header(size: tuple[int, int]) -> None:
+    # The file holds 4x4 pixels: decoding would fail as truncated, so this error is the header's.
+    err = _expect_error(_png_with_declared_size(*size), "longer side")
+    assert isinstance(err, ImageTooLargeError)
+    width, height = size
+    assert f"{width}x{height}" in str(err) and "65535" in str(err)
+    assert "resize" in str(err)  # what to do
+
+
+@pytest.mark.parametrize("kind", ["pil", "array"])
+def test_a_side_over_65535_is_refused_for_decoded_images_too(kind: str) -> None:
+    im = Image.new("L", (2, 65_536))
+    item = {"pil": im, "array": np.zeros((65_536, 2), np.uint8)}[kind]
+    err = _expect_error(item, "longer side")
+    assert isinstance(err, ImageTooLargeError)
+    # Even with the pixel limit switched off: the limit is on what a resize costs.
+    _expect_error(item, "longer side", max_pixels=None)
+
+
+def test_a_side_of_65535_is_scored_like_the_references() -> None:
+    im = _noise("RGB", (3, 65_535))
+    _assert_close(_ours(_encode(im), "blip"), _blip_ref(im))
+
+
 # -- settings -------------------------------------------------------------------------------------
 
 

@@ -41,6 +41,16 @@ IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "
 # from header parsers, EOFError from frame iteration, the rest from the C decoders).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError)
 
+# The longest side accepted, whatever ``max_pixels`` says (None included): the most that JPEG, GIF
+# and TGA can store, and beyond any camera or ordinary panorama. Pillow's cost of decoding and
+# resizing grows with the longer side, not only with the pixel count: a row pointer of 8 bytes
+# per row, a first (horizontal) resize pass that allocates ``size`` columns by every source row,
+# and resampling weights of ~32 bytes per source row or column. So a 1x80,000,000 grey PNG
+# (155 kB, under max_pixels) took 1.8 GB and then failed to allocate a 123 GB resize buffer
+# (MemoryError), and a 40,000,000x1 one was scored for 1.5 GB of peak RSS. At this limit the
+# thinnest image accepted, 1x65535, costs 3 MB.
+MAX_IMAGE_SIDE = 65_535
+
 _ACCEPTED_TYPES = "PIL.Image.Image, a file path (str or os.PathLike), bytes, or a numpy uint8 array"
 
 
@@ -215,6 +225,8 @@ def load_image(
     limit is checked against the size in the file header, before any pixel data is decoded, so a
     small file that declares a huge canvas costs nothing. ``max_pixels=None`` disables the check
     (Pillow's global ``Image.MAX_IMAGE_PIXELS`` still applies to files; we never change it).
+    A side longer than :data:`MAX_IMAGE_SIDE` is refused whatever ``max_pixels`` is, also from
+    the header: such images cost memory out of proportion to their pixels.
 
     EXIF orientation is ignored unless ``exif_transpose`` is set, because BLIP, LAVIS and
     transformers all ignore it and the scores would otherwise differ from theirs.
@@ -359,6 +371,14 @@ def _check_size(size: tuple[int, int], loc: Loc, max_pixels: int | None) -> None
     width, height = size
     if width <= 0 or height <= 0:
         raise InvalidInputError(f"image has zero size ({width}x{height})", loc=loc)
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} pixels: its longer side is over {MAX_IMAGE_SIDE} "
+            "pixels, which no photo has and which costs far more memory to decode and resize "
+            "than its pixel count suggests; crop or resize it so that neither side exceeds "
+            f"{MAX_IMAGE_SIDE} pixels (the model sees every image at its input size anyway)",
+            loc=loc,
+        )
     pixels = width * height
     if max_pixels is not None and pixels > max_pixels:
         raise ImageTooLargeError(
