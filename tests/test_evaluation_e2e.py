@@ -314,3 +314,12 @@ def test_coco_ids_may_be_strings(tmp_path: Path) -> None:
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     got = load_annotations(tmp_path / "coco.json", tmp_path, check_files=False)
     assert got.texts == ["y", "x"] and got.txt2img == [0, 1]
+
+
+def test_annotations_that_are_not_a_regular_file_fail_at_once(tmp_path: Path) -> None:
+    """A FIFO with no writer used to block ``read_bytes`` forever."""
+    fifo = tmp_path / "ann.json"
+    os.mkfifo(fifo)
+    with pytest.raises(blipitm.InvalidInputError, match="not a regular file") as info:
+        load_annotations(fifo, tmp_path)
+    assert info.value.field == "annotations"
