@@ -237,3 +237,89 @@ def test_cli_console_output(
     assert not any("it/s" in line or "s/it" in line for line in bars), bars
     written = capsys.readouterr().out.splitlines()[-1]
     assert written.endswith(f"wrote {tmp_path}/eval1/results.json and {tmp_path}/eval1/report.md")
+
+
+# -- malformed annotation files (issue 18, items 14 and 21) ---------------------------------------
+
+_COCO_IMAGE = {"id": 1, "file_name": "0.jpg"}
+_BAD_ANNOTATIONS: dict[str, tuple[bytes, str]] = {
+    # name: (file content, what the one-line error must say besides the file's name)
+    "invalid UTF-8": (b'[{"image": "0.jpg", "caption": ["caf\xe9"]}]', "UTF-8"),
+    "5000-digit integer": (
+        b'[{"image": "0.jpg", "caption": ["x"], "n": ' + b"1" * 5000 + b"}]",
+        "4300 digits",
+    ),
+    "caption nested 100,000 deep": (
+        b'[{"image": "0.jpg", "caption": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]",
+        "nested deeper",
+    ),
+    "images not a list": (json.dumps({"images": 5, "annotations": []}).encode(), "'images'"),
+    "id a list": (
+        json.dumps({"images": [{"id": [1], "file_name": "0.jpg"}], "annotations": []}).encode(),
+        "images[0].id",
+    ),
+    "id an object": (
+        json.dumps(
+            {"images": [{"id": {"a": 1}, "file_name": "0.jpg"}], "annotations": []}
+        ).encode(),
+        "images[0].id",
+    ),
+    "id repeated": (
+        json.dumps({"images": [_COCO_IMAGE, {**_COCO_IMAGE, "file_name": "1.jpg"}]}).encode()[:-1]
+        + b', "annotations": []}',
+        "images[1].id",
+    ),
+    "file_name not a string": (
+        json.dumps({"images": [{"id": 1, "file_name": 5}], "annotations": []}).encode(),
+        "images[0].file_name",
+    ),
+    "annotations not a list": (
+        json.dumps({"images": [_COCO_IMAGE], "annotations": 5}).encode(),
+        "'annotations'",
+    ),
+    "image_id a list": (
+        json.dumps(
+            {"images": [_COCO_IMAGE], "annotations": [{"image_id": [1], "caption": "x"}]}
+        ).encode(),
+        "annotations[0].image_id",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_ANNOTATIONS))
+def test_malformed_annotations_fail_with_one_line_naming_file_and_field(
+    case: str, tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: UnicodeDecodeError, ValueError, RecursionError or TypeError tracebacks. Now one
+    line and exit 2, before the model is loaded."""
+    content, says = _BAD_ANNOTATIONS[case]
+    ann = tmp_path / "ann.json"
+    ann.write_bytes(content)
+    (tmp_path / "images").mkdir()
+    args = ["eval", "--annotations", str(ann), "--image-root", str(tmp_path / "images")]
+    args += ["--model", str(tiny_ckpt), "--output", str(tmp_path / "out"), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"blipitm: error: annotations: {ann}"), err
+    assert says in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_coco_ids_may_be_strings(tmp_path: Path) -> None:
+    coco = {
+        "images": [{"id": "a", "file_name": "0.jpg"}, {"id": 2, "file_name": "1.jpg"}],
+        "annotations": [{"image_id": 2, "caption": "x"}, {"image_id": "a", "caption": "y"}],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    got = load_annotations(tmp_path / "coco.json", tmp_path, check_files=False)
+    assert got.texts == ["y", "x"] and got.txt2img == [0, 1]
+
+
+def test_annotations_that_are_not_a_regular_file_fail_at_once(tmp_path: Path) -> None:
+    """A FIFO with no writer used to block ``read_bytes`` forever."""
+    fifo = tmp_path / "ann.json"
+    os.mkfifo(fifo)
+    with pytest.raises(blipitm.InvalidInputError, match="not a regular file") as info:
+        load_annotations(fifo, tmp_path)
+    assert info.value.field == "annotations"

@@ -398,3 +398,115 @@ def test_index_build_and_eval_stream_images_under_the_engine_budget(
     peaks = json.loads(proc.stdout.strip().splitlines()[-1])
     for job, peak in peaks.items():
         assert peak < 4 * budget + 80 * MB, f"{job}: peak RSS rose by {peak / MB:.0f} MB"
+
+
+# -- long thin images (issue 18, item 15) ---------------------------------------------------------
+
+
+def thin_png(width: int, height: int) -> bytes:
+    """An 8-bit grey PNG of zeros, ``width``x``height``: 155 kB at 1x80,000,000."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    z = zlib.compressobj(9)
+    row = bytes(1 + width)  # filter byte "None", then the pixels
+    rows_per_piece = max(1, (1 << 20) // len(row))
+    idat, left = [], height
+    while left:
+        n = min(left, rows_per_piece)
+        idat.append(z.compress(row * n))
+        left -= n
+    idat.append(z.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = b"".join(idat)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+_LOAD_ONE = """
+import json, sys
+from pathlib import Path
+from blipitm.errors import InvalidInputError
+from blipitm.processing import ImageSettings, load_resized, return_image_memory_to_os
+from blipitm.scoring import BLIP
+
+return_image_memory_to_os()  # as the engine and the server do
+
+def memory(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+load_resized(sys.argv[1] + ".warm.png", ImageSettings(), BLIP)  # lazy imports, allocator
+idle = memory("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")
+try:
+    load_resized(sys.argv[1], ImageSettings(), BLIP, loc=("images", 0))
+    outcome = {"scored": True}
+except InvalidInputError as e:
+    outcome = {"error": type(e).__name__, "field": e.field, "message": str(e)}
+outcome["peak"] = memory("VmHWM") - idle
+print(json.dumps(outcome))
+"""
+
+
+def _load_in_subprocess(path: Path) -> dict[str, Any]:
+    path.with_name(path.name + ".warm.png").write_bytes(png_bytes((9, 9, 9)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_ONE, str(path)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.parametrize("size", [(1, 80_000_000), (40_000_000, 1)])
+def test_long_thin_pngs_are_refused_before_they_cost_memory(
+    tmp_path: Path, size: tuple[int, int]
+) -> None:
+    """Before: 1x80M (155 kB, under max_pixels) rose to 1.8 GB then MemoryError with a traceback;
+    40Mx1 was scored for 1.6 GB. Now both are refused from the header, at no cost."""
+    path = tmp_path / "thin.png"
+    path.write_bytes(thin_png(*size))
+    assert len(path.read_bytes()) < 400_000
+    got = _load_in_subprocess(path)
+    assert got.get("error") == "ImageTooLargeError", got
+    assert got["field"] == "images[0]"
+    assert "longer side" in got["message"] and "65535" in got["message"], got["message"]
+    assert got["peak"] < 30 * MB, f"peak RSS rose by {got['peak'] / MB:.0f} MB"
+
+
+def test_the_longest_accepted_side_is_scored_in_bounded_memory(tmp_path: Path) -> None:
+    """1x65535, the thinnest image accepted, costs 3 MB (measured); the bound is what a tenth
+    of a max_pixels image would cost (4 bytes x 8.9M pixels)."""
+    path = tmp_path / "thin.png"
+    path.write_bytes(thin_png(1, 65_535))
+    got = _load_in_subprocess(path)
+    assert got.get("scored"), got
+    assert got["peak"] < 34 * MB, f"peak RSS rose by {got['peak'] / MB:.0f} MB"
+
+
+def test_long_thin_images_are_refused_on_every_path(tiny_ckpt: Path) -> None:
+    """The check lives in the one decode path: the engine (API, CLI, filtering, index, eval)
+    and the server's loader (413, naming the input) refuse it alike, from the header."""
+    thin = thin_png(1, 80_000_000)
+    engine = blipitm.load(tiny_ckpt)
+    with pytest.raises(ImageTooLargeError, match=r"^images\[1\]: .*longer side") as info:
+        engine.embed_images([png_bytes((1, 2, 3)), thin])
+    assert info.value.field == "images[1]"
+    with ThreadPoolExecutor(2) as pool:
+        loader = _loader(pool, PixelBudget(10**8, setting="--max-decoded-pixels"))
+        with pytest.raises(APIError) as api:
+            asyncio.run(loader.load(data_uri(thin), ("input", 2)))
+    assert (api.value.status, api.value.code, api.value.param) == (
+        413,
+        "image_too_large",
+        "input[2]",
+    )
+    assert "65535" in api.value.message and loader.budget.in_use == 0

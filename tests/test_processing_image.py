@@ -91,7 +91,6 @@ CASES: dict[str, Callable[[], Image.Image]] = {
         Image.new("RGB", (20, 20), (0, 0, 0)), transparency=(0, 0, 0)
     ),
     "CMYK-JPEG": _cmyk_jpeg,
-    "I;16-PNG": _i16,
     "1-bit": lambda: _png_roundtrip(_noise("L", (50, 50)).convert("1")),
     "GIF-animated": lambda: Image.open(io.BytesIO(_animated_gif())),
     "1x1": lambda: _noise("RGB", (1, 1)),
@@ -202,9 +201,112 @@ def test_animated_webp_and_apng_use_first_frame() -> None:
 
 
 def test_load_image_keeps_original_mode() -> None:
-    for case in ("RGBA", "LA", "L", "P-transparent-index", "CMYK-JPEG", "I;16-PNG"):
+    for case in ("RGBA", "LA", "L", "P-transparent-index", "CMYK-JPEG"):
         im = CASES[case]()
         assert load_image(im).mode == im.mode
+    assert load_image(_i16()).mode == "I;16"
+
+
+# -- 16-bit images (issue 18, item 21): a documented deviation from the references ---------------
+
+
+def _png16(values: np.ndarray, color_type: int, extra: bytes = b"") -> bytes:
+    """A 16-bit PNG (Pillow cannot write 16-bit colour ones): ``values`` uint16 [H, W(, C)]."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    height, width = values.shape[:2]
+    big_endian = values.astype(">u2")
+    raw = b"".join(b"\x00" + big_endian[y].tobytes() for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + extra
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _grey16_values() -> np.ndarray:
+    return _rng(7).integers(0, 65536, (37, 53), dtype=np.uint16)
+
+
+def test_references_clip_16_bit_grey_to_white() -> None:
+    """The fact behind the deviation: Pillow opens a 16-bit grey PNG as ``I;16``, and the
+    references' ``convert("RGB")`` clips every value over 255 to white (99.6% of random pixels)."""
+    im = Image.open(io.BytesIO(_png16(_grey16_values(), 0)))
+    assert im.mode == "I;16"
+    white = (np.asarray(im.convert("RGB")) == 255).all(axis=-1).mean()
+    assert white > 0.99
+
+
+@pytest.mark.parametrize("protocol", ["blip", "transformers"])
+def test_16_bit_grey_is_scaled_to_8_bits(protocol: str) -> None:
+    """Ours: the high byte of each value, as Pillow itself reads 16-bit RGB(A) and grey+alpha PNGs
+    (below), then the protocol's usual pipeline. Equal to the references given that 8-bit image."""
+    values = _grey16_values()
+    eight_bit = Image.fromarray((values >> 8).astype(np.uint8))
+    ref = _blip_ref if protocol == "blip" else _transformers_ref
+    want = ref(eight_bit)
+    for source in (
+        _png16(values, 0),  # bytes
+        Image.open(io.BytesIO(_png16(values, 0))),  # an opened PNG
+        Image.fromarray(values),  # a PIL image built in memory, mode I;16
+    ):
+        _assert_close(_ours(source, protocol), want)
+    assert not torch.equal(want, ref(Image.open(io.BytesIO(_png16(values, 0)))))  # a deviation
+
+
+def test_16_bit_grey_opened_as_mode_i_by_older_pillow_is_scaled_too() -> None:
+    """Older Pillow versions opened 16-bit grey PNGs as mode ``I`` (32-bit); the same pixels."""
+    values = _grey16_values()
+    as_i = Image.open(io.BytesIO(_png16(values, 0))).convert("I")
+    as_i.format = "PNG"
+    want = _blip_ref(Image.fromarray((values >> 8).astype(np.uint8)))
+    _assert_close(_ours(as_i, "blip"), want)
+
+
+def test_16_bit_grey_with_a_transparent_value() -> None:
+    """tRNS names one 16-bit value: exactly those pixels are transparent (white under
+    transformers, their grey under blip), not every pixel that shares its high byte."""
+    values = _grey16_values()
+    key = int(values[0, 0])
+    values[1, 1] = (key & 0xFF00) | ((key + 1) & 0xFF)  # same high byte, another value
+    im = Image.open(io.BytesIO(_png16(values, 0, _chunk_trns(key))))
+    assert im.info["transparency"] == key
+    high = key >> 8
+    on_white = to_rgb(im, TRANSFORMERS)
+    assert on_white.getpixel((0, 0)) == (255, 255, 255)
+    assert on_white.getpixel((1, 1)) == (high,) * 3
+    dropped = to_rgb(im, BLIP)
+    assert dropped.getpixel((0, 0)) == dropped.getpixel((1, 1)) == (high,) * 3
+
+
+def _chunk_trns(value: int) -> bytes:
+    body = struct.pack(">H", value)
+    return struct.pack(">I", 2) + b"tRNS" + body + struct.pack(">I", zlib.crc32(b"tRNS" + body))
+
+
+@pytest.mark.parametrize(
+    ("color_type", "channels", "mode"), [(2, 3, "RGB"), (6, 4, "RGBA"), (4, 2, "RGBA")]
+)
+def test_pillow_reads_16_bit_colour_and_grey_alpha_pngs_as_8_bit(
+    color_type: int, channels: int, mode: str
+) -> None:
+    """Facts (checked with Pillow 13): 16-bit RGB, RGBA and grey+alpha PNGs open as 8-bit RGB / RGBA
+    holding each value's high byte, so they are ordinary images and match the references."""
+    values = _rng(8).integers(0, 65536, (21, 34, channels), dtype=np.uint16)
+    im = Image.open(io.BytesIO(_png16(values, color_type)))
+    assert im.mode == mode
+    high = (values >> 8).astype(np.uint8)
+    if channels == 2:  # grey + alpha: grey repeated in R, G, B
+        high = np.concatenate([high[..., :1]] * 3 + [high[..., 1:]], axis=-1)
+    assert np.array_equal(np.asarray(im), high)
+    _assert_close(_ours(im, "blip"), _blip_ref(im))
+    _assert_close(_ours(im, "transformers"), _transformers_ref(im))
 
 
 # -- input kinds ----------------------------------------------------------------------------------
@@ -416,6 +518,38 @@ def test_limit_is_inclusive(kind: str) -> None:
     assert load_image(item, max_pixels=None).size == (125, 80)  # type: ignore[arg-type]
     err = _expect_error(item, "over the limit", max_pixels=9_999)
     assert isinstance(err, ImageTooLargeError)
+
+
+# -- long thin images (issue 18, item 15) ---------------------------------------------------------
+# Pillow's cost of decoding and resizing grows with the longer side, not only with the pixel
+# count: 8 bytes of row pointer per row, a resize buffer of 384 columns by every source row, and
+# resampling weights of ~32 bytes per source row or column. A 1x80,000,000 PNG (155 kB) is under
+# max_pixels and asked for a 123 GB resize buffer (MemoryError); a 40,000,000x1 one cost 1.6 GB.
+
+
+@pytest.mark.parametrize("size", [(1, 65_536), (65_536, 1), (80_000_000, 1), (1, 80_000_000)])
+def test_a_side_over_65535_is_refused_from_the_header(size: tuple[int, int]) -> None:
+    # The file holds 4x4 pixels: decoding would fail as truncated, so this error is the header's.
+    err = _expect_error(_png_with_declared_size(*size), "longer side")
+    assert isinstance(err, ImageTooLargeError)
+    width, height = size
+    assert f"{width}x{height}" in str(err) and "65535" in str(err)
+    assert "resize" in str(err)  # what to do
+
+
+@pytest.mark.parametrize("kind", ["pil", "array"])
+def test_a_side_over_65535_is_refused_for_decoded_images_too(kind: str) -> None:
+    im = Image.new("L", (2, 65_536))
+    item = {"pil": im, "array": np.zeros((65_536, 2), np.uint8)}[kind]
+    err = _expect_error(item, "longer side")
+    assert isinstance(err, ImageTooLargeError)
+    # Even with the pixel limit switched off: the limit is on what a resize costs.
+    _expect_error(item, "longer side", max_pixels=None)
+
+
+def test_a_side_of_65535_is_scored_like_the_references() -> None:
+    im = _noise("RGB", (3, 65_535))
+    _assert_close(_ours(_encode(im), "blip"), _blip_ref(im))
 
 
 # -- settings -------------------------------------------------------------------------------------

@@ -75,9 +75,12 @@ def add_parser(sub: Any, name: str, help: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from blipitm.engine import BatchSizes  # torch: not for `--help`
-    from blipitm.evaluation import evaluate
+    from blipitm.evaluation import evaluate, load_annotations
     from blipitm.evaluation.report import table
 
+    # A malformed annotation file or a wrong --image-root fails in one line before the model
+    # loads (evaluate reads the file again: cheap next to any evaluation).
+    load_annotations(args.annotations, args.image_root, limit_images=args.limit_images)
     engine = load_engine(args)
     if args.batch_size is not None:
         if args.batch_size < 1:

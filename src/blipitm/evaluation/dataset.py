@@ -9,16 +9,19 @@ them (``pre_caption``, 30 words) under protocol blip, as BLIP's datasets do.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blipitm.common.safeio import JSONDepthError, UnreadableFileError, loads_json, read_regular_file
 from blipitm.errors import InvalidInputError
 
 log = logging.getLogger("blipitm")
+
+# Far above any real annotation file (COCO's largest captions file is ~100 MB).
+MAX_ANNOTATION_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -46,14 +49,8 @@ def load_annotations(
     [{"image_id", "caption"}]}``. ``limit_images`` keeps the first N images and their captions.
     """
     path = Path(annotations)
-    try:
-        raw = path.read_bytes()
-        data = json.loads(raw)
-    except OSError as e:
-        msg = f"cannot read {path}: {e.strerror or e}"
-        raise InvalidInputError(msg, loc=("annotations",)) from None
-    except json.JSONDecodeError as e:
-        raise InvalidInputError(f"{path} is not JSON: {e}", loc=("annotations",)) from None
+    raw = _read(path)
+    data = _parse(raw, path)
     if isinstance(data, list):
         fmt, entries = "karpathy", _karpathy(data, path)
     elif isinstance(data, dict) and "images" in data and "annotations" in data:
@@ -92,6 +89,32 @@ def load_annotations(
     return RetrievalDataset(images, texts, img2txt, txt2img, fmt, digest)
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return read_regular_file(path, max_bytes=MAX_ANNOTATION_BYTES, what="annotation file")
+    except UnreadableFileError as e:
+        raise InvalidInputError(str(e), loc=("annotations",)) from None
+    except OSError as e:
+        msg = f"cannot read {path}: {e.strerror or e}"
+        raise InvalidInputError(msg, loc=("annotations",)) from None
+
+
+def _parse(raw: bytes, path: Path) -> Any:
+    """The JSON in ``raw``; every way it can be unreadable is one line naming the file."""
+    try:
+        return loads_json(raw)
+    except UnicodeDecodeError as e:
+        why = f"is not UTF-8 (byte {e.start} is {e.object[e.start : e.start + 1]!r})"
+    except JSONDepthError as e:
+        why = f"is not an annotation file: {e}"
+    except ValueError as e:  # JSONDecodeError, or an integer over Python's 4300 digits
+        if "4300" in str(e) or "digits" in str(e):
+            why = "holds a number over 4300 digits long, more than Python reads as an integer"
+        else:
+            why = f"is not JSON: {e}"
+    raise InvalidInputError(f"{path} {why}", loc=("annotations",))
+
+
 def _karpathy(data: list[Any], path: Path) -> list[tuple[str, list[str]]]:
     by_image: dict[str, list[str]] = {}
     for n, ann in enumerate(data):
@@ -109,25 +132,52 @@ def _karpathy(data: list[Any], path: Path) -> list[tuple[str, list[str]]]:
 
 
 def _coco(data: dict[str, Any], path: Path) -> list[tuple[str, list[str]]]:
-    order: dict[Any, str] = {}
+    def bad(message: str) -> InvalidInputError:
+        return InvalidInputError(f"{path}: {message}", loc=("annotations",))
+
+    for key in ("images", "annotations"):
+        if not isinstance(data[key], list):
+            raise bad(f"'{key}' must be a list, got {_json_type(data[key])}")
+    order: dict[int | str, str] = {}
+    first: dict[int | str, int] = {}
     for n, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise InvalidInputError(
-                f"{path}: images[{n}] needs 'id' and 'file_name'", loc=("annotations",)
-            )
-        order[img["id"]] = img["file_name"]
-    captions: dict[Any, list[str]] = {k: [] for k in order}
+            raise bad(f"images[{n}] needs 'id' and 'file_name'")
+        image_id = img["id"]
+        if not _is_id(image_id):
+            raise bad(f"images[{n}].id must be an integer or a string, got {_json_type(image_id)}")
+        if image_id in first:
+            raise bad(f"images[{n}].id {image_id!r} repeats images[{first[image_id]}].id")
+        if not isinstance(img["file_name"], str):
+            got = _json_type(img["file_name"])
+            raise bad(f"images[{n}].file_name must be a string, got {got}")
+        first[image_id] = n
+        order[image_id] = img["file_name"]
+    captions: dict[int | str, list[str]] = {k: [] for k in order}
     for n, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or ann.get("image_id") not in captions:
-            raise InvalidInputError(
-                f"{path}: annotations[{n}] refers to no listed image", loc=("annotations",)
-            )
+        if not isinstance(ann, dict):
+            raise bad(f"annotations[{n}] must be an object, got {_json_type(ann)}")
+        image_id = ann.get("image_id")
+        if not _is_id(image_id):
+            got = _json_type(image_id)
+            raise bad(f"annotations[{n}].image_id must be an integer or a string, got {got}")
+        if image_id not in captions:
+            raise bad(f"annotations[{n}] refers to no listed image")
         if not isinstance(ann.get("caption"), str):
-            raise InvalidInputError(
-                f"{path}: annotations[{n}] has no caption string", loc=("annotations",)
-            )
-        captions[ann["image_id"]].append(ann["caption"])
+            raise bad(f"annotations[{n}] has no caption string")
+        captions[image_id].append(ann["caption"])
     return [(order[k], captions[k]) for k in order]
+
+
+def _is_id(value: Any) -> bool:
+    """COCO ids are integers; strings are accepted too. Not bools (``True == 1``) nor floats."""
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    names.update({int: "an integer", float: "a number", type(None): "null"})
+    return names.get(type(value), type(value).__name__)
 
 
 def _check_files(images: list[str], root: Path) -> None:

@@ -41,6 +41,16 @@ IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "
 # from header parsers, EOFError from frame iteration, the rest from the C decoders).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError)
 
+# The longest side accepted, whatever ``max_pixels`` says (None included): the most that JPEG, GIF
+# and TGA can store, and beyond any camera or ordinary panorama. Pillow's cost of decoding and
+# resizing grows with the longer side, not only with the pixel count: a row pointer of 8 bytes
+# per row, a first (horizontal) resize pass that allocates ``size`` columns by every source row,
+# and resampling weights of ~32 bytes per source row or column. So a 1x80,000,000 grey PNG
+# (155 kB, under max_pixels) took 1.8 GB and then failed to allocate a 123 GB resize buffer
+# (MemoryError), and a 40,000,000x1 one was scored for 1.5 GB of peak RSS. At this limit the
+# thinnest image accepted, 1x65535, costs 3 MB.
+MAX_IMAGE_SIDE = 65_535
+
 _ACCEPTED_TYPES = "PIL.Image.Image, a file path (str or os.PathLike), bytes, or a numpy uint8 array"
 
 
@@ -215,6 +225,8 @@ def load_image(
     limit is checked against the size in the file header, before any pixel data is decoded, so a
     small file that declares a huge canvas costs nothing. ``max_pixels=None`` disables the check
     (Pillow's global ``Image.MAX_IMAGE_PIXELS`` still applies to files; we never change it).
+    A side longer than :data:`MAX_IMAGE_SIDE` is refused whatever ``max_pixels`` is, also from
+    the header: such images cost memory out of proportion to their pixels.
 
     EXIF orientation is ignored unless ``exif_transpose`` is set, because BLIP, LAVIS and
     transformers all ignore it and the scores would otherwise differ from theirs.
@@ -359,6 +371,14 @@ def _check_size(size: tuple[int, int], loc: Loc, max_pixels: int | None) -> None
     width, height = size
     if width <= 0 or height <= 0:
         raise InvalidInputError(f"image has zero size ({width}x{height})", loc=loc)
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} pixels: its longer side is over {MAX_IMAGE_SIDE} "
+            "pixels, which no photo has and which costs far more memory to decode and resize "
+            "than its pixel count suggests; crop or resize it so that neither side exceeds "
+            f"{MAX_IMAGE_SIDE} pixels (the model sees every image at its input size anyway)",
+            loc=loc,
+        )
     pixels = width * height
     if max_pixels is not None and pixels > max_pixels:
         raise ImageTooLargeError(
@@ -516,17 +536,58 @@ def to_rgb(image: Image.Image, protocol: ScoringProtocol, *, loc: Loc = ("image"
     by the PIL image processor backend): an image with an ``A`` band or a ``transparency`` entry
     is converted to RGBA and alpha-composited onto opaque white, then converted to RGB; anything
     else is ``convert("RGB")``. The PIL calls below are the same ones, so the pixels are identical.
+
+    16-bit grey images are first scaled to 8 bits (:func:`_grey_16_to_8_bit`), where the
+    references clip them to white: a documented deviation, under both protocols.
     """
     try:
-        if protocol.alpha_on_white and _has_transparency(image):
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        if image.mode == "RGB":
-            return image  # convert() would only copy
-        return image.convert("RGB")
+        grey = _grey_16_to_8_bit(image)
+        if grey is None:
+            return _to_rgb(image, protocol)
+        with grey:  # an intermediate: _to_rgb always converts L / LA to a new image
+            return _to_rgb(grey, protocol)
     except ValueError as e:
         raise InvalidInputError(f"cannot convert mode {image.mode} to RGB: {e}", loc=loc) from e
+
+
+def _to_rgb(image: Image.Image, protocol: ScoringProtocol) -> Image.Image:
+    if protocol.alpha_on_white and _has_transparency(image):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image  # convert() would only copy
+    return image.convert("RGB")
+
+
+_GREY_16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _grey_16_to_8_bit(image: Image.Image) -> Image.Image | None:
+    """A 16-bit grey image as 8-bit grey (``L``, or ``LA`` where a value is marked transparent);
+    None for every other image.
+
+    A documented deviation from the references (README, "Two protocols"): their
+    ``convert("RGB")`` clips 16-bit values to 255, so a 16-bit grey PNG is scored as a picture that
+    is almost all white. This keeps each value's high byte, which is what Pillow itself does when
+    it opens 16-bit RGB, RGBA and grey+alpha PNGs as 8-bit images. Mode ``I`` counts as 16-bit
+    grey only from a PNG (older Pillow opened 16-bit grey PNGs as ``I``; a PNG has no other way
+    to be ``I``); other ``I`` and ``F`` images (TIFF) keep the references' conversion.
+    """
+    if image.mode not in _GREY_16_MODES and not (image.mode == "I" and image.format == "PNG"):
+        return None
+    values = np.asarray(image)  # uint16 in the mode's byte order, or int32 for I
+    high = np.empty(values.shape, np.uint8)
+    np.right_shift(values, 8, out=high, casting="unsafe")
+    grey = Image.fromarray(high)
+    key = image.info.get("transparency")
+    if not isinstance(key, int) or isinstance(key, bool):
+        return grey
+    # tRNS names one 16-bit value: exactly its pixels become transparent.
+    alpha = np.full(values.shape, 255, np.uint8)
+    alpha[values == key] = 0
+    with grey, Image.fromarray(alpha) as alpha_band:
+        return Image.merge("LA", (grey, alpha_band))
 
 
 def _has_transparency(image: Image.Image) -> bool:
