@@ -33,6 +33,7 @@ import numpy as np
 
 from blipitm.common.files import atomic_write_bytes, json_bytes
 from blipitm.common.identity import mismatch, model_record
+from blipitm.common.safeio import loads_json
 from blipitm.common.version import __version__
 from blipitm.engine import Engine
 from blipitm.errors import InvalidInputError
@@ -155,9 +156,18 @@ class Index:
 
     @classmethod
     def create(
-        cls, path: str | os.PathLike[str], engine: Engine, *, store_features: bool = False
+        cls,
+        path: str | os.PathLike[str],
+        engine: Engine,
+        *,
+        store_features: bool = False,
+        build_sources: Sequence[str] | None = None,
     ) -> Index:
-        """Create an empty index for ``engine``'s model at ``path`` (absent or empty folder)."""
+        """Create an empty index for ``engine``'s model at ``path`` (absent or empty folder).
+
+        ``build_sources`` (absolute paths) records what the build that creates it reads, so that
+        rerunning that build resumes it and another build onto it is refused
+        (:meth:`build_sources`)."""
         root = Path(path)
         if root.exists() and not (root / MANIFEST).exists():
             _clear_unfinished_create(root)
@@ -188,6 +198,10 @@ class Index:
         db = _connect(root / DATABASE)
         db.executescript(_SCHEMA)
         db.execute("INSERT INTO meta VALUES ('manifest_sha256', ?)", (digest(raw),))
+        if build_sources is not None:
+            db.execute(
+                "INSERT INTO meta VALUES ('build_sources', ?)", (json.dumps(list(build_sources)),)
+            )
         # The manifest goes last: a folder without one is a build that never started.
         atomic_write_bytes(root / MANIFEST, raw)
         db.close()
@@ -360,6 +374,23 @@ class Index:
     def removed_sources(self) -> set[str]:
         return {s for (s,) in self._query("SELECT source FROM items WHERE removed = 1")}
 
+    def build_sources(self) -> list[str] | None:
+        """The sources the build that created the index read (absolute paths), or None when it
+        did not record them (created by Index.create directly, or by blipitm 0.x before)."""
+        rec = self._query("SELECT value FROM meta WHERE key = 'build_sources'")
+        if not rec:
+            return None
+        try:
+            value = loads_json(rec[0][0])
+        except (TypeError, ValueError):
+            value = None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise IndexDamagedError(
+                f"index {self.path}: its recorded build sources are not a list of paths; "
+                "rebuild the index"
+            )
+        return value
+
     def skipped(self) -> list[tuple[str, str]]:
         return [
             (s, r) for s, r in self._query("SELECT source, reason FROM skipped ORDER BY source")
@@ -511,7 +542,7 @@ class Index:
 
     def _item(self, rec: Sequence[Any]) -> Item:
         try:
-            metadata = json.loads(rec[7])
+            metadata = loads_json(rec[7])
         except (TypeError, ValueError):
             metadata = None
         if not isinstance(metadata, dict):
