@@ -65,6 +65,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'#':>3}  {'score':>8}  {'ITM prob':>8}  {'ITC cos':>8}  {'id':>6}  item")
     for rank, h in enumerate(hits, start=1):
         prob = "-" if h.itm_probability is None else f"{h.itm_probability:.4f}"
-        shown = h.path if h.kind == "image" else h.text  # path relative to its indexed root
+        shown = h.path if h.kind == "image" else h.text  # folder name + path inside it
         print(f"{rank:>3}  {h.score:>8.4f}  {prob:>8}  {h.itc_cosine:>8.4f}  {h.id:>6}  {shown}")
     return 0

@@ -34,7 +34,7 @@ class SearchHit:
 
     id: int
     kind: Kind
-    path: str | None  # image items: relative to the root they were indexed from
+    path: str | None  # image items: folder name + path inside it, or the JSONL's relative path
     text: str | None  # text items
     metadata: dict[str, Any]
     score: float  # what the hits are sorted by (see module docstring)

@@ -116,8 +116,9 @@ _SCHEMA_PROBES = (
 class NewItem:
     """An item to add. ``source`` identifies it for resume and de-duplication: the absolute
     image path, or ``file:line`` for a caption read from a file. ``path`` is where an image is
-    read from; ``relpath`` is that path relative to the root it was indexed from (the folder, or
-    the JSONL file's folder), which is all that search results show."""
+    read from; ``relpath`` is what search results show of it, all they show: the indexed
+    folder's name and the path inside it, or the path a JSONL file gave, relative to its folder
+    (sources.py)."""
 
     kind: Kind
     source: str
