@@ -9,6 +9,7 @@ import argparse
 import io
 import os
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from blipitm.common.safeio import MAX_IMAGE_FILE_BYTES, UnreadableFileError, read_regular_file
@@ -72,16 +73,26 @@ def add_model_options(p: argparse.ArgumentParser, *, from_index: bool = False) -
             add_option(g, opt, default=default, shown=default)
 
 
-def load_engine(args: argparse.Namespace, *, index: str | None = None) -> Engine:
-    """Load the model the options name; unset ones come from ``index``'s manifest if given."""
+def load_engine(
+    args: argparse.Namespace,
+    *,
+    index: str | None = None,
+    manifest: Mapping[str, Any] | None = None,
+) -> Engine:
+    """Load the model the options name; unset ones come from the index's manifest if given
+    (``manifest``, or read from ``index``)."""
     from blipitm.engine import load_options  # torch: only once a command runs
 
     values = model_values(args)
-    if index is not None and any(values[name] is None for name in RECORDED):
-        from blipitm.retrieval import Index
+    if (index is not None or manifest is not None) and any(
+        values[name] is None for name in RECORDED
+    ):
+        if manifest is None:
+            from blipitm.retrieval import Index
 
-        with Index.open(index) as opened:
-            recorded = opened.manifest["model"]
+            with Index.open(str(index)) as opened:
+                manifest = opened.manifest
+        recorded = manifest["model"]
         if values["model"] is None:
             values["model"] = recorded["source"]
             values["revision"] = values["revision"] or recorded.get("revision")

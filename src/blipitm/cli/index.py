@@ -132,9 +132,10 @@ def run_add(args: argparse.Namespace) -> int:
 
     # Everything that fails without the model fails before it loads.
     check_positive(args.batch_size, "batch_size")
-    Index.open(args.index).close()  # missing or damaged: one line, exit 2
+    with Index.open(args.index) as opened:  # missing or damaged: one line, exit 2
+        manifest = opened.manifest
     listing = list_sources(args.sources)
-    engine = load_engine(args, index=args.index)
+    engine = load_engine(args, manifest=manifest)
     progress = ConsoleProgress()
     with Index.open(args.index, engine, writable=True) as index:
         try:

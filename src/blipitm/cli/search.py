@@ -49,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
         check_image_file(args.image)
     with Index.open(args.index) as opened:  # missing or damaged: one line, exit 2
         problem = modality_problem(opened, text_query=args.image is None)
+        manifest = opened.manifest
     if problem is not None:  # e.g. --image on an index of images: say so, exit 2
         raise InvalidInputError(f"{args.index}: {problem}", loc=("query",))
-    engine = load_engine(args, index=args.index)
+    engine = load_engine(args, manifest=manifest)
     query: Any = args.query if args.image is None else Path(args.image)
     with Index.open(args.index, engine) as index:
         hits = search(engine, index, query, top_k=args.top_k, rerank_k=args.rerank_k)
