@@ -228,3 +228,14 @@ def test_bench_writes_outside_the_tracked_file() -> None:
         ["git", "check-ignore", "-q", "bench/out/BENCHMARKS.md"], cwd=ROOT, check=False
     )
     assert ignored.returncode == 0
+
+
+def test_index_checks_need_no_torch() -> None:
+    """The checks search and index build/add make before loading a model (the index, its kinds
+    of items, the sources) import no torch either: the error comes in a fraction of a second."""
+    import subprocess
+    import sys
+
+    code = "import sys, blipitm.retrieval; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

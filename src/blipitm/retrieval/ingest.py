@@ -10,14 +10,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from blipitm.common.progress import Progress, no_progress
 from blipitm.common.safeio import MAX_IMAGE_FILE_BYTES, UnreadableFileError, read_regular_file
-from blipitm.engine import Engine
 from blipitm.errors import InvalidInputError
 from blipitm.retrieval.store import Index, NewItem
+
+if TYPE_CHECKING:  # torch: not for the CLI's checks before a model loads
+    from blipitm.engine import Engine
 
 log = logging.getLogger("blipitm")
 

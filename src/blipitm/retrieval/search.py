@@ -12,18 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from blipitm.common.safeio import UnreadableFileError
 from blipitm.common.topk import merge_top_k, top_k_indices
-from blipitm.engine import Engine, ImageFeatures, PairScores
+from blipitm.engine.types import ImageFeatures, PairScores
 from blipitm.errors import InvalidInputError
-from blipitm.processing.image import ImageInput
 from blipitm.retrieval.errors import IndexDamagedError, IndexMismatchError
 from blipitm.retrieval.ingest import read_image_file
 from blipitm.retrieval.store import Index, Item, Kind
+
+if TYPE_CHECKING:  # torch: not for the CLI's checks before a model loads
+    from blipitm.engine import Engine
+    from blipitm.processing.image import ImageInput
 
 SCAN_CHUNK_ROWS = 1 << 16
 

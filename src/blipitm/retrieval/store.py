@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -35,7 +35,6 @@ from blipitm.common.files import atomic_write_bytes, json_bytes
 from blipitm.common.identity import mismatch, model_record
 from blipitm.common.safeio import loads_json
 from blipitm.common.version import __version__
-from blipitm.engine import Engine
 from blipitm.errors import InvalidInputError
 from blipitm.retrieval.errors import (
     IndexBusyError,
@@ -50,6 +49,9 @@ from blipitm.retrieval.integrity import (
     digest,
     parse_manifest,
 )
+
+if TYPE_CHECKING:  # torch: not for the CLI's checks before a model loads
+    from blipitm.engine import Engine
 
 try:  # POSIX advisory locks; elsewhere single-writer discipline is the user's job.
     import fcntl

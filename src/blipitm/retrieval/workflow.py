@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blipitm.common.progress import Progress, no_progress
-from blipitm.engine import Engine
 from blipitm.retrieval.errors import IndexFormatError
 from blipitm.retrieval.ingest import DEFAULT_BATCH, AddReport, add_items
 from blipitm.retrieval.sources import SourceListing, list_source
 from blipitm.retrieval.store import MANIFEST, Index
+
+if TYPE_CHECKING:  # torch: not for the CLI's checks before a model loads
+    from blipitm.engine import Engine
 
 Sources = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
