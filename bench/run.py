@@ -33,6 +33,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTES_MARKER = "<!-- notes below are kept by bench/run.py -->"
+# Never the tracked BENCHMARKS.md: a run writes here (git-ignored), and a reviewed result is
+# copied over BENCHMARKS.md by hand, so a run on a loaded or different machine changes nothing.
+DEFAULT_OUT = ROOT / "bench" / "out" / "BENCHMARKS.md"
+TRACKED = ROOT / "BENCHMARKS.md"
 _WORD_TEXT = (
     "a an the dog cat man woman child boy girl people group two three young old small large red "
     "blue green white black brown yellow running sitting standing walking playing riding holding "
@@ -255,7 +259,13 @@ def main() -> None:
     p.add_argument("--encode-images", type=int, default=16)
     p.add_argument("--naive-pairs", type=int, default=4, help="naive pairs timed (extrapolated)")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="where to write (default: bench/out/BENCHMARKS.md; copy it over BENCHMARKS.md by "
+        "hand once reviewed)",
+    )
     p.add_argument("--child", choices=("blipitm", "transformers"), help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -457,12 +467,18 @@ def write_report(
         *[f"| {a} | {b} |" for a, b in ref_rows],
         "",
     ]
-    # Hand-written analysis below the marker survives regeneration.
-    kept = ""
-    if args.out.exists() and NOTES_MARKER in args.out.read_text():
-        kept = args.out.read_text().split(NOTES_MARKER, 1)[1]
-    args.out.write_text("\n".join(lines) + "\n" + NOTES_MARKER + kept)
-    print(f"wrote {args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n" + NOTES_MARKER + kept_notes(args.out))
+    print(f"wrote {args.out}; review it, then copy it over {TRACKED.relative_to(ROOT)}")
+
+
+def kept_notes(out: Path) -> str:
+    """The hand-written analysis below the marker, so that it survives regeneration: from
+    ``out`` if it has them, else from the tracked BENCHMARKS.md (the copy is then complete)."""
+    for source in (out, TRACKED):
+        if source.exists() and NOTES_MARKER in source.read_text():
+            return source.read_text().split(NOTES_MARKER, 1)[1]
+    return ""
 
 
 if __name__ == "__main__":

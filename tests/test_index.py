@@ -93,8 +93,9 @@ def test_build_search_add_remove(
         itc = search(engine, index, CAPTIONS[0], top_k=8, rerank_k=0)
         cos = engine.embed_images(live) @ engine.embed_texts([CAPTIONS[0]])[0]
         assert [h.file for h in itc] == [str(live[j]) for j in np.argsort(-cos, kind="stable")]
-        # what results show: the path relative to the folder it was indexed from
-        assert {h.path for h in itc} == {p.relative_to(photos).as_posix() for p in live}
+        # what results show: the indexed folder's name, then the path inside it
+        want_paths = {f"{photos.name}/{p.relative_to(photos).as_posix()}" for p in live}
+        assert {h.path for h in itc} == want_paths
         assert all(h.itm_probability is None for h in itc)
 
         # remove by id and by path; removed items never come back

@@ -120,7 +120,8 @@ def test_results_show_paths_relative_to_the_indexed_root(
         server.url + "/v1/search", json={"query": "a dog", "top_k": 6, "rerank_k": 0}, timeout=60
     )
     assert r.status_code == 200, r.text
-    assert sorted(d["path"] for d in r.json()["data"]) == [f"p{i}.png" for i in range(6)]
+    # the indexed folder's name, then the path inside it: no server path before that
+    assert sorted(d["path"] for d in r.json()["data"]) == [f"photos/p{i}.png" for i in range(6)]
     # (the top-level "model" echoes the served model name: the /v1/models part of item 8)
     root = str(index_dir.parent)
     assert not [s for s in _strings(r.json()["data"]) if s.startswith("/") or root in s]

@@ -6,15 +6,23 @@ Torch-free at import: every subcommand's parser is built from here, ``--help`` i
 from __future__ import annotations
 
 import argparse
+import io
+import os
+import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from blipitm.common.safeio import MAX_IMAGE_FILE_BYTES, UnreadableFileError, read_regular_file
 from blipitm.engine.options import MODEL_OPTIONS, LoadOptions, Option, options_from
+from blipitm.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from blipitm.engine import Engine
 
 # With ``from_index``, these default to what the index's manifest records.
 RECORDED = ("model", "protocol", "dtype")
+# As for `blipitm serve`: the model every command loads unless --model says otherwise.
+MODEL_ENV = "BLIPITM_MODEL"
 
 
 def add_option(
@@ -54,26 +62,84 @@ def add_model_options(p: argparse.ArgumentParser, *, from_index: bool = False) -
     defaults = LoadOptions()
     for opt in MODEL_OPTIONS:
         assert opt.field is not None
-        if from_index and opt.name in RECORDED:
+        if opt.name == "model":
+            # Read when the command runs (load_engine), so the help can state it as a rule.
+            recorded = "the one the index was built with" if from_index else defaults.source
+            add_option(g, opt, default=None, shown=f"${MODEL_ENV} if set, else {recorded}")
+        elif from_index and opt.name in RECORDED:
             add_option(g, opt, default=None, shown="the one the index was built with")
         else:
             default = getattr(defaults, opt.field)
             add_option(g, opt, default=default, shown=default)
 
 
-def load_engine(args: argparse.Namespace, *, index: str | None = None) -> Engine:
-    """Load the model the options name; unset ones come from ``index``'s manifest if given."""
+def load_engine(
+    args: argparse.Namespace,
+    *,
+    index: str | None = None,
+    manifest: Mapping[str, Any] | None = None,
+) -> Engine:
+    """Load the model the options name; unset ones come from the index's manifest if given
+    (``manifest``, or read from ``index``)."""
     from blipitm.engine import load_options  # torch: only once a command runs
 
-    values = dict(vars(args))
-    if index is not None and any(values[name] is None for name in RECORDED):
-        from blipitm.retrieval import Index
+    values = model_values(args)
+    if (index is not None or manifest is not None) and any(
+        values[name] is None for name in RECORDED
+    ):
+        if manifest is None:
+            from blipitm.retrieval import Index
 
-        with Index.open(index) as opened:
-            recorded = opened.manifest["model"]
+            with Index.open(str(index)) as opened:
+                manifest = opened.manifest
+        recorded = manifest["model"]
         if values["model"] is None:
             values["model"] = recorded["source"]
             values["revision"] = values["revision"] or recorded.get("revision")
         values["protocol"] = values["protocol"] or recorded["protocol"]
         values["dtype"] = values["dtype"] or recorded["dtype"]
+    if values["model"] is None:
+        values["model"] = LoadOptions().source
+    if sys.stderr.isatty():  # the load takes seconds and logs nothing without -v: say so
+        print(f"loading model {values['model']} ...", file=sys.stderr, flush=True)
     return load_options(options_from(values))
+
+
+def model_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags, with --model from ``$BLIPITM_MODEL`` when the flag is absent."""
+    values = dict(vars(args))
+    if values.get("model") is None and os.environ.get(MODEL_ENV):
+        values["model"] = os.environ[MODEL_ENV]
+    return values
+
+
+def check_image_file(path: str, loc: tuple[str | int, ...] = ("image",)) -> None:
+    """Refuse, before any model is loaded, an IMAGE argument that cannot be an image: missing,
+    not a regular file (a FIFO, a device), over :data:`MAX_IMAGE_FILE_BYTES`, or a file that
+    PIL does not recognise (a text file). Reads the file once; torch-free."""
+    try:
+        data = read_regular_file(path, max_bytes=MAX_IMAGE_FILE_BYTES, what="image file")
+    except UnreadableFileError as e:
+        raise InvalidInputError(str(e), loc=loc) from None
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise InvalidInputError(f"cannot read image file {path}: {reason}", loc=loc) from None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass  # the header is enough to know a format; decoding is the engine's
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise InvalidInputError(
+            f"{path} is not an image file (PIL cannot identify its format)", loc=loc
+        ) from None
+
+
+def check_positive(value: int | None, flag: str, *, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise InvalidInputError(f"must be >= {minimum}, got {value}", loc=(flag,))
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 image``, ``2 images``; ``words`` for irregular plurals."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from blipitm.cli.common import add_model_options, load_engine
+from blipitm.cli.common import add_model_options, check_positive, load_engine, plural
 from blipitm.cli.progress import ConsoleProgress
 
 # blipitm.evaluation's defaults, restated so that `--help` needs no torch (test_options holds
@@ -26,7 +26,10 @@ With the base model that is ~111 TFLOP of vision encoding plus ~7 GFLOP per pair
 Use --limit-images for a quick subset. Interrupt at any time: rerunning the same command
 resumes from OUT/.work.
 
-example: blipitm eval --annotations flickr30k_test.json --image-root flickr30k-images \\
+--image-root is the folder the annotations' paths are relative to: BLIP's flickr30k_test.json
+names "flickr30k-images/1007129816.jpg", so it is the folder that holds flickr30k-images/.
+
+example: blipitm eval --annotations flickr30k_test.json --image-root flickr30k \\
   --output runs/flickr-test --device cuda --dtype bfloat16"""
 
 
@@ -74,6 +77,7 @@ def add_parser(sub: Any, name: str, help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_before_loading(args)  # before torch, too: a typo fails in a fraction of a second
     from blipitm.engine import BatchSizes  # torch: not for `--help`
     from blipitm.evaluation import evaluate, load_annotations
     from blipitm.evaluation.report import table
@@ -83,8 +87,6 @@ def run(args: argparse.Namespace) -> int:
     load_annotations(args.annotations, args.image_root, limit_images=args.limit_images)
     engine = load_engine(args)
     if args.batch_size is not None:
-        if args.batch_size < 1:
-            raise SystemExit("blipitm eval: error: --batch-size must be >= 1")
         engine.batch_sizes = BatchSizes(images=args.batch_size, texts=engine.batch_sizes.texts)
     progress = ConsoleProgress(units=UNITS)
     try:
@@ -105,7 +107,23 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     print(table(r))
     print(
-        f"{r['pairs']['scored']} ITM pairs, {r['pairs_per_s']:.1f} pairs/s; "
+        f"{plural(r['pairs']['scored'], 'ITM pair')}, {r['pairs_per_s']:.1f} pairs/s; "
         f"wrote {out / 'results.json'} and {out / 'report.md'}"
     )
     return 0
+
+
+def _check_before_loading(args: argparse.Namespace) -> None:
+    """What fails without the model, checked before it loads (seconds to minutes)."""
+    from blipitm.errors import InvalidInputError
+
+    if not Path(args.annotations).is_file():
+        what = "is not a file" if Path(args.annotations).exists() else "does not exist"
+        raise InvalidInputError(f"{args.annotations} {what}", loc=("annotations",))
+    if not Path(args.image_root).is_dir():
+        what = "is not a folder" if Path(args.image_root).exists() else "does not exist"
+        raise InvalidInputError(f"{args.image_root} {what}", loc=("image_root",))
+    check_positive(args.k_test, "k_test")
+    check_positive(args.limit_images, "limit_images")
+    check_positive(args.batch_size, "batch_size")
+    check_positive(args.chunk_pairs, "chunk_pairs")

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from blipitm.cli.common import add_model_options, load_engine
+from blipitm.cli.common import add_model_options, check_image_file, check_positive, load_engine
 from blipitm.errors import InvalidInputError
 
 MAX_SIDE = 1024  # overlays are drawn over the image scaled to at most this (the blur is O(side^2))
@@ -67,6 +67,10 @@ def _display_image(path: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     from blipitm.explain import token_grid
 
+    check_image_file(args.image)  # before the model: a bad path fails at once
+    check_positive(args.layer, "layer", minimum=0)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InvalidInputError(f"{args.out} exists and is not a folder", loc=("out",))
     engine = load_engine(args)
     explanations = engine.explain_batch(args.image, args.texts, layer=args.layer)
     display = _display_image(args.image)

@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
-from blipitm.cli.common import add_model_options
+from blipitm.cli.common import add_model_options, model_values
 from blipitm.engine.options import options_from
 from blipitm.errors import InvalidInputError
 from blipitm.filtering.runner import DEFAULT_CACHE_MB
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.cache_mb < 0:
         raise InvalidInputError("must be >= 0", loc=("cache_mb",))
-    options = replace(options_from(vars(args)), cache_bytes=int(args.cache_mb * MIB))
+    options = replace(options_from(model_values(args)), cache_bytes=int(args.cache_mb * MIB))
     printer = _Printer()
     try:
         stats = filter_dataset(

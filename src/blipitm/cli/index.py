@@ -9,7 +9,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from blipitm.cli.common import add_model_options, load_engine
+from blipitm.cli.common import add_model_options, check_positive, load_engine, plural
 from blipitm.cli.progress import ConsoleProgress
 
 if TYPE_CHECKING:
@@ -38,7 +38,9 @@ def add_parser(sub: Any, name: str, help: str) -> None:
         "build",
         help="create an index (or resume an interrupted build)",
         description="Embed SRC into a new index at --out. Rerun the same command to resume "
-        "after an interruption; unreadable files are skipped and listed.",
+        "after an interruption; an existing index built from other sources is refused ('index "
+        "add' adds to it). Unreadable files (and anything that is not a regular file, or is over "
+        "512 MiB) are skipped and listed; files without an image extension are counted.",
     )
     b.add_argument("sources", nargs="+", metavar="SRC", help=SOURCE_HELP)
     b.add_argument("--out", required=True, metavar="INDEX", help="index folder")
@@ -100,8 +102,12 @@ def _common(p: argparse.ArgumentParser, *, from_index: bool) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from blipitm.retrieval import build_index
+    from blipitm.retrieval import build_index, check_build_target, list_sources
 
+    # Everything that fails without the model fails before it loads.
+    check_positive(args.batch_size, "batch_size")
+    listing = list_sources(args.sources)
+    check_build_target(args.sources, args.out)
     engine = load_engine(args)
     progress = ConsoleProgress()
     try:
@@ -112,6 +118,7 @@ def run_build(args: argparse.Namespace) -> int:
             store_features=args.store_features,
             batch_size=args.batch_size,
             progress=_quiet if args.no_progress else progress,
+            listing=listing,
         )
     finally:
         progress.close()
@@ -121,9 +128,14 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from blipitm.retrieval import Index, add_sources
+    from blipitm.retrieval import Index, add_sources, list_sources
 
-    engine = load_engine(args, index=args.index)
+    # Everything that fails without the model fails before it loads.
+    check_positive(args.batch_size, "batch_size")
+    with Index.open(args.index) as opened:  # missing or damaged: one line, exit 2
+        manifest = opened.manifest
+    listing = list_sources(args.sources)
+    engine = load_engine(args, manifest=manifest)
     progress = ConsoleProgress()
     with Index.open(args.index, engine, writable=True) as index:
         try:
@@ -134,6 +146,7 @@ def run_add(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 include_removed=args.include_removed,
                 progress=_quiet if args.no_progress else progress,
+                listing=listing,
             )
         finally:
             progress.close()
@@ -163,7 +176,10 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     m = info["model"]
     print(f"index:     {info['path']}")
-    print(f"items:     {info['images']} images, {info['texts']} texts ({info['removed']} removed)")
+    print(
+        f"items:     {plural(info['images'], 'image')}, {plural(info['texts'], 'text')} "
+        f"({info['removed']} removed)"
+    )
     print(f"model:     {m['source']} (revision {m['revision']}, commit {m['commit']})")
     print(f"protocol:  {m['protocol']}, built in {m['dtype']}, {info['embedding_dim']}-d")
     print(f"features:  {'stored (float16)' if info['store_features'] else 'not stored'}")
@@ -181,10 +197,12 @@ def run_verify(args: argparse.Namespace) -> int:
 
     with Index.open(args.index) as index:  # raises IndexDamagedError: main prints it, exit 2
         checked = index.verify()
-    features = f" and {checked['feature_rows']} feature rows" if index.has_features else ""
+    frows = plural(checked["feature_rows"], "feature row")
+    features = f" and {frows}" if index.has_features else ""
     print(
-        f"{index.path}: ok ({checked['rows']} rows{features} in {checked['batches']} batches "
-        "match their checksums; SQLite integrity ok)"
+        f"{index.path}: ok ({plural(checked['rows'], 'row')}{features} in "
+        f"{plural(checked['batches'], 'batch', 'batches')} match their checksums; SQLite "
+        "integrity ok)"
     )
     return 0
 
@@ -211,11 +229,17 @@ def _print_report(index: Index, report: AddReport) -> None:
     counts = index.counts()
     print(
         f"{index.path}: added {report.added}, already indexed {report.already}, skipped "
-        f"{len(report.skipped)}; now {counts['image']} images, {counts['text']} texts"
+        f"{len(report.skipped)}; now {plural(counts['image'], 'image')}, "
+        f"{plural(counts['text'], 'text')}"
     )
-    if report.removed_before:
+    if report.ignored:
         print(
-            f"  {report.removed_before} items were removed earlier and were not re-added "
+            f"  ignored {plural(report.ignored, 'file')} without an image extension (not indexed)"
+        )
+    if report.removed_before:
+        were = "item was" if report.removed_before == 1 else "items were"
+        print(
+            f"  {report.removed_before} {were} removed earlier and were not re-added "
             "(index add --include-removed re-adds them)"
         )
     for source, reason in report.skipped[:SHOW_SKIPPED]:

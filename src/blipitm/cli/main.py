@@ -67,7 +67,31 @@ def build_parser(full: Collection[str] | None = None) -> argparse.ArgumentParser
             module.add_parser(sub, command.name, command.help)
         else:
             sub.add_parser(command.name, help=command.help)
+    _verbose_everywhere(sub)
     return parser
+
+
+def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
+    """``-v`` after the subcommand too (``blipitm index build ... -v``): each subparser counts
+    its own into ``sub_verbose``, which main adds to the top level's count."""
+    for parser in set(sub.choices.values()):
+        parser.add_argument(
+            "-v",
+            "--verbose",
+            dest=f"sub_verbose_{id(parser)}",
+            action="count",
+            default=0,
+            help="log more (-v info, -vv debug)",
+        )
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _verbose_everywhere(action)
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    return int(args.verbose) + sum(
+        int(v) for k, v in vars(args).items() if k.startswith("sub_verbose_")
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(_verbosity(args), 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))

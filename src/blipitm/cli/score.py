@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from blipitm.cli.common import add_model_options, load_engine
+from blipitm.cli.common import add_model_options, check_image_file, load_engine
 
 
 def add_parser(sub: Any, name: str, help: str) -> None:
@@ -25,6 +25,7 @@ def add_parser(sub: Any, name: str, help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_image_file(args.image)  # before the model: a bad path fails at once
     engine = load_engine(args)
     scores = engine.score(args.image, args.texts)
     if args.json:

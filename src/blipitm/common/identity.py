@@ -11,11 +11,12 @@ give unrelated vectors. Protocol is checked by name too, because under ``blip`` 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from blipitm.engine import Engine
+if TYPE_CHECKING:  # torch: not for the CLI's checks before a model loads
+    from blipitm.engine import Engine
 
 PROBE_TEXT = "A photo of a dog running on the grass, next to a red car."
 # Same weights in bf16 vs fp32 keep the probe cosine above ~0.999; unrelated weights give ~0.

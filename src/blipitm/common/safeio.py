@@ -20,6 +20,11 @@ import stat
 from pathlib import Path
 from typing import Any
 
+# The largest image file blipitm reads from a path it was given (an index's folders, the CLI's
+# IMAGE arguments): far above any real photo (89.5 M pixels as uncompressed 8-bit RGB is 268 MB),
+# low enough that a symlink to /dev/zero or a giant file costs nothing.
+MAX_IMAGE_FILE_BYTES = 512 << 20
+
 # Deeper than any document blipitm reads (annotations, metadata, request bodies nest < 10).
 MAX_JSON_DEPTH = 64
 

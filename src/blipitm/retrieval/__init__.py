@@ -14,10 +14,16 @@ from blipitm.retrieval.errors import (
     IndexMismatchError,
 )
 from blipitm.retrieval.ingest import AddReport, add_items
-from blipitm.retrieval.search import SearchHit, SearchHits, scan_top_k, search
+from blipitm.retrieval.search import (
+    SearchHit,
+    SearchHits,
+    modality_problem,
+    scan_top_k,
+    search,
+)
 from blipitm.retrieval.sources import SourceListing, list_source
 from blipitm.retrieval.store import Index, Item, NewItem
-from blipitm.retrieval.workflow import add_sources, build_index
+from blipitm.retrieval.workflow import add_sources, build_index, check_build_target, list_sources
 
 __all__ = [
     "AddReport",
@@ -34,7 +40,10 @@ __all__ = [
     "add_items",
     "add_sources",
     "build_index",
+    "check_build_target",
     "list_source",
+    "list_sources",
+    "modality_problem",
     "scan_top_k",
     "search",
 ]

@@ -10,13 +10,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from blipitm.common.progress import Progress, no_progress
-from blipitm.engine import Engine
+from blipitm.common.safeio import MAX_IMAGE_FILE_BYTES, UnreadableFileError, read_regular_file
 from blipitm.errors import InvalidInputError
 from blipitm.retrieval.store import Index, NewItem
+
+if TYPE_CHECKING:  # torch: not for the CLI's checks before a model loads
+    from blipitm.engine import Engine
 
 log = logging.getLogger("blipitm")
 
@@ -29,6 +33,7 @@ class AddReport:
     already: int = 0  # sources already live in the index (resume / duplicates)
     removed_before: int = 0  # sources removed earlier: not re-added unless asked to
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    ignored: int = 0  # files of the folders without an image extension, not indexed
 
 
 def add_items(
@@ -85,19 +90,48 @@ def _batches(items: list[NewItem], size: int) -> list[list[NewItem]]:
     return out
 
 
+def read_image_file(path: str | Path) -> bytes:
+    """An indexed image's bytes: a regular file of at most MAX_IMAGE_FILE_BYTES, read without
+    blocking (a FIFO named .jpg, a symlink to /dev/zero). UnreadableFileError or OSError
+    otherwise, for the caller to list."""
+    return read_regular_file(path, max_bytes=MAX_IMAGE_FILE_BYTES, what="image file")
+
+
+def _read_images(
+    batch: list[NewItem],
+) -> tuple[list[NewItem], list[bytes], list[tuple[str, str]]]:
+    ok: list[NewItem] = []
+    data: list[bytes] = []
+    bad: list[tuple[str, str]] = []
+    for it in batch:
+        try:
+            data.append(read_image_file(str(it.path)))
+        except UnreadableFileError as e:
+            bad.append((it.source, str(e)))
+            continue
+        except OSError as e:
+            bad.append((it.source, f"cannot read image file {it.path}: {e.strerror or e}"))
+            continue
+        ok.append(it)
+    return ok, data, bad
+
+
 def _embed(
     engine: Engine, batch: list[NewItem], *, keep_features: bool
 ) -> tuple[list[NewItem], np.ndarray, np.ndarray | None, list[tuple[str, str]]]:
-    """Embed one single-kind batch. The engine validates a whole call before computing and names
-    the first bad input (``images[3]``); we drop that item and retry, so bad files cost one
-    decode each and never abort the batch."""
-    ok = list(batch)
-    bad: list[tuple[str, str]] = []
+    """Embed one single-kind batch. Image files are read here, as regular files under a cap
+    (:func:`read_image_file`), and what cannot be read is skipped. The engine validates a whole
+    call before computing and names the first bad input (``images[3]``); we drop that item and
+    retry, so bad files cost one decode each and never abort the batch."""
     is_image = batch[0].kind == "image"
+    if is_image:
+        ok, data, bad = _read_images(batch)
+    else:
+        ok, data, bad = list(batch), [], []
     while ok:
         try:
             if is_image:
-                encoded = engine.encode_images([Path(str(it.path)) for it in ok])
+                encoded = engine.encode_images(list(data))
                 feats = encoded.astype("float16").tokens if keep_features else None
                 return ok, encoded.embeddings, feats, bad
             return ok, engine.embed_texts([str(it.text) for it in ok]), None, bad
@@ -107,6 +141,8 @@ def _embed(
                 raise
             bad.append((ok[j].source, e.reason))
             del ok[j]
+            if is_image:
+                del data[j]
     dim = engine.embedding_dim
     return [], np.zeros((0, dim), np.float32), _no_features(engine, keep_features), bad
 

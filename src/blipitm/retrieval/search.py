@@ -12,17 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from blipitm.common.safeio import UnreadableFileError
 from blipitm.common.topk import merge_top_k, top_k_indices
-from blipitm.engine import Engine, ImageFeatures, PairScores
+from blipitm.engine.types import ImageFeatures, PairScores
 from blipitm.errors import InvalidInputError
-from blipitm.processing.image import ImageInput
 from blipitm.retrieval.errors import IndexDamagedError, IndexMismatchError
+from blipitm.retrieval.ingest import read_image_file
 from blipitm.retrieval.store import Index, Item, Kind
+
+if TYPE_CHECKING:  # torch: not for the CLI's checks before a model loads
+    from blipitm.engine import Engine
+    from blipitm.processing.image import ImageInput
 
 SCAN_CHUNK_ROWS = 1 << 16
 
@@ -33,7 +37,7 @@ class SearchHit:
 
     id: int
     kind: Kind
-    path: str | None  # image items: relative to the root they were indexed from
+    path: str | None  # image items: folder name + path inside it, or the JSONL's relative path
     text: str | None  # text items
     metadata: dict[str, Any]
     score: float  # what the hits are sorted by (see module docstring)
@@ -93,6 +97,9 @@ def search(
         )
     text_query = isinstance(query, str)
     target: Kind = "image" if text_query else "text"
+    problem = modality_problem(index, text_query=text_query)
+    if problem is not None:
+        raise InvalidInputError(problem, loc=("query",))
     query_feats: ImageFeatures | None = None
     text_tokens = 0
     if isinstance(query, str):
@@ -137,6 +144,31 @@ def search(
     )
 
 
+def modality_problem(index: Index, *, text_query: bool) -> str | None:
+    """Why ``index`` cannot answer a text (``text_query``) or an image query, or None.
+
+    A caption finds images and an image finds captions, so an index without live items of the
+    other modality has nothing to return: say that, instead of an empty list. No paths of this
+    machine in the message (the server sends it to clients)."""
+    target: Kind = "image" if text_query else "text"
+    if index.live_mask(target).any():
+        return None
+    other: Kind = "text" if text_query else "image"
+    held = int(index.live_mask(other).sum())
+    if held == 0:
+        return "the index holds no items (all were removed, or none was added)"
+    has = f"it holds {held} {'caption' if other == 'text' else 'image'}{'' if held == 1 else 's'}"
+    if text_query:
+        return (
+            f"the index holds no images ({has}): a caption query searches images; "
+            "search its captions with an image query"
+        )
+    return (
+        f"the index holds no captions ({has}): an image query searches captions; "
+        "search its images with a caption"
+    )
+
+
 def scan_top_k(
     index: Index, query_embedding: np.ndarray, k: int, kind: Kind
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -173,9 +205,18 @@ def _rerank_images(
         if len(frows) == len(items):
             feats = ImageFeatures(index.features(frows), np.asarray(index.embeddings()[rows]))
             return engine.score_pairs(feats, [query], pairs, itc=False)
-    paths = [Path(str(it.path)) for it in items]
     try:
-        return engine.score_pairs(paths, [query], pairs, itc=False)
+        # Regular files under the cap only: an indexed path replaced by a FIFO or a symlink to
+        # /dev/zero must not hang or exhaust a search.
+        images = [read_image_file(str(it.path)) for it in items]
+    except (UnreadableFileError, OSError) as e:
+        reason = str(e) if isinstance(e, UnreadableFileError) else (e.strerror or str(e))
+        raise IndexDamagedError(
+            f"index {index.path}: an indexed image can no longer be read ({reason}); restore "
+            f"it, or remove it with 'blipitm index remove {index.path} PATH'"
+        ) from e
+    try:
+        return engine.score_pairs(images, [query], pairs, itc=False)
     except InvalidInputError as e:
         # The client's query is fine: the index points at a file that changed or went away.
         raise IndexDamagedError(

@@ -1,19 +1,21 @@
 """What ``index build SRC`` / ``index add SRC`` read: a folder of images, a captions file, JSONL.
 
 Every item gets a stable ``source`` key (absolute image path, or ``file:line`` for a caption from
-a file) so that a rerun after an interruption skips what is already indexed, and each image its
-path relative to the root it was indexed from (what search results show: never a server's
-absolute paths). Items that cannot even be described (a malformed JSONL line) are returned as
-skipped with a reason, never fatal.
+a file) so that a rerun after an interruption skips what is already indexed, and each image the
+path search results show (never a server's absolute paths): for a folder, the folder's name and
+the path inside it (``photos/2024/a.jpg``), so that images of two folders are told apart; for a
+JSONL file, the path as the file wrote it, relative to the file's folder. Items that cannot even be
+described (a malformed JSONL line, nested JSON included) are returned as skipped with a reason,
+never fatal; files in a folder without an image extension are counted (``ignored``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blipitm.common.safeio import loads_json
 from blipitm.errors import InvalidInputError
 from blipitm.retrieval.store import NewItem
 
@@ -28,6 +30,7 @@ JSONL_EXTENSIONS = frozenset({".jsonl", ".ndjson"})
 class SourceListing:
     items: list[NewItem] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    ignored: int = 0  # files of a folder without an image extension (hidden ones not counted)
 
 
 def list_source(src: str | os.PathLike[str]) -> SourceListing:
@@ -37,8 +40,10 @@ def list_source(src: str | os.PathLike[str]) -> SourceListing:
     path = Path(src)
     if path.is_dir():
         return _list_folder(path)
-    if not path.is_file():
+    if not path.exists():
         raise InvalidInputError(f"{src} does not exist", loc=("source",))
+    if not path.is_file():  # a FIFO or a device: opening or reading it would never end
+        raise InvalidInputError(f"{src} is not a regular file or a folder", loc=("source",))
     suffix = path.suffix.lower()
     if suffix in JSONL_EXTENSIONS:
         return _list_jsonl(path)
@@ -56,14 +61,22 @@ def list_source(src: str | os.PathLike[str]) -> SourceListing:
 
 
 def _list_folder(root: Path) -> SourceListing:
-    found: list[tuple[str, str]] = []  # (absolute, relative to root)
+    found: list[tuple[str, str]] = []  # (absolute, what results show)
+    prefix = root.resolve().name  # "" for "/"
+    ignored = 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # e.g. .git, .cache
         for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                file = Path(dirpath) / name
-                found.append((str(file.resolve()), file.relative_to(root).as_posix()))
-    return SourceListing([NewItem("image", p, path=p, relpath=rel) for p, rel in sorted(found)])
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                ignored += 1
+                continue
+            file = Path(dirpath) / name
+            rel = file.relative_to(root).as_posix()
+            found.append((str(file.resolve()), f"{prefix}/{rel}" if prefix else rel))
+    items = [NewItem("image", p, path=p, relpath=rel) for p, rel in sorted(found)]
+    return SourceListing(items, ignored=ignored)
 
 
 def _list_captions(path: Path) -> SourceListing:
@@ -86,9 +99,9 @@ def _list_jsonl(path: Path) -> SourceListing:
                 continue
             key = f"{base}:{lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                out.skipped.append((key, f"invalid JSON: {e.msg}"))
+                obj = loads_json(line)  # nesting past the stack is a ValueError here too
+            except ValueError as e:
+                out.skipped.append((key, f"invalid JSON: {getattr(e, 'msg', e)}"))
                 continue
             if not isinstance(obj, dict) or ("image" in obj) == ("text" in obj):
                 out.skipped.append((key, 'expected an object with exactly one of "image", "text"'))

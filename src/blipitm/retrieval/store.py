@@ -27,14 +27,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from blipitm.common.files import atomic_write_bytes, json_bytes
 from blipitm.common.identity import mismatch, model_record
+from blipitm.common.safeio import loads_json
 from blipitm.common.version import __version__
-from blipitm.engine import Engine
 from blipitm.errors import InvalidInputError
 from blipitm.retrieval.errors import (
     IndexBusyError,
@@ -49,6 +49,9 @@ from blipitm.retrieval.integrity import (
     digest,
     parse_manifest,
 )
+
+if TYPE_CHECKING:  # torch: not for the CLI's checks before a model loads
+    from blipitm.engine import Engine
 
 try:  # POSIX advisory locks; elsewhere single-writer discipline is the user's job.
     import fcntl
@@ -115,8 +118,9 @@ _SCHEMA_PROBES = (
 class NewItem:
     """An item to add. ``source`` identifies it for resume and de-duplication: the absolute
     image path, or ``file:line`` for a caption read from a file. ``path`` is where an image is
-    read from; ``relpath`` is that path relative to the root it was indexed from (the folder, or
-    the JSONL file's folder), which is all that search results show."""
+    read from; ``relpath`` is what search results show of it, all they show: the indexed
+    folder's name and the path inside it, or the path a JSONL file gave, relative to its folder
+    (sources.py)."""
 
     kind: Kind
     source: str
@@ -155,9 +159,18 @@ class Index:
 
     @classmethod
     def create(
-        cls, path: str | os.PathLike[str], engine: Engine, *, store_features: bool = False
+        cls,
+        path: str | os.PathLike[str],
+        engine: Engine,
+        *,
+        store_features: bool = False,
+        build_sources: Sequence[str] | None = None,
     ) -> Index:
-        """Create an empty index for ``engine``'s model at ``path`` (absent or empty folder)."""
+        """Create an empty index for ``engine``'s model at ``path`` (absent or empty folder).
+
+        ``build_sources`` (absolute paths) records what the build that creates it reads, so that
+        rerunning that build resumes it and another build onto it is refused
+        (:meth:`build_sources`)."""
         root = Path(path)
         if root.exists() and not (root / MANIFEST).exists():
             _clear_unfinished_create(root)
@@ -188,6 +201,10 @@ class Index:
         db = _connect(root / DATABASE)
         db.executescript(_SCHEMA)
         db.execute("INSERT INTO meta VALUES ('manifest_sha256', ?)", (digest(raw),))
+        if build_sources is not None:
+            db.execute(
+                "INSERT INTO meta VALUES ('build_sources', ?)", (json.dumps(list(build_sources)),)
+            )
         # The manifest goes last: a folder without one is a build that never started.
         atomic_write_bytes(root / MANIFEST, raw)
         db.close()
@@ -360,6 +377,23 @@ class Index:
     def removed_sources(self) -> set[str]:
         return {s for (s,) in self._query("SELECT source FROM items WHERE removed = 1")}
 
+    def build_sources(self) -> list[str] | None:
+        """The sources the build that created the index read (absolute paths), or None when it
+        did not record them (created by Index.create directly, or by blipitm 0.x before)."""
+        rec = self._query("SELECT value FROM meta WHERE key = 'build_sources'")
+        if not rec:
+            return None
+        try:
+            value = loads_json(rec[0][0])
+        except (TypeError, ValueError):
+            value = None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise IndexDamagedError(
+                f"index {self.path}: its recorded build sources are not a list of paths; "
+                "rebuild the index"
+            )
+        return value
+
     def skipped(self) -> list[tuple[str, str]]:
         return [
             (s, r) for s, r in self._query("SELECT source, reason FROM skipped ORDER BY source")
@@ -511,7 +545,7 @@ class Index:
 
     def _item(self, rec: Sequence[Any]) -> Item:
         try:
-            metadata = json.loads(rec[7])
+            metadata = loads_json(rec[7])
         except (TypeError, ValueError):
             metadata = None
         if not isinstance(metadata, dict):

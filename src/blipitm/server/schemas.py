@@ -321,8 +321,8 @@ class SearchResult(BaseModel):
     kind: str = Field(description="image or text")
     path: str | None = Field(
         default=None,
-        description="image items: the path relative to the root it was indexed from (a folder, "
-        "or a JSONL file's folder); never an absolute path of the server",
+        description="image items: the indexed folder's name and the path inside it, or the path "
+        "a JSONL file gave, relative to that file's folder; never an absolute path of the server",
     )
     text: str | None = None
     metadata: dict[str, Any] = Field(

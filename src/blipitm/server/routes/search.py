@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from blipitm.retrieval import Index, IndexFormatError, SearchHits, search
+from blipitm.retrieval import Index, IndexFormatError, SearchHits, modality_problem, search
 from blipitm.server.batching import Call
 from blipitm.server.context import Ready, ready
 from blipitm.server.errors import API_ERRORS, APIError
@@ -40,6 +40,18 @@ def _checked_index(ctx: Ready[SearchRequest]) -> Index:
     return index
 
 
+def _damaged(e: IndexFormatError) -> APIError:
+    """Damaged on disk since start-up (open checked it): the operator's to fix, and the message
+    names server paths, so the client gets neither a 500 nor the details."""
+    _log.error("search failed: %s", e)
+    return APIError(
+        503,
+        "the search index cannot be used: it is damaged (the server log says how); "
+        "the operator can check it with `blipitm index verify`",
+        code="index_damaged",
+    )
+
+
 @router.post(
     "/v1/search",
     response_model=SearchResponse,
@@ -53,6 +65,13 @@ async def search_index(
 ) -> JSONResponse:
     index = _checked_index(ctx)
     query = classify(ctx.body.query, ("query",))
+    # Before the query is decoded or queued: an index of images cannot answer an image query.
+    try:
+        problem = modality_problem(index, text_query=isinstance(query, TextItem))
+    except IndexFormatError as e:
+        raise _damaged(e) from None
+    if problem is not None:
+        raise APIError(400, problem, code="invalid_input", param="query")
     if isinstance(query, TextItem):
         texts, images = await ctx.inputs([query], [])
     else:
@@ -65,15 +84,7 @@ async def search_index(
             loc_mapper(query, images=[query], texts=[query]),
         )
     except IndexFormatError as e:
-        # Damaged on disk since start-up (open checked it): the operator's to fix, and the
-        # message names server paths, so the client gets neither a 500 nor the details.
-        _log.error("search failed: %s", e)
-        raise APIError(
-            503,
-            "the search index cannot be used: it is damaged (the server log says how); "
-            "the operator can check it with `blipitm index verify`",
-            code="index_damaged",
-        ) from None
+        raise _damaged(e) from None
     tokens = ctx.usage_tokens(hits.text_tokens, len(images))
     return JSONResponse(
         {
