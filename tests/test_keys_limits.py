@@ -91,7 +91,7 @@ def test_concurrency_slots_are_released(make: Make) -> None:
         lim = make()
         k = key(concurrency=2)
         a, b, c = [(await lim.admit(k, r)).allowed for r in ("a", "b", "c")]
-        await lim.finish(k, "a", 0, billed=True)
+        await lim.finish(k, "a", 0, spent=0)
         d = (await lim.admit(k, "d")).allowed
         await lim.close()
         return [a, b, c, d]
@@ -105,10 +105,10 @@ def test_credits_reserve_settle_refund(make: Make) -> None:
         k = key(credit_limit=10)
         out = [await lim.admit(k, "a"), await lim.reserve(k, "a", 4, 4)]
         out.append(await lim.reserve(k, "b", 7, 7))  # 6 left while 4 are held
-        await lim.finish(k, "a", 4, billed=False)  # a failed request: refunded
+        await lim.finish(k, "a", 4, spent=0)  # a failed request: refunded
         out.append(await lim.admit(k, "c"))
         out.append(await lim.reserve(k, "c", 10, 10))
-        await lim.finish(k, "c", 10, billed=True)
+        await lim.finish(k, "c", 10, spent=10)
         remaining = (await lim.state(k)).credits_remaining
         out.append(await lim.reserve(k, "d", 1, 1))
         await lim.close()
@@ -128,7 +128,7 @@ def test_parallel_reservations_never_overdraw(make: Make) -> None:
         verdicts = await asyncio.gather(*(lim.reserve(k, f"r{i}", 1, 1) for i in range(50)))
         ok = [i for i, v in enumerate(verdicts) if v.allowed]
         for i in ok:
-            await lim.finish(k, f"r{i}", 1, billed=True)
+            await lim.finish(k, f"r{i}", 1, spent=1)
         remaining = (await lim.state(k)).credits_remaining
         await lim.close()
         return len(ok), remaining

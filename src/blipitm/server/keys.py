@@ -5,7 +5,8 @@
 disk), the limiter (in-process, or Redis with ``--redis``), the usage buffer and the per-key
 metrics. :class:`Charge` is one request's account: admitted by the guard middleware, its items and
 credits reserved by the route (``Ready.inputs``) from what the body declares, settled when the
-response is complete (billed on 2xx, refunded on any other status or a client that went away).
+response is complete (billed on 2xx; otherwise the inference work that was done is billed and the
+rest refunded, whether the client went away or the deadline passed).
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class KeyService:
         self.limiter: Limiter
         if settings.redis_url is not None:
             slot_ttl = 2 * (settings.request_timeout_s + settings.drain_timeout_s) + 30
-            self.limiter = RedisLimiter(settings.redis_url, settings.rate_window_s, slot_ttl)
+            self.limiter = RedisLimiter(
+                settings.redis_url, settings.rate_window_s, slot_ttl, floor=self.spent_for_certain
+            )
         else:
             self.limiter = LocalLimiter(settings.rate_window_s)
         self.buffer = UsageBuffer(self.store)
@@ -85,10 +88,16 @@ class KeyService:
             log.error("could not write the last usage to the key store: %s", e)
         await self.limiter.close()
 
+    async def spent_for_certain(self, key: KeyRecord) -> int:
+        """What ``key`` has spent: the store's balance plus this replica's usage not yet written
+        there (read under the flush lock, so a flush under way is counted once)."""
+        return await self.buffer.spent(key.name)
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_S)
             try:
+                await self.limiter.heartbeat()  # settles that failed, state Redis lost
                 await self.buffer.flush()
                 await self.reload()
             except asyncio.CancelledError:
@@ -126,15 +135,15 @@ class KeyService:
     def open(self, key: KeyRecord, endpoint: str) -> Charge:
         return Charge(self, key, endpoint)
 
-    def record(self, charge: Charge, status: int, billed: bool) -> None:
+    def record(self, charge: Charge, status: int, spent: int) -> None:
         row = usage_row(
             charge.key.name,
             charge.endpoint,
             status,
             texts=charge.texts,
             images=charge.images,
-            tokens=charge.tokens if billed else 0,
-            credits=charge.credits if billed else 0,
+            tokens=charge.tokens if 200 <= status < 300 else 0,
+            credits=spent,
             started=charge.started,
         )
         self.buffer.add(row)
@@ -153,6 +162,7 @@ class Charge:
     texts: int = 0
     images: int = 0
     credits: int = 0  # reserved, billed on success
+    done: int = 0  # credits of the work the inference worker took (billed whatever the status)
     tokens: int = 0  # the response's usage.total_tokens, as the route computed it
     admitted: bool = False
     requests: Window | None = None
@@ -175,7 +185,7 @@ class Charge:
             self.service.metrics.refused.labels(
                 key=self.service.metrics.label(self.key.name), reason=str(verdict.refusal)
             ).inc()
-            self.service.record(self, 429, billed=False)
+            self.service.record(self, 429, 0)
         return verdict
 
     def check_model(self, named: str | None, served: tuple[str, ...]) -> None:
@@ -217,15 +227,29 @@ class Charge:
             )
         self.credits = needed
 
+    def worked(self, texts: int | None = None, images: int | None = None) -> None:
+        """The inference worker took a job of this request (``texts`` and ``images``; None: all
+        of the request's): its credits are billed even if the client leaves or the deadline
+        passes, since the compute is spent. Work never started is refunded."""
+        texts = self.texts if texts is None else texts
+        images = self.images if images is None else images
+        done = self.done + texts + images * self.service.image_credits
+        self.done = min(self.credits, done)
+
+    def spent(self, status: int) -> int:
+        """What the request is billed: everything on a 2xx, else the work the worker did."""
+        return self.credits if 200 <= status < 300 else self.done
+
     async def finish(self, status: int) -> None:
-        """Settle after the response: bill a 2xx, refund anything else (499: client left)."""
+        """Settle after the response: bill a 2xx, else bill the work done and refund the rest
+        (499: the client left). The usage is recorded first, so the billing is never lost when
+        the limiter cannot be told (Redis retries it)."""
         if not self.admitted:
             return
-        billed = 200 <= status < 300
-        try:
-            await self.service.limiter.finish(self.key, self.request_id, self.credits, billed)
-        finally:
-            self.service.record(self, status, billed)
+        self.admitted = False  # settled once, whoever calls again
+        spent = self.spent(status)
+        self.service.record(self, status, spent)
+        await self.service.limiter.finish(self.key, self.request_id, self.credits, spent)
 
 
 def charge_of(scope: Any) -> Charge | None:

@@ -36,6 +36,12 @@ class UsageBuffer:
         """Rows of ``name`` not yet in the store (``/v1/usage`` adds them to the store's)."""
         return [r for r in self._rows.values() if r.name == name]
 
+    async def spent(self, name: str) -> int:
+        """Credits ``name`` has spent: the store's balance plus the rows not yet written."""
+        async with self._lock:
+            record = await asyncio.to_thread(self.store.get, name)
+            return record.credits_used + sum(r.credits for r in self.pending(name))
+
     async def flush(self) -> None:
         async with self._lock:
             rows, self._rows = self._rows, {}
