@@ -17,6 +17,7 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,7 @@ SCOPE_KEY = "blipitm.charge"  # where the guard leaves a request's Charge in the
 class KeyService:
     def __init__(self, settings: ServerSettings, registry: CollectorRegistry) -> None:
         assert settings.keys_db is not None
-        self.store = KeyStore(settings.keys_db)
+        self.store = KeyStore(settings.keys_db, create=False)  # a mistyped path is an error
         self.image_credits = settings.image_credits
         self.limiter_window_s = settings.rate_window_s
         self.limiter: Limiter
@@ -60,6 +61,8 @@ class KeyService:
         self.metrics = KeyMetrics(registry, settings.metrics_key_labels)
         self._by_hash: dict[bytes, KeyRecord] = {}
         self._by_name: dict[str, KeyRecord] = {}
+        self._rev = -1  # the store revision loaded: reloads read only keys changed after it
+        self._usage_active: dict[str, int] = {}  # /v1/usage requests in progress, per key
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -105,10 +108,17 @@ class KeyService:
             except Exception as e:  # a locked or full disk: keep serving, retry next second
                 log.warning("key store not updated this time (retrying): %s", e)
 
-    async def reload(self) -> None:
-        records = await asyncio.to_thread(self.store.records)
-        self._by_hash = {r.hash: r for r in records}
-        self._by_name = {r.name: r for r in records}
+    async def reload(self) -> int:
+        """Pick up the keys changed since the last reload; returns how many."""
+        rev, records = await asyncio.to_thread(self.store.changed_since, self._rev)
+        for record in records:
+            old = self._by_name.get(record.name)
+            if old is not None and old.hash != record.hash:
+                del self._by_hash[old.hash]
+            self._by_name[record.name] = record
+            self._by_hash[record.hash] = record
+        self._rev = rev
+        return len(records)
 
     # -- per request ----------------------------------------------------------------------------
 
@@ -135,6 +145,25 @@ class KeyService:
     def open(self, key: KeyRecord, endpoint: str) -> Charge:
         return Charge(self, key, endpoint)
 
+    @contextlib.contextmanager
+    def usage_slot(self, key: KeyRecord) -> Iterator[bool]:
+        """A slot for ``GET /v1/usage``: apart from the model requests (a key at its limit can
+        still ask what it has left) but capped at the key's ``--concurrency`` too (it reads the
+        store). Yields False when the key already has that many in progress here."""
+        active = self._usage_active.get(key.name, 0)
+        if key.concurrency is not None and active >= key.concurrency:
+            yield False
+            return
+        self._usage_active[key.name] = active + 1
+        try:
+            yield True
+        finally:
+            left = self._usage_active[key.name] - 1
+            if left:
+                self._usage_active[key.name] = left
+            else:
+                del self._usage_active[key.name]
+
     def record(self, charge: Charge, status: int, spent: int) -> None:
         row = usage_row(
             charge.key.name,
@@ -146,7 +175,10 @@ class KeyService:
             credits=spent,
             started=charge.started,
         )
-        self.buffer.add(row)
+        # The balance generation the server knows now: spending billed before it saw a new
+        # balance (keys update --credits) does not eat into it.
+        current = self.current(charge.key.name) or charge.key
+        self.buffer.add(row, current.credit_gen)
         self.metrics.observe(row)
 
 

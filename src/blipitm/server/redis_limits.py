@@ -192,6 +192,35 @@ return {tostring(bucket(KEYS[1], tonumber(ARGV[1]), win)),
 )
 
 
+def check_reachable(url: str, timeout_s: float = 5.0) -> None:
+    """Ping Redis once, synchronously, before the server starts: an unreachable ``--redis`` is one
+    line and exit status 2, not a traceback from inside the server's start-up."""
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - the [redis] extra is missing
+        raise LimiterUnavailable(
+            "--redis needs the redis client: pip install 'blipitm[redis]'"
+        ) from None
+    from redis.exceptions import RedisError
+
+    try:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
+    except ValueError as e:
+        raise LimiterUnavailable(f"--redis is not a Redis URL: {e}") from None
+    try:
+        client.ping()
+    except (RedisError, OSError) as e:
+        # The URL may hold a password: say what failed, not where.
+        raise LimiterUnavailable(
+            f"cannot reach Redis (--redis): {type(e).__name__}; is it running and reachable "
+            "from here?"
+        ) from None
+    finally:
+        client.close()
+
+
 def _limit(value: int | None) -> int:
     return -1 if value is None else value
 
