@@ -89,6 +89,10 @@ class KeyService:
             await self.buffer.flush()
         except Exception as e:
             log.error("could not write the last usage to the key store: %s", e)
+        try:
+            await self.limiter.heartbeat()  # a last try at settles that failed
+        except LimiterUnavailable as e:
+            log.error("could not settle the last requests in Redis (their TTL frees them): %s", e)
         await self.limiter.close()
 
     async def spent_for_certain(self, key: KeyRecord) -> int:
@@ -101,6 +105,9 @@ class KeyService:
             await asyncio.sleep(FLUSH_S)
             try:
                 await self.limiter.heartbeat()  # settles that failed, state Redis lost
+            except LimiterUnavailable as e:  # the usage is written all the same
+                log.warning("rate-limit store not reached this time (retrying): %s", e)
+            try:
                 await self.buffer.flush()
                 await self.reload()
             except asyncio.CancelledError:

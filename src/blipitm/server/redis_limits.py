@@ -276,6 +276,7 @@ class RedisLimiter:
         self._sync_script = self._redis.register_script(_SYNC)
         self._epochs: dict[str, str] = {}  # key name -> the epoch token last seen
         self._flights: dict[str, _Flight] = {}  # request id -> what Redis holds for it
+        self._unsettled: set[str] = set()  # names of keys with a settle that failed
 
     async def ping(self) -> None:
         await self._call(self._redis.ping)
@@ -391,17 +392,21 @@ class RedisLimiter:
         the billing in the usage buffer first. A failure is kept and retried (see the module)."""
         flight = self._flights.setdefault(request_id, _Flight(key))
         flight.key, flight.credits, flight.spent, flight.settling = key, credits, spent, True
-        await self._retry_settles(key.name)
+        await self._retry_settles(key.name, first=request_id)
 
-    async def _retry_settles(self, name: str) -> None:
-        for rid, f in list(self._flights.items()):
-            if f.key.name != name or not f.settling:
-                continue
+    async def _retry_settles(self, name: str, first: str | None = None) -> None:
+        """Settle ``first`` and whatever of key ``name`` failed to settle before."""
+        if first is None and name not in self._unsettled:
+            return  # the common case: nothing pending, no scan
+        self._unsettled.discard(name)
+        todo = [(rid, f) for rid, f in self._flights.items() if f.key.name == name and f.settling]
+        for rid, f in todo:
             if self._flights.get(rid) is not f:  # settled meanwhile (another coroutine)
                 continue
             try:
                 await self._settle(rid, f)
             except LimiterUnavailable as e:
+                self._unsettled.add(name)
                 log.warning(
                     "could not settle a request of key %r (retried every second): %s", name, e
                 )
@@ -421,6 +426,8 @@ class RedisLimiter:
         by_name = {f.key.name: f.key for f in self._flights.values()}
         for name, key in by_name.items():
             await self._retry_settles(name)
+            if name in self._unsettled:
+                continue  # Redis cannot be reached
             if not any(f.key.name == name and not f.settling for f in self._flights.values()):
                 continue
             (epoch,) = self._keys(key, "epoch")
