@@ -183,3 +183,36 @@ def test_settling_twice_bills_once(tmp_path: Path, status: int) -> None:
             return remaining
 
         assert asyncio.run(go()) == (6 if status == 200 else 10)
+
+
+def test_settles_cut_off_then_a_restart_bill_once(tmp_path: Path) -> None:
+    """Both failures at once: two settles cannot reach Redis, then Redis restarts before the link
+    comes back. The retried settles bill each request once: 20 spent of 40, 20 left."""
+    db = tmp_path / "keys.db"
+    store = KeyStore(db)
+    store.create("k", credits=40, concurrency=2)
+    with RedisProcess(free_port()) as redis_proc:
+
+        async def go() -> tuple[int | None, list[bool]]:
+            proxy = CuttableProxy(redis_proc.port)
+            async with proxy.running():
+                service = service_for(db, proxy.url)
+                await service.reload()
+                flights = [await open_request(service, "k", 10) for _ in range(2)]
+                proxy.sever()
+                for charge, _ in flights:
+                    await _settle(charge, 200)
+                redis_proc.restart()  # everything Redis held is gone
+                proxy.cut = False
+                await service.buffer.flush()
+                await service.reload()
+                record = service.current("k")
+                assert record is not None
+                remaining = (await service.limiter.state(record)).credits_remaining
+                spend = [await open_request(service, "k", n) for n in (20, 1)]
+                await service.limiter.close()
+            return remaining, [ok for _, ok in spend]
+
+        remaining, spend = asyncio.run(go())
+    assert (remaining, spend) == (20, [True, False])
+    assert store.get("k").credits_used == 20

@@ -17,7 +17,8 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,10 +96,10 @@ class KeyService:
             log.error("could not settle the last requests in Redis (their TTL frees them): %s", e)
         await self.limiter.close()
 
-    async def spent_for_certain(self, key: KeyRecord) -> int:
+    def spent_for_certain(self, key: KeyRecord) -> AbstractAsyncContextManager[Callable[[], int]]:
         """What ``key`` has spent: the store's balance plus this replica's usage not yet written
-        there (read under the flush lock, so a flush under way is counted once)."""
-        return await self.buffer.spent(key.name)
+        there (under the flush lock, so a flush under way is counted once)."""
+        return self.buffer.spent(key.name)
 
     async def _run(self) -> None:
         while True:

@@ -9,8 +9,10 @@ A failed flush (disk full, store locked past its timeout) keeps the rows for the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -43,11 +45,14 @@ class UsageBuffer:
         """Rows of ``name`` not yet in the store (``/v1/usage`` adds them to the store's)."""
         return [r for r in self._rows.values() if r.name == name]
 
-    async def spent(self, name: str) -> int:
-        """Credits ``name`` has spent: the store's balance plus the rows not yet written."""
+    @contextlib.asynccontextmanager
+    async def spent(self, name: str) -> AsyncIterator[Callable[[], int]]:
+        """Credits ``name`` has spent, as a function: the store's balance plus the rows not yet
+        written. No flush runs inside the block, so calling it there counts every row once and
+        also what ``add`` records meanwhile."""
         async with self._lock:
-            record = await asyncio.to_thread(self.store.get, name)
-            return record.credits_used + sum(r.credits for r in self.pending(name))
+            stored = (await asyncio.to_thread(self.store.get, name)).credits_used
+            yield lambda: stored + sum(r.credits for r in self.pending(name))
 
     async def flush(self) -> None:
         async with self._lock:

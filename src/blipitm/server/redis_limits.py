@@ -27,10 +27,13 @@ Usage rows still go to the SQLite store (each replica flushes its own).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,6 +224,11 @@ def check_reachable(url: str, timeout_s: float = 5.0) -> None:
         client.close()
 
 
+def _stale(out: Any) -> bool:
+    """A script's answer that the key's epoch was not the one the replica sent."""
+    return isinstance(out, list) and bool(out) and out[0] == -1
+
+
 def _limit(value: int | None) -> int:
     return -1 if value is None else value
 
@@ -236,11 +244,15 @@ class _Flight:
     settling: bool = False  # finish called: billed in the usage buffer, only Redis left to tell
 
 
-Floor = Callable[[KeyRecord], Awaitable[int]]
+# What a key has spent for certain, as ``async with floor(key) as spent: spent()``: inside the
+# block the count cannot move except by what this process records synchronously (the server holds
+# its flush lock there), so ``spent()`` read together with the requests in flight is consistent.
+Floor = Callable[[KeyRecord], AbstractAsyncContextManager[Callable[[], int]]]
 
 
-async def _store_floor(key: KeyRecord) -> int:
-    return key.credits_used
+@contextlib.asynccontextmanager
+async def _store_floor(key: KeyRecord) -> AsyncIterator[Callable[[], int]]:
+    yield lambda: key.credits_used
 
 
 class RedisLimiter:
@@ -277,6 +289,9 @@ class RedisLimiter:
         self._epochs: dict[str, str] = {}  # key name -> the epoch token last seen
         self._flights: dict[str, _Flight] = {}  # request id -> what Redis holds for it
         self._unsettled: set[str] = set()  # names of keys with a settle that failed
+        # Per key: a rebuild and the settles of its requests never interleave, so a rebuild's
+        # copy of the requests in flight is never out of date when Redis applies it.
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def ping(self) -> None:
         await self._call(self._redis.ping)
@@ -294,6 +309,12 @@ class RedisLimiter:
     def _keys(key: KeyRecord, *parts: str) -> list[str]:
         return [f"blipitm:key:{{{key.name}}}:{p}" for p in parts]
 
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
     async def _script(self, key: KeyRecord, script: Any, parts: list[str], args: list[Any]) -> Any:
         """Run a per-request script; when the key's epoch is not the one known (Redis restarted,
         or the key is new to this replica), rebuild the key's state and run it again."""
@@ -301,35 +322,41 @@ class RedisLimiter:
         keys = self._keys(key, *parts, "epoch")
         for _ in range(2):
             out = await self._call(script, keys=keys, args=[*args, self._epochs.get(key.name, "")])
-            if not (isinstance(out, list) and out and out[0] == -1):
+            if not _stale(out):
                 return out
-            await self._sync(key)
+            async with self._lock(key.name):
+                await self._sync(key)
+            await self._retry_settles(key.name)  # what the rebuild put back for settling requests
         raise LimiterUnavailable("the rate-limit store (Redis) keeps losing its state")
 
     async def _sync(self, key: KeyRecord) -> None:
-        """Make Redis hold this replica's share of ``key``'s state under its current epoch."""
-        known = self._epochs.get(key.name, "")
-        mine = [(rid, f) for rid, f in self._flights.items() if f.key.name == key.name]
-        live = [(rid, f) for rid, f in mine if not f.settling]
-        slots = [rid for rid, f in live if f.slot]
-        holds = [f"{rid}:{f.credits}" for rid, f in live if f.credits > 0]
-        floor = await self.floor(key) if key.credit_limit is not None else 0
-        token, stale = await self._call(
-            self._sync_script,
-            keys=self._keys(key, "epoch", "slots", "held", "used"),
-            args=[known, uuid.uuid4().hex, floor, self.slot_ttl_s, len(slots), *slots, *holds],
-        )
+        """Make Redis hold this replica's share of ``key``'s state under its current epoch (the
+        caller holds the key's lock). Every request in flight here is put back, those settling
+        too (they are then settled as usual); ``used`` is raised to what is spent for certain
+        minus what those settling requests will add when they settle."""
+        async with self.floor(key) as spent_now:
+            # From here to the script, no await: the copy and the count are of one moment.
+            known = self._epochs.get(key.name, "")
+            mine = [(rid, f) for rid, f in self._flights.items() if f.key.name == key.name]
+            slots = [rid for rid, f in mine if f.slot]
+            holds = [f"{rid}:{f.credits}" for rid, f in mine if f.credits > 0]
+            floor = 0
+            if key.credit_limit is not None:
+                floor = spent_now() - sum(f.spent for _, f in mine if f.settling and f.credits)
+            token, stale = await self._call(
+                self._sync_script,
+                keys=self._keys(key, "epoch", "slots", "held", "used"),
+                args=[known, uuid.uuid4().hex, floor, self.slot_ttl_s, len(slots), *slots, *holds],
+            )
         self._epochs[key.name] = token.decode() if isinstance(token, bytes) else str(token)
+        if any(f.settling for _, f in mine):
+            self._unsettled.add(key.name)
         if known and stale:
-            # Redis lost what it held for the settling requests; their billing is in ``floor``.
-            for rid, f in mine:
-                if f.settling:
-                    del self._flights[rid]
             log.warning(
                 "the rate-limit store (Redis) lost the state of key %r (a restart?): rebuilt "
                 "with %d request(s) in flight here",
                 key.name,
-                len(live),
+                len(mine),
             )
 
     def _window(self, limit: int | None, tokens: float) -> Window | None:
@@ -414,11 +441,19 @@ class RedisLimiter:
 
     async def _settle(self, rid: str, f: _Flight) -> None:
         keys = self._keys(f.key, "slots", "held", "used", "epoch")
-        epoch = self._epochs.get(f.key.name, "")
-        out = await self._call(self._finish, keys=keys, args=[rid, f.credits, f.spent, epoch])
-        if isinstance(out, list) and out and out[0] == -1:
-            await self._sync(f.key)  # Redis lost the slot and reservation: nothing left to do
-        self._flights.pop(rid, None)
+        async with self._lock(f.key.name):
+            if self._flights.get(rid) is not f:
+                return  # settled while this waited for the lock
+            for _ in range(2):
+                epoch = self._epochs.get(f.key.name, "")
+                out = await self._call(
+                    self._finish, keys=keys, args=[rid, f.credits, f.spent, epoch]
+                )
+                if not _stale(out):
+                    self._flights.pop(rid, None)
+                    return
+                await self._sync(f.key)  # puts this request's slot and reservation back first
+        raise LimiterUnavailable("the rate-limit store (Redis) keeps losing its state")
 
     async def heartbeat(self) -> None:
         """Every second: retry settles that failed, and put back this replica's requests in
@@ -428,12 +463,14 @@ class RedisLimiter:
             await self._retry_settles(name)
             if name in self._unsettled:
                 continue  # Redis cannot be reached
-            if not any(f.key.name == name and not f.settling for f in self._flights.values()):
+            if not any(f.key.name == name for f in self._flights.values()):
                 continue
             (epoch,) = self._keys(key, "epoch")
             token = await self._call(self._redis.get, epoch)
             if token is None or token.decode() != self._epochs.get(name):
-                await self._sync(key)
+                async with self._lock(name):
+                    await self._sync(key)
+                await self._retry_settles(name)
 
     async def state(self, key: KeyRecord) -> KeyState:
         req, items, active, remaining = await self._script(
