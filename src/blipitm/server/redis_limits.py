@@ -20,7 +20,8 @@ the clock from Redis (``TIME``) so replicas with skewed clocks still share one w
 Settling is idempotent (a reservation is billed only when its member is still there to remove)
 and survives a failure: a settle that cannot reach Redis is kept and retried every second and
 before any other call for that key, so a network cut never leaks slots or reservations until
-their TTL. Its billing is in the usage buffer already, so a restart meanwhile just drops it.
+their TTL. Its billing is in the usage buffer already: a rebuild puts its reservation back and
+leaves its credits out of ``used``, and the retried settle then adds them, once.
 
 Usage rows still go to the SQLite store (each replica flushes its own).
 """
