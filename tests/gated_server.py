@@ -4,9 +4,10 @@ live tests can hold the inference worker and see 429, 504 and disconnects over r
     python tests/gated_server.py CKPT PORT GATE_DIR '{"max_queue": 1, ...}'
 
 The last argument holds ServerSettings fields as JSON. Loading the model waits for the file
-``GATE_DIR/load``. ``encode_texts`` of a text ``hold-NAME`` creates ``GATE_DIR/entered-NAME`` and
-waits for ``GATE_DIR/release-NAME``. Every text the engine embeds is printed as ``embedded: TEXT``,
-so a test can tell from the output which work the worker really did.
+``GATE_DIR/load``. ``encode_texts`` (and ``explain_batch``) of a text ``hold-NAME`` creates
+``GATE_DIR/entered-NAME`` and waits for ``GATE_DIR/release-NAME``. Every text the engine embeds
+is printed as ``embedded: TEXT`` (explains: ``explained: TEXT``), so a test can tell from the
+output which work the worker really did.
 """
 
 from __future__ import annotations
@@ -45,15 +46,24 @@ class GatedEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
-    def encode_texts(self, texts: list[str]) -> Any:
+    def _gate(self, texts: list[str]) -> None:
         for text in texts:
             if text.startswith("hold-"):
                 name = text.removeprefix("hold-")
                 (self.gates / f"entered-{name}").touch()
                 wait_for(self.gates / f"release-{name}")
+
+    def encode_texts(self, texts: list[str]) -> Any:
+        self._gate(texts)
         for text in texts:
             print(f"embedded: {text}", flush=True)
         return self.real.encode_texts(texts)
+
+    def explain_batch(self, image: Any, texts: list[str], **kwargs: Any) -> Any:
+        self._gate(texts)
+        for text in texts:
+            print(f"explained: {text}", flush=True)
+        return self.real.explain_batch(image, texts, **kwargs)
 
 
 def main(argv: list[str]) -> int:

@@ -117,6 +117,11 @@ def test_usage(capsys: pytest.CaptureFixture[str], db: Path) -> None:
         (("update", "team-a", "--add-credits", "x"), "argument --add-credits: must be an integer"),
         (("update", "team-a", "--add-credits", "5"), "unlimited credits"),
         (("update", "team-a", "--models", "m", "--all-models"), "not both"),
+        # issue 18 item 8: numbers SQLite cannot hold as integers, dates past year 9999 in UTC
+        (("update", "team-a", "--rpm", str(2**64)), "argument --rpm: must be at most"),
+        (("update", "team-a", "--credits", str(2**63)), "argument --credits: must be at most"),
+        (("update", "team-a", "--add-credits", str(2**64)), "argument --add-credits: must be"),
+        (("create", "x", "--expires", "9999-12-31T23:00:00-05:00"), "after 9999-12-31T23:59:59"),
     ],
 )
 def test_bad_input_is_one_clear_line(
@@ -135,3 +140,84 @@ def test_the_store_must_be_named(
     monkeypatch.delenv("BLIPITM_KEYS_DB", raising=False)
     assert main(["keys", "list"]) == 2
     assert "--keys-db PATH" in capsys.readouterr().err
+
+
+def test_balances_stay_integers_at_the_limit(capsys: pytest.CaptureFixture[str], db: Path) -> None:
+    """`--add-credits` on a 2^63-1 balance turned it into a float (issue 18 item 8)."""
+    keys(capsys, db, "create", "rich", "--credits", str(2**63 - 1))
+    code, _, err = keys(capsys, db, "update", "rich", "--add-credits", "1")
+    assert code == 2 and "leaves the range the store holds" in err and "Traceback" not in err
+    KeyStore(db).add_usage([UsageRow("rich", "2026-01-01", "/v1/score", 200, 1, 1, 0, 1, 5, 1.0)])
+    code, _, err = keys(capsys, db, "update", "rich", "--credits", str(2**63 - 1))
+    assert code == 2 and "more than the store holds" in err
+    record = KeyStore(db).get("rich")
+    assert record.credit_limit == 2**63 - 1 and isinstance(record.credit_limit, int)
+    with sqlite3.connect(db) as conn:
+        (kind,) = conn.execute("SELECT typeof(credit_limit) FROM keys").fetchone()
+    assert kind == "integer"
+
+
+def test_an_expiry_stored_past_year_9999_does_not_break_list(
+    capsys: pytest.CaptureFixture[str], db: Path
+) -> None:
+    """A store that already holds such an expiry (accepted before the check): `keys list` and
+    the record's dict (what /v1/usage shows) still work, for that key and every other."""
+    keys(capsys, db, "create", "far")
+    keys(capsys, db, "create", "near")
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE keys SET expires = 253402315200.0 WHERE name = 'far'")
+    code, out, err = keys(capsys, db, "list")
+    assert code == 0 and "far" in out and "near" in out and "past year 9999" in out, err
+    assert "past year 9999" in KeyStore(db).get("far").as_dict()["expires"]
+
+
+def test_the_store_is_owner_only_and_never_made_by_mistake(
+    capsys: pytest.CaptureFixture[str], db: Path
+) -> None:
+    """keys.db was created 0644, and a mistyped --keys-db silently made a new empty store."""
+    for action in ("list", "usage", "revoke x", "update x --rpm 1"):
+        code, _, err = keys(capsys, db, *action.split())
+        assert code == 2 and "no key store at" in err and "keys create" in err, (action, err)
+        assert not db.exists() and "Traceback" not in err
+    assert keys(capsys, db, "create", "first")[0] == 0
+    assert db.stat().st_mode & 0o777 == 0o600
+    for extra in db.parent.glob("keys.db-*"):  # WAL files get the file's mode
+        assert extra.stat().st_mode & 0o777 == 0o600
+
+
+def test_usage_json_names_its_latency(capsys: pytest.CaptureFixture[str], db: Path) -> None:
+    keys(capsys, db, "create", "a")
+    KeyStore(db).add_usage(
+        [UsageRow("a", "2026-01-01", "/v1/embeddings", 200, 4, 4, 0, 40, 4, 10.0)]
+    )
+    code, out, _ = keys(capsys, db, "usage", "a", "--json")
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and "latency_ms" not in row
+    assert (row["latency_ms_sum"], row["latency_ms_mean"]) == (10.0, 2.5)
+
+
+@pytest.mark.parametrize("problem", ["missing store", "unreachable redis"])
+def test_serve_refuses_a_bad_keys_setup_in_one_line(tmp_path: Path, problem: str) -> None:
+    """A mistyped --keys-db and an unreachable --redis: one line and exit 2, before the model
+    loads (before: an empty store was created and served; a traceback and exit 3)."""
+    import subprocess
+    import sys
+
+    from server_helpers import REPO, free_port
+
+    db = tmp_path / "keys.db"
+    argv = ["serve", "--keys-db", str(db), "--port", str(free_port())]
+    if problem == "unreachable redis":
+        KeyStore(db).create("k")
+        argv += ["--redis", f"redis://127.0.0.1:{free_port()}/0"]  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "blipitm.cli.main", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("blipitm: error: ")
+    assert ("no key store at" if problem == "missing store" else "cannot reach Redis") in lines[0]
+    assert db.exists() == (problem != "missing store")

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from blipitm.keys import KeyRecord
+from blipitm.keys import KeyRecord, KeyStore
 from blipitm.server.limits import (
     NO_CREDITS,
     RATE_LIMITED,
@@ -91,7 +91,7 @@ def test_concurrency_slots_are_released(make: Make) -> None:
         lim = make()
         k = key(concurrency=2)
         a, b, c = [(await lim.admit(k, r)).allowed for r in ("a", "b", "c")]
-        await lim.finish(k, "a", 0, billed=True)
+        await lim.finish(k, "a", 0, spent=0)
         d = (await lim.admit(k, "d")).allowed
         await lim.close()
         return [a, b, c, d]
@@ -105,10 +105,10 @@ def test_credits_reserve_settle_refund(make: Make) -> None:
         k = key(credit_limit=10)
         out = [await lim.admit(k, "a"), await lim.reserve(k, "a", 4, 4)]
         out.append(await lim.reserve(k, "b", 7, 7))  # 6 left while 4 are held
-        await lim.finish(k, "a", 4, billed=False)  # a failed request: refunded
+        await lim.finish(k, "a", 4, spent=0)  # a failed request: refunded
         out.append(await lim.admit(k, "c"))
         out.append(await lim.reserve(k, "c", 10, 10))
-        await lim.finish(k, "c", 10, billed=True)
+        await lim.finish(k, "c", 10, spent=10)
         remaining = (await lim.state(k)).credits_remaining
         out.append(await lim.reserve(k, "d", 1, 1))
         await lim.close()
@@ -128,7 +128,7 @@ def test_parallel_reservations_never_overdraw(make: Make) -> None:
         verdicts = await asyncio.gather(*(lim.reserve(k, f"r{i}", 1, 1) for i in range(50)))
         ok = [i for i, v in enumerate(verdicts) if v.allowed]
         for i in ok:
-            await lim.finish(k, f"r{i}", 1, billed=True)
+            await lim.finish(k, f"r{i}", 1, spent=1)
         remaining = (await lim.state(k)).credits_remaining
         await lim.close()
         return len(ok), remaining
@@ -205,8 +205,8 @@ def test_a_client_that_left_is_refunded_and_metered(tmp_path: Path) -> None:
     from blipitm.server.keys import KeyService
     from blipitm.server.settings import ServerSettings
 
+    KeyStore(tmp_path / "k.db").create("k", credits=5)
     service = KeyService(ServerSettings(keys_db=str(tmp_path / "k.db")), CollectorRegistry())
-    service.store.create("k", credits=5)
 
     async def go() -> int | None:
         await service.reload()
@@ -235,7 +235,142 @@ def test_metric_labels_are_bounded() -> None:
     assert [metrics.label(n) for n in ("a", "b", "c", "a", "d")] == [
         "a",
         "b",
-        "other",
+        "_other",
         "a",
-        "other",
+        "_other",
     ]
+
+
+def test_a_key_named_other_is_not_the_overflow() -> None:
+    """Issue 18 item 8: the overflow label was "other", which is also a valid key name."""
+    from prometheus_client import CollectorRegistry
+
+    from blipitm.keys import validate_name
+    from blipitm.server.metering import OTHER, KeyMetrics
+
+    metrics = KeyMetrics(CollectorRegistry(), max_names=1)
+    assert metrics.label("other") == "other" and metrics.label("late") == OTHER != "other"
+    with pytest.raises(Exception, match="a key name is"):
+        validate_name(OTHER)  # no key can ever be called the overflow label
+
+
+def test_messages_count_correctly() -> None:
+    k = key()
+    from blipitm.server.limits import concurrency_refusal, no_credits, rate_refusal, too_many_items
+
+    assert "1 request per minute" in rate_refusal(k, "request", 1, 60.0, 1.0)
+    assert "2 items per minute" in rate_refusal(k, "item", 2, 60.0, 1.0)
+    assert "has 1 credit left" in no_credits(k, 1, 2)
+    assert "already has 1 request in progress" in concurrency_refusal(k, 1)
+    assert "this request has 1 item," in too_many_items(k, 1, 0, 60.0)
+
+
+def service_with(tmp_path: Path, **limits: Any) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    from blipitm.server.keys import KeyService
+    from blipitm.server.settings import ServerSettings
+
+    KeyStore(tmp_path / "k.db").create("k", **limits)
+    return KeyService(ServerSettings(keys_db=str(tmp_path / "k.db")), CollectorRegistry())
+
+
+def test_setting_the_balance_ignores_spending_not_yet_written(tmp_path: Path) -> None:
+    """`keys update --credits 10` right after spending 6 that the server had not written yet:
+    the balance is 10, not 10 - 6 (issue 18 item 8)."""
+    from blipitm.cli.main import main
+
+    service = service_with(tmp_path, credits=20)
+
+    async def spend(texts: int) -> None:
+        record = service.current("k")
+        charge = service.open(record, "/v1/embeddings")
+        assert (await charge.admit()).allowed
+        await charge.reserve(texts=texts, images=0)
+        await charge.finish(200)
+
+    async def go() -> tuple[int | None, int | None]:
+        await service.reload()
+        await spend(6)  # billed in memory, not yet in the store
+        assert (
+            main(["keys", "update", "k", "--keys-db", str(service.store.path), "--credits", "10"])
+            == 0
+        )
+        await service.buffer.flush()  # the server's next flush
+        after_set = service.store.get("k").credits_remaining
+        await service.reload()
+        await spend(3)  # billed after the server saw the new balance: it counts
+        await service.buffer.flush()
+        return after_set, service.store.get("k").credits_remaining
+
+    assert run(go()) == (10, 7)
+    assert service.store.get("k").credits_used == 9  # the spending itself is all kept
+
+
+def test_reload_reads_only_the_keys_that_changed(tmp_path: Path) -> None:
+    service = service_with(tmp_path, rpm=5)
+    for name in ("a", "b"):
+        service.store.create(name)
+
+    async def go() -> list[int]:
+        counts = [await service.reload(), await service.reload()]
+        service.store.update("b", rpm=7)
+        service.store.add_usage([])  # nothing to write: no change
+        counts.append(await service.reload())
+        return counts
+
+    assert run(go()) == [3, 0, 1]
+    assert service.current("b").rpm == 7 and service.current("k").rpm == 5
+
+
+def test_usage_has_its_own_capped_slots(tmp_path: Path) -> None:
+    """GET /v1/usage takes no model slot (a key at its limit can still ask) but is capped at the
+    key's --concurrency too: it was unbounded (issue 18 item 8)."""
+    from starlette.routing import Route
+
+    from blipitm.server.auth import Authenticator, KeyChecker
+    from blipitm.server.middleware import GuardMiddleware
+
+    service = service_with(tmp_path, concurrency=1)
+    secret = service.store.create("c", concurrency=1)
+    held = asyncio.Event()
+    statuses: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await held.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    guard = GuardMiddleware(
+        app,
+        keys=Authenticator(KeyChecker(()), service),
+        protect_metrics=False,
+        max_body_bytes=1000,
+        routes=[Route("/v1/usage", lambda r: None)],
+    )
+
+    async def call() -> None:
+        scope = {"type": "http", "method": "GET", "path": "/v1/usage",
+                 "headers": [(b"authorization", f"Bearer {secret}".encode())]}  # fmt: skip
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await guard(scope, receive, send)
+
+    async def go() -> None:
+        await service.reload()
+        first = asyncio.create_task(call())
+        await asyncio.sleep(0)  # the first is now inside the app, holding the slot
+        # A second at once: over --concurrency 1 (the bound only stops a hang if it is let in).
+        await asyncio.wait_for(call(), timeout=60)
+        held.set()
+        await first
+        await call()  # the slot is back
+
+    run(go())
+    assert statuses == [429, 200, 200]

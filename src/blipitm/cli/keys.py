@@ -17,7 +17,7 @@ from typing import Any
 
 from blipitm.errors import InvalidInputError
 from blipitm.keys import UNSET, KeyRecord, KeyStore, UsageRow, parse_date
-from blipitm.keys.store import day_of
+from blipitm.keys.store import MAX_INT, day_of
 
 ENV = "BLIPITM_KEYS_DB"
 NONE = "none"  # on update: remove a limit
@@ -34,6 +34,8 @@ def _count(low: int, allow_none: bool) -> Any:
         if number < low:
             extra = f" or '{NONE}'" if allow_none else ""
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}{extra}, got {value!r}")
+        if number > MAX_INT:
+            raise argparse.ArgumentTypeError(f"must be at most {MAX_INT}, got {value!r}")
         return number
 
     return parse
@@ -53,9 +55,12 @@ def _date(allow_none: bool) -> Any:
 
 def _int(value: str) -> int:
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+    if not -MAX_INT <= number <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be from -{MAX_INT} to {MAX_INT}, got {value!r}")
+    return number
 
 
 def add_parser(sub: Any, name: str, help: str) -> None:
@@ -64,7 +69,8 @@ def add_parser(sub: Any, name: str, help: str) -> None:
         "--keys-db",
         metavar="PATH",
         default=os.environ.get(ENV),
-        help=f"the key store (SQLite; created if missing) [env {ENV}]",
+        help=f"the key store (SQLite; `create` makes it if missing, the others refuse a missing "
+        f"file) [env {ENV}]",
     )
     p = sub.add_parser(
         name,
@@ -130,14 +136,16 @@ def _limit_flags(p: argparse.ArgumentParser, *, update: bool) -> None:
         p.add_argument("--all-models", action="store_true", help="allow every model again")
 
 
-def _store(args: argparse.Namespace) -> KeyStore:
+def _store(args: argparse.Namespace, *, create: bool = False) -> KeyStore:
+    """The store ``--keys-db`` names; only ``create`` makes a missing one (a typo in the path
+    must not answer from a new, empty store)."""
     if not args.keys_db:
         raise InvalidInputError(f"name the key store: --keys-db PATH (or {ENV})", loc=("keys_db",))
-    return KeyStore(args.keys_db)
+    return KeyStore(args.keys_db, create=create)
 
 
 def run_create(args: argparse.Namespace) -> int:
-    secret = _store(args).create(
+    secret = _store(args, create=True).create(
         args.name,
         rpm=args.rpm,
         items_per_minute=args.items_per_minute,
@@ -187,10 +195,20 @@ def run_usage(args: argparse.Namespace) -> int:
     rows = _store(args).usage(args.name, since)
     if args.json:
         for row in rows:
-            print(json.dumps(row.as_dict()))
+            print(json.dumps(_usage_json(row)))
         return 0
     _print_usage(rows)
     return 0
+
+
+def _usage_json(row: UsageRow) -> dict[str, Any]:
+    """A usage row with its latency named for what it is: the sum over the requests, and the
+    mean."""
+    out = row.as_dict()
+    total = out.pop("latency_ms")
+    out["latency_ms_sum"] = total
+    out["latency_ms_mean"] = total / row.requests if row.requests else 0.0
+    return out
 
 
 def _status(record: KeyRecord) -> str:

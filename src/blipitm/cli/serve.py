@@ -67,11 +67,26 @@ def run(args: argparse.Namespace) -> int:
     early_stop.install()
     listener = bind(settings.host, settings.port)
     try:
+        _check_keys(settings)
         if settings.index is not None:  # a missing or damaged index fails here, before the model
             Index.open(settings.index).close()
         return _serve(settings, listener, early_stop, log)
     finally:
         listener.close()
+
+
+def _check_keys(settings: ServerSettings) -> None:
+    """The key store must exist (a mistyped --keys-db is not a new, empty store: `blipitm keys
+    create` makes it) and --redis must answer, before anything slow; each failure is one line."""
+    if settings.keys_db is None:
+        return
+    from blipitm.keys import KeyStore
+
+    KeyStore(settings.keys_db, create=False)
+    if settings.redis_url is not None:
+        from blipitm.server.redis_limits import check_reachable
+
+        check_reachable(settings.redis_url)
 
 
 def _serve(

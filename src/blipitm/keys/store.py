@@ -4,6 +4,12 @@ Two tables. ``keys``: one row per key name with the secret's hash, its limits, i
 (``credit_limit``, NULL: unlimited) and what it has spent (``credits_used``). ``usage``: one row
 per key, UTC day, endpoint and HTTP status with summed counters. A server adds its buffered usage
 and the credits it spent in one transaction, so the balance and the usage rows always agree.
+
+Every change to a key's row stamps it with the next value of a store-wide revision (triggers, so
+no writer can forget), so a server reloads only the keys that changed. ``credit_gen`` counts the
+times the balance was *set* (``keys update --credits``): spending a server billed before it saw the
+new balance is added to the grant as well as to what is spent, so it does not eat into the new
+balance. The file is created readable by its owner only (0600): it holds the secrets' hashes.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import sqlite3
 import time
@@ -46,6 +53,7 @@ UNSET: Final = _Unset()  # "leave as it is" in update(); None there means "no li
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LIMITS = ("rpm", "items_per_minute", "concurrency")
+MAX_INT = 2**63 - 1  # SQLite's largest integer: limits and balances stay integers below it
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -60,7 +68,9 @@ CREATE TABLE IF NOT EXISTS keys (
     concurrency INTEGER,
     credit_limit INTEGER,
     credits_used INTEGER NOT NULL DEFAULT 0,
-    models TEXT
+    models TEXT,
+    credit_gen INTEGER NOT NULL DEFAULT 0,
+    rev INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS usage (
     name TEXT NOT NULL,
@@ -75,6 +85,27 @@ CREATE TABLE IF NOT EXISTS usage (
     latency_ms REAL NOT NULL,
     PRIMARY KEY (name, day, endpoint, status)
 );
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('rev', 0);
+"""
+
+# Added to stores made before these columns existed.
+_ADDED_COLUMNS = {
+    "credit_gen": "INTEGER NOT NULL DEFAULT 0",
+    "rev": "INTEGER NOT NULL DEFAULT 0",
+}
+
+_BUMP = """
+    UPDATE meta SET value = value + 1 WHERE name = 'rev';
+    UPDATE keys SET rev = (SELECT value FROM meta WHERE name = 'rev') WHERE name = NEW.name;
+"""
+# Setting only ``rev`` fires neither trigger (it is not in the column list).
+_TRIGGERS = f"""
+CREATE INDEX IF NOT EXISTS keys_by_rev ON keys (rev);
+CREATE TRIGGER IF NOT EXISTS keys_rev_insert AFTER INSERT ON keys BEGIN {_BUMP} END;
+CREATE TRIGGER IF NOT EXISTS keys_rev_update AFTER UPDATE OF name, hash, hint, created, expires,
+    revoked, rpm, items_per_minute, concurrency, credit_limit, credits_used, models, credit_gen
+    ON keys BEGIN {_BUMP} END;
 """
 
 
@@ -94,6 +125,7 @@ class KeyRecord:
     credit_limit: int | None = None
     credits_used: int = 0
     models: tuple[str, ...] | None = None
+    credit_gen: int = 0  # times the balance was set; see the module
 
     @property
     def credits_remaining(self) -> int | None:
@@ -113,7 +145,7 @@ class KeyRecord:
     def as_dict(self) -> dict[str, Any]:
         """For ``keys list --json`` and ``/v1/usage``: everything but the hash."""
         out = dataclasses.asdict(self)
-        del out["hash"]
+        del out["hash"], out["credit_gen"]
         out["credits_remaining"] = self.credits_remaining
         out["models"] = list(self.models) if self.models is not None else None
         for name in ("created", "expires", "revoked"):
@@ -178,20 +210,34 @@ def parse_date(value: str, field: str) -> float:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+    ts = parsed.timestamp()
+    try:
+        datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, ValueError, OSError):  # 9999-12-31T23:00-05:00 is year 10000 in UTC
+        raise InvalidInputError(
+            f"{value!r} is after 9999-12-31T23:59:59 UTC, the last time the store can show; "
+            "give an earlier date (or none)",
+            loc=(field,),
+        ) from None
+    return ts
 
 
 def _check_limit(value: Any, field: str, low: int) -> None:
     if value is None or value is UNSET:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_INT:
         raise InvalidInputError(
-            f"must be an integer >= {low} (or none), got {value!r}", loc=(field,)
+            f"must be an integer from {low} to {MAX_INT} (or none), got {value!r}", loc=(field,)
         )
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):  # stored before dates were checked
+        return f"{ts:.0f} s after 1970 (past year 9999)"
 
 
 def day_of(ts: float) -> str:
@@ -205,14 +251,40 @@ class KeyStore:
     readers (a server reloading keys) run while a writer (the CLI, another server) commits.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
         self.path = Path(path)
         if self.path.is_dir():
             raise InvalidInputError(
                 f"{self.path} is a directory; --keys-db names a file", loc=("keys_db",)
             )
+        if not self.path.exists():
+            if not create:
+                raise InvalidInputError(
+                    f"no key store at {self.path} (a typo?); `blipitm keys create NAME "
+                    f"--keys-db {self.path}` creates it with its first key",
+                    loc=("keys_db",),
+                )
+            self._create_file()
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(keys)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE keys ADD COLUMN {column} {kind}")
+            db.executescript(_TRIGGERS)
+
+    def _create_file(self) -> None:
+        """An empty file, owner-only (0600), before SQLite opens it: its -wal and -shm files get
+        the same mode."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return  # another process created it meanwhile
+        except OSError as e:
+            raise InvalidInputError(
+                f"cannot create the key store {self.path}: {e.strerror}", loc=("keys_db",)
+            ) from None
+        os.close(fd)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -315,25 +387,19 @@ class KeyStore:
             sets.append("models = ?")
             args.append(_models_json(models))
         if credits is not UNSET:
-            # Relative to what is spent at commit time, so spending that lands meanwhile counts.
-            sets.append("credit_limit = CASE WHEN ? IS NULL THEN NULL ELSE credits_used + ? END")
+            # Relative to what is spent at commit time, so spending that lands meanwhile counts;
+            # a new generation, so spending billed before a server saw this does not (module).
+            sets.append(
+                "credit_limit = CASE WHEN ? IS NULL THEN NULL ELSE credits_used + ? END, "
+                "credit_gen = credit_gen + 1"
+            )
             args += [credits, credits]
         with self._transaction() as db:
+            current = self._get(db, name)
+            _check_balance(current, credits, add_credits)
             if sets:
-                cursor = db.execute(
-                    f"UPDATE keys SET {', '.join(sets)} WHERE name = ?", (*args, name)
-                )
-                if cursor.rowcount == 0:
-                    raise UnknownKeyError(name)
+                db.execute(f"UPDATE keys SET {', '.join(sets)} WHERE name = ?", (*args, name))
             if add_credits:
-                row = db.execute("SELECT credit_limit FROM keys WHERE name = ?", (name,)).fetchone()
-                if row is None:
-                    raise UnknownKeyError(name)
-                if row[0] is None:
-                    raise InvalidInputError(
-                        f"key {name!r} has unlimited credits; set a balance with --credits N",
-                        loc=("add_credits",),
-                    )
                 db.execute(
                     "UPDATE keys SET credit_limit = credit_limit + ? WHERE name = ?",
                     (add_credits, name),
@@ -358,9 +424,18 @@ class KeyStore:
             return self._get(db, name)
 
     def records(self) -> list[KeyRecord]:
+        return self.changed_since(-1)[1]
+
+    def changed_since(self, rev: int) -> tuple[int, list[KeyRecord]]:
+        """The store's revision now and the keys changed after ``rev`` (-1: every key), read in
+        one snapshot: a server passes back the revision it got to reload only what changed."""
         with self._connect() as db:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM keys ORDER BY name").fetchall()
-        return [_record(r) for r in rows]
+            db.execute("BEGIN")  # one read snapshot for both queries
+            (now,) = db.execute("SELECT value FROM meta WHERE name = 'rev'").fetchone()
+            # No ORDER BY: sorting by name would scan every row instead of the index on rev.
+            rows = db.execute(f"SELECT {_COLUMNS} FROM keys WHERE rev > ?", (rev,)).fetchall()
+            db.execute("COMMIT")
+        return int(now), sorted((_record(r) for r in rows), key=lambda r: r.name)
 
     def _get(self, db: sqlite3.Connection, name: str) -> KeyRecord:
         row = db.execute(f"SELECT {_COLUMNS} FROM keys WHERE name = ?", (name,)).fetchone()
@@ -370,14 +445,23 @@ class KeyStore:
 
     # -- usage ----------------------------------------------------------------------------------
 
-    def add_usage(self, rows: Iterable[UsageRow]) -> None:
-        """Add usage rows and charge their credits to their keys, in one transaction."""
+    def add_usage(
+        self, rows: Iterable[UsageRow], spent: Iterable[tuple[str, int, int]] | None = None
+    ) -> None:
+        """Add usage rows and charge their credits to their keys, in one transaction.
+
+        ``spent``: (name, credit_gen, credits), the credits by the balance generation they were
+        billed under; absent, the rows' credits count against the balance as it is now. Credits
+        of an older generation (billed before the server saw ``keys update --credits``) are
+        added to the grant too, so the balance that was set stands."""
         rows = list(rows)
         if not rows:
             return
-        spent: dict[str, int] = {}
-        for row in rows:
-            spent[row.name] = spent.get(row.name, 0) + row.credits
+        if spent is None:
+            totals: dict[str, int] = {}
+            for row in rows:
+                totals[row.name] = totals.get(row.name, 0) + row.credits
+            spent = [(name, -1, n) for name, n in totals.items()]
         with self._transaction() as db:
             db.executemany(
                 "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -392,8 +476,10 @@ class KeyStore:
                 ],
             )
             db.executemany(
-                "UPDATE keys SET credits_used = credits_used + ? WHERE name = ?",
-                [(n, name) for name, n in spent.items() if n],
+                "UPDATE keys SET credits_used = credits_used + ?1, credit_limit = CASE "
+                "WHEN ?2 >= 0 AND ?2 != credit_gen AND credit_limit IS NOT NULL "
+                "THEN credit_limit + ?1 ELSE credit_limit END WHERE name = ?3",
+                [(n, gen, name) for name, gen, n in spent if n],
             )
 
     def usage(self, name: str | None = None, since: str | date | None = None) -> list[UsageRow]:
@@ -415,7 +501,7 @@ class KeyStore:
 
 _COLUMNS = (
     "name, hash, hint, created, expires, revoked, rpm, items_per_minute, concurrency, "
-    "credit_limit, credits_used, models"
+    "credit_limit, credits_used, credit_gen, models"
 )
 
 
@@ -423,6 +509,34 @@ def _record(row: tuple[Any, ...]) -> KeyRecord:
     models = row[-1]
     fields = dict(zip(_COLUMNS.split(", ")[:-1], row[:-1], strict=True))
     return KeyRecord(**fields, models=None if models is None else tuple(json.loads(models)))
+
+
+def _check_balance(record: KeyRecord, credits: int | _Unset | None, add_credits: int) -> None:
+    """Refuse a balance SQLite cannot hold as an integer (it would turn it into a float)."""
+    if isinstance(credits, int) and record.credits_used + credits > MAX_INT:
+        raise InvalidInputError(
+            f"a balance of {credits} on top of the {record.credits_used} spent is more than "
+            f"the store holds ({MAX_INT} in all)",
+            loc=("credits",),
+        )
+    if not add_credits:
+        return
+    limit = record.credit_limit
+    if isinstance(credits, int):
+        limit = record.credits_used + credits
+    elif credits is None:
+        limit = None
+    if limit is None:
+        raise InvalidInputError(
+            f"key {record.name!r} has unlimited credits; set a balance with --credits N",
+            loc=("add_credits",),
+        )
+    if not -MAX_INT <= limit + add_credits <= MAX_INT:
+        raise InvalidInputError(
+            f"adding {add_credits} to a grant of {limit} leaves the range the store holds "
+            f"(-{MAX_INT} to {MAX_INT})",
+            loc=("add_credits",),
+        )
 
 
 def _models_json(models: Sequence[str] | None) -> str | None:

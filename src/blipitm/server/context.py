@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -115,12 +116,27 @@ class Ready(Generic[B]):
         finally:
             self.state.metrics.preprocess_duration.observe(time.perf_counter() - started)
 
-    async def run(self, job: Job, locs: LocMap) -> Any:
-        """Queue ``job`` and wait for it, the deadline, or the client going away."""
+    async def run(
+        self, job: Job, locs: LocMap, *, texts: int | None = None, images: int | None = None
+    ) -> Any:
+        """Queue ``job`` and wait for it, the deadline, or the client going away. ``texts`` and
+        ``images``: what of the request the job computes (None: all of it), billed to a metered
+        key once the worker has taken the job, whether or not the client waits for the answer."""
         try:
             future = self.batcher.submit(job, locs)
         except QueueFull as e:
             raise _queue_full(e.retry_after_s) from None
+        try:
+            return await self._wait(future)
+        finally:
+            # cancel() fails for a job the worker has taken: that compute is spent, and billed
+            # (unless the job itself failed: an input the model refused, a server error).
+            if not future.cancel() and not (future.done() and future.exception() is not None):
+                charge = charge_of(self.request.scope)
+                if charge is not None:
+                    charge.worked(texts, images)
+
+    async def _wait(self, future: Future[Any]) -> Any:
         result = asyncio.wrap_future(future)
         gone = asyncio.ensure_future(_client_gone(self.request))
         try:

@@ -5,7 +5,8 @@
 disk), the limiter (in-process, or Redis with ``--redis``), the usage buffer and the per-key
 metrics. :class:`Charge` is one request's account: admitted by the guard middleware, its items and
 credits reserved by the route (``Ready.inputs``) from what the body declares, settled when the
-response is complete (billed on 2xx, refunded on any other status or a client that went away).
+response is complete (billed on 2xx; otherwise the inference work that was done is billed and the
+rest refunded, whether the client went away or the deadline passed).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,19 +47,23 @@ SCOPE_KEY = "blipitm.charge"  # where the guard leaves a request's Charge in the
 class KeyService:
     def __init__(self, settings: ServerSettings, registry: CollectorRegistry) -> None:
         assert settings.keys_db is not None
-        self.store = KeyStore(settings.keys_db)
+        self.store = KeyStore(settings.keys_db, create=False)  # a mistyped path is an error
         self.image_credits = settings.image_credits
         self.limiter_window_s = settings.rate_window_s
         self.limiter: Limiter
         if settings.redis_url is not None:
             slot_ttl = 2 * (settings.request_timeout_s + settings.drain_timeout_s) + 30
-            self.limiter = RedisLimiter(settings.redis_url, settings.rate_window_s, slot_ttl)
+            self.limiter = RedisLimiter(
+                settings.redis_url, settings.rate_window_s, slot_ttl, floor=self.spent_for_certain
+            )
         else:
             self.limiter = LocalLimiter(settings.rate_window_s)
         self.buffer = UsageBuffer(self.store)
         self.metrics = KeyMetrics(registry, settings.metrics_key_labels)
         self._by_hash: dict[bytes, KeyRecord] = {}
         self._by_name: dict[str, KeyRecord] = {}
+        self._rev = -1  # the store revision loaded: reloads read only keys changed after it
+        self._usage_active: dict[str, int] = {}  # /v1/usage requests in progress, per key
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -83,11 +90,24 @@ class KeyService:
             await self.buffer.flush()
         except Exception as e:
             log.error("could not write the last usage to the key store: %s", e)
+        try:
+            await self.limiter.heartbeat()  # a last try at settles that failed
+        except LimiterUnavailable as e:
+            log.error("could not settle the last requests in Redis (their TTL frees them): %s", e)
         await self.limiter.close()
+
+    def spent_for_certain(self, key: KeyRecord) -> AbstractAsyncContextManager[Callable[[], int]]:
+        """What ``key`` has spent: the store's balance plus this replica's usage not yet written
+        there (under the flush lock, so a flush under way is counted once)."""
+        return self.buffer.spent(key.name)
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_S)
+            try:
+                await self.limiter.heartbeat()  # settles that failed, state Redis lost
+            except LimiterUnavailable as e:  # the usage is written all the same
+                log.warning("rate-limit store not reached this time (retrying): %s", e)
             try:
                 await self.buffer.flush()
                 await self.reload()
@@ -96,10 +116,17 @@ class KeyService:
             except Exception as e:  # a locked or full disk: keep serving, retry next second
                 log.warning("key store not updated this time (retrying): %s", e)
 
-    async def reload(self) -> None:
-        records = await asyncio.to_thread(self.store.records)
-        self._by_hash = {r.hash: r for r in records}
-        self._by_name = {r.name: r for r in records}
+    async def reload(self) -> int:
+        """Pick up the keys changed since the last reload; returns how many."""
+        rev, records = await asyncio.to_thread(self.store.changed_since, self._rev)
+        for record in records:
+            old = self._by_name.get(record.name)
+            if old is not None and old.hash != record.hash:
+                del self._by_hash[old.hash]
+            self._by_name[record.name] = record
+            self._by_hash[record.hash] = record
+        self._rev = rev
+        return len(records)
 
     # -- per request ----------------------------------------------------------------------------
 
@@ -126,18 +153,40 @@ class KeyService:
     def open(self, key: KeyRecord, endpoint: str) -> Charge:
         return Charge(self, key, endpoint)
 
-    def record(self, charge: Charge, status: int, billed: bool) -> None:
+    @contextlib.contextmanager
+    def usage_slot(self, key: KeyRecord) -> Iterator[bool]:
+        """A slot for ``GET /v1/usage``: apart from the model requests (a key at its limit can
+        still ask what it has left) but capped at the key's ``--concurrency`` too (it reads the
+        store). Yields False when the key already has that many in progress here."""
+        active = self._usage_active.get(key.name, 0)
+        if key.concurrency is not None and active >= key.concurrency:
+            yield False
+            return
+        self._usage_active[key.name] = active + 1
+        try:
+            yield True
+        finally:
+            left = self._usage_active[key.name] - 1
+            if left:
+                self._usage_active[key.name] = left
+            else:
+                del self._usage_active[key.name]
+
+    def record(self, charge: Charge, status: int, spent: int) -> None:
         row = usage_row(
             charge.key.name,
             charge.endpoint,
             status,
             texts=charge.texts,
             images=charge.images,
-            tokens=charge.tokens if billed else 0,
-            credits=charge.credits if billed else 0,
+            tokens=charge.tokens if 200 <= status < 300 else 0,
+            credits=spent,
             started=charge.started,
         )
-        self.buffer.add(row)
+        # The balance generation the server knows now: spending billed before it saw a new
+        # balance (keys update --credits) does not eat into it.
+        current = self.current(charge.key.name) or charge.key
+        self.buffer.add(row, current.credit_gen)
         self.metrics.observe(row)
 
 
@@ -153,6 +202,7 @@ class Charge:
     texts: int = 0
     images: int = 0
     credits: int = 0  # reserved, billed on success
+    done: int = 0  # credits of the work the inference worker took (billed whatever the status)
     tokens: int = 0  # the response's usage.total_tokens, as the route computed it
     admitted: bool = False
     requests: Window | None = None
@@ -175,7 +225,7 @@ class Charge:
             self.service.metrics.refused.labels(
                 key=self.service.metrics.label(self.key.name), reason=str(verdict.refusal)
             ).inc()
-            self.service.record(self, 429, billed=False)
+            self.service.record(self, 429, 0)
         return verdict
 
     def check_model(self, named: str | None, served: tuple[str, ...]) -> None:
@@ -217,15 +267,29 @@ class Charge:
             )
         self.credits = needed
 
+    def worked(self, texts: int | None = None, images: int | None = None) -> None:
+        """The inference worker took a job of this request (``texts`` and ``images``; None: all
+        of the request's): its credits are billed even if the client leaves or the deadline
+        passes, since the compute is spent. Work never started is refunded."""
+        texts = self.texts if texts is None else texts
+        images = self.images if images is None else images
+        done = self.done + texts + images * self.service.image_credits
+        self.done = min(self.credits, done)
+
+    def spent(self, status: int) -> int:
+        """What the request is billed: everything on a 2xx, else the work the worker did."""
+        return self.credits if 200 <= status < 300 else self.done
+
     async def finish(self, status: int) -> None:
-        """Settle after the response: bill a 2xx, refund anything else (499: client left)."""
+        """Settle after the response: bill a 2xx, else bill the work done and refund the rest
+        (499: the client left). The usage is recorded first, so the billing is never lost when
+        the limiter cannot be told (Redis retries it)."""
         if not self.admitted:
             return
-        billed = 200 <= status < 300
-        try:
-            await self.service.limiter.finish(self.key, self.request_id, self.credits, billed)
-        finally:
-            self.service.record(self, status, billed)
+        self.admitted = False  # settled once, whoever calls again
+        spent = self.spent(status)
+        self.service.record(self, status, spent)
+        await self.service.limiter.finish(self.key, self.request_id, self.credits, spent)
 
 
 def charge_of(scope: Any) -> Charge | None:

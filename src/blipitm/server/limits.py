@@ -2,9 +2,10 @@
 
 A request meets the limiter three times: ``admit`` (one request token and a concurrency slot,
 before the body is read), ``reserve`` (its items and credits, from what the body declares, before
-any work), ``finish`` (the slot back; the credits billed on success, refunded otherwise). This
-module keeps that state in the process (one replica); :mod:`blipitm.server.redis_limits` keeps the
-same state in Redis for several replicas. Both answer with a :class:`Verdict`.
+any work), ``finish`` (the slot back; the credits of the work done billed, the rest refunded).
+Finishing is idempotent: a request id settles once, a repeated call does nothing. This module
+keeps that state in the process (one replica); :mod:`blipitm.server.redis_limits` keeps the same
+state in Redis for several replicas. Both answer with a :class:`Verdict`.
 
 Rate limits are token buckets of ``limit`` tokens refilled evenly over the window (60 s): a key may
 burst its whole limit, then gets one more request every ``window / limit`` seconds.
@@ -60,9 +61,15 @@ class Limiter(Protocol):
     async def reserve(
         self, key: KeyRecord, request_id: str, items: int, credits: int
     ) -> Verdict: ...
-    async def finish(self, key: KeyRecord, request_id: str, credits: int, billed: bool) -> None: ...
+    async def finish(self, key: KeyRecord, request_id: str, credits: int, spent: int) -> None: ...
     async def state(self, key: KeyRecord) -> KeyState: ...
+    async def heartbeat(self) -> None: ...
     async def close(self) -> None: ...
+
+
+def plural(n: int, word: str) -> str:
+    """``1 credit``, ``2 credits``: messages count correctly."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def per_window(window_s: float) -> str:
@@ -70,29 +77,31 @@ def per_window(window_s: float) -> str:
 
 
 def rate_refusal(key: KeyRecord, what: str, limit: int, window_s: float, wait_s: float) -> str:
+    """``what``: the singular, ``request`` or ``item``."""
     return (
-        f"key {key.name!r} is over its limit of {limit} {what} per {per_window(window_s)}; "
+        f"key {key.name!r} is over its limit of {plural(limit, what)} per {per_window(window_s)}; "
         f"retry in {wait_s:.2f} s"
     )
 
 
 def too_many_items(key: KeyRecord, items: int, limit: int, window_s: float) -> str:
     return (
-        f"this request has {items} items, more than key {key.name!r} may send per "
+        f"this request has {plural(items, 'item')}, more than key {key.name!r} may send per "
         f"{per_window(window_s)} ({limit}); send fewer items per request"
     )
 
 
 def no_credits(key: KeyRecord, remaining: int, needed: int) -> str:
     return (
-        f"key {key.name!r} has {max(remaining, 0)} credits left and this request needs {needed}; "
+        f"key {key.name!r} has {plural(max(remaining, 0), 'credit')} left and this request needs "
+        f"{needed}; "
         "ask the operator for more (`blipitm keys update NAME --add-credits N`)"
     )
 
 
 def concurrency_refusal(key: KeyRecord, limit: int) -> str:
     return (
-        f"key {key.name!r} already has {limit} requests in progress, its limit; "
+        f"key {key.name!r} already has {plural(limit, 'request')} in progress, its limit; "
         "retry when one finishes"
     )
 
@@ -141,6 +150,13 @@ class _Local:
     reserved: int = 0
 
 
+@dataclass
+class _Flight:
+    name: str
+    slot: bool = False
+    credits: int = 0
+
+
 class LocalLimiter:
     """The limiter for one replica: plain in-process state on the event loop (no locks needed:
     every method runs to completion without awaiting)."""
@@ -148,6 +164,7 @@ class LocalLimiter:
     def __init__(self, window_s: float = 60.0) -> None:
         self.window_s = window_s
         self._keys: dict[str, _Local] = {}
+        self._flights: dict[str, _Flight] = {}  # request id -> what it holds, until settled
 
     def _state(self, key: KeyRecord, now: float) -> _Local:
         st = self._keys.setdefault(key.name, _Local())
@@ -169,7 +186,7 @@ class LocalLimiter:
         rq = st.requests
         if rq is not None and rq.tokens < 1:
             wait = rq.wait_s(1)
-            message = rate_refusal(key, "requests", rq.capacity, self.window_s, wait)
+            message = rate_refusal(key, "request", rq.capacity, self.window_s, wait)
             return Verdict(RATE_LIMITED, message, wait, rq.window(), _window(st.items))
         if key.concurrency is not None and st.active >= key.concurrency:
             message = concurrency_refusal(key, key.concurrency)
@@ -179,6 +196,7 @@ class LocalLimiter:
         if rq is not None:
             rq.tokens -= 1
         st.active += 1
+        self._flights[request_id] = _Flight(key.name, slot=True)
         return Verdict(requests=_window(rq), items=_window(st.items))
 
     async def reserve(self, key: KeyRecord, request_id: str, items: int, credits: int) -> Verdict:
@@ -189,7 +207,7 @@ class LocalLimiter:
             return Verdict(RATE_LIMITED, message, None, _window(st.requests), it.window())
         if it is not None and it.tokens < items:
             wait = it.wait_s(items)
-            message = rate_refusal(key, "items", it.capacity, self.window_s, wait)
+            message = rate_refusal(key, "item", it.capacity, self.window_s, wait)
             return Verdict(RATE_LIMITED, message, wait, _window(st.requests), it.window())
         if key.credit_limit is not None:
             remaining = key.credit_limit - st.used - st.reserved
@@ -199,14 +217,20 @@ class LocalLimiter:
         if it is not None:
             it.tokens -= items
         st.reserved += credits
+        self._flights.setdefault(request_id, _Flight(key.name)).credits += credits
         return Verdict(requests=_window(st.requests), items=_window(it))
 
-    async def finish(self, key: KeyRecord, request_id: str, credits: int, billed: bool) -> None:
+    async def finish(self, key: KeyRecord, request_id: str, credits: int, spent: int) -> None:
+        flight = self._flights.pop(request_id, None)
+        if flight is None:  # settled already (or never admitted): nothing is held
+            return
         st = self._keys[key.name]
-        st.active -= 1
-        st.reserved -= credits
-        if billed:
-            st.used += credits
+        st.active -= flight.slot
+        st.reserved -= flight.credits
+        st.used += min(spent, flight.credits)
+
+    async def heartbeat(self) -> None:
+        return None
 
     async def state(self, key: KeyRecord) -> KeyState:
         st = self._state(key, time.monotonic())

@@ -9,8 +9,10 @@ A failed flush (disk full, store locked past its timeout) keeps the rows for the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -19,33 +21,54 @@ from blipitm.keys.store import day_of
 
 log = logging.getLogger("blipitm.server")
 
-OTHER = "other"
+# The label of the names past the cap. A key name starts with a letter or digit, so no key can
+# be called this (a key named "other" has its own label, never mixed with the overflow).
+OTHER = "_other"
 
 
 class UsageBuffer:
     def __init__(self, store: KeyStore) -> None:
         self.store = store
         self._rows: dict[tuple[str, str, str, int], UsageRow] = {}
+        # Credits by (name, the key's credit_gen when billed): see KeyStore.add_usage.
+        self._spent: dict[tuple[str, int], int] = {}
         self._lock = asyncio.Lock()  # one flush at a time (the timer's and shutdown's)
 
-    def add(self, row: UsageRow) -> None:
+    def add(self, row: UsageRow, credit_gen: int = 0) -> None:
         old = self._rows.get(row.slot)
         self._rows[row.slot] = row if old is None else old + row
+        if row.credits:
+            slot = (row.name, credit_gen)
+            self._spent[slot] = self._spent.get(slot, 0) + row.credits
 
     def pending(self, name: str) -> list[UsageRow]:
         """Rows of ``name`` not yet in the store (``/v1/usage`` adds them to the store's)."""
         return [r for r in self._rows.values() if r.name == name]
 
+    @contextlib.asynccontextmanager
+    async def spent(self, name: str) -> AsyncIterator[Callable[[], int]]:
+        """Credits ``name`` has spent, as a function: the store's balance plus the rows not yet
+        written. No flush runs inside the block, so calling it there counts every row once and
+        also what ``add`` records meanwhile."""
+        async with self._lock:
+            stored = (await asyncio.to_thread(self.store.get, name)).credits_used
+            yield lambda: stored + sum(r.credits for r in self.pending(name))
+
     async def flush(self) -> None:
         async with self._lock:
             rows, self._rows = self._rows, {}
+            spent, self._spent = self._spent, {}
             if not rows:
                 return
+            by_gen = [(name, gen, n) for (name, gen), n in spent.items()]
             try:
-                await asyncio.to_thread(self.store.add_usage, rows.values())
+                await asyncio.to_thread(self.store.add_usage, rows.values(), by_gen)
             except BaseException:
                 for row in rows.values():  # back in front of what arrived meanwhile
-                    self.add(row)
+                    old = self._rows.get(row.slot)
+                    self._rows[row.slot] = row if old is None else row + old
+                for slot, n in spent.items():
+                    self._spent[slot] = self._spent.get(slot, 0) + n
                 raise
 
 

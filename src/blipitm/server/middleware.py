@@ -23,7 +23,7 @@ from blipitm.keys import KeyRecord
 from blipitm.server.auth import Authenticator, needs_key
 from blipitm.server.errors import envelope
 from blipitm.server.keys import SCOPE_KEY, Charge, LimiterUnavailable
-from blipitm.server.limits import refusal_headers
+from blipitm.server.limits import concurrency_refusal, refusal_headers
 from blipitm.server.metrics import Metrics
 from blipitm.server.schemas import item_limit
 
@@ -178,9 +178,8 @@ class GuardMiddleware:
         headers, then settled by its status (no status: the client left, 499, refunded)."""
         assert self.keys.service is not None
         charge = self.keys.service.open(key, route_label(self.routes, scope))
-        if charge.endpoint == UNMETERED:  # a key may always ask what it has left
-            scope[SCOPE_KEY] = charge
-            await self._checked(scope, receive, send)
+        if charge.endpoint == UNMETERED:  # a key may always ask what it has left, within reason
+            await self._usage(charge, scope, receive, send)
             return
         try:
             verdict = await charge.admit()
@@ -208,6 +207,19 @@ class GuardMiddleware:
             raise
         finally:
             await _settle(charge, status)
+
+    async def _usage(self, charge: Charge, scope: Scope, receive: Receive, send: Send) -> None:
+        """``/v1/usage``: no rate token or model slot, but at most ``--concurrency`` at once."""
+        assert self.keys.service is not None
+        with self.keys.service.usage_slot(charge.key) as allowed:
+            if not allowed:
+                assert charge.key.concurrency is not None
+                message = concurrency_refusal(charge.key, charge.key.concurrency)
+                retry = {"Retry-After": "1", "retry-after-ms": "1000"}
+                await send_error(send, 429, message, "rate_limit_exceeded", retry)
+                return
+            scope[SCOPE_KEY] = charge
+            await self._checked(scope, receive, send)
 
     async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in ("POST", "PUT", "PATCH") or not self._takes_body(scope):

@@ -50,11 +50,15 @@ async def embeddings(
     vectors = np.empty((len(items), dim), dtype=np.float32)  # [N, E] in request order
     text_tokens = 0
     if texts:
-        encoded: TextFeatures = await ctx.run(EmbedTexts(texts), loc_mapper(texts=text_items))
+        encoded: TextFeatures = await ctx.run(
+            EmbedTexts(texts), loc_mapper(texts=text_items), texts=len(texts), images=0
+        )
         vectors[text_pos] = encoded.embeddings
         text_tokens = int(encoded.text_tokens.sum())
     if images:
-        vectors[image_pos] = await ctx.run(EmbedImages(images), loc_mapper(images=image_items))
+        vectors[image_pos] = await ctx.run(
+            EmbedImages(images), loc_mapper(images=image_items), texts=0, images=len(images)
+        )
     tokens = ctx.usage_tokens(text_tokens, len(images))
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}

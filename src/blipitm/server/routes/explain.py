@@ -78,7 +78,10 @@ async def explain(ctx: Annotated[Ready[ExplainRequest], ready(ExplainRequest)]) 
     for start in range(0, len(texts), PIECE):
         piece = slice(start, start + PIECE)
         locs = loc_mapper(image_item, query_loc="image", texts=text_items[piece])
-        found += await ctx.run(Explain(images[0], texts[piece], layer), locs)
+        # Billed per caption the worker explains (the image with the first), so a client that
+        # leaves pays for the compute it caused and gets the rest back.
+        job = Explain(images[0], texts[piece], layer)
+        found += await ctx.run(job, locs, texts=len(texts[piece]), images=int(start == 0))
     loop = asyncio.get_running_loop()
     rendered = await asyncio.gather(
         *(loop.run_in_executor(ctx.state.executor, _render, e, body.overlays) for e in found)

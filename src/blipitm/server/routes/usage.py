@@ -28,13 +28,13 @@ def _window(w: Window | None) -> dict[str, Any] | None:
     )
 
 
-@router.get("/v1/usage", response_model=KeyUsage, responses=error_responses(400, 401, 503))
+@router.get("/v1/usage", response_model=KeyUsage, responses=error_responses(400, 401, 429, 503))
 async def key_usage(
     request: Request,
     since: Annotated[str | None, Query(description="first day (YYYY-MM-DD) to report")] = None,
 ) -> JSONResponse:
     """The calling key's limits, what remains, and its usage per day, endpoint and status.
-    Calling it does not count against the key's limits."""
+    Calling it does not count against the key's limits; at most its `--concurrency` run at once."""
     charge = charge_of(request.scope)
     service = server_state(request).keys
     if charge is None or service is None:
