@@ -344,9 +344,11 @@ _JOBS = """
 import json, sys
 from pathlib import Path
 import blipitm
+from blipitm.common.memory import apply_memory_policy
 from blipitm.evaluation import evaluate
 from blipitm.retrieval import build_index
 
+apply_memory_policy()  # as the CLI's index and eval commands do
 ckpt, folder, out, budget = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 engine = blipitm.load(ckpt, decode_threads=4, decode_budget_pixels=budget)
 engine.embed_images([folder / "warm.png"])
@@ -400,7 +402,7 @@ def test_index_build_and_eval_stream_images_under_the_engine_budget(
         assert peak < 4 * budget + 80 * MB, f"{job}: peak RSS rose by {peak / MB:.0f} MB"
 
 
-# -- long thin images (issue 18, item 15) ---------------------------------------------------------
+# -- long thin images ----------------------------------------------------------------------------
 
 
 def thin_png(width: int, height: int) -> bytes:
@@ -428,10 +430,11 @@ _LOAD_ONE = """
 import json, sys
 from pathlib import Path
 from blipitm.errors import InvalidInputError
-from blipitm.processing import ImageSettings, load_resized, return_image_memory_to_os
+from blipitm.common.memory import apply_memory_policy
+from blipitm.processing import ImageSettings, load_resized
 from blipitm.scoring import BLIP
 
-return_image_memory_to_os()  # as the engine and the server do
+apply_memory_policy()  # as the entry points (CLI, server, filter runner) do
 
 def memory(key):
     for line in Path("/proc/self/status").read_text().splitlines():

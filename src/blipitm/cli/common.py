@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from blipitm.common.memory import apply_memory_policy
 from blipitm.common.safeio import MAX_IMAGE_FILE_BYTES, UnreadableFileError, read_regular_file
 from blipitm.engine.options import MODEL_OPTIONS, LoadOptions, Option, options_from
 from blipitm.errors import InvalidInputError
@@ -83,6 +84,7 @@ def load_engine(
     (``manifest``, or read from ``index``)."""
     from blipitm.engine import load_options  # torch: only once a command runs
 
+    apply_memory_policy()  # this process decodes images: a decode budget bounds its memory
     values = model_values(args)
     if (index is not None or manifest is not None) and any(
         values[name] is None for name in RECORDED

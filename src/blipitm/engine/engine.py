@@ -50,7 +50,6 @@ from blipitm.processing.image import (
     content_key,
     load_resized,
     normalize,
-    return_image_memory_to_os,
 )
 from blipitm.processing.text import clean_caption, validate_text
 from blipitm.processing.tokenizer import Tokenizer, pad
@@ -134,7 +133,6 @@ class Engine:
         self.decode_budget = (
             None if budget is None else PixelBudget(budget, setting="decode_budget_pixels")
         )
-        return_image_memory_to_os()  # else each decode thread keeps its last image's memory
 
     # -- public API -------------------------------------------------------------------------
 

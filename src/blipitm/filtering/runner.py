@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from blipitm.common.files import atomic_write_json
+from blipitm.common.memory import apply_memory_policy
 from blipitm.common.safeio import loads_json, read_regular_file
 from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
 from blipitm.errors import InvalidInputError
@@ -170,6 +171,7 @@ def _filter_locked(
         engine = load_options(options if ray in (None, False) else replace(options, device="cpu"))
     manifest = _open_out(out, shards, columns, engine, restart)
     if ray in (None, False):
+        apply_memory_policy()  # a long run in this process: its RSS follows the decode budget
         run = _score_all(engine, shards, out, columns, batch_size, progress, lock)
     else:
         run = _score_all_ray(

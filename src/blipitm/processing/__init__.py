@@ -15,7 +15,6 @@ from blipitm.processing.image import (
     normalize,
     preprocess,
     preprocess_batch,
-    return_image_memory_to_os,
     to_rgb,
 )
 from blipitm.processing.text import pre_caption, validate_text
@@ -36,7 +35,6 @@ __all__ = [
     "pre_caption",
     "preprocess",
     "preprocess_batch",
-    "return_image_memory_to_os",
     "to_rgb",
     "validate_text",
 ]

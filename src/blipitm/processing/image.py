@@ -6,9 +6,9 @@ The three steps are separate because they differ in who decides them: decoding i
 is shared by both and must match the references bit for bit.
 
 No global Pillow setting is changed (the pixel limit is a per-call argument; Pillow's block size
-only by :func:`return_image_memory_to_os`, which a process opts into) and no shared state is
-mutated, so the engine may call all of this from a thread pool; the one exception is that an
-animated PIL image handed in is rewound to its first frame.
+is the entry points' business, :mod:`blipitm.common.memory`) and no shared state is mutated, so
+the engine may call all of this from a thread pool; the one exception is that an animated PIL
+image handed in is rewound to its first frame.
 """
 
 from __future__ import annotations
@@ -498,29 +498,6 @@ def content_key(image: Any) -> str:
         h.update(f"object:{id(image)}:{type(image).__name__}:".encode())
         h.update(os.urandom(16))
     return h.hexdigest()
-
-
-# Pillow allocates an image in blocks of 16 MiB. glibc serves allocations under 32 MiB from
-# per-thread arenas and keeps them after they are freed, so with N decode threads the resident
-# memory grows to about N full-size images even while a budget lets two decode at a time (seen:
-# +572 MB with 4 threads, where two 6000x6000 images take 288 MB). In one block per image, a
-# large image is one allocation that glibc mmaps and unmaps when freed (+296 MB). Small images
-# still come from the arenas, bounded by glibc's 32 MiB threshold per thread. Torch's
-# allocations are not affected.
-_RETURNABLE_BLOCK_BYTES = 1 << 30
-
-
-def return_image_memory_to_os() -> None:
-    """Make Pillow allocate large images in blocks that go back to the OS when freed.
-
-    Process-wide (Pillow's block size), so it is called where blipitm bounds image memory (an
-    :class:`~blipitm.Engine` is created, the server starts), never on import. A
-    ``PILLOW_BLOCK_SIZE`` set in the environment is respected.
-    """
-    if "PILLOW_BLOCK_SIZE" in os.environ:
-        return
-    if Image.core.get_block_size() < _RETURNABLE_BLOCK_BYTES:
-        Image.core.set_block_size(_RETURNABLE_BLOCK_BYTES)
 
 
 # -- RGB conversion ---------------------------------------------------------------------------

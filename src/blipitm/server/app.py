@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 from starlette.routing import Route
 
+from blipitm.common.memory import apply_memory_policy
 from blipitm.common.version import __version__
 from blipitm.engine import Engine, load_options
 from blipitm.errors import BlipitmError
@@ -96,6 +97,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await _start_keys(service, on_load_failure)
+        apply_memory_policy()  # so that --max-decoded-pixels bounds the resident memory
         state.open()
         task = asyncio.create_task(load_in_background())
         try:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from blipitm.engine import Engine
-from blipitm.processing import PixelBudget, return_image_memory_to_os
+from blipitm.processing import PixelBudget
 from blipitm.retrieval import Index
 from blipitm.server.batching import Batcher, Call
 from blipitm.server.errors import APIError
@@ -60,7 +60,6 @@ class ServerState:
 
     def open(self) -> None:
         s = self.settings
-        return_image_memory_to_os()  # so that --max-decoded-pixels bounds the resident memory
         self.executor = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="blipitm-io")
         if s.allow_url_fetch:
             self.fetcher = URLFetcher(
