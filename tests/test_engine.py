@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import blipitm
-from blipitm.engine.cache import ByteLRU
+from blipitm.engine.cache import ByteLRU, nbytes
+from blipitm.processing import ResizedImage
 
 TEXTS = ["a dog on the grass", "a red car", "two people walking", "a cat", "the sky at night"]
 
@@ -37,6 +38,20 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, model: object, method: str) -> list[object]:
+    """Make ``model.method`` a counting double of itself: each call appends its arguments to the
+    returned list and runs the real method."""
+    calls: list[object] = []
+    real = getattr(model, method)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, method, counted)
+    return calls
+
+
 def test_score_shapes_and_consistency(engine: blipitm.Engine, images: list[Image.Image]) -> None:
     pairs = engine.score(images, TEXTS[:4])
     assert pairs.itm_probability.shape == (4,) and pairs.itm_probability.dtype == np.float32
@@ -58,20 +73,18 @@ def test_score_shapes_and_consistency(engine: blipitm.Engine, images: list[Image
     np.testing.assert_allclose(m.itc_cosine, img_emb @ txt_emb.T, atol=1e-6)
 
 
-def test_itc_false_skips_only_the_cosine(engine: blipitm.Engine, images: list[Image.Image]) -> None:
+def test_itc_false_skips_only_the_cosine(
+    engine: blipitm.Engine, images: list[Image.Image], monkeypatch: pytest.MonkeyPatch
+) -> None:
     full = engine.score_matrix(images, TEXTS)
-    calls = []
-    original = engine._text_embeddings
-    engine._text_embeddings = lambda *a, **k: calls.append(a) or original(*a, **k)  # type: ignore[method-assign]
-    try:
+    with monkeypatch.context() as patched:
+        calls = count_calls(patched, engine.model, "text_embedding")
         for got in (
             engine.score_matrix(images, TEXTS, itc=False),
             engine.score(images, TEXTS[:4], itc=False),
             engine.score_pairs(images, TEXTS, [(0, 1), (2, 3)], itc=False),
         ):
             assert np.isnan(got.itc_cosine).all()
-    finally:
-        del engine._text_embeddings
     assert calls == []  # the unimodal text pass never ran
     np.testing.assert_array_equal(
         engine.score_matrix(images, TEXTS, itc=False).itm_logits, full.itm_logits
@@ -248,11 +261,9 @@ def test_eviction_under_pressure_is_never_stale(tiny_ckpt: Path, images: list[Im
     """A cache with room for about two images' entries, cycled through many images and pairings
     (stacked single pairs, per-image blocks, partial hits), always equals the uncached engine."""
     reference = blipitm.load(tiny_ckpt, cache_bytes=0)
-    engine = blipitm.load(tiny_ckpt)
-    kv_bytes = sum(
-        k.nbytes + v.nbytes
-        for k, v in engine._cross_kv(engine._image_features(images[:1], loc=("x",)))
-    )
+    probe = blipitm.load(tiny_ckpt)
+    probe.score(images[0], TEXTS[:2])  # one image's tokens and K/V, now in the cache
+    kv_bytes = sum(nbytes(v) for k, v in probe.cache.entries() if k[0] == "kv")
     engine = blipitm.load(tiny_ckpt, cache_bytes=2 * kv_bytes)
     rng = np.random.default_rng(5)
     many = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(6)]
@@ -274,7 +285,7 @@ def test_cached_kv_entry_is_one_block_per_image(tiny_ckpt: Path, images: list[Im
     (BENCHMARKS.md, dataset filtering)."""
     engine = blipitm.load(tiny_ckpt)
     engine.score_pairs(images[:3], TEXTS[:2], [(0, 0), (1, 1), (2, 0)])  # one K/V batch
-    entries = [v for k, (v, _) in engine.cache._data.items() if k[0] == "kv"]
+    entries = [v for k, v in engine.cache.entries() if k[0] == "kv"]
     assert len(entries) == 3
     for entry in entries:
         tensors = [t for pair in entry for t in pair]
@@ -360,10 +371,12 @@ def test_results_carry_the_token_counts_of_count_tokens(
     assert engine.rank_texts(images[0], []).text_tokens == 0
 
 
-def test_decoding_overlaps_encoding_in_a_bounded_window(tiny_ckpt: Path) -> None:
+def test_decoding_overlaps_encoding_in_a_bounded_window(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = blipitm.load(tiny_ckpt, batch_sizes=blipitm.BatchSizes(images=2, texts=8))
     events: list[str] = []
-    decode, encode = engine._decode, engine.model.encode_image
+    decode, encode = engine.images.decode, engine.model.encode_image
 
     def logged_decode(item: object, field: str) -> object:
         out = decode(item, field)
@@ -374,13 +387,14 @@ def test_decoding_overlaps_encoding_in_a_bounded_window(tiny_ckpt: Path) -> None
         events.append("e")
         return encode(pixels)
 
-    engine._decode = logged_decode
-    engine.model.encode_image = logged_encode
+    monkeypatch.setattr(engine.images, "decode", logged_decode)
+    monkeypatch.setattr(engine.model, "encode_image", logged_encode)
     rng = np.random.default_rng(9)
     many = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(20)]
     engine.embed_images(many)
     assert events.count("d") == 20 and events.count("e") == 10
-    window = max(2 * 2, 2 * engine._decode_threads)
+    window = max(2 * 2, 2 * engine.images.decode_threads)
+    assert engine.images.prefetch_window == window
     for k in range(10):  # before the k-th batch is encoded, at most a window more are decoded
         before = events[: [i for i, e in enumerate(events) if e == "e"][k]]
         assert 2 * (k + 1) <= before.count("d") <= 2 * (k + 1) + window
@@ -409,3 +423,26 @@ def test_default_text_batch_follows_the_compute_dtype(tiny_ckpt: Path) -> None:
     assert blipitm.load(tiny_ckpt).batch_sizes == blipitm.BatchSizes(images=8, texts=32)
     narrow = blipitm.load(tiny_ckpt, dtype="bfloat16", compute_dtype="bfloat16")
     assert narrow.batch_sizes == blipitm.BatchSizes(images=8, texts=128)
+
+
+def test_prepare_image_decodes_once_under_the_engine_limits(
+    tiny_ckpt: Path, images: list[Image.Image]
+) -> None:
+    """What a front end hands the engine as requests arrive: bytes decoded now, under the engine's
+    pixel limit and decode budget; scoring the result reuses the bytes' cache entry."""
+    engine = blipitm.load(tiny_ckpt, decode_budget_pixels=60 * 60)
+    data = png_bytes(images[3])  # 51 x 45 pixels
+    prepared = engine.prepare_image(data, ("input", 2))
+    assert isinstance(prepared, ResizedImage) and prepared.protocol == engine.protocol
+    assert engine.prepare_image(prepared) is prepared
+    want = engine.embed_images([data])
+    hits = engine.cache.stats.hits
+    np.testing.assert_array_equal(engine.embed_images([prepared]), want)
+    assert engine.cache.stats.hits == hits + 1  # no second decode or encode
+    assert engine.decode_budget is not None and engine.decode_budget.in_use == 0
+    big = png_bytes(images[3].resize((61, 60)))
+    with pytest.raises(blipitm.ImageTooLargeError, match=r"input\[2\].*decode_budget_pixels"):
+        engine.prepare_image(big, ("input", 2))
+    with pytest.raises(blipitm.InvalidInputError) as info:
+        engine.prepare_image(b"not an image")
+    assert info.value.field == "image"

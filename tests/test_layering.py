@@ -1,6 +1,7 @@
-"""DESIGN.md §3: a layer imports only layers above it; torch stays in the layers that compute;
-nothing in src/ imports transformers; the scoring protocol is decided in scoring.py only; the
-import graph of src/blipitm has no cycle."""
+"""The layers of docs/architecture.md: a layer imports only layers above it; torch stays in the
+layers that compute; nothing in src/ imports transformers; the scoring protocol is decided in
+scoring.py only; the import graph of src/blipitm has no cycle; the engine's parts depend one way;
+only entry points set process-wide memory settings."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def test_layers_import_only_upwards() -> None:
         own = rel.parts[0].removesuffix(".py") if len(rel.parts) > 1 else rel.stem
         if own in ("__init__", "__main__", TESTING):
             continue
-        assert own in LAYERS, f"{rel}: package {own!r} is not in DESIGN.md's layer list"
+        assert own in LAYERS, f"{rel}: package {own!r} is not in docs/architecture.md's layer list"
         allowed = set(LAYERS[: LAYERS.index(own) + 1]) - FORBIDDEN.get(own, set())
         for mod in imports(path):
             target = layer_of(mod)
@@ -128,7 +129,7 @@ def test_only_scoring_decides_by_protocol_name() -> None:
 
 def test_cli_and_server_load_through_one_options_record() -> None:
     """The CLI and the server build a LoadOptions and call ``load_options``; calling ``load`` with
-    their own keyword mapping is the second copy of the load flags that issue 9 removed."""
+    their own keyword mapping would be a second copy of the load flags."""
     offenders = []
     for package in ("cli", "server"):
         for path in sorted((SRC / package).rglob("*.py")):
@@ -200,3 +201,65 @@ def test_cycle_finder_finds_a_cycle() -> None:
     graph = {"app": {"openapi", "docs"}, "openapi": {"app"}, "docs": set()}
     assert find_cycle(graph) == ["app", "openapi", "app"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The engine's parts (docs/architecture.md): the image pipeline stands alone, so the captioner can
+# reuse it; ITM and text build on it, never the other way; the facade is imported by no part.
+ENGINE_PARTS_NEVER_IMPORT = {
+    "engine/images.py": {"engine.itm", "engine.texts", "engine.gradcam", "engine.engine"},
+    "engine/texts.py": {"engine.images", "engine.itm", "engine.gradcam", "engine.engine"},
+    "engine/itm.py": {"engine.gradcam", "engine.engine"},
+    "engine/gradcam.py": {"engine.images", "engine.itm", "engine.texts", "engine.engine"},
+    "engine/inputs.py": {"engine.images", "engine.itm", "engine.texts", "engine.engine"},
+}
+HTTP_PACKAGES = {"fastapi", "starlette", "httpx", "uvicorn", "h11", "aiohttp", "requests"}
+
+
+def test_engine_parts_depend_one_way() -> None:
+    offenders = []
+    for rel, banned in ENGINE_PARTS_NEVER_IMPORT.items():
+        for mod in imports(SRC / rel):
+            if mod.removeprefix("blipitm.") in banned:
+                offenders.append(f"{rel} imports {mod}")
+    assert not offenders, "the engine's parts import one way:\n" + "\n".join(offenders)
+
+
+def test_engine_speaks_no_http() -> None:
+    offenders = [
+        f"{path.relative_to(SRC)} imports {mod}"
+        for path in sorted((SRC / "engine").rglob("*.py"))
+        for mod in imports(path)
+        if mod.split(".")[0] in HTTP_PACKAGES
+    ]
+    assert not offenders, "HTTP is the server's business:\n" + "\n".join(offenders)
+
+
+# Process-wide memory settings are made by entry points only, never by a library constructor.
+MEMORY_POLICY_CALLERS = {"cli/common.py", "server/app.py", "filtering/runner.py"}
+
+
+def _calls(path: Path, name: str) -> bool:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return any(
+        isinstance(node, ast.Call)
+        and (
+            (isinstance(node.func, ast.Name) and node.func.id == name)
+            or (isinstance(node.func, ast.Attribute) and node.func.attr == name)
+        )
+        for node in ast.walk(tree)
+    )
+
+
+def test_only_entry_points_set_the_memory_policy() -> None:
+    callers = {
+        path.relative_to(SRC).as_posix()
+        for path in SRC.rglob("*.py")
+        if _calls(path, "apply_memory_policy")
+    }
+    setters = {
+        path.relative_to(SRC).as_posix()
+        for path in SRC.rglob("*.py")
+        if _calls(path, "set_block_size")
+    }
+    assert callers == MEMORY_POLICY_CALLERS
+    assert setters == {"common/memory.py"}

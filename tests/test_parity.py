@@ -57,12 +57,12 @@ def assert_matches(engine: blipitm.Engine, ref: Reference, images: list[Image.Im
     np.testing.assert_allclose(got.itm_probability, ref_prob, atol=PROB_ATOL, rtol=0)
 
     # Pixel values and token ids: the inputs themselves, exactly.
-    pixels = torch.stack([engine._decode(im, "image") for im in images])
+    pixels = torch.stack([engine.images.decode(im, ("image",)) for im in images])
     np.testing.assert_allclose(pixels.numpy(), ref.pixel_values(images).numpy(), atol=1e-6, rtol=0)
     for itm in (False, True):
         ids, mask = ref.tokens(TEXTS, itm=itm)
         want = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
-        ours = engine._token_ids(TEXTS, "texts")
+        ours = engine.texts.token_ids(TEXTS, ("texts",))
         if itm and engine.protocol.name == "blip":
             ours = [[30523, *row[1:]] for row in ours]
         assert ours == want

@@ -56,6 +56,12 @@ class ByteLRU:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._data
 
+    def entries(self) -> list[tuple[Hashable, Any]]:
+        """A snapshot of the (key, value) pairs held, least recently used first; counts as no
+        lookup (the stats and the order stay as they are)."""
+        with self._lock:
+            return [(key, value) for key, (value, _) in self._data.items()]
+
     def get(self, key: Hashable) -> Any | None:
         with self._lock:
             item = self._data.get(key)

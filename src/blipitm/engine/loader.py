@@ -100,6 +100,7 @@ def load_options(options: LoadOptions) -> Engine:
         Tokenizer.from_dir(resolved.tokenizer_dir),
         ImageSettings.from_processor_dict(resolved.image_settings_dict),
         info,
+        scoring,
         max_pixels=options.max_pixels,
         max_text_chars=options.max_text_chars,
         cache_bytes=options.cache_bytes,

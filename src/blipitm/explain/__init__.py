@@ -1,6 +1,6 @@
 """Explanations of a match: Grad-CAM maps of one cross-attention layer, as LAVIS computes them,
 and their rendering over the image. Torch-free: the engine computes the maps
-(:mod:`blipitm.engine.explain`), this package holds and draws them."""
+(:mod:`blipitm.engine.gradcam`), this package holds and draws them."""
 
 from __future__ import annotations
 

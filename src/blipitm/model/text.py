@@ -139,7 +139,7 @@ class Attention(nn.Module):
         self.self = SelfAttention(config, kv_width)
         self.output = AttentionOutput(config)
         self.impl: AttnImpl = "sdpa"
-        self.probe: Probe | None = None  # set only while explaining (blipitm.engine.explain)
+        self.probe: Probe | None = None  # set only while explaining (blipitm.engine.gradcam)
 
     def forward_self(
         self, x: torch.Tensor, packing: Packing, mask: torch.Tensor, first_only: bool = False
