@@ -131,6 +131,9 @@ def test_batched_equals_one_at_a_time_and_scores_equal_score(tiny_ckpt: Path) ->
         assert one.itm_probability == pytest.approx(float(scores.itm_probability[i]), abs=2e-6)
         assert one.itc_cosine == pytest.approx(float(scores.itc_cosine[i]), abs=1e-6)
     assert batched[0].image.shape == (48, 48, 3)  # the model's input, which the maps cover
+    # The tokens the model read, counted as every other result counts them.
+    assert [e.text_tokens for e in batched] == scores.text_tokens.tolist()
+    assert [e.text_tokens for e in batched] == [len(e.tokens) + 2 for e in batched]
 
 
 def test_weights_never_require_grad_and_the_probe_is_removed(tiny_ckpt: Path) -> None:

@@ -103,6 +103,7 @@ def explanations(
                 itc_cosine=float(cosine[j]),
                 layer=layer,
                 image=image,
+                text_tokens=len(row),
             )
         )
     return out

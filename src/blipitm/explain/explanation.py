@@ -46,6 +46,7 @@ class Explanation:
     itc_cosine: float
     layer: int  # text-encoder layer, 0-based
     image: np.ndarray  # [S, S, 3] uint8: the model's input (resized) image the maps cover
+    text_tokens: int  # tokens the model read, [CLS]/[ENC] and [SEP] included (as count_tokens)
 
     @property
     def grid(self) -> int:

@@ -102,7 +102,7 @@ async def explain(ctx: Annotated[Ready[ExplainRequest], ready(ExplainRequest)]) 
         }
         for i, (e, (caption, per_token)) in enumerate(zip(found, rendered, strict=True))
     ]
-    tokens = ctx.usage_tokens(sum(len(e.tokens) + 2 for e in found), 1)  # + [CLS]/[ENC], [SEP]
+    tokens = ctx.usage_tokens(sum(e.text_tokens for e in found), 1)
     return JSONResponse(
         {
             "object": "list",
