@@ -346,6 +346,7 @@ def test_usage_has_its_own_capped_slots(tmp_path: Path) -> None:
         keys=Authenticator(KeyChecker(()), service),
         protect_metrics=False,
         max_body_bytes=1000,
+        max_items=16,
         routes=[Route("/v1/usage", lambda r: None)],
     )
 
@@ -374,3 +375,38 @@ def test_usage_has_its_own_capped_slots(tmp_path: Path) -> None:
 
     run(go())
     assert statuses == [429, 200, 200]
+
+
+def test_usage_read_during_a_flush_counts_every_row_once(tmp_path: Path) -> None:
+    """A flush takes the buffered rows, then writes them in a thread: a ``/v1/usage`` read of
+    the store before that write lands and of the (now empty) buffer after it saw 1 request of 4."""
+    import threading
+
+    from blipitm.server.metering import UsageBuffer, usage_row
+
+    class SlowStore(KeyStore):
+        writing = threading.Event()
+        proceed = threading.Event()
+
+        def add_usage(self, *args: Any, **kwargs: Any) -> Any:
+            self.writing.set()
+            assert self.proceed.wait(30)
+            return super().add_usage(*args, **kwargs)
+
+    store = SlowStore(tmp_path / "keys.db", create=True)
+    store.create("k")
+    buffer = UsageBuffer(store)
+    for _ in range(3):
+        buffer.add(usage_row("k", "/v1/embeddings", 200, texts=1, images=0, tokens=5,
+                             credits=1, started=0.0))  # fmt: skip
+
+    async def main() -> int:
+        flush = asyncio.create_task(buffer.flush())
+        await asyncio.to_thread(store.writing.wait, 30)
+        read = asyncio.create_task(buffer.usage("k"))
+        await asyncio.sleep(0.2)  # the read is waiting for the flush, not racing it
+        store.proceed.set()
+        await flush
+        return sum(row.requests for row in await read)
+
+    assert asyncio.run(main()) == 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -55,8 +54,7 @@ async def key_usage(
         state = await service.limiter.state(key)
     except LimiterUnavailable as e:
         raise APIError(503, str(e), code="limiter_unavailable") from None
-    stored = await asyncio.to_thread(service.store.usage, key.name, first)
-    rows = _merge([*stored, *service.buffer.pending(key.name)], first)
+    rows = _merge(await service.buffer.usage(key.name, first), first)
     return JSONResponse(
         {
             "object": "key_usage",
