@@ -541,3 +541,52 @@ def test_a_ray_actor_commits_only_while_its_driver_holds_the_folder(
     with OutputLock(out), pytest.raises(FilterError, match="held by another run"):
         list(ShardScorer(*args, token="the-dead-driver")({"shard": np.array([0])}))
     assert sorted(p.name for p in (out / "scores").iterdir()) == []
+
+
+# -- formats: TSV as one entry of the table, the CLI's choices from the tables ---------------
+
+
+def test_tsv_is_read_unquoted_and_kept_as_parquet(engine: blipitm.Engine, tmp_path: Path) -> None:
+    (tmp_path / "0.jpg").write_bytes(jpeg(0))
+    (tmp_path / "1.jpg").write_bytes(jpeg(1))
+    (tmp_path / "t.tsv").write_text(
+        "id\tpath\ttext\n"
+        't0\t0.jpg\t"a dog" on grass\n'  # no quoting: the quotes are the caption's
+        't1\t1.jpg\t["a cat", "two cats"]\n'
+        "t2\t0.jpg\n"
+    )
+    out = tmp_path / "out"
+    stats = filter_dataset(
+        [str(tmp_path / "t.tsv")],
+        out,
+        Threshold(0.0),
+        model=engine,
+        columns=Columns(image="path", caption="text", id="id"),
+    )
+    got = pq.read_table(out / "scores" / "t.parquet").to_pylist()
+    assert [(r["id"], r["candidate"], r["caption"], r["status"]) for r in got] == [
+        ("t0", 0, '"a dog" on grass', "ok"),
+        ("t1", 0, "a cat", "ok"),
+        ("t1", 1, "two cats", "ok"),
+        ("2", 0, None, "bad_row"),
+    ]
+    want = engine.score(jpeg(0), '"a dog" on grass').itm_probability[0]
+    assert abs(got[0]["itm_probability"] - want) < 1e-6
+    kept = pq.read_table(out / "kept" / "t.parquet")
+    assert kept.schema.field("text").type == pa.string()
+    assert kept["text"].to_pylist() == ['"a dog" on grass', '["a cat", "two cats"]']
+    assert stats.kept_samples == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["kind"] for i in manifest["inputs"]] == ["tsv"]
+
+
+def test_the_cli_takes_formats_and_choices_from_their_tables(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from blipitm.filtering import FORMATS, By
+
+    with pytest.raises(SystemExit):
+        main(["filter", "--help"])
+    help = " ".join(capsys.readouterr().out.split())
+    assert all(suffix in help for f in FORMATS for suffix in f.suffixes)
+    assert "{" + ",".join(b.value for b in By) + "}" in help
