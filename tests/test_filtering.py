@@ -23,9 +23,11 @@ from PIL import Image
 import blipitm
 from blipitm.cli.main import main
 from blipitm.filtering import (
+    By,
     FilterError,
     KeepFraction,
     LocalRun,
+    RayRun,
     Threshold,
     filter_dataset,
 )
@@ -353,3 +355,19 @@ print(before - rss())
 """
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(got.stdout) > 100  # MB given back, of the 125 MB freed
+
+
+def test_policies_and_runs_are_checked_when_built(tmp_path: Path) -> None:
+    with pytest.raises(blipitm.InvalidInputError, match="by must be one of"):
+        Threshold(0.5, by="clip")
+    with pytest.raises(blipitm.InvalidInputError, match=r"in \[0, 1\]"):
+        KeepFraction(1.5)
+    with pytest.raises(blipitm.InvalidInputError, match="batch_size"):
+        LocalRun(0)
+    with pytest.raises(blipitm.InvalidInputError, match="workers"):
+        RayRun(workers=0)
+    with pytest.raises(blipitm.InvalidInputError, match="Threshold or a KeepFraction"):
+        filter_dataset(["x.tar"], tmp_path / "out", 0.5)  # type: ignore[arg-type]
+    with pytest.raises(blipitm.InvalidInputError, match="LoadOptions"):
+        filter_dataset(["x.tar"], tmp_path / "out", Threshold(0.5), model="some/model")  # type: ignore[arg-type]
+    assert Threshold(0.5, by="itc") == Threshold(0.5, By.ITC) and Threshold(1).by is By.ITM

@@ -30,7 +30,7 @@ from blipitm.errors import InvalidInputError
 from blipitm.filtering.inputs import Shard, expand_inputs, read_shard
 from blipitm.filtering.lock import OutputLock
 from blipitm.filtering.manifest import open_out
-from blipitm.filtering.policy import Cut, KeepFraction, KeepPolicy
+from blipitm.filtering.policy import Cut, KeepFraction, KeepPolicy, Threshold
 from blipitm.filtering.readers import DEFAULT_COLUMNS, Columns, Sample
 from blipitm.filtering.runs import (
     DEFAULT_OPTIONS,
@@ -78,6 +78,14 @@ def filter_dataset(
     ``model``'s options, or an engine's source, revision, protocol and dtype). ``write``:
     ``"scores"`` writes no kept samples. ``progress`` is called after every scored batch.
     """
+    # The old keyword-per-knob calls fail here with a message, not deep in a run.
+    if not isinstance(keep_policy, (Threshold, KeepFraction)):
+        raise InvalidInputError(
+            f"keep_policy must be a Threshold or a KeepFraction, got {keep_policy!r}",
+            loc=("keep_policy",),
+        )
+    if not isinstance(run, (LocalRun, RayRun)):
+        raise InvalidInputError(f"run must be a LocalRun or a RayRun, got {run!r}", loc=("run",))
     if isinstance(model, (str, os.PathLike)):
         raise InvalidInputError(
             "model must be an Engine or a LoadOptions: LoadOptions(source) names a checkpoint",
