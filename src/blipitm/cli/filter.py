@@ -11,7 +11,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 from blipitm.cli.common import add_model_options, model_values
 from blipitm.engine.options import options_from
 from blipitm.errors import InvalidInputError
-from blipitm.filtering.runner import DEFAULT_CACHE_MB
+from blipitm.filtering.formats import described
+from blipitm.filtering.policy import KeepFraction, KeepPolicy, Threshold
+from blipitm.filtering.readers import Columns
+from blipitm.filtering.runner import WRITES
+from blipitm.filtering.runs import DEFAULT_CACHE_MB, LOCAL, LocalRun, RayRun, Run
+from blipitm.filtering.scoring import By
 
 if TYPE_CHECKING:
     from blipitm.filtering import FilterProgress
@@ -25,9 +30,9 @@ def add_parser(sub: Any, name: str, help: str) -> None:
         name,
         help=help,
         description=(
-            "Score every (image, caption) pair of WebDataset shards or Parquet/JSONL/CSV tables "
-            "and keep those above a threshold or the best fraction. Resumable: run it again with "
-            "the same arguments after an interruption. See docs/filtering.md."
+            f"Score every (image, caption) pair of a dataset ({described()}) and keep those "
+            "above a threshold or the best fraction. Resumable: run it again with the same "
+            "arguments after an interruption. See docs/filtering.md."
         ),
         epilog="example: blipitm filter 'shards/{00000..00009}.tar' --out filtered --threshold 0.5",
     )
@@ -35,8 +40,8 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     p.add_argument("--out", required=True, help="output folder (also what a resumed run reads)")
     p.add_argument(
         "--by",
-        choices=("itm", "itc", "blip"),
-        default="itm",
+        choices=[b.value for b in By],
+        default=By.ITM.value,
         help="score to filter on: ITM probability, ITC cosine, or BLIP's match logit + cosine "
         "(default: itm)",
     )
@@ -47,7 +52,7 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     )
     p.add_argument(
         "--write",
-        choices=("scores", "kept", "both"),
+        choices=WRITES,
         default="both",
         help="scores: only scores/*.parquet; kept: also the kept samples (default: both)",
     )
@@ -67,7 +72,7 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     r.add_argument(
         "--ray",
         nargs="?",
-        const="local",
+        const=LOCAL,
         metavar="ADDRESS",
         help="score on Ray Data: a local Ray started here, or the cluster at ADDRESS "
         "(e.g. auto, ray://head:10001)",
@@ -134,32 +139,42 @@ def run(args: argparse.Namespace) -> int:
         stats = filter_dataset(
             args.inputs,
             args.out,
-            options=options,
-            by=args.by,
-            threshold=args.threshold,
-            keep_fraction=args.keep_fraction,
+            _keep_policy(args),
+            model=options,
+            columns=Columns(args.image_col, args.caption_col, args.id_col),
+            run=_run_kind(args),
             write=args.write,
-            image_col=args.image_col,
-            caption_col=args.caption_col,
-            id_col=args.id_col,
-            batch_size=args.batch_size,
             restart=args.restart,
             progress=printer,
-            ray=args.ray,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            cpus_per_worker=args.cpus_per_worker,
         )
     finally:
         printer.close()
-    for err in stats["shard_errors"]:
+    for err in stats.shard_errors:
         print(f"blipitm: error: shard {err['shard']}: {err['error']}", file=sys.stderr)
-    bad = {k: v for k, v in stats["status_pairs"].items() if k != "ok"}
+    bad = {k: v for k, v in stats.status_pairs.items() if k != "ok"}
     print(
-        f"{stats['samples']} samples, {stats['pairs']} pairs, {stats['scored_pairs']} scored, "
-        f"kept {stats['kept_pairs']} pairs of {stats['kept_samples']} samples "
-        f"({stats['score_column']} >= {stats['threshold']})"
+        f"{stats.samples} samples, {stats.pairs} pairs, {stats.scored_pairs} scored, "
+        f"kept {stats.kept_pairs} pairs of {stats.kept_samples} samples "
+        f"({stats.score_column} >= {stats.threshold})"
         + (f"; unscored: {bad}" if bad else "")
         + f"; see {args.out}/stats.json"
     )
-    return 1 if stats["shard_errors"] else 0
+    return 1 if stats.shard_errors else 0
+
+
+def _keep_policy(args: argparse.Namespace) -> KeepPolicy:
+    if args.threshold is not None:
+        return Threshold(args.threshold, by=args.by)
+    return KeepFraction(args.keep_fraction, by=args.by)
+
+
+def _run_kind(args: argparse.Namespace) -> Run:
+    if args.ray is None:
+        return LocalRun(args.batch_size)
+    return RayRun(
+        args.ray,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        batch_size=args.batch_size,
+    )
