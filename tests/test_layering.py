@@ -38,8 +38,19 @@ FORBIDDEN = {
 }
 # Layers that hand numpy arrays and records around; torch is the engine's business.
 NO_TORCH = {"explain", "common", "keys", "retrieval", "evaluation", "filtering", "server", "cli"}
-# Modules inside the engine that make up its public records.
-NO_TORCH_MODULES = {"engine/types.py", "engine/options.py", "scoring.py", "config.py"}
+# Modules inside the engine that make up its public records, and its batcher and jobs.
+NO_TORCH_MODULES = {
+    "engine/types.py",
+    "engine/options.py",
+    "engine/batcher.py",
+    "engine/jobs.py",
+    "scoring.py",
+    "config.py",
+}
+# HTTP and metrics belong to the server: the engine (its batcher included) is driven alike by the
+# server, the CLI, a Batch API or a Ray actor, and reports through an observer, not Prometheus.
+NO_HTTP = {"engine"}
+HTTP_PACKAGES = {"fastapi", "starlette", "uvicorn", "httpx", "pydantic", "prometheus_client"}
 # Leaf packages usable from anywhere below their position, with their own rule.
 TESTING = "testing"  # random checkpoints: may use config/checkpoint; only tests/bench/cli import it
 
@@ -97,6 +108,16 @@ def test_torch_stays_inside_the_engine() -> None:
             torch = [m for m in imports(path) if m == "torch" or m.startswith("torch.")]
             offenders += [f"{rel} imports {m}" for m in torch]
     assert not offenders, "torch belongs to the engine and below:\n" + "\n".join(offenders)
+
+
+def test_engine_imports_no_http_or_metrics() -> None:
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        if rel.parts[0] in NO_HTTP:
+            found = [m for m in imports(path) if m.split(".")[0] in HTTP_PACKAGES]
+            offenders += [f"{rel} imports {m}" for m in found]
+    assert not offenders, "HTTP and metrics are the server's:\n" + "\n".join(offenders)
 
 
 PROTOCOL_NAMES = {"blip", "transformers"}

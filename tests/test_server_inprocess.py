@@ -18,8 +18,8 @@ from starlette.requests import Request
 
 import blipitm
 from blipitm.engine import Engine, TextFeatures
+from blipitm.engine.jobs import EmbedTexts
 from blipitm.server.app import create_app
-from blipitm.server.batching import EmbedTexts
 from blipitm.server.context import Ready
 from blipitm.server.errors import APIError
 from blipitm.server.settings import ServerSettings

@@ -18,9 +18,9 @@ from typing import Any, Generic, Protocol, TypeVar
 from fastapi import Depends, Request
 
 from blipitm.engine import Engine
+from blipitm.engine.batcher import Batcher, Job, LocMap, QueueFull
 from blipitm.errors import InvalidInputError
 from blipitm.processing import ResizedImage, validate_text
-from blipitm.server.batching import Batcher, Job, LocMap, QueueFull
 from blipitm.server.errors import APIError, from_invalid_input
 from blipitm.server.images import ImageLoader
 from blipitm.server.inputs import ImageItem, TextItem

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from blipitm.engine.batcher import LocMap
 from blipitm.errors import Loc, format_loc
-from blipitm.server.batching import LocMap
 from blipitm.server.errors import APIError
 from blipitm.server.images import is_image_data_uri
 from blipitm.server.schemas import Content, ImageDocument, ImageURLPart, TextDocument, TextPart

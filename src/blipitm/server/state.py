@@ -12,12 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from PIL import Image
-
 from blipitm.engine import Engine
+from blipitm.engine.batcher import Batcher
+from blipitm.engine.jobs import WarmUp
 from blipitm.processing import PixelBudget, return_image_memory_to_os
 from blipitm.retrieval import Index
-from blipitm.server.batching import Batcher, Call
 from blipitm.server.errors import APIError
 from blipitm.server.images import ImageLoader
 from blipitm.server.keys import KeyService
@@ -96,13 +95,10 @@ class ServerState:
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
             max_queue=s.max_queue,
-            metrics=self.metrics,
+            observer=self.metrics.batcher_observer(),
         )
         self.batcher.start()
-        warm = Image.new("RGB", (64, 64), (128, 128, 128))
-        await asyncio.wrap_future(
-            self.batcher.submit(Call(lambda e: e.score(warm, "a warm-up caption")))
-        )
+        await asyncio.wrap_future(self.batcher.submit(WarmUp()))
         info = engine.info
         log.info(
             "serving %s as %r: revision=%s commit=%s protocol=%s device=%s dtype=%s "

@@ -10,10 +10,11 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from blipitm.engine import TextFeatures
-from blipitm.server.batching import EmbedImages, EmbedTexts
+from blipitm.engine.jobs import EmbedImages, EmbedTexts
 from blipitm.server.context import Ready, ready
 from blipitm.server.errors import API_ERRORS, APIError
 from blipitm.server.inputs import ImageItem, TextItem, embedding_items, loc_mapper
+from blipitm.server.responses import usage
 from blipitm.server.schemas import EmbeddingRequest, EmbeddingResponse
 
 router = APIRouter()
@@ -59,7 +60,6 @@ async def embeddings(
         vectors[image_pos] = await ctx.run(
             EmbedImages(images), loc_mapper(images=image_items), texts=0, images=len(images)
         )
-    tokens = ctx.usage_tokens(text_tokens, len(images))
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
         for i, v in enumerate(vectors)
@@ -69,6 +69,6 @@ async def embeddings(
             "object": "list",
             "data": data,
             "model": settings.model_name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "usage": usage(ctx, text_tokens, len(images)),
         }
     )

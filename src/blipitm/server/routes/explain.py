@@ -18,12 +18,13 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from PIL import Image
 
+from blipitm.engine.jobs import Explain
 from blipitm.errors import InvalidInputError
 from blipitm.explain import Explanation, overlay, resolve_layer
-from blipitm.server.batching import Explain
 from blipitm.server.context import Ready, ready
 from blipitm.server.errors import API_ERRORS, from_invalid_input
 from blipitm.server.inputs import ImageItem, TextItem, check_count, classify, loc_mapper
+from blipitm.server.responses import usage
 from blipitm.server.schemas import ExplainRequest, ExplainResponse
 
 router = APIRouter()
@@ -102,7 +103,8 @@ async def explain(ctx: Annotated[Ready[ExplainRequest], ready(ExplainRequest)]) 
         }
         for i, (e, (caption, per_token)) in enumerate(zip(found, rendered, strict=True))
     ]
-    tokens = ctx.usage_tokens(sum(len(e.tokens) + 2 for e in found), 1)  # + [CLS]/[ENC], [SEP]
+    # Explanation has no text_tokens yet: its word pieces + [CLS]/[ENC] and [SEP].
+    text_tokens = sum(len(e.tokens) + 2 for e in found)
     return JSONResponse(
         {
             "object": "list",
@@ -111,6 +113,6 @@ async def explain(ctx: Annotated[Ready[ExplainRequest], ready(ExplainRequest)]) 
             "num_layers": num_layers,
             "grid": config.vision.image_size // config.vision.patch_size,
             "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "usage": usage(ctx, text_tokens, 1),
         }
     )

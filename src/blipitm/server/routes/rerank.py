@@ -10,8 +10,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from blipitm.engine import PairScores, Ranking
+from blipitm.engine.batcher import LocMap
+from blipitm.engine.jobs import Rank, ScorePairs
 from blipitm.processing import ResizedImage
-from blipitm.server.batching import LocMap, Rank, ScorePairs
 from blipitm.server.context import Ready, ready
 from blipitm.server.errors import API_ERRORS, APIError
 from blipitm.server.inputs import (
@@ -24,6 +25,7 @@ from blipitm.server.inputs import (
     loc_mapper,
     side_items,
 )
+from blipitm.server.responses import usage
 from blipitm.server.schemas import Content, FieldsDocument, RerankRequest, RerankResponse
 
 router = APIRouter()
@@ -147,12 +149,11 @@ async def _rerank(ctx: Ready[RerankRequest], *, v2: bool) -> JSONResponse:
         if (doc := document(index, docs[index])) is not None:
             result["document"] = doc
         results.append(result)
-    tokens = ctx.usage_tokens(text_tokens, len(images))
     return JSONResponse(
         {
             "id": f"rerank-{uuid.uuid4().hex}",
             "model": ctx.state.settings.model_name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "usage": usage(ctx, text_tokens, len(images)),
             "results": results,
         }
     )

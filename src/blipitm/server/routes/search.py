@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from blipitm.engine import Engine
 from blipitm.retrieval import Index, IndexFormatError, SearchHits, modality_problem, search
-from blipitm.server.batching import Call
 from blipitm.server.context import Ready, ready
 from blipitm.server.errors import API_ERRORS, APIError
 from blipitm.server.inputs import TextItem, classify, loc_mapper
+from blipitm.server.responses import usage
 from blipitm.server.schemas import SearchRequest, SearchResponse
 
 router = APIRouter()
 
 _log = logging.getLogger("blipitm.server")
+
+
+@dataclass(frozen=True)
+class Search:
+    """The job: both stages of one query over the index, on the inference worker (never merged).
+    It lives with its route, not in ``engine/jobs.py``: the index is the retrieval layer's, below
+    the engine."""
+
+    index: Index
+    query: Any  # a text, or a resized image
+    top_k: int
+    rerank_k: int
+
+    def run(self, engine: Engine) -> SearchHits:
+        return search(engine, self.index, self.query, top_k=self.top_k, rerank_k=self.rerank_k)
 
 
 def _checked_index(ctx: Ready[SearchRequest]) -> Index:
@@ -77,20 +94,18 @@ async def search_index(
     else:
         texts, images = await ctx.inputs([], [query])
     q: Any = texts[0] if texts else images[0]
-    top_k, rerank_k = ctx.body.top_k, ctx.body.rerank_k
     try:
         hits: SearchHits = await ctx.run(
-            Call(lambda engine: search(engine, index, q, top_k=top_k, rerank_k=rerank_k)),
+            Search(index, q, ctx.body.top_k, ctx.body.rerank_k),
             loc_mapper(query, images=[query], texts=[query]),
         )
     except IndexFormatError as e:
         raise _damaged(e) from None
-    tokens = ctx.usage_tokens(hits.text_tokens, len(images))
     return JSONResponse(
         {
             "object": "list",
             "model": ctx.state.settings.model_name,
             "data": [{"object": "search_result", **hit.as_dict()} for hit in hits],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "usage": usage(ctx, hits.text_tokens, len(images)),
         }
     )
