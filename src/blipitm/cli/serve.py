@@ -54,8 +54,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 def run(args: argparse.Namespace) -> int:
     from blipitm.retrieval import Index  # torch, uvicorn: not for `--help`
-    from blipitm.server.transport import EarlyStop, bind
+    from blipitm.server.transport import EarlyStop, bind, check_uvicorn
 
+    check_uvicorn()  # the connection layer extends uvicorn internals: a tested release only
     settings = settings_from_args(args)
     level = getattr(logging, settings.log_level.upper())
     logging.getLogger("blipitm").setLevel(level)

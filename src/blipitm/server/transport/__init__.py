@@ -33,10 +33,65 @@ uvicorn's stock h11 protocol and server are extended in these places:
 
 Modules, by job: :mod:`.gate` (the limits every connection shares, and the answers given outside
 the app), :mod:`.protocol` (the guarded h11 protocol), :mod:`.drain` (the draining server and the
-early SIGTERM catch) and :mod:`.binding` (the pre-bound socket).
+early SIGTERM catch), :mod:`.binding` (the pre-bound socket), :mod:`.compat` (the uvicorn range).
+
+uvicorn internals touched
+-------------------------
+
+Supported: uvicorn ``>=0.41,<0.55`` (``pyproject.toml`` says the same); :func:`check_uvicorn`
+refuses any other at server start-up. None of the names below is uvicorn's documented API (that is
+``uvicorn.run``, ``Config`` and ``Server.run`` / ``serve``); each one was checked against every
+release in the range, and ``tests/test_transport_internals.py`` fails if the transport sources use
+a uvicorn name missing here, or this list names one the installed uvicorn lacks.
+
+- ``H11Protocol.handle_events``: overridden; runs after each ``data_received`` (a new ``cycle`` is a
+  complete head).
+- ``H11Protocol.on_response_complete``: overridden; called when a response's last byte is sent.
+- ``H11Protocol.conn``: its ``h11.Connection`` (``their_state``, ``trailing_data`` and
+  ``h11.SEND_BODY`` are h11's public API).
+- ``H11Protocol.cycle``: the current ``RequestResponseCycle``, ``None`` before the first head.
+- ``H11Protocol.transport``: replaced by a wrapper whose ``close()`` is a lingering close.
+- ``H11Protocol.app``: replaced by the draining app once a drain begins.
+- ``H11Protocol.loop``: the event loop, for timers.
+- ``H11Protocol.server_state``: the server's shared ``ServerState``.
+- ``H11Protocol.config``: constructor keyword, when a backlogged connection is built by hand.
+- ``H11Protocol.app_state``: constructor keyword, likewise.
+- ``H11Protocol._loop``: the constructor's private keyword, likewise.
+- ``RequestResponseCycle.scope``: the ASGI scope, before the app's task starts (the key callback).
+- ``RequestResponseCycle.response_started``: whether the response head was sent.
+- ``RequestResponseCycle.response_complete``: whether the response was sent in full.
+- ``RequestResponseCycle.default_headers``: a draining response gets ``Connection: close``.
+- ``RequestResponseCycle.keep_alive``: cleared with it.
+- ``RequestResponseCycle.disconnected``: set when the body times out, so the app stops waiting.
+- ``RequestResponseCycle.message_event``: set with it, to wake the app's ``receive()``.
+- ``ServerState.total_requests``: counts a request answered before its body was read.
+- ``ServerState.connections``: the open connections (protocols).
+- ``ServerState.tasks``: the requests in flight.
+- ``Server.startup``: overridden (``sockets`` keyword); logs the address, honours an early stop.
+- ``Server.shutdown``: overridden (``sockets`` keyword); the drain replaces uvicorn's.
+- ``Server.run``: called with the private ``sockets`` keyword, the pre-bound socket.
+- ``Server.servers``: the asyncio servers, closed once the accept queue is taken.
+- ``Server.server_state``: the ``ServerState`` above.
+- ``Server.lifespan``: its ``shutdown()`` runs after the drain; its ``state`` seeds new protocols.
+- ``Server.config``: the loaded ``Config``.
+- ``Server.should_exit``: set by an early SIGTERM, read by uvicorn's main loop.
+- ``Server.force_exit``: a second signal cuts the drain short.
+- ``Config.http_protocol_class``: the protocol class ``Config.load()`` resolved.
+- ``LifespanOn.shutdown``: the app's shutdown, after the drain.
+- ``LifespanOn.state``: the lifespan state handed to each connection.
+
+Behaviour relied on, not names: ``H11Protocol.eof_received`` returns ``None`` (the client's FIN
+closes the transport, ending a lingering close); ``Server.serve`` re-raises a signal it caught
+once it returns (:class:`EarlyStop` absorbs it); ``Server.serve`` runs ``shutdown`` after a
+``startup`` that set ``should_exit`` (:class:`EarlyStop`'s drain).
 """
 
 from blipitm.server.transport.binding import BindError, bind
+from blipitm.server.transport.compat import (
+    SUPPORTED_UVICORN,
+    UnsupportedUvicornError,
+    check_uvicorn,
+)
 from blipitm.server.transport.drain import DRAIN_QUIET_S, DrainingServer, EarlyStop
 from blipitm.server.transport.gate import RETRY_AFTER_S, Gate, draining_app
 from blipitm.server.transport.protocol import LINGER_S, GuardedH11Protocol, protocol_class
@@ -45,12 +100,15 @@ __all__ = [
     "DRAIN_QUIET_S",
     "LINGER_S",
     "RETRY_AFTER_S",
+    "SUPPORTED_UVICORN",
     "BindError",
     "DrainingServer",
     "EarlyStop",
     "Gate",
     "GuardedH11Protocol",
+    "UnsupportedUvicornError",
     "bind",
+    "check_uvicorn",
     "draining_app",
     "protocol_class",
 ]

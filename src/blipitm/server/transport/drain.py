@@ -11,6 +11,7 @@ from types import FrameType
 
 import uvicorn
 
+from blipitm.server.transport.compat import check_uvicorn
 from blipitm.server.transport.gate import Gate
 from blipitm.server.transport.protocol import GuardedH11Protocol
 
@@ -51,6 +52,7 @@ class DrainingServer(uvicorn.Server):
         drain_timeout_s: float,
         early_stop: EarlyStop | None = None,
     ) -> None:
+        check_uvicorn()
         super().__init__(config)
         self.listener = listener
         self.gate = gate
