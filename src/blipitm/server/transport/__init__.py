@@ -39,10 +39,11 @@ uvicorn internals touched
 -------------------------
 
 Supported: uvicorn ``>=0.41,<0.55`` (``pyproject.toml`` says the same); :func:`check_uvicorn`
-refuses any other at server start-up. None of the names below is uvicorn's documented API (that is
-``uvicorn.run``, ``Config`` and ``Server.run`` / ``serve``); each one was checked against every
-release in the range, and ``tests/test_transport_internals.py`` fails if the transport sources use
-a uvicorn name missing here, or this list names one the installed uvicorn lacks.
+refuses any other at server start-up. uvicorn documents ``uvicorn.run``, ``Config`` and
+``Server.run`` / ``serve``, not the rest below (nor ``Server.run``'s ``sockets``); each one was
+checked against every release in the range, and ``tests/test_transport_internals.py`` fails if
+the transport sources use a uvicorn name missing here, or this list names one the installed
+uvicorn lacks.
 
 - ``H11Protocol.handle_events``: overridden; runs after each ``data_received`` (a new ``cycle`` is a
   complete head).
@@ -69,7 +70,7 @@ a uvicorn name missing here, or this list names one the installed uvicorn lacks.
 - ``ServerState.tasks``: the requests in flight.
 - ``Server.startup``: overridden (``sockets`` keyword); logs the address, honours an early stop.
 - ``Server.shutdown``: overridden (``sockets`` keyword); the drain replaces uvicorn's.
-- ``Server.run``: called with the private ``sockets`` keyword, the pre-bound socket.
+- ``Server.run``: called with its undocumented ``sockets`` keyword (the pre-bound socket).
 - ``Server.servers``: the asyncio servers, closed once the accept queue is taken.
 - ``Server.server_state``: the ``ServerState`` above.
 - ``Server.lifespan``: its ``shutdown()`` runs after the drain; its ``state`` seeds new protocols.
@@ -83,7 +84,8 @@ a uvicorn name missing here, or this list names one the installed uvicorn lacks.
 Behaviour relied on, not names: ``H11Protocol.eof_received`` returns ``None`` (the client's FIN
 closes the transport, ending a lingering close); ``Server.serve`` re-raises a signal it caught
 once it returns (:class:`EarlyStop` absorbs it); ``Server.serve`` runs ``shutdown`` after a
-``startup`` that set ``should_exit`` (:class:`EarlyStop`'s drain).
+``startup`` that set ``should_exit`` (:class:`EarlyStop`'s drain; uvicorn does so since 0.41, the
+reason for the lower bound).
 """
 
 from blipitm.server.transport.binding import BindError, bind
