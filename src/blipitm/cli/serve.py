@@ -20,7 +20,7 @@ from blipitm.errors import BlipitmError
 from blipitm.server.settings import OPTIONS, ServerSettings, from_env
 
 if TYPE_CHECKING:
-    from blipitm.server.http import EarlyStop
+    from blipitm.server.transport import EarlyStop
 
 
 def add_parser(sub: Any, name: str, help: str) -> None:
@@ -54,8 +54,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 def run(args: argparse.Namespace) -> int:
     from blipitm.retrieval import Index  # torch, uvicorn: not for `--help`
-    from blipitm.server.http import EarlyStop, bind
+    from blipitm.server.transport import EarlyStop, bind, check_uvicorn
 
+    check_uvicorn()  # the connection layer extends uvicorn internals: a tested release only
     settings = settings_from_args(args)
     level = getattr(logging, settings.log_level.upper())
     logging.getLogger("blipitm").setLevel(level)
@@ -95,7 +96,7 @@ def _serve(
     import uvicorn
 
     from blipitm.server.app import create_app
-    from blipitm.server.http import DrainingServer, Gate, protocol_class
+    from blipitm.server.transport import DrainingServer, Gate, protocol_class
 
     log.info("starting blipitm serve: %s", settings)  # the dataclass repr omits the API keys
     open_to_all = not settings.api_keys and settings.keys_db is None
