@@ -76,7 +76,7 @@ class ServerSettings:
     image_credits: int = 1
     rate_window_s: float = 60.0
     metrics_key_labels: int = 100
-    # -- connections (see server/http.py) -------------------------------------------------------
+    # -- connections (see server/transport/) -------------------------------------------------------
     head_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     max_connections: int = 512
