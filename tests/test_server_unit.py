@@ -16,7 +16,6 @@ import pytest
 from blipitm.engine import PairScores, TextFeatures
 from blipitm.errors import InvalidInputError
 from blipitm.server import settings as settings_mod
-from blipitm.server.auth import KeyChecker, needs_key
 from blipitm.server.batching import (
     Batcher,
     EmbedTexts,
@@ -24,6 +23,7 @@ from blipitm.server.batching import (
     ScorePairs,
 )
 from blipitm.server.errors import APIError
+from blipitm.server.gateway.auth import KeyChecker, needs_key
 from blipitm.server.inputs import (
     ImageItem,
     TextItem,

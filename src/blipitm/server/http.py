@@ -48,7 +48,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from blipitm.errors import BlipitmError
-from blipitm.server.errors import envelope
+from blipitm.server.errors import ErrorCode, envelope
 from blipitm.server.middleware import KEY_ACCEPTED
 
 log = logging.getLogger("blipitm.server")
@@ -88,7 +88,7 @@ class Gate:
         return None
 
 
-def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
+def _raw_response(status: int, reason: str, message: str, code: ErrorCode) -> bytes:
     """A complete ``Connection: close`` response, for answers given outside any request cycle."""
     body = json.dumps(envelope(status, message, code)).encode()
     head = (
@@ -101,7 +101,7 @@ def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
 async def draining_app(scope: Any, receive: Any, send: Any) -> None:
     """What a request gets once the server is draining: 503, retry elsewhere or later."""
     body = json.dumps(
-        envelope(503, "the server is shutting down; retry the request", "shutting_down")
+        envelope(503, "the server is shutting down; retry the request", ErrorCode.SHUTTING_DOWN)
     ).encode()
     headers = [
         (b"content-type", b"application/json"),
@@ -179,7 +179,7 @@ class GuardedH11Protocol(H11Protocol):
             503,
             "Service Unavailable",
             f"too many open connections (limit {limit}); retry shortly",
-            "too_many_connections",
+            ErrorCode.TOO_MANY_CONNECTIONS,
         )
 
     def displace(self) -> None:
@@ -319,7 +319,9 @@ class GuardedH11Protocol(H11Protocol):
             return
         if not cycle.response_started and self._raw is not None:
             message = f"the request body did not arrive within {self.gate.body_timeout_s:g} s"
-            self._raw.write(_raw_response(408, "Request Timeout", message, "request_timeout"))
+            self._raw.write(
+                _raw_response(408, "Request Timeout", message, ErrorCode.REQUEST_TIMEOUT)
+            )
             # The app waiting for the body is told the client left; its answer goes nowhere.
             cycle.disconnected = True
             cycle.message_event.set()
@@ -331,7 +333,9 @@ class GuardedH11Protocol(H11Protocol):
             return
         if self.conn.trailing_data[0] and self._raw is not None:  # part of a head: say why
             message = f"no complete request head within {self.gate.head_timeout_s:g} s"
-            self._raw.write(_raw_response(408, "Request Timeout", message, "request_timeout"))
+            self._raw.write(
+                _raw_response(408, "Request Timeout", message, ErrorCode.REQUEST_TIMEOUT)
+            )
         self.close_gracefully()
 
 

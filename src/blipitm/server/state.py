@@ -18,9 +18,8 @@ from blipitm.engine import Engine
 from blipitm.processing import PixelBudget, return_image_memory_to_os
 from blipitm.retrieval import Index
 from blipitm.server.batching import Batcher, Call
-from blipitm.server.errors import APIError
+from blipitm.server.errors import APIError, ErrorCode
 from blipitm.server.images import ImageLoader
-from blipitm.server.keys import KeyService
 from blipitm.server.metrics import Metrics
 from blipitm.server.settings import ServerSettings
 from blipitm.server.urlfetch import URLFetcher
@@ -54,7 +53,6 @@ class ServerState:
     index: Index | None = None
     ready: bool = False
     load_error: str | None = None
-    keys: KeyService | None = None  # per-key API keys (--keys-db)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -142,7 +140,7 @@ class ServerState:
                 "the model is still loading"
                 if self.load_error is None
                 else "the model failed to load",
-                code="model_not_ready",
+                code=ErrorCode.MODEL_NOT_READY,
                 headers={"Retry-After": "5"},
             )
         return Loaded(self.engine, self.batcher, self.loader)
@@ -155,7 +153,7 @@ class ServerState:
                 404,
                 f"model {model!r} is not served here; this server serves "
                 f"{self.settings.model_name!r}",
-                code="model_not_found",
+                code=ErrorCode.MODEL_NOT_FOUND,
                 param="model",
             )
 
