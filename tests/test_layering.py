@@ -5,6 +5,7 @@ import graph of src/blipitm has no cycle."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "blipitm"
@@ -221,3 +222,41 @@ def test_cycle_finder_finds_a_cycle() -> None:
     graph = {"app": {"openapi", "docs"}, "openapi": {"app"}, "docs": set()}
     assert find_cycle(graph) == ["app", "openapi", "app"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The hosted-API gateway (keys, limits, credits, metering, /v1/usage) is one unit on top of the
+# request path: app.py installs it in one line, the CLI wires `serve` (Redis check) and `keys`.
+GATEWAY = "blipitm.server.gateway"
+GATEWAY_IMPORTERS = {"server/app.py": 1, "cli/serve.py": None, "cli/keys.py": None}
+
+
+def test_only_the_app_line_and_the_cli_import_the_gateway() -> None:
+    violations = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("server/gateway/"):
+            continue
+        found = [m for m in imports(path) if m == GATEWAY or m.startswith(GATEWAY + ".")]
+        if not found:
+            continue
+        allowed = GATEWAY_IMPORTERS.get(rel, 0)
+        if allowed is not None and len(found) > allowed:
+            violations.append(f"{rel} imports {', '.join(found)}")
+    assert not violations, "only app.py's one line may install the gateway:\n" + "\n".join(
+        violations
+    )
+
+
+def test_the_request_path_knows_accounts_not_keys() -> None:
+    """Outside the gateway, the server asks an Account (server/account.py): no key records,
+    limiters or charges."""
+    violations = []
+    for path in sorted((SRC / "server").rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("server/gateway/"):
+            continue
+        source = path.read_text()
+        for name in ("KeyRecord", "Charge", "Limiter", "charge_of", "KeyService"):
+            if re.search(rf"\b{name}\b", source):
+                violations.append(f"{rel} names {name}")
+    assert not violations, "\n".join(violations)

@@ -20,7 +20,7 @@ import blipitm
 from blipitm.engine import Engine, TextFeatures
 from blipitm.engine.jobs import EmbedTexts
 from blipitm.server.app import create_app
-from blipitm.server.context import Ready
+from blipitm.server.context import RequestContext
 from blipitm.server.errors import APIError
 from blipitm.server.settings import ServerSettings
 from server_helpers import data_uri, image_server, png_bytes
@@ -137,7 +137,7 @@ def test_disconnected_client_work_is_dropped(engine: Engine) -> None:
             request = Request({"type": "http", "method": "POST", "headers": []}, receive)
             up = state.require_ready()
             deadline = asyncio.get_running_loop().time() + 10
-            ctx = Ready(None, request, state, up.engine, up.batcher, up.loader, deadline)
+            ctx = RequestContext(None, request, state, up.engine, up.batcher, up.loader, deadline)
             with pytest.raises(APIError) as info:
                 await ctx.run(EmbedTexts(["gone"]), lambda f: f)
             assert info.value.status == 499
@@ -414,5 +414,56 @@ def test_default_limits_take_what_openai_clients_send(engine: Engine) -> None:
             assert r.json()["error"]["param"] == "documents[2]"
             r = await client.post("/v1/rerank", json={"query": uri, "documents": ["a"] * 50})
             assert r.status_code == 200, r.text
+
+    asyncio.run(main())
+
+
+def test_an_app_without_the_gateway_serves_every_model_route(engine: Engine) -> None:
+    """The hosted-API gateway (keys, limits, credits, metering, /v1/usage) is one unit on top of
+    the request path (issue 19, section 1): built without it, even with keys configured, every
+    model route answers, unmetered and open; only the gateway's own route is gone."""
+    from fastapi.routing import APIRoute
+
+    from blipitm.server.app import no_extensions
+    from blipitm.server.middleware import GuardMiddleware
+
+    uri = data_uri(png_bytes((9, 9, 9)))
+    settings = ServerSettings(api_keys=("a-key-nobody-sends",))
+    model = settings.model_name
+    calls: list[tuple[str, str, dict[str, Any] | None, int]] = [
+        ("GET", "/v1/models", None, 200),
+        ("GET", f"/v1/models/{model}", None, 200),
+        ("POST", "/v1/embeddings", {"input": ["a dog", uri]}, 200),
+        ("POST", "/v1/score", {"text_1": uri, "text_2": ["a dog", "a cat"]}, 200),
+        ("POST", "/v1/rerank", {"query": "a dog", "documents": [uri, uri]}, 200),
+        ("POST", "/v2/rerank", {"query": "a dog", "documents": [uri, uri]}, 200),
+        ("POST", "/v1/explain", {"image": uri, "texts": "a dog", "token_maps": False}, 200),
+        ("POST", "/v1/search", {"query": "a dog"}, 404),  # the server's answer: no --index
+        ("GET", "/v1/usage", None, 404),  # the gateway's route
+    ]
+
+    async def main() -> None:
+        app = create_app(settings, lambda s: Shared(engine), extensions=no_extensions)
+        [guard] = [m for m in app.user_middleware if m.cls is GuardMiddleware]
+        model_routes = {
+            r.path_format
+            for r in guard.kwargs["routes"]  # every route (app.routes nests included routers)
+            if isinstance(r, APIRoute) and r.path.startswith(("/v1/", "/v2/"))
+        }
+        called = {path.replace(model, "{model}") for _, path, _, _ in calls}
+        assert len(model_routes) >= 8 and model_routes <= called, model_routes - called
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                for _ in range(300):
+                    if (await client.get("/ready")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                for method, path, body, status in calls:
+                    r = await client.request(method, path, json=body)
+                    assert r.status_code == status, (path, r.text)
+                    assert "x-ratelimit-limit-requests" not in r.headers
+                listed = (await client.get("/v1/models")).json()["data"]
+                assert [m["id"] for m in listed] == [model]
 
     asyncio.run(main())

@@ -18,8 +18,8 @@ from blipitm.engine.batcher import Batcher, QueueFull
 from blipitm.engine.jobs import EmbedTexts, ScorePairs
 from blipitm.errors import InvalidInputError
 from blipitm.server import settings as settings_mod
-from blipitm.server.auth import KeyChecker, needs_key
 from blipitm.server.errors import APIError
+from blipitm.server.gateway.auth import KeyChecker, needs_key
 from blipitm.server.inputs import (
     ImageItem,
     TextItem,

@@ -85,7 +85,7 @@ def _check_keys(settings: ServerSettings) -> None:
 
     KeyStore(settings.keys_db, create=False)
     if settings.redis_url is not None:
-        from blipitm.server.redis_limits import check_reachable
+        from blipitm.server.gateway.redis_limits import check_reachable
 
         check_reachable(settings.redis_url)
 

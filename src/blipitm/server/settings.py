@@ -70,7 +70,7 @@ class ServerSettings:
     port: int = 8000
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # never printed
     protect_metrics: bool = False
-    # -- per-key API keys (see server/keys.py, docs/keys.md) -------------------------------------
+    # -- per-key API keys (see server/gateway/, docs/keys.md) -------------------------------------
     keys_db: str | None = None
     redis_url: str | None = field(default=None, repr=False)  # may hold a password
     image_credits: int = 1

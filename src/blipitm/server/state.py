@@ -17,9 +17,8 @@ from blipitm.engine.batcher import Batcher
 from blipitm.engine.jobs import WarmUp
 from blipitm.processing import PixelBudget, return_image_memory_to_os
 from blipitm.retrieval import Index
-from blipitm.server.errors import APIError
+from blipitm.server.errors import APIError, ErrorCode
 from blipitm.server.images import ImageLoader
-from blipitm.server.keys import KeyService
 from blipitm.server.metrics import Metrics
 from blipitm.server.settings import ServerSettings
 from blipitm.server.urlfetch import URLFetcher
@@ -53,7 +52,6 @@ class ServerState:
     index: Index | None = None
     ready: bool = False
     load_error: str | None = None
-    keys: KeyService | None = None  # per-key API keys (--keys-db)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -138,7 +136,7 @@ class ServerState:
                 "the model is still loading"
                 if self.load_error is None
                 else "the model failed to load",
-                code="model_not_ready",
+                code=ErrorCode.MODEL_NOT_READY,
                 headers={"Retry-After": "5"},
             )
         return Loaded(self.engine, self.batcher, self.loader)
@@ -151,7 +149,7 @@ class ServerState:
                 404,
                 f"model {model!r} is not served here; this server serves "
                 f"{self.settings.model_name!r}",
-                code="model_not_found",
+                code=ErrorCode.MODEL_NOT_FOUND,
                 param="model",
             )
 

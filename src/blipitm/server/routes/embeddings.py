@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse
 
 from blipitm.engine import TextFeatures
 from blipitm.engine.jobs import EmbedImages, EmbedTexts
-from blipitm.server.context import Ready, ready
-from blipitm.server.errors import API_ERRORS, APIError
+from blipitm.server.context import RequestContext, ready
+from blipitm.server.errors import API_ERRORS, APIError, ErrorCode
 from blipitm.server.inputs import ImageItem, TextItem, embedding_items, loc_mapper
 from blipitm.server.responses import usage
 from blipitm.server.schemas import EmbeddingRequest, EmbeddingResponse
@@ -30,7 +30,7 @@ def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=API_ERRORS)
 async def embeddings(
-    ctx: Annotated[Ready[EmbeddingRequest], ready(EmbeddingRequest)],
+    ctx: Annotated[RequestContext[EmbeddingRequest], ready(EmbeddingRequest)],
 ) -> JSONResponse:
     """OpenAI embeddings of texts or images (unit-norm ITC embeddings, one space for both)."""
     body, settings = ctx.body, ctx.state.settings
@@ -39,7 +39,7 @@ async def embeddings(
         raise APIError(
             400,
             f"this model's embeddings have {dim} dimensions; `dimensions` must be {dim} or omitted",
-            code="unsupported_dimensions",
+            code=ErrorCode.UNSUPPORTED_DIMENSIONS,
             param="dimensions",
         )
     items = embedding_items(body.input, modality=body.modality, max_items=settings.max_items)

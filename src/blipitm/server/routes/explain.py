@@ -19,10 +19,9 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from blipitm.engine.jobs import Explain
-from blipitm.errors import InvalidInputError
 from blipitm.explain import Explanation, overlay, resolve_layer
-from blipitm.server.context import Ready, ready
-from blipitm.server.errors import API_ERRORS, from_invalid_input
+from blipitm.server.context import RequestContext, ready
+from blipitm.server.errors import API_ERRORS
 from blipitm.server.inputs import ImageItem, TextItem, check_count, classify, loc_mapper
 from blipitm.server.responses import usage
 from blipitm.server.schemas import ExplainRequest, ExplainResponse
@@ -62,15 +61,14 @@ def _items(body: ExplainRequest) -> tuple[ImageItem, list[TextItem]]:
 
 
 @router.post("/v1/explain", response_model=ExplainResponse, responses=API_ERRORS)
-async def explain(ctx: Annotated[Ready[ExplainRequest], ready(ExplainRequest)]) -> JSONResponse:
+async def explain(
+    ctx: Annotated[RequestContext[ExplainRequest], ready(ExplainRequest)],
+) -> JSONResponse:
     """Grad-CAM of the ITM match on one cross-attention layer, per caption, with its scores."""
     body, settings = ctx.body, ctx.state.settings
     config = ctx.engine.config
     num_layers = config.text.num_hidden_layers
-    try:
-        layer = resolve_layer(body.layer, num_layers)
-    except InvalidInputError as e:
-        raise from_invalid_input(e) from None
+    layer = resolve_layer(body.layer, num_layers)  # InvalidInputError: a 400 (server/errors.py)
     image_item, text_items = _items(body)
     # Each caption explained costs a backward pass and image-sized maps: capped as images are.
     check_count(len(text_items), min(settings.max_items, settings.max_images), "texts")

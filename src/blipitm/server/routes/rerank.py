@@ -13,8 +13,8 @@ from blipitm.engine import PairScores, Ranking
 from blipitm.engine.batcher import LocMap
 from blipitm.engine.jobs import Rank, ScorePairs
 from blipitm.processing import ResizedImage
-from blipitm.server.context import Ready, ready
-from blipitm.server.errors import API_ERRORS, APIError
+from blipitm.server.context import RequestContext, ready
+from blipitm.server.errors import API_ERRORS, APIError, ErrorCode
 from blipitm.server.inputs import (
     ImageItem,
     Item,
@@ -30,7 +30,7 @@ from blipitm.server.schemas import Content, FieldsDocument, RerankRequest, Reran
 
 router = APIRouter()
 
-Context = Annotated[Ready[RerankRequest], ready(RerankRequest)]
+Context = Annotated[RequestContext[RerankRequest], ready(RerankRequest)]
 Hit = tuple[int, float, float]  # (document index, ITM probability, ITC cosine)
 Hits = tuple[list[Hit], int]  # and the tokens the engine read for the request's texts
 
@@ -49,7 +49,7 @@ def _item(doc: object, index: int, rank_fields: list[str] | None) -> Item:
             400,
             f"the document has none of the fields ranked ({', '.join(fields)}); name them with "
             "rank_fields",
-            code="invalid_input",
+            code=ErrorCode.INVALID_INPUT,
             param=f"documents[{index}]",
         )
     return TextItem(" ".join(found), loc)
@@ -82,13 +82,13 @@ def _returned(body: RerankRequest, v2: bool) -> Callable[[int, Item], dict[str, 
 
 def _check_limits(body: RerankRequest) -> None:
     if body.top_n is not None and body.top_n < 0:
-        raise APIError(400, "must be >= 0 (0: all)", code="invalid_input", param="top_n")
+        raise APIError(400, "must be >= 0 (0: all)", code=ErrorCode.INVALID_INPUT, param="top_n")
     if body.rerank_k is not None and body.rerank_k < 1:
-        raise APIError(400, "must be >= 1", code="invalid_input", param="rerank_k")
+        raise APIError(400, "must be >= 1", code=ErrorCode.INVALID_INPUT, param="rerank_k")
 
 
 async def _score_all(
-    ctx: Ready[RerankRequest],
+    ctx: RequestContext[RerankRequest],
     image_query: bool,
     texts: list[str],
     images: list[ResizedImage],
@@ -103,7 +103,7 @@ async def _score_all(
 
 
 async def _score_cut(
-    ctx: Ready[RerankRequest],
+    ctx: RequestContext[RerankRequest],
     query: Item,
     docs: list[Item],
     texts: list[str],
@@ -121,7 +121,7 @@ async def _score_cut(
     return [(r.index, r.itm_probability, r.itc_cosine) for r in kept], kept.text_tokens
 
 
-async def _rerank(ctx: Ready[RerankRequest], *, v2: bool) -> JSONResponse:
+async def _rerank(ctx: RequestContext[RerankRequest], *, v2: bool) -> JSONResponse:
     body = ctx.body
     _check_limits(body)
     query = classify(body.query, ("query",))

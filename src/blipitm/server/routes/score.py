@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from blipitm.engine import PairScores
 from blipitm.engine.jobs import ScorePairs
-from blipitm.server.context import Ready, ready
+from blipitm.server.context import RequestContext, ready
 from blipitm.server.errors import API_ERRORS
 from blipitm.server.inputs import check_count, loc_mapper, plan_pairs, side_items
 from blipitm.server.responses import usage
@@ -21,7 +21,7 @@ router = APIRouter()
 
 
 @router.post("/v1/score", response_model=ScoreResponse, responses=API_ERRORS)
-async def score(ctx: Annotated[Ready[ScoreRequest], ready(ScoreRequest)]) -> JSONResponse:
+async def score(ctx: Annotated[RequestContext[ScoreRequest], ready(ScoreRequest)]) -> JSONResponse:
     """vLLM's score API: ITM probability (plus logits and ITC cosine) per (text_1, text_2) pair."""
     body, settings = ctx.body, ctx.state.settings
     side1 = side_items(body.text_1, "text_1")

@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse
 
 from blipitm.engine import Engine
 from blipitm.retrieval import Index, IndexFormatError, SearchHits, modality_problem, search
-from blipitm.server.context import Ready, ready
-from blipitm.server.errors import API_ERRORS, APIError
+from blipitm.server.context import RequestContext, ready
+from blipitm.server.errors import API_ERRORS, APIError, ErrorCode
 from blipitm.server.inputs import TextItem, classify, loc_mapper
 from blipitm.server.responses import usage
 from blipitm.server.schemas import SearchRequest, SearchResponse
@@ -37,7 +37,7 @@ class Search:
         return search(engine, self.index, self.query, top_k=self.top_k, rerank_k=self.rerank_k)
 
 
-def _checked_index(ctx: Ready[SearchRequest]) -> Index:
+def _checked_index(ctx: RequestContext[SearchRequest]) -> Index:
     """The server's index, once ``top_k`` and ``rerank_k`` are within the server's limits."""
     index = ctx.state.index
     if index is None:
@@ -45,14 +45,19 @@ def _checked_index(ctx: Ready[SearchRequest]) -> Index:
             404,
             "this server has no retrieval index; start it with --index INDEX "
             "(built with `blipitm index build SRC --out INDEX`)",
-            code="index_not_configured",
+            code=ErrorCode.INDEX_NOT_CONFIGURED,
         )
     limit = ctx.state.settings.max_items
     if not 1 <= ctx.body.top_k <= limit:
-        raise APIError(400, f"must be between 1 and {limit}", code="invalid_input", param="top_k")
+        raise APIError(
+            400, f"must be between 1 and {limit}", code=ErrorCode.INVALID_INPUT, param="top_k"
+        )
     if not 0 <= ctx.body.rerank_k <= 8 * limit:
         raise APIError(
-            400, f"must be between 0 and {8 * limit}", code="invalid_input", param="rerank_k"
+            400,
+            f"must be between 0 and {8 * limit}",
+            code=ErrorCode.INVALID_INPUT,
+            param="rerank_k",
         )
     return index
 
@@ -65,7 +70,7 @@ def _damaged(e: IndexFormatError) -> APIError:
         503,
         "the search index cannot be used: it is damaged (the server log says how); "
         "the operator can check it with `blipitm index verify`",
-        code="index_damaged",
+        code=ErrorCode.INDEX_DAMAGED,
     )
 
 
@@ -78,7 +83,7 @@ def _damaged(e: IndexFormatError) -> APIError:
     "with ITM; score = itm_logits[1] + itc_cosine under the BLIP protocol.",
 )
 async def search_index(
-    ctx: Annotated[Ready[SearchRequest], ready(SearchRequest)],
+    ctx: Annotated[RequestContext[SearchRequest], ready(SearchRequest)],
 ) -> JSONResponse:
     index = _checked_index(ctx)
     query = classify(ctx.body.query, ("query",))
@@ -88,7 +93,7 @@ async def search_index(
     except IndexFormatError as e:
         raise _damaged(e) from None
     if problem is not None:
-        raise APIError(400, problem, code="invalid_input", param="query")
+        raise APIError(400, problem, code=ErrorCode.INVALID_INPUT, param="query")
     if isinstance(query, TextItem):
         texts, images = await ctx.inputs([query], [])
     else:

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from blipitm.server.errors import envelope
+from blipitm.server.errors import ErrorCode, envelope
 
 # Seconds a client is told to wait before retrying when refused at the cap or while draining.
 RETRY_AFTER_S = 1
@@ -44,7 +44,7 @@ class Gate:
         return None
 
 
-def raw_response(status: int, reason: str, message: str, code: str) -> bytes:
+def raw_response(status: int, reason: str, message: str, code: ErrorCode) -> bytes:
     """A complete ``Connection: close`` response, for answers given outside any request cycle."""
     body = json.dumps(envelope(status, message, code)).encode()
     head = (
@@ -57,7 +57,7 @@ def raw_response(status: int, reason: str, message: str, code: str) -> bytes:
 async def draining_app(scope: Any, receive: Any, send: Any) -> None:
     """What a request gets once the server is draining: 503, retry elsewhere or later."""
     body = json.dumps(
-        envelope(503, "the server is shutting down; retry the request", "shutting_down")
+        envelope(503, "the server is shutting down; retry the request", ErrorCode.SHUTTING_DOWN)
     ).encode()
     headers = [
         (b"content-type", b"application/json"),

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from blipitm.server.errors import ErrorCode
 from blipitm.server.middleware import KEY_ACCEPTED
 from blipitm.server.transport.gate import Gate, draining_app, raw_response
 
@@ -82,7 +83,7 @@ class GuardedH11Protocol(H11Protocol):
             503,
             "Service Unavailable",
             f"too many open connections (limit {limit}); retry shortly",
-            "too_many_connections",
+            ErrorCode.TOO_MANY_CONNECTIONS,
         )
 
     def displace(self) -> None:
@@ -222,7 +223,9 @@ class GuardedH11Protocol(H11Protocol):
             return
         if not cycle.response_started and self._raw is not None:
             message = f"the request body did not arrive within {self.gate.body_timeout_s:g} s"
-            self._raw.write(raw_response(408, "Request Timeout", message, "request_timeout"))
+            self._raw.write(
+                raw_response(408, "Request Timeout", message, ErrorCode.REQUEST_TIMEOUT)
+            )
             # The app waiting for the body is told the client left; its answer goes nowhere.
             cycle.disconnected = True
             cycle.message_event.set()
@@ -234,7 +237,9 @@ class GuardedH11Protocol(H11Protocol):
             return
         if self.conn.trailing_data[0] and self._raw is not None:  # part of a head: say why
             message = f"no complete request head within {self.gate.head_timeout_s:g} s"
-            self._raw.write(raw_response(408, "Request Timeout", message, "request_timeout"))
+            self._raw.write(
+                raw_response(408, "Request Timeout", message, ErrorCode.REQUEST_TIMEOUT)
+            )
         self.close_gracefully()
 
 
