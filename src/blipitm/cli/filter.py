@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from blipitm.cli.common import add_model_options, model_values
+from blipitm.cli.progress import ConsoleProgress
 from blipitm.engine.options import options_from
 from blipitm.errors import InvalidInputError
 from blipitm.filtering.runner import DEFAULT_CACHE_MB
@@ -16,7 +17,6 @@ from blipitm.filtering.runner import DEFAULT_CACHE_MB
 if TYPE_CHECKING:
     from blipitm.filtering import FilterProgress
 
-LOG_EVERY_S = 10.0
 MIB = 1 << 20
 
 
@@ -83,44 +83,15 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     p.set_defaults(run=run)
 
 
-class _Printer:
-    """Per-sample progress: a tqdm bar on a terminal, else a log line every LOG_EVERY_S."""
+def filter_progress(console: ConsoleProgress) -> Callable[[FilterProgress], None]:
+    """The filter's per-batch records as calls of the one progress protocol: samples scored,
+    of those expected (an estimate until a shard finishes), with pairs and shards as a note."""
 
-    def __init__(self, stream: TextIO | None = None, *, bar: bool | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.use_bar = self.stream.isatty() if bar is None else bar
-        self.bar: Any = None
-        self.last = 0.0
+    def report(p: FilterProgress) -> None:
+        note = f"{p.pairs} pairs; shards {p.shards_done}/{p.shards} done"
+        console("filter", p.samples, p.samples_expected, note=note)
 
-    def __call__(self, p: FilterProgress) -> None:
-        if self.use_bar:
-            self._bar(p)
-            return
-        now = time.monotonic()
-        if now - self.last < LOG_EVERY_S:
-            return
-        self.last = now
-        eta = "" if p.eta_s is None else f", ETA {p.eta_s:.0f} s"
-        print(
-            f"filter: {p.samples} samples ({p.pairs} pairs), "
-            f"{p.samples / max(p.elapsed_s, 1e-9):.1f} samples/s{eta}; "
-            f"shards {p.shards_done}/{p.shards} done",
-            file=self.stream,
-        )
-
-    def _bar(self, p: FilterProgress) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(desc="filter", unit="sample", file=self.stream, dynamic_ncols=True)
-        self.bar.total = p.samples_expected  # an estimate until the last shard starts
-        self.bar.n = p.samples
-        self.bar.set_postfix_str(f"shards {p.shards_done}/{p.shards}", refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return report
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cache_mb < 0:
         raise InvalidInputError("must be >= 0", loc=("cache_mb",))
     options = replace(options_from(model_values(args)), cache_bytes=int(args.cache_mb * MIB))
-    printer = _Printer()
+    console = ConsoleProgress(units={"filter": "sample"})
     try:
         stats = filter_dataset(
             args.inputs,
@@ -144,14 +115,14 @@ def run(args: argparse.Namespace) -> int:
             id_col=args.id_col,
             batch_size=args.batch_size,
             restart=args.restart,
-            progress=printer,
+            progress=filter_progress(console),
             ray=args.ray,
             workers=args.workers,
             gpus_per_worker=args.gpus_per_worker,
             cpus_per_worker=args.cpus_per_worker,
         )
     finally:
-        printer.close()
+        console.close()
     for err in stats["shard_errors"]:
         print(f"blipitm: error: shard {err['shard']}: {err['error']}", file=sys.stderr)
     bad = {k: v for k, v in stats["status_pairs"].items() if k != "ok"}
