@@ -1,6 +1,6 @@
-"""DESIGN.md §3: a layer imports only layers above it; torch stays in the layers that compute;
-nothing in src/ imports transformers; the scoring protocol is decided in scoring.py only; the
-import graph of src/blipitm has no cycle."""
+"""docs/architecture.md, "Layers": a layer imports only layers above it; torch stays in the
+layers that compute; nothing in src/ imports transformers; the scoring protocol is decided in
+scoring.py only; the import graph of src/blipitm has no cycle."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_layers_import_only_upwards() -> None:
         own = rel.parts[0].removesuffix(".py") if len(rel.parts) > 1 else rel.stem
         if own in ("__init__", "__main__", TESTING):
             continue
-        assert own in LAYERS, f"{rel}: package {own!r} is not in DESIGN.md's layer list"
+        assert own in LAYERS, f"{rel}: package {own!r} is not in docs/architecture.md's layer list"
         allowed = set(LAYERS[: LAYERS.index(own) + 1]) - FORBIDDEN.get(own, set())
         for mod in imports(path):
             target = layer_of(mod)
