@@ -99,15 +99,14 @@ def test_unknown_total_and_note_in_log_lines() -> None:
 
 
 def test_filter_records_render_through_the_one_console() -> None:
-    from blipitm.cli.filter import filter_progress
+    from blipitm.cli.filter import _Printer
     from blipitm.filtering import FilterProgress
 
     with terminal_stderr() as terminal:
-        console = ConsoleProgress(units={"filter": "sample"})
-        report = filter_progress(console)
-        report(FilterProgress(0, 2, "a.tar", 3, 0, 0, 1.0, pairs=6))
-        report(FilterProgress(1, 2, "b.tar", 8, 2, 2, 2.0, pairs=16, samples_expected=8))
-        console.close()
+        printer = _Printer()
+        printer(FilterProgress(0, 2, "a.tar", 3, 0, 0, 1.0, pairs=6))
+        printer(FilterProgress(1, 2, "b.tar", 8, 2, 2, 2.0, pairs=16, samples_expected=8))
+        printer.close()
     screen = terminal.screen()
     assert any(
         line.startswith("filter: 100%") and "8/8" in line and "shards 2/2 done" in line

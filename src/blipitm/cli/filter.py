@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from blipitm.cli.common import add_model_options, model_values
 from blipitm.cli.progress import ConsoleProgress
@@ -83,15 +82,20 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     p.set_defaults(run=run)
 
 
-def filter_progress(console: ConsoleProgress) -> Callable[[FilterProgress], None]:
-    """The filter's per-batch records as calls of the one progress protocol: samples scored,
-    of those expected (an estimate until a shard finishes), with pairs and shards as a note."""
+class _Printer:
+    """The filter's per-batch records as calls of the one progress protocol, rendered by the one
+    console renderer: samples scored of those expected (an estimate until a shard finishes),
+    with pairs and shards as the note. Call :meth:`close` at the end."""
 
-    def report(p: FilterProgress) -> None:
+    def __init__(self, stream: TextIO | None = None, *, bar: bool | None = None) -> None:
+        self.console = ConsoleProgress(stream, bars=bar, units={"filter": "sample"})
+
+    def __call__(self, p: FilterProgress) -> None:
         note = f"{p.pairs} pairs; shards {p.shards_done}/{p.shards} done"
-        console("filter", p.samples, p.samples_expected, note=note)
+        self.console("filter", p.samples, p.samples_expected, note=note)
 
-    return report
+    def close(self) -> None:
+        self.console.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cache_mb < 0:
         raise InvalidInputError("must be >= 0", loc=("cache_mb",))
     options = replace(options_from(model_values(args)), cache_bytes=int(args.cache_mb * MIB))
-    console = ConsoleProgress(units={"filter": "sample"})
+    printer = _Printer()
     try:
         stats = filter_dataset(
             args.inputs,
@@ -115,14 +119,14 @@ def run(args: argparse.Namespace) -> int:
             id_col=args.id_col,
             batch_size=args.batch_size,
             restart=args.restart,
-            progress=filter_progress(console),
+            progress=printer,
             ray=args.ray,
             workers=args.workers,
             gpus_per_worker=args.gpus_per_worker,
             cpus_per_worker=args.cpus_per_worker,
         )
     finally:
-        console.close()
+        printer.close()
     for err in stats["shard_errors"]:
         print(f"blipitm: error: shard {err['shard']}: {err['error']}", file=sys.stderr)
     bad = {k: v for k, v in stats["status_pairs"].items() if k != "ok"}
