@@ -1,7 +1,7 @@
 """Model configuration: frozen dataclasses, read from and written to Hugging Face ``config.json``.
 
 Field names follow the Hugging Face BLIP config so that a hub ``config.json`` maps onto them one to
-one. The two scoring protocols (DESIGN.md §2) may override a hub value; see
+one. The two scoring protocols (docs/architecture.md, "Two protocols") may override a hub value; see
 :meth:`blipitm.scoring.ScoringProtocol.configure`.
 """
 

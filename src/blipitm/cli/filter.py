@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 from blipitm.cli.common import add_model_options, model_values
+from blipitm.cli.progress import ConsoleProgress
 from blipitm.engine.options import options_from
 from blipitm.errors import InvalidInputError
 from blipitm.filtering.formats import described
@@ -21,7 +21,6 @@ from blipitm.filtering.scoring import By
 if TYPE_CHECKING:
     from blipitm.filtering import FilterProgress
 
-LOG_EVERY_S = 10.0
 MIB = 1 << 20
 
 
@@ -89,43 +88,19 @@ def add_parser(sub: Any, name: str, help: str) -> None:
 
 
 class _Printer:
-    """Per-sample progress: a tqdm bar on a terminal, else a log line every LOG_EVERY_S."""
+    """The filter's per-batch records as calls of the one progress protocol, rendered by the one
+    console renderer: samples scored of those expected (an estimate until a shard finishes),
+    with pairs and shards as the note. Call :meth:`close` at the end."""
 
     def __init__(self, stream: TextIO | None = None, *, bar: bool | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.use_bar = self.stream.isatty() if bar is None else bar
-        self.bar: Any = None
-        self.last = 0.0
+        self.console = ConsoleProgress(stream, bars=bar, units={"filter": "sample"})
 
     def __call__(self, p: FilterProgress) -> None:
-        if self.use_bar:
-            self._bar(p)
-            return
-        now = time.monotonic()
-        if now - self.last < LOG_EVERY_S:
-            return
-        self.last = now
-        eta = "" if p.eta_s is None else f", ETA {p.eta_s:.0f} s"
-        print(
-            f"filter: {p.samples} samples ({p.pairs} pairs), "
-            f"{p.samples / max(p.elapsed_s, 1e-9):.1f} samples/s{eta}; "
-            f"shards {p.shards_done}/{p.shards} done",
-            file=self.stream,
-        )
-
-    def _bar(self, p: FilterProgress) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(desc="filter", unit="sample", file=self.stream, dynamic_ncols=True)
-        self.bar.total = p.samples_expected  # an estimate until the last shard starts
-        self.bar.n = p.samples
-        self.bar.set_postfix_str(f"shards {p.shards_done}/{p.shards}", refresh=False)
-        self.bar.refresh()
+        note = f"{p.pairs} pairs; shards {p.shards_done}/{p.shards} done"
+        self.console("filter", p.samples, p.samples_expected, note=note)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.console.close()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from blipitm.cli.common import add_model_options, check_positive, load_engine, plural
 from blipitm.cli.progress import ConsoleProgress
+from blipitm.common.progress import no_progress
 
 if TYPE_CHECKING:
     from blipitm.retrieval import AddReport, Index
@@ -117,7 +118,7 @@ def run_build(args: argparse.Namespace) -> int:
             args.out,
             store_features=args.store_features,
             batch_size=args.batch_size,
-            progress=_quiet if args.no_progress else progress,
+            progress=no_progress if args.no_progress else progress,
             listing=listing,
         )
     finally:
@@ -145,7 +146,7 @@ def run_add(args: argparse.Namespace) -> int:
                 args.sources,
                 batch_size=args.batch_size,
                 include_removed=args.include_removed,
-                progress=_quiet if args.no_progress else progress,
+                progress=no_progress if args.no_progress else progress,
                 listing=listing,
             )
         finally:
@@ -246,7 +247,3 @@ def _print_report(index: Index, report: AddReport) -> None:
         print(f"  skipped {source}: {reason}")
     if len(report.skipped) > SHOW_SKIPPED:
         print(f"  ... and {len(report.skipped) - SHOW_SKIPPED} more ('blipitm index info')")
-
-
-def _quiet(stage: str, done: int, total: int) -> None:
-    pass
