@@ -5,7 +5,11 @@ import graph of src/blipitm has no cycle."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "blipitm"
 
@@ -97,6 +101,39 @@ def test_torch_stays_inside_the_engine() -> None:
             torch = [m for m in imports(path) if m == "torch" or m.startswith("torch.")]
             offenders += [f"{rel} imports {m}" for m in torch]
     assert not offenders, "torch belongs to the engine and below:\n" + "\n".join(offenders)
+
+
+# Packages whose import loads no torch: the engine comes in by a function's own import (or a
+# lazy ``blipitm.engine`` name) when a model is loaded, never with the module.
+TORCH_FREE_PACKAGES = (
+    "blipitm.common",
+    "blipitm.retrieval",
+    "blipitm.evaluation",
+    "blipitm.filtering",
+    "blipitm.server",
+    "blipitm.server.settings",
+    "blipitm.processing",
+)
+
+
+@pytest.mark.parametrize("package", TORCH_FREE_PACKAGES)
+def test_importing_loads_no_torch(package: str) -> None:
+    """What the AST check above cannot see: a ``from blipitm.engine import Engine`` at module
+    level, or a torch import a layer further up, loads torch for everyone who imports this. Run
+    in a fresh interpreter, since this one has imported torch long ago."""
+    code = (
+        "import sys\n"
+        f"import {package}\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' "
+        "or m in ('blipitm.engine.engine', 'blipitm.engine.loader', 'blipitm.model'))\n"
+        "print(' '.join(heavy))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    loaded = run.stdout.split()
+    assert not loaded, f"import {package} loads {loaded[:5]}"
 
 
 PROTOCOL_NAMES = {"blip", "transformers"}

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 import blipitm
-from blipitm.cli import eval as eval_cmd
-from blipitm.cli import index as index_cmd
 from blipitm.cli.main import COMMANDS, build_parser
 from blipitm.engine import LoadOptions, load_options
 from blipitm.engine.options import LOAD_OPTIONS, MODEL_OPTIONS, options_from
@@ -80,17 +78,6 @@ def test_server_limits_have_one_home_the_engine(tiny_ckpt: Path) -> None:
         ServerSettings(model=str(tiny_ckpt), max_image_pixels=1234, max_text_chars=56)
     )
     assert (engine.max_pixels, engine.max_text_chars) == (1234, 56)
-
-
-def test_cli_defaults_are_the_librarys() -> None:
-    from blipitm.evaluation.matrices import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST
-    from blipitm.retrieval.ingest import DEFAULT_BATCH
-
-    assert (eval_cmd.DEFAULT_K_TEST, eval_cmd.DEFAULT_CHUNK_PAIRS) == (
-        DEFAULT_K_TEST,
-        DEFAULT_CHUNK_PAIRS,
-    )
-    assert index_cmd.DEFAULT_BATCH == DEFAULT_BATCH
 
 
 HEAVY = ("torch", "blipitm.engine.engine")

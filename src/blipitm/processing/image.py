@@ -21,16 +21,18 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blipitm.config import DEFAULT_MAX_PIXELS, IMAGE_MEAN, IMAGE_STD
 from blipitm.errors import ImageTooLargeError, InvalidInputError, Loc
 from blipitm.processing.budget import PixelBudget
 from blipitm.scoring import ScoringProtocol
+
+if TYPE_CHECKING:
+    import torch
 
 # Formats we let Pillow try. An allow-list rather than "whatever Pillow can open": some plugins are
 # unsafe on untrusted input (EPS runs Ghostscript) and the formats left out are not photo formats.
@@ -603,6 +605,8 @@ def preprocess(image_rgb: Image.Image, settings: ImageSettings) -> torch.Tensor:
 
     Returns float32 ``[3, size, size]``: ``normalize(resize(image_rgb))``.
     """
+    import torch  # here, not at import: decoding and checks stay torch-free for their callers
+
     return torch.from_numpy(normalize(resize(image_rgb, settings), settings))
 
 
@@ -632,6 +636,8 @@ def normalize(pixels: np.ndarray, settings: ImageSettings) -> np.ndarray:
 
 def preprocess_batch(images_rgb: Sequence[Image.Image], settings: ImageSettings) -> torch.Tensor:
     """:func:`preprocess` each image and stack: float32 ``[B, 3, size, size]``."""
+    import torch
+
     if not images_rgb:
         return torch.empty((0, 3, settings.size, settings.size), dtype=torch.float32)
     return torch.stack([preprocess(im, settings) for im in images_rgb])

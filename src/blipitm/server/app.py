@@ -10,12 +10,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.routing import Route
 
 from blipitm.common.version import __version__
-from blipitm.engine import Engine, load_options
 from blipitm.errors import BlipitmError
 from blipitm.server import docs, errors
 from blipitm.server.auth import Authenticator, KeyChecker
@@ -36,6 +36,9 @@ from blipitm.server.routes import (
 from blipitm.server.settings import ServerSettings
 from blipitm.server.state import EngineFactory, ServerState
 
+if TYPE_CHECKING:
+    from blipitm.engine import Engine
+
 log = logging.getLogger("blipitm.server")
 
 DESCRIPTION = (
@@ -46,6 +49,8 @@ DESCRIPTION = (
 
 def load_engine(settings: ServerSettings) -> Engine:
     """The default engine factory: the model and the input limits the settings name."""
+    from blipitm.engine import load_options  # torch: when the app loads the model, not before
+
     return load_options(settings.to_load_options())
 
 
