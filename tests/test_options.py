@@ -26,6 +26,7 @@ def test_options_are_checked_once_when_built() -> None:
         ("max_pixels", 0),
         ("max_text_chars", 0),
         ("cache_bytes", -1),
+        ("attn_impl", "flash"),
     ]:
         with pytest.raises(InvalidInputError, match=field):
             LoadOptions(**{field: bad})

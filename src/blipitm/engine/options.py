@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from blipitm.config import DEFAULT_MAX_PIXELS
+from blipitm.config import ATTN_IMPLS, DEFAULT_MAX_PIXELS, AttnImpl
 from blipitm.engine.types import DTYPE_NAMES, WEIGHT_DTYPE_NAMES, BatchSizes, Dtype, WeightDtype
 from blipitm.errors import InvalidInputError
 from blipitm.scoring import PROTOCOL_NAMES, ProtocolName
@@ -54,7 +54,7 @@ class LoadOptions:
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
     cache_bytes: int = DEFAULT_CACHE_BYTES
     batch_sizes: BatchSizes | None = None
-    attn_impl: str = "sdpa"  # checked against the model's implementations when loading
+    attn_impl: AttnImpl = "sdpa"
     compute_dtype: Dtype | None = None
     decode_threads: int | None = None
     decode_budget_pixels: int | None = None
@@ -62,6 +62,7 @@ class LoadOptions:
     def __post_init__(self) -> None:
         _check_choice("protocol", self.protocol, PROTOCOL_NAMES)
         _check_choice("dtype", self.dtype, WEIGHT_DTYPE_NAMES)
+        _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         if self.compute_dtype is not None:
             _check_choice("compute_dtype", self.compute_dtype, DTYPE_NAMES)
         for name in ("max_pixels", "max_text_chars"):
