@@ -12,7 +12,13 @@ import pytest
 import blipitm
 from blipitm.cli.main import COMMANDS, build_parser
 from blipitm.engine import LoadOptions, load_options
-from blipitm.engine.options import LOAD_OPTIONS, MODEL_OPTIONS, options_from
+from blipitm.engine.options import (
+    FILTERING_PRESET,
+    LOAD_OPTIONS,
+    MODEL_OPTIONS,
+    SERVER_PRESET,
+    options_from,
+)
 from blipitm.errors import InvalidInputError
 from blipitm.server.app import load_engine
 from blipitm.server.settings import OPTIONS, ServerSettings
@@ -37,19 +43,36 @@ def test_a_bad_option_names_the_flag_it_came_from() -> None:
     with pytest.raises(InvalidInputError, match="max_image_pixels"):
         options_from({"max_image_pixels": 0})
     with pytest.raises(InvalidInputError, match="max_image_pixels"):
-        ServerSettings(max_image_pixels=0)
+        ServerSettings.of(max_image_pixels=0)
     with pytest.raises(InvalidInputError, match="protocol"):
-        ServerSettings(protocol="lavis")
+        ServerSettings.of(protocol="lavis")
 
 
 def test_every_load_option_is_a_field_and_a_server_setting() -> None:
     fields = {f.name for f in dataclasses.fields(LoadOptions)}
     assert all(o.field in fields for o in LOAD_OPTIONS)
     assert all(o in OPTIONS for o in LOAD_OPTIONS), "the server reuses the declarations"
-    settings = ServerSettings(model="m", max_image_pixels=7, max_text_chars=9, cache_bytes=3)
-    assert settings.to_load_options() == LoadOptions(
-        "m", max_pixels=7, max_text_chars=9, cache_bytes=3
+    settings = ServerSettings.of(model="m", max_image_pixels=7, max_text_chars=9, cache_bytes=3)
+    assert settings.load == LoadOptions("m", max_pixels=7, max_text_chars=9, cache_bytes=3)
+    assert settings.model == "m" and settings.replace(port=1).load == settings.load
+    assert settings.replace(model="n").load == settings.load.replace(source="n")
+
+
+def test_presets_hold_each_entry_points_defaults() -> None:
+    """One record, three sets of defaults: the library's, the server's and the filter's."""
+    assert ServerSettings().load == SERVER_PRESET
+    assert (
+        LoadOptions(cache_bytes=1 << 30, max_text_chars=10_000, max_pixels=40_000_000)
+        == SERVER_PRESET
     )
+    assert LoadOptions(cache_bytes=64 << 20) == FILTERING_PRESET
+    assert options_from({"max_text_chars": 5}, base=SERVER_PRESET) == SERVER_PRESET.replace(
+        max_text_chars=5
+    )
+    from blipitm.filtering.runner import DEFAULT_CACHE_MB
+
+    # Until filtering/ starts from FILTERING_PRESET itself (issue 19, section 4).
+    assert FILTERING_PRESET.cache_bytes == DEFAULT_CACHE_MB << 20
 
 
 def test_cli_flags_come_from_the_declarations() -> None:
@@ -76,7 +99,7 @@ def test_load_is_load_options(tiny_ckpt: Path) -> None:
 
 def test_server_limits_have_one_home_the_engine(tiny_ckpt: Path) -> None:
     engine = load_engine(
-        ServerSettings(model=str(tiny_ckpt), max_image_pixels=1234, max_text_chars=56)
+        ServerSettings.of(model=str(tiny_ckpt), max_image_pixels=1234, max_text_chars=56)
     )
     assert (engine.max_pixels, engine.max_text_chars) == (1234, 56)
 

@@ -51,7 +51,7 @@ def load_engine(settings: ServerSettings) -> Engine:
     """The default engine factory: the model and the input limits the settings name."""
     from blipitm.engine import load_options  # torch: when the app loads the model, not before
 
-    return load_options(settings.to_load_options())
+    return load_options(settings.load)
 
 
 async def _start_keys(
