@@ -91,6 +91,32 @@ def test_cli_flags_come_from_the_declarations() -> None:
     }
 
 
+def test_every_command_that_loads_a_model_has_the_limit_flags(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One cache option in one unit everywhere; each command's defaults are its preset's."""
+    parser = build_parser(["score", "eval", "index", "search", "explain", "filter"])
+    limits = ["--cache-bytes", "7", "--max-image-pixels", "8", "--max-text-chars", "9"]
+    filter_args = ["filter", "x", "--out", "o", "--threshold", "0.5"]
+    for argv in (
+        ["score", "i", "t"],
+        ["eval", "--annotations", "a", "--image-root", "r"],
+        ["index", "build", "SRC", "--out", "IDX"],
+        ["index", "add", "IDX", "SRC"],
+        ["search", "IDX", "q"],
+        ["explain", "i", "t"],
+        filter_args,
+    ):
+        given = options_from(vars(parser.parse_args([*argv, *limits])))
+        assert (given.cache_bytes, given.max_pixels, given.max_text_chars) == (7, 8, 9), argv
+        default = options_from(vars(parser.parse_args(argv)))
+        preset = FILTERING_PRESET if argv[0] == "filter" else LoadOptions()
+        assert (default.cache_bytes, default.max_pixels) == (preset.cache_bytes, preset.max_pixels)
+    args = parser.parse_args([*filter_args, "--cache-mb", "0.5"])  # the old spelling, in MiB
+    assert args.cache_bytes == 1 << 19
+    assert "--cache-mb is deprecated; use --cache-bytes 524288" in capsys.readouterr().err
+
+
 def test_load_is_load_options(tiny_ckpt: Path) -> None:
     a = blipitm.load(tiny_ckpt, protocol="transformers", max_text_chars=12)
     b = load_options(LoadOptions(tiny_ckpt, protocol="transformers", max_text_chars=12))

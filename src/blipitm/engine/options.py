@@ -160,11 +160,16 @@ LIMIT_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_image_pixels",
-        "largest image (width x height); larger: 413",
+        "largest image (width x height); larger is refused (the server: 413)",
         int,
         field="max_pixels",
     ),
-    Option("max_text_chars", "longest text (characters); longer: 400", int, field="max_text_chars"),
+    Option(
+        "max_text_chars",
+        "longest text (characters); longer is refused (the server: 400)",
+        int,
+        field="max_text_chars",
+    ),
 )
 LOAD_OPTIONS = MODEL_OPTIONS + LIMIT_OPTIONS
 
