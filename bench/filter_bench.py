@@ -37,6 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import blipitm
 from blipitm.engine import LoadOptions
+from blipitm.engine.options import FILTERING_PRESET
 from blipitm.filtering import (
     Columns,
     FilterProgress,
@@ -45,7 +46,7 @@ from blipitm.filtering import (
     Threshold,
     filter_dataset,
 )
-from blipitm.filtering.runs import DEFAULT_CACHE_MB, Run
+from blipitm.filtering.runs import Run
 from run import captions, jpeg_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,8 +143,8 @@ RSS_CHILD = """
 import sys
 import blipitm
 from blipitm.filtering import LocalRun, Threshold, filter_dataset
-from blipitm.filtering.runs import DEFAULT_CACHE_MB
-engine = blipitm.load(sys.argv[1], cache_bytes=DEFAULT_CACHE_MB << 20)
+from blipitm.engine.options import FILTERING_PRESET
+engine = blipitm.load(sys.argv[1], cache_bytes=FILTERING_PRESET.cache_bytes)
 filter_dataset(sys.argv[3:], sys.argv[2], Threshold(0.5), model=engine, run=LocalRun(256))
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak.
 status = open("/proc/self/status").read().split("VmHWM:")[1]
@@ -198,7 +199,7 @@ def main() -> None:
         print(results["peak_rss_mb"], flush=True)
     if args.skip_base:
         return
-    engine = blipitm.load(str(args.model), cache_bytes=DEFAULT_CACHE_MB << 20)  # the filter's
+    engine = blipitm.load(str(args.model), cache_bytes=FILTERING_PRESET.cache_bytes)  # the filter's
     images = jpeg_images(args.images, 3)
     engine.score(images[:1], "warm up")
     if not args.skip_ray:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "blipitm"
 
@@ -119,6 +123,39 @@ def test_engine_imports_no_http_or_metrics() -> None:
             found = [m for m in imports(path) if m.split(".")[0] in HTTP_PACKAGES]
             offenders += [f"{rel} imports {m}" for m in found]
     assert not offenders, "HTTP and metrics are the server's:\n" + "\n".join(offenders)
+
+
+# Packages whose import loads no torch: the engine comes in by a function's own import (or a
+# lazy ``blipitm.engine`` name) when a model is loaded, never with the module.
+TORCH_FREE_PACKAGES = (
+    "blipitm.common",
+    "blipitm.retrieval",
+    "blipitm.evaluation",
+    "blipitm.filtering",
+    "blipitm.server",
+    "blipitm.server.settings",
+    "blipitm.processing",
+)
+
+
+@pytest.mark.parametrize("package", TORCH_FREE_PACKAGES)
+def test_importing_loads_no_torch(package: str) -> None:
+    """What the AST check above cannot see: a ``from blipitm.engine import Engine`` at module
+    level, or a torch import a layer further up, loads torch for everyone who imports this. Run
+    in a fresh interpreter, since this one has imported torch long ago."""
+    code = (
+        "import sys\n"
+        f"import {package}\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' "
+        "or m in ('blipitm.engine.engine', 'blipitm.engine.loader', 'blipitm.model'))\n"
+        "print(' '.join(heavy))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    loaded = run.stdout.split()
+    assert not loaded, f"import {package} loads {loaded[:5]}"
 
 
 PROTOCOL_NAMES = {"blip", "transformers"}

@@ -236,11 +236,11 @@ def test_models_show_no_server_path_unless_asked(engine: Engine, tiny_ckpt: Path
 
     where = str(tiny_ckpt)
     assert Path(where).is_absolute() and engine.info.source.startswith(where)
-    r = asyncio.run(models(ServerSettings(model=where)))
+    r = asyncio.run(models(ServerSettings.of(model=where)))
     assert where not in r.text
     card = r.json()["data"][0]
     assert card["id"] == card["source"] == tiny_ckpt.name
-    r = asyncio.run(models(ServerSettings(model=where, expose_paths=True)))
+    r = asyncio.run(models(ServerSettings.of(model=where, expose_paths=True)))
     card = r.json()["data"][0]
     assert card["id"] == where and card["source"] == engine.info.source
 
@@ -351,7 +351,7 @@ def test_loopback_fetch_needs_the_test_switch(engine: Engine) -> None:
 
     async def main(base_url: str) -> None:
         async with running(
-            ServerSettings(**base, _allow_loopback_for_tests=True), lambda s: Shared(engine)
+            ServerSettings.of(**base, _allow_loopback_for_tests=True), lambda s: Shared(engine)
         ) as (client, _):
 
             async def embed(path: str) -> httpx.Response:
@@ -380,7 +380,7 @@ def test_loopback_fetch_needs_the_test_switch(engine: Engine) -> None:
             assert 'blipitm_image_fetch_failures_total{reason="url_forbidden"} 2.0' in metrics
 
         # The same server without the switch refuses the loopback image server.
-        async with running(ServerSettings(**base), lambda s: Shared(engine)) as (client, _):
+        async with running(ServerSettings.of(**base), lambda s: Shared(engine)) as (client, _):
             r = await client.post(
                 "/v1/embeddings",
                 json={"input": [base_url + "/img.png"], "modality": "image"},

@@ -9,11 +9,7 @@ from typing import Any
 from blipitm.cli.common import add_model_options, check_positive, load_engine, plural
 from blipitm.cli.progress import ConsoleProgress
 from blipitm.common.progress import no_progress
-
-# blipitm.evaluation's defaults, restated so that `--help` needs no torch (test_options holds
-# them equal).
-DEFAULT_K_TEST = 128
-DEFAULT_CHUNK_PAIRS = 8192
+from blipitm.evaluation.matrices import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST  # torch-free
 
 # What each stage of ``evaluate`` counts.
 UNITS = {"images": "image", "texts": "caption", "itm": "pair"}

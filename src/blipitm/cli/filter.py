@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
-from blipitm.cli.common import add_model_options, model_values
+from blipitm.cli.common import add_cache_mb_alias, add_model_options, model_values
 from blipitm.cli.progress import ConsoleProgress
-from blipitm.engine.options import options_from
-from blipitm.errors import InvalidInputError
+from blipitm.engine.options import FILTERING_PRESET, options_from
 from blipitm.filtering.formats import described
 from blipitm.filtering.policy import KeepFraction, KeepPolicy, Threshold
 from blipitm.filtering.readers import Columns
 from blipitm.filtering.runner import WRITES
-from blipitm.filtering.runs import DEFAULT_CACHE_MB, LOCAL, LocalRun, RayRun, Run
+from blipitm.filtering.runs import LOCAL, LocalRun, RayRun, Run
 from blipitm.filtering.scoring import By
 
 if TYPE_CHECKING:
@@ -59,13 +57,7 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     p.add_argument("--caption-col", help="table column (or KEY.json field) holding the caption(s)")
     p.add_argument("--id-col", help="table column holding the sample id (default: key, id)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per engine call")
-    p.add_argument(
-        "--cache-mb",
-        type=float,
-        default=DEFAULT_CACHE_MB,
-        help="MiB of encoded images the engine keeps, so an image repeated in a later batch is "
-        "not encoded again (within a batch it never is); 0: none (default: %(default)s)",
-    )
+    add_cache_mb_alias(p)
     p.add_argument("--restart", action="store_true", help="discard DIR's earlier results first")
     r = p.add_argument_group("Ray Data (docs/filtering.md#ray)")
     r.add_argument(
@@ -83,7 +75,9 @@ def add_parser(sub: Any, name: str, help: str) -> None:
         type=float,
         help="CPUs per actor (default: a one-machine Ray's CPUs / workers; 1 on a cluster)",
     )
-    add_model_options(p)
+    # --cache-bytes: an image repeated in a later batch is not encoded again (within a batch it
+    # never is); the filter's default is smaller than the library's (docs/filtering.md).
+    add_model_options(p, preset=FILTERING_PRESET)
     p.set_defaults(run=run)
 
 
@@ -106,9 +100,7 @@ class _Printer:
 def run(args: argparse.Namespace) -> int:
     from blipitm.filtering import filter_dataset
 
-    if args.cache_mb < 0:
-        raise InvalidInputError("must be >= 0", loc=("cache_mb",))
-    options = replace(options_from(model_values(args)), cache_bytes=int(args.cache_mb * MIB))
+    options = options_from(model_values(args), base=FILTERING_PRESET)
     printer = _Printer()
     try:
         stats = filter_dataset(

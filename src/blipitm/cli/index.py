@@ -1,6 +1,6 @@
 """``blipitm index build|add|remove|info|verify``: the on-disk retrieval index.
 
-The ``run_*`` functions import :mod:`blipitm.retrieval` (torch) themselves: not for ``--help``.
+The ``run_*`` functions import :mod:`blipitm.retrieval` themselves; torch loads with the model.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ from typing import TYPE_CHECKING, Any
 from blipitm.cli.common import add_model_options, check_positive, load_engine, plural
 from blipitm.cli.progress import ConsoleProgress
 from blipitm.common.progress import no_progress
+from blipitm.retrieval.ingest import DEFAULT_BATCH  # torch-free
 
 if TYPE_CHECKING:
     from blipitm.retrieval import AddReport, Index
-
-# blipitm.retrieval's default, restated so that `--help` needs no torch (test_options holds
-# them equal).
-DEFAULT_BATCH = 64
 
 SOURCE_HELP = (
     "a folder of images (recursive), a captions file (.txt, one per line) or a JSONL file of "

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from blipitm.cli.common import add_option
 from blipitm.errors import BlipitmError
-from blipitm.server.settings import OPTIONS, ServerSettings, from_env
+from blipitm.server.settings import OPTIONS, ServerSettings, from_env, value_of
 
 if TYPE_CHECKING:
     from blipitm.server.transport import EarlyStop
@@ -39,7 +39,7 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     for opt in OPTIONS:
         # None: not given, so the environment or the default applies. Flags and lists state no
         # default; a None default is explained in the help text itself, if at all.
-        shown = getattr(defaults, opt.name) if opt.kind == "value" else None
+        shown = value_of(defaults, opt) if opt.kind == "value" else None
         add_option(p, opt, default=None, shown=shown, note=f" [env {opt.env}]")
     p.set_defaults(run=run)
 

@@ -7,18 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
+from blipitm.engine.options import FILTERING_PRESET, LoadOptions
 from blipitm.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from blipitm.engine import Engine
 
-# The engine's image cache while filtering (its own default is 512 MiB). Distinct images never
-# hit it, and a full cache is memory a filter run holds for nothing (docs/filtering.md); 64 MiB
-# still re-uses images that repeat nearby and makes most retries after a bad image cheap.
-DEFAULT_CACHE_MB = 64
-# What a run loads when not told: the default model, with the filter's image cache.
-DEFAULT_OPTIONS = LoadOptions(DEFAULT_MODEL, cache_bytes=DEFAULT_CACHE_MB << 20)
+# What a run loads when not told: the default model, with the filter's image cache (the preset
+# beside LoadOptions says why it is small).
+DEFAULT_OPTIONS = FILTERING_PRESET
 LOCAL = "local"
 
 
@@ -76,5 +73,5 @@ def options_of(engine: Engine) -> LoadOptions:
         protocol=info.protocol,
         dtype=info.dtype,
         compute_dtype=info.compute_dtype,
-        cache_bytes=DEFAULT_CACHE_MB << 20,
+        cache_bytes=FILTERING_PRESET.cache_bytes,
     )

@@ -10,13 +10,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fastapi import APIRouter, FastAPI
 from starlette.routing import BaseRoute, Route
 
 from blipitm.common.version import __version__
-from blipitm.engine import Engine, load_options
 from blipitm.errors import BlipitmError
 from blipitm.server import docs, errors
 from blipitm.server.metrics import Metrics
@@ -34,6 +33,9 @@ from blipitm.server.routes import (
 from blipitm.server.settings import ServerSettings
 from blipitm.server.state import EngineFactory, ServerState
 
+if TYPE_CHECKING:
+    from blipitm.engine import Engine
+
 log = logging.getLogger("blipitm.server")
 
 DESCRIPTION = (
@@ -44,7 +46,9 @@ DESCRIPTION = (
 
 def load_engine(settings: ServerSettings) -> Engine:
     """The default engine factory: the model and the input limits the settings name."""
-    return load_options(settings.to_load_options())
+    from blipitm.engine import load_options  # torch: when the app loads the model, not before
+
+    return load_options(settings.load)
 
 
 class Extension(Protocol):
