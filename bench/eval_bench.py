@@ -5,9 +5,9 @@ with transformers' ``BlipForImageTextRetrieval`` modules, on the same random wei
     python bench/eval_bench.py --model DIR --images 8 --captions 2 --k 4 --threads 2
 
 The transformers side is BLIP's ``train_retrieval.py`` ``evaluation`` transcribed onto the HF
-modules (DESIGN.md §2, retrieval protocol): texts cleaned with ``pre_caption`` and padded to 35
-tokens, ``vision_model`` once per image, ``text_encoder`` over the image embeddings repeated for
-the top-k of each query, ``[ENC]`` first, ``itm_head[:, 1] + sim``. HF's config is set to BLIP's
+modules (docs/architecture.md, "Retrieval protocol"): texts cleaned with ``pre_caption`` and padded
+to 35 tokens, ``vision_model`` once per image, ``text_encoder`` over the image embeddings repeated
+for the top-k of each query, ``[ENC]`` first, ``itm_head[:, 1] + sim``. HF's config is set to BLIP's
 head_dim 64 and vision eps 1e-6 so both sides compute the same numbers (checked below). Both
 sides include preprocessing and tokenization. Throughput is BLIP's pair count (I*k + T*k) per
 second, so the union trick (scoring a pair needed by both directions once) counts as speed.

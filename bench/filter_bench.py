@@ -37,8 +37,16 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import blipitm
 from blipitm.engine import LoadOptions
-from blipitm.filtering import FilterProgress, filter_dataset
-from blipitm.filtering.runner import DEFAULT_CACHE_MB
+from blipitm.engine.options import FILTERING_PRESET
+from blipitm.filtering import (
+    Columns,
+    FilterProgress,
+    LocalRun,
+    RayRun,
+    Threshold,
+    filter_dataset,
+)
+from blipitm.filtering.runs import Run
 from run import captions, jpeg_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,25 +92,24 @@ class Clock:
         return (self.last[1] - self.first[1]) / max(self.last[0] - self.first[0], 1e-9)
 
 
-def run_filter(paths: list[str], out: Path, engine: Any, batch: int, **kw: Any) -> dict[str, Any]:
+def run_filter(paths: list[str], out: Path, model: Any, run: Run) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     clock = Clock()
     t = time.perf_counter()
     stats = filter_dataset(
         paths,
         out,
-        engine=engine,
-        threshold=0.5,
-        caption_col="captions",
-        batch_size=batch,
+        Threshold(0.5),
+        model=model,
+        columns=Columns(caption="captions"),
+        run=run,
         progress=clock,
-        **kw,
     )
     total = time.perf_counter() - t
     return {
-        "pairs": stats["pairs"],
+        "pairs": stats.pairs,
         "steady_pairs_per_s": clock.pairs_per_s(),
-        "end_to_end_pairs_per_s": stats["pairs"] / total,
+        "end_to_end_pairs_per_s": stats.pairs / total,
     }
 
 
@@ -135,10 +142,10 @@ def transformers_per_pair(model_dir: Path, images: list[bytes], texts: list[list
 RSS_CHILD = """
 import sys
 import blipitm
-from blipitm.filtering import filter_dataset
-from blipitm.filtering.runner import DEFAULT_CACHE_MB
-engine = blipitm.load(sys.argv[1], cache_bytes=DEFAULT_CACHE_MB << 20)
-filter_dataset(sys.argv[3:], sys.argv[2], engine=engine, threshold=0.5, batch_size=256)
+from blipitm.filtering import LocalRun, Threshold, filter_dataset
+from blipitm.engine.options import FILTERING_PRESET
+engine = blipitm.load(sys.argv[1], cache_bytes=FILTERING_PRESET.cache_bytes)
+filter_dataset(sys.argv[3:], sys.argv[2], Threshold(0.5), model=engine, run=LocalRun(256))
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak.
 status = open("/proc/self/status").read().split("VmHWM:")[1]
 print(int(status.split()[0]) / 1024)
@@ -192,7 +199,7 @@ def main() -> None:
         print(results["peak_rss_mb"], flush=True)
     if args.skip_base:
         return
-    engine = blipitm.load(str(args.model), cache_bytes=DEFAULT_CACHE_MB << 20)  # the filter's
+    engine = blipitm.load(str(args.model), cache_bytes=FILTERING_PRESET.cache_bytes)  # the filter's
     images = jpeg_images(args.images, 3)
     engine.score(images[:1], "warm up")
     if not args.skip_ray:
@@ -208,15 +215,13 @@ def main() -> None:
             e = engine_in_memory(engine, images, texts)
             row["engine_pairs_per_s"] = max(row.get("engine_pairs_per_s", 0.0), e)
             engine.cache.clear()
-            local = run_filter(paths, tmp / "out-local", engine, args.batch_size)
+            local = run_filter(paths, tmp / "out-local", engine, LocalRun(args.batch_size))
             if local["steady_pairs_per_s"] > row.get("local", {}).get("steady_pairs_per_s", 0):
                 row["local"] = local
             print(per_image, attempt, f"engine {e:.2f}", local, flush=True)
         if not args.skip_ray:
-            row["ray"] = run_filter(
-                paths, tmp / "out-ray", None, args.batch_size, ray=True, cpus_per_worker=2,
-                options=LoadOptions(str(args.model)),
-            )  # fmt: skip
+            ray_run = RayRun(cpus_per_worker=2, batch_size=args.batch_size)
+            row["ray"] = run_filter(paths, tmp / "out-ray", LoadOptions(str(args.model)), ray_run)
             print(per_image, "ray", row["ray"], flush=True)
         n = max(1, args.hf_pairs // per_image)
         row["transformers_pairs_per_s"] = transformers_per_pair(args.model, images[:n], texts[:n])

@@ -81,10 +81,10 @@ async def _throughput(url: str, key: str, n: int, concurrency: int) -> float:
 def in_process_us(db: Path, n: int = 20_000) -> float:
     """CPU time of the per-request key path alone (auth, admit, reserve, headers, settle,
     metering), in-process limiter, no HTTP: what a metered request adds to the server's work."""
-    from prometheus_client import CollectorRegistry
-
     from blipitm.server.auth import Authenticator, KeyChecker
     from blipitm.server.keys import KeyService
+    from prometheus_client import CollectorRegistry
+
     from blipitm.server.settings import ServerSettings
 
     service = KeyService(ServerSettings(keys_db=str(db)), CollectorRegistry())

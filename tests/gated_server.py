@@ -68,7 +68,7 @@ class GatedEngine:
 
 def main(argv: list[str]) -> int:
     ckpt, port, gates, overrides = argv
-    settings = ServerSettings(**json.loads(overrides))
+    settings = ServerSettings.of(**json.loads(overrides))
 
     def factory(_: ServerSettings) -> Any:
         wait_for(Path(gates) / "load")

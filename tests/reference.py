@@ -4,9 +4,10 @@
 ``BertTokenizerFast`` exactly as a transformers user runs them.
 
 ``protocol="blip"``: the same transformers modules reconfigured with what Salesforce BLIP uses
-(DESIGN.md §2): text head_dim 64, vision LayerNorm eps 1e-6, ``[ENC]`` as the first id of the ITM
-pass, captions cleaned by BLIP's ``pre_caption`` (transcribed below from ``data/utils.py``) and
-truncated to 35 tokens, and images converted with ``PIL .convert("RGB")`` (alpha dropped).
+(docs/architecture.md, "Two protocols"): text head_dim 64, vision LayerNorm eps 1e-6, ``[ENC]`` as
+the first id of the ITM pass, captions cleaned by BLIP's ``pre_caption`` (transcribed below from
+``data/utils.py``) and truncated to 35 tokens, and images converted with ``PIL .convert("RGB")``
+(alpha dropped).
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ each request run alone through the engine (fp32; measured differences ~1e-7, tol
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,8 @@ from PIL import Image
 
 import blipitm
 from blipitm.engine import TextFeatures
-from blipitm.server.batching import Batcher, EmbedTexts, ScorePairs
-from blipitm.server.metrics import Metrics
+from blipitm.engine.batcher import Batcher, QueueFull
+from blipitm.engine.jobs import EmbedTexts, ScorePairs
 
 TOL = 5e-6
 TEXTS = [
@@ -36,9 +39,7 @@ def engine(tiny_ckpt: Path) -> blipitm.Engine:
 
 
 def batcher(engine: Any, max_batch_size: int = 8) -> Batcher:
-    return Batcher(
-        engine, max_batch_size=max_batch_size, max_wait_ms=1.0, max_queue=64, metrics=Metrics()
-    )
+    return Batcher(engine, max_batch_size=max_batch_size, max_wait_ms=1.0, max_queue=64)
 
 
 def test_text_embeddings_do_not_depend_on_the_batch(engine: blipitm.Engine) -> None:
@@ -106,3 +107,102 @@ def test_requests_are_served_in_arrival_order_without_starvation() -> None:
     finally:
         engine.gate.set()
         b.stop()
+
+
+# -- the batcher knows no job class ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Double:
+    """A job the batcher has never heard of: mergeable, so jobs queued together share a call."""
+
+    values: list[int]
+
+    def run(self, engine: Any) -> list[int]:
+        engine.calls.append(list(self.values))
+        return [2 * v for v in self.values]
+
+    @classmethod
+    def merge(cls, jobs: Sequence[Double]) -> tuple[Double, Callable[[Any], list[Any]]]:
+        sizes = [len(j.values) for j in jobs]
+
+        def split(out: list[int]) -> list[list[int]]:
+            ends = list(itertools.accumulate(sizes))
+            return [out[end - n : end] for n, end in zip(sizes, ends, strict=True)]
+
+        return cls([v for j in jobs for v in j.values]), split
+
+
+@dataclass(frozen=True)
+class Negate:
+    """Not mergeable (no ``merge``): each runs alone, even beside others of its class."""
+
+    value: int
+
+    def run(self, engine: Any) -> int:
+        engine.calls.append([self.value])
+        return -self.value
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def queue_depth(self, depth: int) -> None:
+        self.events.append(("queue_depth", depth))
+
+    def refused(self) -> None:
+        self.events.append(("refused", None))
+
+    def waited(self, seconds: float) -> None:
+        self.events.append(("waited", seconds >= 0))
+
+    def batch_started(self, size: int) -> None:
+        self.events.append(("batch_started", size))
+
+    def batch_finished(self, seconds: float) -> None:
+        self.events.append(("batch_finished", seconds >= 0))
+
+
+def test_jobs_are_dispatched_by_their_methods() -> None:
+    """A new endpoint's job needs no batcher edit: ``run`` runs it, ``merge`` (if it has one)
+    merges it with the others of its class, and each gets its own share back."""
+    engine: Any = Calls()
+    b = Batcher(engine, max_batch_size=8, max_wait_ms=1.0, max_queue=8)
+    futures = [b.submit(Double([1, 2])), b.submit(Negate(5)), b.submit(Double([3]))]
+    futures.append(b.submit(Negate(6)))
+    b.start()
+    try:
+        assert [f.result(10) for f in futures] == [[2, 4], -5, [6], -6]
+        assert sorted(engine.calls) == [[1, 2, 3], [5], [6]]
+    finally:
+        b.stop()
+
+
+def test_the_observer_sees_queue_refusals_and_batches() -> None:
+    observer = RecordingObserver()
+    engine: Any = Calls()
+    b = Batcher(engine, max_batch_size=8, max_wait_ms=1.0, max_queue=2, observer=observer)
+    first, second = b.submit(Negate(1)), b.submit(Negate(2))
+    with pytest.raises(QueueFull):
+        b.submit(Negate(3))
+    b.start()
+    try:
+        assert (first.result(10), second.result(10)) == (-1, -2)
+    finally:
+        b.stop()
+    assert observer.events == [
+        ("queue_depth", 1),
+        ("queue_depth", 2),
+        ("refused", None),
+        ("queue_depth", 0),
+        ("waited", True),
+        ("waited", True),
+        ("batch_started", 2),
+        ("batch_finished", True),
+    ]

@@ -154,7 +154,7 @@ def test_int8_through_cli_and_server_settings() -> None:
 
     args = build_parser(["score"]).parse_args(["score", "i", "t", "--dtype", "int8"])
     assert options_from(vars(args)).dtype == "int8"
-    assert from_env({"BLIPITM_DTYPE": "int8"}).to_load_options().dtype == "int8"
+    assert from_env({"BLIPITM_DTYPE": "int8"}).load.dtype == "int8"
 
 
 @pytest.mark.slow

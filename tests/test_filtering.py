@@ -1,4 +1,4 @@
-"""blipitm filter, local pipeline (issue 10): inputs, scores, statuses, the cut, outputs, resume."""
+"""blipitm filter, local pipeline: inputs, scores, statuses, the cut, outputs, resume."""
 
 from __future__ import annotations
 
@@ -22,8 +22,16 @@ from PIL import Image
 
 import blipitm
 from blipitm.cli.main import main
-from blipitm.filtering import FilterError, filter_dataset
-from blipitm.filtering.readers import expand_braces
+from blipitm.filtering import (
+    By,
+    FilterError,
+    KeepFraction,
+    LocalRun,
+    RayRun,
+    Threshold,
+    filter_dataset,
+)
+from blipitm.filtering.inputs import expand_braces
 from blipitm.testing.make_checkpoint import make_checkpoint
 
 CAPTIONS = ["a dog on the grass", "a red car", "a cat on a sofa", "two people on a beach"]
@@ -81,7 +89,7 @@ def test_wds_scores_equal_engine_and_outputs_read_back(
 ) -> None:
     out = tmp_path / "out"
     stats = filter_dataset(
-        [str(tmp_path / "{00000..00002}.tar")], out, engine=engine, keep_fraction=0.5
+        [str(tmp_path / "{00000..00002}.tar")], out, KeepFraction(0.5), model=engine
     )
     table = scores_of(out)
     assert table.num_rows == 12 and set(table["status"].to_pylist()) == {"ok"}
@@ -93,7 +101,7 @@ def test_wds_scores_equal_engine_and_outputs_read_back(
         assert abs(r["itm_probability"] - want.itm_probability[0]) < 1e-6
         assert abs(r["itc_cosine"] - want.itc_cosine[0]) < 1e-6
         assert abs(r["itm_logit"] - want.itm_logits[0, 1]) < 1e-6
-    assert sum(table["kept"].to_pylist()) == 6 == stats["kept_samples"]
+    assert sum(table["kept"].to_pylist()) == 6 == stats.kept_samples
     # Kept shards: readable by webdataset, original bytes untouched, scores added.
     kept = list(
         wds.WebDataset([str(p) for p in sorted((out / "kept").glob("*.tar"))], shardshuffle=False)
@@ -104,7 +112,7 @@ def test_wds_scores_equal_engine_and_outputs_read_back(
         assert s["jpg"] == jpeg(10 * shard + i)
         assert s["txt"].decode() == CAPTIONS[i % 4]
         scores = json.loads(s["scores.json"])
-        assert scores["itm_probability"] >= stats["threshold"]
+        assert scores["itm_probability"] >= stats.threshold
     saved = json.loads((out / "stats.json").read_text())
     assert saved["samples"] == 12 and saved["kept_pairs"] == 6
     assert set(saved["quantiles"]) == {"itm_probability", "itm_logit", "itc_cosine", "blip_score"}
@@ -123,9 +131,8 @@ def test_keep_fraction_exact_count_and_deterministic_ties(
         filter_dataset(
             [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")],
             out,
-            engine=engine,
-            keep_fraction=fraction,
-            by="itc",
+            KeepFraction(fraction, by="itc"),
+            model=engine,
             write="scores",
         )
         t = pq.read_table(out / "scores" / "a.parquet")
@@ -174,7 +181,9 @@ def test_capfilt_lists_csv_jsonl_paths_and_bad_samples(
         'id,path,text\nc0,imgs/1.jpg,"[""a cat"", ""two cats""]"\nc1,imgs/junk.jpg,a dog\n'
     )
     out = tmp_path / "out"
-    filter_dataset([str(tmp_path / "t.parquet")], out, engine=engine, threshold=0.0, batch_size=2)
+    filter_dataset(
+        [str(tmp_path / "t.parquet")], out, Threshold(0.0), model=engine, run=LocalRun(2)
+    )
     t = pq.read_table(out / "scores" / "t.parquet").to_pylist()
     got = [(r["id"], r["candidate"], r["status"]) for r in t]
     assert got == [
@@ -255,7 +264,7 @@ def test_identical_images_are_encoded_once(tiny_ckpt: Path, tmp_path: Path) -> N
     engine.model.encode_image = counting  # type: ignore[method-assign]
     write_tar(tmp_path / "d.tar", [sample(f"k{i}", i % 2, CAPTIONS[i % 4]) for i in range(8)])
     filter_dataset(
-        [str(tmp_path / "d.tar")], tmp_path / "out", engine=engine, threshold=0.5, batch_size=3
+        [str(tmp_path / "d.tar")], tmp_path / "out", Threshold(0.5), model=engine, run=LocalRun(3)
     )
     assert sum(encoded) == 1 + 2  # the manifest's identity probe, then the two distinct images
 
@@ -263,14 +272,15 @@ def test_identical_images_are_encoded_once(tiny_ckpt: Path, tmp_path: Path) -> N
 KILLER = """
 import os, signal, sys
 import blipitm
-from blipitm.filtering import filter_dataset
+from blipitm.engine import LoadOptions
+from blipitm.filtering import LocalRun, Threshold, filter_dataset
 
 def progress(p):
     if p.shard == 2:  # mid-shard: after its first batch
         os.kill(os.getpid(), signal.SIGKILL)
 
-filter_dataset(sys.argv[2:], sys.argv[1], model=os.environ["MODEL"], threshold=0.5,
-               batch_size=2, progress=progress)
+filter_dataset(sys.argv[2:], sys.argv[1], Threshold(0.5), model=LoadOptions(os.environ["MODEL"]),
+               run=LocalRun(2), progress=progress)
 """
 
 
@@ -294,16 +304,16 @@ def test_resume_after_sigkill_mid_shard(
     filter_dataset(
         list(map(str, shards)),
         out,
-        engine=engine,
-        threshold=0.5,
-        batch_size=2,
+        Threshold(0.5),
+        model=engine,
+        run=LocalRun(2),
         progress=lambda p: seen.append((p.shard, p.samples)),
     )
     assert {s for s, _ in seen} == {2}  # finished shards are not redone
     assert seen[-1][1] == 4  # the interrupted shard is redone whole
     assert {m: (out / "scores" / m).stat().st_mtime_ns for m in markers} == before
     fresh = tmp_path / "fresh"
-    filter_dataset(list(map(str, shards)), fresh, engine=engine, threshold=0.5, batch_size=2)
+    filter_dataset(list(map(str, shards)), fresh, Threshold(0.5), model=engine, run=LocalRun(2))
     a, b = scores_of(out), scores_of(fresh)
     for name in a.column_names:
         if name in ("itm_probability", "itm_logit", "itc_cosine", "blip_score"):
@@ -314,12 +324,12 @@ def test_resume_after_sigkill_mid_shard(
     # Another model, or changed inputs: refused with a message; --restart starts over.
     other = blipitm.load(str(make_checkpoint(tmp_path / "other", preset="tiny", seed=1)))
     with pytest.raises(FilterError, match="different model weights"):
-        filter_dataset(list(map(str, shards)), out, engine=other, threshold=0.5)
+        filter_dataset(list(map(str, shards)), out, Threshold(0.5), model=other)
     write_tar(shards[1], [sample("0000100", 99, "changed")])
     with pytest.raises(FilterError, match=r"00001\.tar changed"):
-        filter_dataset(list(map(str, shards)), out, engine=engine, threshold=0.5)
-    stats = filter_dataset(list(map(str, shards)), out, engine=engine, threshold=0.5, restart=True)
-    assert stats["samples"] == 9
+        filter_dataset(list(map(str, shards)), out, Threshold(0.5), model=engine)
+    stats = filter_dataset(list(map(str, shards)), out, Threshold(0.5), model=engine, restart=True)
+    assert stats.samples == 9
 
 
 def test_expand_braces() -> None:
@@ -345,3 +355,19 @@ print(before - rss())
 """
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(got.stdout) > 100  # MB given back, of the 125 MB freed
+
+
+def test_policies_and_runs_are_checked_when_built(tmp_path: Path) -> None:
+    with pytest.raises(blipitm.InvalidInputError, match="by must be one of"):
+        Threshold(0.5, by="clip")
+    with pytest.raises(blipitm.InvalidInputError, match=r"in \[0, 1\]"):
+        KeepFraction(1.5)
+    with pytest.raises(blipitm.InvalidInputError, match="batch_size"):
+        LocalRun(0)
+    with pytest.raises(blipitm.InvalidInputError, match="workers"):
+        RayRun(workers=0)
+    with pytest.raises(blipitm.InvalidInputError, match="Threshold or a KeepFraction"):
+        filter_dataset(["x.tar"], tmp_path / "out", 0.5)  # type: ignore[arg-type]
+    with pytest.raises(blipitm.InvalidInputError, match="LoadOptions"):
+        filter_dataset(["x.tar"], tmp_path / "out", Threshold(0.5), model="some/model")  # type: ignore[arg-type]
+    assert Threshold(0.5, by="itc") == Threshold(0.5, By.ITC) and Threshold(1).by is By.ITM

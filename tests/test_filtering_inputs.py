@@ -1,4 +1,4 @@
-"""blipitm filter, issue 18: hostile and damaged inputs, two runs on one output folder, damaged
+"""blipitm filter: hostile and damaged inputs, two runs on one output folder, damaged
 outputs of an earlier run, kept-sample schemas, caption statuses."""
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ from safetensors.torch import load_file, save_file
 
 import blipitm
 from blipitm.cli.main import main
-from blipitm.filtering import FilterError, filter_dataset, score_shard
-from blipitm.filtering.readers import expand_inputs
+from blipitm.filtering import (
+    Columns,
+    FilterError,
+    Threshold,
+    expand_inputs,
+    filter_dataset,
+    score_shard,
+)
 from blipitm.testing.make_checkpoint import make_checkpoint
 from test_filtering import jpeg, sample, write_tar
 
@@ -57,7 +63,7 @@ def raw_tar(path: Path, entries: list[tuple[str, bytes]]) -> Path:
     return path
 
 
-# -- item 14: deeply nested JSON ------------------------------------------------------------
+# -- deeply nested JSON ---------------------------------------------------------------------
 
 
 def test_deeply_nested_json_is_a_status_row_not_a_crash(
@@ -69,7 +75,7 @@ def test_deeply_nested_json_is_a_status_row_not_a_crash(
     # A .txt is a caption, whatever it looks like.
     write_tar(tmp_path / "txt.tar", [sample("a", 1, DEEP), sample("b", 2, "a dog")])
     out = tmp_path / "out-txt"
-    filter_dataset([str(tmp_path / "txt.tar")], out, engine=engine, threshold=0.5)
+    filter_dataset([str(tmp_path / "txt.tar")], out, Threshold(0.5), model=engine)
     assert rows_of(out, "txt") == [("a", "ok"), ("b", "ok")]
 
     deep_meta = {**sample("a", 1, "x"), "json": b'{"caption": ' + DEEP.encode() + b"}"}
@@ -77,7 +83,11 @@ def test_deeply_nested_json_is_a_status_row_not_a_crash(
     write_tar(tmp_path / "meta.tar", [deep_meta, good])
     out = tmp_path / "out-meta"
     filter_dataset(
-        [str(tmp_path / "meta.tar")], out, engine=engine, threshold=0.5, caption_col="caption"
+        [str(tmp_path / "meta.tar")],
+        out,
+        Threshold(0.5),
+        model=engine,
+        columns=Columns(caption="caption"),
     )
     assert rows_of(out, "meta") == [("a", "bad_caption"), ("b", "ok")]
 
@@ -89,25 +99,24 @@ def test_deeply_nested_json_is_a_status_row_not_a_crash(
     stats = filter_dataset(
         [str(tmp_path / "t.jsonl"), str(tmp_path / "t.csv")],
         out,
-        engine=engine,
-        threshold=0.5,
-        image_col="path",
-        caption_col="text",
-        id_col="id",
+        Threshold(0.5),
+        model=engine,
+        columns=Columns(image="path", caption="text", id="id"),
     )
     assert rows_of(out, "t") == [("0", "bad_row"), ("j1", "ok")]
     assert rows_of(out, "t-2") == [("c0", "bad_caption"), ("c1", "ok")]
-    assert stats["shard_errors"] == []
+    assert stats.shard_errors == []
 
 
-# -- item 16: paths in tables ---------------------------------------------------------------
+# -- paths in tables ------------------------------------------------------------------------
 
 PATHS_SCRIPT = """
 import json, os, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
-from blipitm.filtering import filter_dataset
-filter_dataset([sys.argv[1]], sys.argv[2], model=os.environ["MODEL"], threshold=0.5,
-               image_col="path", caption_col="text", id_col="id")
+from blipitm.engine import LoadOptions
+from blipitm.filtering import Columns, Threshold, filter_dataset
+filter_dataset([sys.argv[1]], sys.argv[2], Threshold(0.5), model=LoadOptions(os.environ["MODEL"]),
+               columns=Columns(image="path", caption="text", id="id"))
 """
 
 
@@ -148,20 +157,21 @@ def test_table_paths_read_only_regular_files(
     assert "row 3" in got[3]["error"]
 
 
-# -- item 17: two runs on one --out ---------------------------------------------------------
+# -- two runs on one --out ------------------------------------------------------------------
 
 HOLDER = """
 import os, sys, time
 from pathlib import Path
-from blipitm.filtering import filter_dataset
+from blipitm.engine import LoadOptions
+from blipitm.filtering import LocalRun, Threshold, filter_dataset
 
 def progress(p):
     Path(sys.argv[3]).write_text("scoring")
     while not Path(sys.argv[4]).exists():
         time.sleep(0.05)
 
-filter_dataset([sys.argv[1]], sys.argv[2], model=os.environ["MODEL"], threshold=0.5,
-               batch_size=1, progress=progress)
+filter_dataset([sys.argv[1]], sys.argv[2], Threshold(0.5), model=LoadOptions(os.environ["MODEL"]),
+               run=LocalRun(1), progress=progress)
 """
 
 
@@ -183,7 +193,7 @@ def test_a_second_run_on_one_out_is_refused_naming_the_holder(
             assert child.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
         with pytest.raises(FilterError) as e:
-            filter_dataset([str(shard)], out, engine=engine, threshold=0.5)
+            filter_dataset([str(shard)], out, Threshold(0.5), model=engine)
         msg = str(e.value)
         assert f"pid {child.pid}" in msg and socket.gethostname() in msg and "since" in msg
         release.touch()
@@ -194,8 +204,8 @@ def test_a_second_run_on_one_out_is_refused_naming_the_holder(
             child.kill()
             child.wait()
     # The holder is gone: the lock is free, and the run resumes the finished output.
-    stats = filter_dataset([str(shard)], out, engine=engine, threshold=0.5)
-    assert stats["samples"] == 3 and stats["throughput"]["samples_scored_this_run"] == 0
+    stats = filter_dataset([str(shard)], out, Threshold(0.5), model=engine)
+    assert stats.samples == 3 and stats.throughput.samples_scored_this_run == 0
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(
@@ -205,9 +215,11 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(
     out = tmp_path / "out"
     script = tmp_path / "killer.py"
     script.write_text(
-        "import os, signal, sys\nfrom blipitm.filtering import filter_dataset\n"
-        "filter_dataset([sys.argv[1]], sys.argv[2], model=os.environ['MODEL'], threshold=0.5,"
-        " batch_size=1, progress=lambda p: os.kill(os.getpid(), signal.SIGKILL))\n"
+        "import os, signal, sys\nfrom blipitm.engine import LoadOptions\n"
+        "from blipitm.filtering import LocalRun, Threshold, filter_dataset\n"
+        "filter_dataset([sys.argv[1]], sys.argv[2], Threshold(0.5),"
+        " model=LoadOptions(os.environ['MODEL']), run=LocalRun(1),"
+        " progress=lambda p: os.kill(os.getpid(), signal.SIGKILL))\n"
     )
     done = subprocess.run(
         [sys.executable, str(script), str(shard), str(out)],
@@ -215,8 +227,8 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(
         timeout=240,
     )
     assert done.returncode == -9
-    stats = filter_dataset([str(shard)], out, engine=engine, threshold=0.5)
-    assert stats["samples"] == 2
+    stats = filter_dataset([str(shard)], out, Threshold(0.5), model=engine)
+    assert stats.samples == 2
 
 
 def test_interleaved_writers_of_one_shard_commit_only_their_own_file(
@@ -242,7 +254,7 @@ def test_interleaved_writers_of_one_shard_commit_only_their_own_file(
     assert sorted(p.name for p in folder.iterdir()) == ["a.done.json", "a.parquet"]
 
 
-# -- item 18: truncated and oversized input -------------------------------------------------
+# -- truncated and oversized input ----------------------------------------------------------
 
 
 def six(tmp_path: Path) -> Path:
@@ -295,7 +307,7 @@ def test_tar_members_are_capped_and_duplicates_reported(
     ]
     raw_tar(tmp_path / "s.tar", entries)
     out = tmp_path / "out"
-    stats = filter_dataset([str(tmp_path / "s.tar")], out, engine=engine, threshold=0.0)
+    stats = filter_dataset([str(tmp_path / "s.tar")], out, Threshold(0.0), model=engine)
     got = pq.read_table(out / "scores" / "s.parquet").to_pylist()
     assert [(r["id"], r["status"]) for r in got] == [
         ("a", "ok"),
@@ -306,7 +318,7 @@ def test_tar_members_are_capped_and_duplicates_reported(
     ]
     assert "b.txt" in got[1]["error"] and "limit" in got[1]["error"]
     assert "c.txt" in got[2]["error"]
-    assert stats["kept_samples"] == 2
+    assert stats.kept_samples == 2
 
 
 def test_an_unbalanced_csv_quote_is_a_shard_error_naming_the_line(
@@ -328,7 +340,7 @@ def test_an_unbalanced_csv_quote_is_a_shard_error_naming_the_line(
     assert "t.csv" in err and "line 2" in err
 
 
-# -- item 20: damaged outputs of an earlier run ---------------------------------------------
+# -- damaged outputs of an earlier run ------------------------------------------------------
 
 
 def test_damaged_score_files_are_redone_and_temporaries_cleaned(
@@ -339,7 +351,7 @@ def test_damaged_score_files_are_redone_and_temporaries_cleaned(
     c = write_tar(tmp_path / "c.tar", [sample(f"c{i}", i, "a dog") for i in range(3)])
     inputs = [str(a), str(b), str(c)]
     out = tmp_path / "out"
-    filter_dataset(inputs, out, engine=engine, threshold=0.5)
+    filter_dataset(inputs, out, Threshold(0.5), model=engine)
     (out / "scores" / "a.parquet").unlink()
     data = (out / "scores" / "b.parquet").read_bytes()
     (out / "scores" / "b.parquet").write_bytes(data[: len(data) // 2])
@@ -352,8 +364,8 @@ def test_damaged_score_files_are_redone_and_temporaries_cleaned(
     ]
     for p in litter:
         p.write_bytes(b"left by a kill")
-    stats = filter_dataset(inputs, out, engine=engine, threshold=0.5)
-    assert stats["samples"] == 9 and stats["throughput"]["samples_scored_this_run"] == 9
+    stats = filter_dataset(inputs, out, Threshold(0.5), model=engine)
+    assert stats.samples == 9 and stats.throughput.samples_scored_this_run == 9
     assert not any(p.exists() for p in litter)
 
 
@@ -362,23 +374,23 @@ def test_a_corrupt_manifest_is_one_line_saying_what_to_remove(
 ) -> None:
     a = write_tar(tmp_path / "a.tar", [sample("a0", 0, "a dog")])
     out = tmp_path / "out"
-    filter_dataset([str(a)], out, engine=engine, threshold=0.5)
+    filter_dataset([str(a)], out, Threshold(0.5), model=engine)
     (out / "manifest.json").write_text('{"version": 1, "inputs": [')
     with pytest.raises(FilterError, match=r"manifest\.json.*--restart"):
-        filter_dataset([str(a)], out, engine=engine, threshold=0.5)
+        filter_dataset([str(a)], out, Threshold(0.5), model=engine)
     (out / "manifest.json").write_text("[1, 2]")
     with pytest.raises(FilterError, match=r"manifest\.json.*--restart"):
-        filter_dataset([str(a)], out, engine=engine, threshold=0.5)
+        filter_dataset([str(a)], out, Threshold(0.5), model=engine)
 
 
 def test_resume_refuses_noisy_weights_and_another_dtype(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", preset="tiny", seed=0)
     a = write_tar(tmp_path / "a.tar", [sample("a0", 0, "a dog")])
     out = tmp_path / "out"
-    filter_dataset([str(a)], out, engine=blipitm.load(str(ckpt)), threshold=0.5)
+    filter_dataset([str(a)], out, Threshold(0.5), model=blipitm.load(str(ckpt)))
     with pytest.raises(FilterError, match="dtype"):
         filter_dataset(
-            [str(a)], out, engine=blipitm.load(str(ckpt), dtype="bfloat16"), threshold=0.5
+            [str(a)], out, Threshold(0.5), model=blipitm.load(str(ckpt), dtype="bfloat16")
         )
     weights = load_file(ckpt / "model.safetensors")
     rng = np.random.default_rng(0)
@@ -392,10 +404,10 @@ def test_resume_refuses_noisy_weights_and_another_dtype(tmp_path: Path) -> None:
     }
     save_file(noisy, ckpt / "model.safetensors")
     with pytest.raises(FilterError, match="weights"):
-        filter_dataset([str(a)], out, engine=blipitm.load(str(ckpt)), threshold=0.5)
+        filter_dataset([str(a)], out, Threshold(0.5), model=blipitm.load(str(ckpt)))
 
 
-# -- item 19: kept samples keep the input's schema ------------------------------------------
+# -- kept samples keep the input's schema ---------------------------------------------------
 
 
 def typed_table(seed: int) -> pa.Table:
@@ -425,8 +437,8 @@ def test_kept_parquet_keeps_the_input_schema(engine: blipitm.Engine, tmp_path: P
     filter_dataset(
         [str(tmp_path / "0.parquet"), str(tmp_path / "1.parquet")],
         out,
-        engine=engine,
-        threshold=0.0,
+        Threshold(0.0),
+        model=engine,
     )
     want = pq.read_schema(tmp_path / "0.parquet")
     kept = [pq.read_schema(out / "kept" / f"{k}.parquet") for k in range(2)]
@@ -452,19 +464,17 @@ def test_kept_jsonl_with_changing_types_keeps_the_lines(
     stats = filter_dataset(
         [str(tmp_path / "t.jsonl")],
         out,
-        engine=engine,
-        threshold=0.0,
-        image_col="path",
-        caption_col="text",
-        id_col="id",
+        Threshold(0.0),
+        model=engine,
+        columns=Columns(image="path", caption="text", id="id"),
     )
-    assert stats["kept_samples"] == 3
+    assert stats.kept_samples == 3
     kept = [json.loads(line) for line in (out / "kept" / "t.jsonl").read_text().splitlines()]
     assert [{k: r[k] for k in rows[0]} for r in kept] == rows
     assert all(isinstance(r["itm_probability"], float) for r in kept)
 
 
-# -- item 21: captions, NULL scores, names and extensions -----------------------------------
+# -- captions, NULL scores, names and extensions --------------------------------------------
 
 
 def test_captions_null_scores_tgz_and_image_extensions(
@@ -489,7 +499,7 @@ def test_captions_null_scores_tgz_and_image_extensions(
     (tmp_path / "t.tgz").write_bytes(gzip.compress((tmp_path / "plain.tar").read_bytes()))
     out = tmp_path / "out"
     filter_dataset(
-        [str(tmp_path / "s.tar.gz"), str(tmp_path / "t.tgz")], out, engine=engine, threshold=0.5
+        [str(tmp_path / "s.tar.gz"), str(tmp_path / "t.tgz")], out, Threshold(0.5), model=engine
     )
     for name in ("s", "t"):
         table = pq.read_table(out / "scores" / f"{name}.parquet")
@@ -531,3 +541,52 @@ def test_a_ray_actor_commits_only_while_its_driver_holds_the_folder(
     with OutputLock(out), pytest.raises(FilterError, match="held by another run"):
         list(ShardScorer(*args, token="the-dead-driver")({"shard": np.array([0])}))
     assert sorted(p.name for p in (out / "scores").iterdir()) == []
+
+
+# -- formats: TSV as one entry of the table, the CLI's choices from the tables ---------------
+
+
+def test_tsv_is_read_unquoted_and_kept_as_parquet(engine: blipitm.Engine, tmp_path: Path) -> None:
+    (tmp_path / "0.jpg").write_bytes(jpeg(0))
+    (tmp_path / "1.jpg").write_bytes(jpeg(1))
+    (tmp_path / "t.tsv").write_text(
+        "id\tpath\ttext\n"
+        't0\t0.jpg\t"a dog" on grass\n'  # no quoting: the quotes are the caption's
+        't1\t1.jpg\t["a cat", "two cats"]\n'
+        "t2\t0.jpg\n"
+    )
+    out = tmp_path / "out"
+    stats = filter_dataset(
+        [str(tmp_path / "t.tsv")],
+        out,
+        Threshold(0.0),
+        model=engine,
+        columns=Columns(image="path", caption="text", id="id"),
+    )
+    got = pq.read_table(out / "scores" / "t.parquet").to_pylist()
+    assert [(r["id"], r["candidate"], r["caption"], r["status"]) for r in got] == [
+        ("t0", 0, '"a dog" on grass', "ok"),
+        ("t1", 0, "a cat", "ok"),
+        ("t1", 1, "two cats", "ok"),
+        ("2", 0, None, "bad_row"),
+    ]
+    want = engine.score(jpeg(0), '"a dog" on grass').itm_probability[0]
+    assert abs(got[0]["itm_probability"] - want) < 1e-6
+    kept = pq.read_table(out / "kept" / "t.parquet")
+    assert kept.schema.field("text").type == pa.string()
+    assert kept["text"].to_pylist() == ['"a dog" on grass', '["a cat", "two cats"]']
+    assert stats.kept_samples == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["kind"] for i in manifest["inputs"]] == ["tsv"]
+
+
+def test_the_cli_takes_formats_and_choices_from_their_tables(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from blipitm.filtering import FORMATS, By
+
+    with pytest.raises(SystemExit):
+        main(["filter", "--help"])
+    help = " ".join(capsys.readouterr().out.split())
+    assert all(suffix in help for f in FORMATS for suffix in f.suffixes)
+    assert "{" + ",".join(b.value for b in By) + "}" in help

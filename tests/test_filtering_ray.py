@@ -1,4 +1,4 @@
-"""blipitm filter on Ray Data (issue 10): equal to the local run, resumable, and RayScorer.
+"""blipitm filter on Ray Data: equal to the local run, resumable, and RayScorer.
 
 One local Ray (2 CPUs) for the module, started and stopped here: Ray start-up and each actor's
 model load take seconds, so the tests share them (three actor pools in all).
@@ -25,7 +25,15 @@ from PIL import Image
 
 import blipitm
 from blipitm.cli.main import main
-from blipitm.filtering import RayScorer, filter_dataset
+from blipitm.engine.options import LoadOptions
+from blipitm.filtering import (
+    KeepFraction,
+    LocalRun,
+    RayRun,
+    RayScorer,
+    Threshold,
+    filter_dataset,
+)
 from test_filtering import CAPTIONS, jpeg, sample, write_tar
 
 try:
@@ -132,15 +140,19 @@ def test_ray_run_resumes_a_local_run_and_equals_it(
     engine: blipitm.Engine, tiny_ckpt: Path, inputs: list[str], tmp_path: Path
 ) -> None:
     local, out = tmp_path / "local", tmp_path / "ray"
-    want = filter_dataset(inputs, local, engine=engine, threshold=0.5, batch_size=2)
-    assert want["status_samples"] == {"bad_image": 1, "no_caption": 1, "ok": 19}
+    want = filter_dataset(inputs, local, Threshold(0.5), model=engine, run=LocalRun(2))
+    assert want.status_samples == {"bad_image": 1, "no_caption": 1, "ok": 19}
 
     # An interrupted local run leaves shard 0 committed; the Ray run must not redo it.
     with pytest.raises(Interrupt):
         filter_dataset(
-            inputs, out, engine=engine, threshold=0.5, batch_size=2,
+            inputs,
+            out,
+            Threshold(0.5),
+            model=engine,
+            run=LocalRun(2),
             progress=stop_after_first_shard,
-        )  # fmt: skip
+        )
     marker = out / "scores" / "00000.done.json"
     assert sorted(p.name for p in (out / "scores").glob("*.done.json")) == [marker.name]
     before = marker.stat().st_mtime_ns
@@ -149,20 +161,18 @@ def test_ray_run_resumes_a_local_run_and_equals_it(
     got = filter_dataset(
         inputs,
         out,
-        model=str(tiny_ckpt),
-        threshold=0.5,
-        batch_size=2,
-        ray=True,  # joins the running Ray
-        cpus_per_worker=2,
+        Threshold(0.5),
+        model=LoadOptions(str(tiny_ckpt)),
+        run=RayRun(cpus_per_worker=2, batch_size=2),  # joins the running Ray
         progress=seen.append,
     )
     assert {p.name for p in seen} == {"00001", "00002", "table"}  # shard 0 not redone
     assert [p.samples for p in seen] == sorted(p.samples for p in seen)  # per batch, growing
-    assert seen[-1].samples == 5 + 5 + 6 == got["throughput"]["samples_scored_this_run"]
+    assert seen[-1].samples == 5 + 5 + 6 == got.throughput.samples_scored_this_run
     assert seen[-1].samples_expected == 16  # once a shard is done, the ETA has a total
     assert marker.stat().st_mtime_ns == before
     assert_same_outputs(local, out)
-    assert got["threshold"] == want["threshold"] == 0.5
+    assert got.threshold == want.threshold == 0.5
 
 
 @pytest.mark.usefixtures("local_ray", "two_threads")
@@ -174,14 +184,14 @@ def test_cli_ray_keep_fraction_equals_local(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     local = tmp_path / "local"
-    want = filter_dataset(inputs, local, engine=engine, keep_fraction=0.4, by="blip")
+    want = filter_dataset(inputs, local, KeepFraction(0.4, by="blip"), model=engine)
     args = ["filter", *inputs, "--keep-fraction", "0.4", "--by", "blip", "--model"]
     # The default --cpus-per-worker: the running Ray's 2 CPUs for its 1 worker.
     code = main([*args, str(tiny_ckpt), "--out", str(tmp_path / "ray"), "--ray"])
     assert code == 0, capsys.readouterr().err
     assert_same_outputs(local, tmp_path / "ray")
-    scored = want["scored_pairs"]
-    assert want["kept_pairs"] == int(np.ceil(0.4 * scored))
+    scored = want.scored_pairs
+    assert want.kept_pairs == int(np.ceil(0.4 * scored))
 
 
 def image_bytes(seed: int) -> bytes:
@@ -201,10 +211,10 @@ def test_rayscorer_in_a_users_pipeline_equals_engine_score(
     ds = ray.data.from_items(rows).map_batches(
         RayScorer,
         fn_constructor_kwargs={
-            "model": str(tiny_ckpt),
+            "model": LoadOptions(str(tiny_ckpt)),
             "image_col": "img",
             "caption_col": "text",
-            "threshold": 0.5,
+            "keep": Threshold(0.5),
         },
         concurrency=1,
         batch_size=4,
@@ -229,7 +239,7 @@ def test_rayscorer_caption_lists_statuses_and_identical_images(
     engine: blipitm.Engine, tiny_ckpt: Path
 ) -> None:
     """Called as a plain function (as Ray Data does, with numpy columns), no Ray needed."""
-    scorer = RayScorer(str(tiny_ckpt), by="itc", cache_mb=0)
+    scorer = RayScorer(LoadOptions(str(tiny_ckpt), cache_bytes=0))
     encoded: list[int] = []
     real = scorer.engine.model.encode_image
 

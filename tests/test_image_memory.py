@@ -38,7 +38,6 @@ from blipitm.processing import (
     load_image,
     load_resized,
     normalize,
-    preprocess,
     to_rgb,
 )
 from blipitm.processing.image import content_key
@@ -46,6 +45,7 @@ from blipitm.scoring import BLIP, TRANSFORMERS, get_protocol
 from blipitm.server.errors import APIError
 from blipitm.server.images import ImageLoader
 from blipitm.server.metrics import Metrics
+from image_reference import preprocess
 from server_helpers import REPO, ServerProcess, cli_server, data_uri, png_bytes
 
 MB = 1 << 20

@@ -172,15 +172,15 @@ def test_stored_features_rerank_without_reencoding(
 
 KILLER = """
 import os, signal, sys
-from blipitm.retrieval import store
+from blipitm.retrieval import arrays
 calls = []
-original = store._write_at
+original = arrays.write_at
 def write_at(path, offset, data):
     original(path, offset, data)  # the batch reaches the embeddings file ...
     calls.append(path)
     if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGKILL)  # ... but its rows are never committed
-store._write_at = write_at
+arrays.write_at = write_at
 from blipitm.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -80,7 +80,7 @@ def test_server_search_of_the_wrong_modality_is_400(
 ) -> None:
     write_image(tmp_path / "pics" / "a.png")
     build_index(engine, tmp_path / "pics", tmp_path / "idx")[0].close()
-    settings = ServerSettings(model=str(tiny_ckpt), index=str(tmp_path / "idx"))
+    settings = ServerSettings.of(model=str(tiny_ckpt), index=str(tmp_path / "idx"))
 
     async def go() -> tuple[httpx.Response, httpx.Response]:
         app = create_app(settings, lambda s: blipitm.load(tiny_ckpt))  # the app closes its own

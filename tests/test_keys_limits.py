@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import pytest
 
 from blipitm.keys import KeyRecord, KeyStore
-from blipitm.server.limits import (
+from blipitm.server.gateway.limits import (
     NO_CREDITS,
     RATE_LIMITED,
     Bucket,
@@ -54,7 +54,7 @@ def make(request: pytest.FixtureRequest) -> Make:
     def factory() -> Limiter:
         if request.param == "local":
             return LocalLimiter(WINDOW)
-        from blipitm.server.redis_limits import RedisLimiter
+        from blipitm.server.gateway.redis_limits import RedisLimiter
 
         return RedisLimiter(request.getfixturevalue("redis_url"), WINDOW, slot_ttl_s=60)
 
@@ -188,7 +188,7 @@ def test_header_formats() -> None:
     v = Verdict(RATE_LIMITED, "x", 1.2)
     assert refusal_headers(v) == {"Retry-After": "2", "retry-after-ms": "1200"}
     assert refusal_headers(Verdict(NO_CREDITS, "x", None)) == {"x-should-retry": "false"}
-    from blipitm.server.limits import Window
+    from blipitm.server.gateway.limits import Window
 
     h = rate_headers(Window(60, 59, 1.0), None)
     assert h == {
@@ -202,7 +202,7 @@ def test_a_client_that_left_is_refunded_and_metered(tmp_path: Path) -> None:
     """The guard settles a request whose client went away with status 499: refunded, recorded."""
     from prometheus_client import CollectorRegistry
 
-    from blipitm.server.keys import KeyService
+    from blipitm.server.gateway.accounts import KeyService
     from blipitm.server.settings import ServerSettings
 
     KeyStore(tmp_path / "k.db").create("k", credits=5)
@@ -229,7 +229,7 @@ def test_a_client_that_left_is_refunded_and_metered(tmp_path: Path) -> None:
 def test_metric_labels_are_bounded() -> None:
     from prometheus_client import CollectorRegistry
 
-    from blipitm.server.metering import KeyMetrics
+    from blipitm.server.gateway.metering import KeyMetrics
 
     metrics = KeyMetrics(CollectorRegistry(), max_names=2)
     assert [metrics.label(n) for n in ("a", "b", "c", "a", "d")] == [
@@ -246,7 +246,7 @@ def test_a_key_named_other_is_not_the_overflow() -> None:
     from prometheus_client import CollectorRegistry
 
     from blipitm.keys import validate_name
-    from blipitm.server.metering import OTHER, KeyMetrics
+    from blipitm.server.gateway.metering import OTHER, KeyMetrics
 
     metrics = KeyMetrics(CollectorRegistry(), max_names=1)
     assert metrics.label("other") == "other" and metrics.label("late") == OTHER != "other"
@@ -256,7 +256,12 @@ def test_a_key_named_other_is_not_the_overflow() -> None:
 
 def test_messages_count_correctly() -> None:
     k = key()
-    from blipitm.server.limits import concurrency_refusal, no_credits, rate_refusal, too_many_items
+    from blipitm.server.gateway.limits import (
+        concurrency_refusal,
+        no_credits,
+        rate_refusal,
+        too_many_items,
+    )
 
     assert "1 request per minute" in rate_refusal(k, "request", 1, 60.0, 1.0)
     assert "2 items per minute" in rate_refusal(k, "item", 2, 60.0, 1.0)
@@ -268,7 +273,7 @@ def test_messages_count_correctly() -> None:
 def service_with(tmp_path: Path, **limits: Any) -> Any:
     from prometheus_client import CollectorRegistry
 
-    from blipitm.server.keys import KeyService
+    from blipitm.server.gateway.accounts import KeyService
     from blipitm.server.settings import ServerSettings
 
     KeyStore(tmp_path / "k.db").create("k", **limits)
@@ -328,8 +333,8 @@ def test_usage_has_its_own_capped_slots(tmp_path: Path) -> None:
     key's --concurrency too: it was unbounded (issue 18 item 8)."""
     from starlette.routing import Route
 
-    from blipitm.server.auth import Authenticator, KeyChecker
-    from blipitm.server.middleware import GuardMiddleware
+    from blipitm.server.gateway.auth import Authenticator, KeyChecker
+    from blipitm.server.gateway.middleware import GatewayMiddleware
 
     service = service_with(tmp_path, concurrency=1)
     secret = service.store.create("c", concurrency=1)
@@ -341,11 +346,10 @@ def test_usage_has_its_own_capped_slots(tmp_path: Path) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    guard = GuardMiddleware(
+    guard = GatewayMiddleware(
         app,
         keys=Authenticator(KeyChecker(()), service),
         protect_metrics=False,
-        max_body_bytes=1000,
         routes=[Route("/v1/usage", lambda r: None)],
     )
 
@@ -374,3 +378,38 @@ def test_usage_has_its_own_capped_slots(tmp_path: Path) -> None:
 
     run(go())
     assert statuses == [429, 200, 200]
+
+
+def test_usage_read_during_a_flush_counts_every_row_once(tmp_path: Path) -> None:
+    """A flush takes the buffered rows, then writes them in a thread: a ``/v1/usage`` read of
+    the store before that write lands and of the (now empty) buffer after it saw 1 request of 4."""
+    import threading
+
+    from blipitm.server.gateway.metering import UsageBuffer, usage_row
+
+    class SlowStore(KeyStore):
+        writing = threading.Event()
+        proceed = threading.Event()
+
+        def add_usage(self, *args: Any, **kwargs: Any) -> Any:
+            self.writing.set()
+            assert self.proceed.wait(30)
+            return super().add_usage(*args, **kwargs)
+
+    store = SlowStore(tmp_path / "keys.db", create=True)
+    store.create("k")
+    buffer = UsageBuffer(store)
+    for _ in range(3):
+        buffer.add(usage_row("k", "/v1/embeddings", 200, texts=1, images=0, tokens=5,
+                             credits=1, started=0.0))  # fmt: skip
+
+    async def main() -> int:
+        flush = asyncio.create_task(buffer.flush())
+        await asyncio.to_thread(store.writing.wait, 30)
+        read = asyncio.create_task(buffer.usage("k"))
+        await asyncio.sleep(0.2)  # the read is waiting for the flush, not racing it
+        store.proceed.set()
+        await flush
+        return sum(row.requests for row in await read)
+
+    assert asyncio.run(main()) == 3

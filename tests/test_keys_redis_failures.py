@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from blipitm.keys import KeyStore
 from blipitm.server.errors import APIError
-from blipitm.server.keys import Charge, KeyService
-from blipitm.server.middleware import _settle
+from blipitm.server.gateway.accounts import Charge, KeyService
+from blipitm.server.gateway.middleware import settle as _settle
 from blipitm.server.settings import ServerSettings
 from redis_helpers import RedisProcess, redis_server
 from server_helpers import free_port

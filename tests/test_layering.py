@@ -6,7 +6,12 @@ only entry points set process-wide memory settings."""
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "blipitm"
 
@@ -39,8 +44,19 @@ FORBIDDEN = {
 }
 # Layers that hand numpy arrays and records around; torch is the engine's business.
 NO_TORCH = {"explain", "common", "keys", "retrieval", "evaluation", "filtering", "server", "cli"}
-# Modules inside the engine that make up its public records.
-NO_TORCH_MODULES = {"engine/types.py", "engine/options.py", "scoring.py", "config.py"}
+# Modules inside the engine that make up its public records, and its batcher and jobs.
+NO_TORCH_MODULES = {
+    "engine/types.py",
+    "engine/options.py",
+    "engine/batcher.py",
+    "engine/jobs.py",
+    "scoring.py",
+    "config.py",
+}
+# HTTP and metrics belong to the server: the engine (its batcher included) is driven alike by the
+# server, the CLI, a Batch API or a Ray actor, and reports through an observer, not Prometheus.
+NO_HTTP = {"engine"}
+HTTP_PACKAGES = {"fastapi", "starlette", "uvicorn", "httpx", "pydantic", "prometheus_client"}
 # Leaf packages usable from anywhere below their position, with their own rule.
 TESTING = "testing"  # random checkpoints: may use config/checkpoint; only tests/bench/cli import it
 
@@ -98,6 +114,49 @@ def test_torch_stays_inside_the_engine() -> None:
             torch = [m for m in imports(path) if m == "torch" or m.startswith("torch.")]
             offenders += [f"{rel} imports {m}" for m in torch]
     assert not offenders, "torch belongs to the engine and below:\n" + "\n".join(offenders)
+
+
+def test_engine_imports_no_http_or_metrics() -> None:
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        if rel.parts[0] in NO_HTTP:
+            found = [m for m in imports(path) if m.split(".")[0] in HTTP_PACKAGES]
+            offenders += [f"{rel} imports {m}" for m in found]
+    assert not offenders, "HTTP and metrics are the server's:\n" + "\n".join(offenders)
+
+
+# Packages whose import loads no torch: the engine comes in by a function's own import (or a
+# lazy ``blipitm.engine`` name) when a model is loaded, never with the module.
+TORCH_FREE_PACKAGES = (
+    "blipitm.common",
+    "blipitm.retrieval",
+    "blipitm.evaluation",
+    "blipitm.filtering",
+    "blipitm.server",
+    "blipitm.server.settings",
+    "blipitm.processing",
+)
+
+
+@pytest.mark.parametrize("package", TORCH_FREE_PACKAGES)
+def test_importing_loads_no_torch(package: str) -> None:
+    """What the AST check above cannot see: a ``from blipitm.engine import Engine`` at module
+    level, or a torch import a layer further up, loads torch for everyone who imports this. Run
+    in a fresh interpreter, since this one has imported torch long ago."""
+    code = (
+        "import sys\n"
+        f"import {package}\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' "
+        "or m in ('blipitm.engine.engine', 'blipitm.engine.loader', 'blipitm.model'))\n"
+        "print(' '.join(heavy))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    loaded = run.stdout.split()
+    assert not loaded, f"import {package} loads {loaded[:5]}"
 
 
 PROTOCOL_NAMES = {"blip", "transformers"}
@@ -212,7 +271,6 @@ ENGINE_PARTS_NEVER_IMPORT = {
     "engine/gradcam.py": {"engine.images", "engine.itm", "engine.texts", "engine.engine"},
     "engine/inputs.py": {"engine.images", "engine.itm", "engine.texts", "engine.engine"},
 }
-HTTP_PACKAGES = {"fastapi", "starlette", "httpx", "uvicorn", "h11", "aiohttp", "requests"}
 
 
 def test_engine_parts_depend_one_way() -> None:
@@ -224,18 +282,14 @@ def test_engine_parts_depend_one_way() -> None:
     assert not offenders, "the engine's parts import one way:\n" + "\n".join(offenders)
 
 
-def test_engine_speaks_no_http() -> None:
-    offenders = [
-        f"{path.relative_to(SRC)} imports {mod}"
-        for path in sorted((SRC / "engine").rglob("*.py"))
-        for mod in imports(path)
-        if mod.split(".")[0] in HTTP_PACKAGES
-    ]
-    assert not offenders, "HTTP is the server's business:\n" + "\n".join(offenders)
-
-
 # Process-wide memory settings are made by entry points only, never by a library constructor.
-MEMORY_POLICY_CALLERS = {"cli/common.py", "server/app.py", "filtering/runner.py"}
+MEMORY_POLICY_CALLERS = {
+    "cli/common.py",
+    "server/app.py",
+    "filtering/runner.py",
+    "filtering/ray_runner.py",  # a Ray actor is a process of its own
+    "filtering/ray_scorer.py",
+}
 
 
 def _calls(path: Path, name: str) -> bool:
@@ -263,3 +317,60 @@ def test_only_entry_points_set_the_memory_policy() -> None:
     }
     assert callers == MEMORY_POLICY_CALLERS
     assert setters == {"common/memory.py"}
+
+
+# The hosted-API gateway (keys, limits, credits, metering, /v1/usage) is one unit on top of the
+# request path: app.py installs it in one line, the CLI wires `serve` (Redis check) and `keys`.
+GATEWAY = "blipitm.server.gateway"
+GATEWAY_IMPORTERS = {"server/app.py": 1, "cli/serve.py": None, "cli/keys.py": None}
+
+
+def test_only_the_app_line_and_the_cli_import_the_gateway() -> None:
+    violations = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("server/gateway/"):
+            continue
+        found = [m for m in imports(path) if m == GATEWAY or m.startswith(GATEWAY + ".")]
+        if not found:
+            continue
+        allowed = GATEWAY_IMPORTERS.get(rel, 0)
+        if allowed is not None and len(found) > allowed:
+            violations.append(f"{rel} imports {', '.join(found)}")
+    assert not violations, "only app.py's one line may install the gateway:\n" + "\n".join(
+        violations
+    )
+
+
+def test_the_request_path_knows_accounts_not_keys() -> None:
+    """Outside the gateway, the server asks an Account (server/account.py): no key records,
+    limiters or charges."""
+    violations = []
+    for path in sorted((SRC / "server").rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("server/gateway/"):
+            continue
+        source = path.read_text()
+        for name in ("KeyRecord", "Charge", "Limiter", "charge_of", "KeyService"):
+            if re.search(rf"\b{name}\b", source):
+                violations.append(f"{rel} names {name}")
+    assert not violations, "\n".join(violations)
+
+
+def test_every_module_imports() -> None:
+    """mypy runs with ignore_missing_imports (for untyped third-party packages), which also hides
+    an import of a blipitm module that no longer exists; importing every module catches it."""
+    import importlib
+    import pkgutil
+
+    import blipitm
+
+    broken = []
+    for info in pkgutil.walk_packages(blipitm.__path__, "blipitm."):
+        if info.name == "blipitm.__main__":  # runs the CLI
+            continue
+        try:
+            importlib.import_module(info.name)
+        except ImportError as e:
+            broken.append(f"{info.name}: {e}")
+    assert not broken, "modules that fail to import:\n" + "\n".join(broken)

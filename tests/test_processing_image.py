@@ -21,11 +21,10 @@ from blipitm.processing.image import (
     DEFAULT_MAX_PIXELS,
     ImageSettings,
     load_image,
-    preprocess,
-    preprocess_batch,
     to_rgb,
 )
 from blipitm.scoring import BLIP, TRANSFORMERS, get_protocol
+from image_reference import preprocess, preprocess_batch
 
 SETTINGS = ImageSettings()
 FIELD = "images[3]"

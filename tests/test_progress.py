@@ -86,3 +86,29 @@ def test_log_lines_without_a_terminal_name_the_unit() -> None:
     progress("itm", 0, 10)
     progress("itm", 10, 10)
     assert out.getvalue().splitlines()[-1].startswith("itm: 10/10 pairs (100%")
+
+
+def test_unknown_total_and_note_in_log_lines() -> None:
+    out = io.StringIO()
+    progress = ConsoleProgress(out, units={"filter": "sample"})
+    progress("filter", 0, None, note="shards 0/2 done")
+    assert out.getvalue().splitlines()[-1].startswith("filter: 0 samples (")
+    assert out.getvalue().splitlines()[-1].endswith("; shards 0/2 done")
+    progress("filter", 4, 4, note="shards 2/2 done")
+    assert out.getvalue().splitlines()[-1].startswith("filter: 4/4 samples (100%")
+
+
+def test_filter_records_render_through_the_one_console() -> None:
+    from blipitm.cli.filter import _Printer
+    from blipitm.filtering import FilterProgress
+
+    with terminal_stderr() as terminal:
+        printer = _Printer()
+        printer(FilterProgress(0, 2, "a.tar", 3, 0, 0, 1.0, pairs=6))
+        printer(FilterProgress(1, 2, "b.tar", 8, 2, 2, 2.0, pairs=16, samples_expected=8))
+        printer.close()
+    screen = terminal.screen()
+    assert any(
+        line.startswith("filter: 100%") and "8/8" in line and "shards 2/2 done" in line
+        for line in screen
+    ), screen

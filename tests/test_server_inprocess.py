@@ -18,9 +18,9 @@ from starlette.requests import Request
 
 import blipitm
 from blipitm.engine import Engine, TextFeatures
+from blipitm.engine.jobs import EmbedTexts
 from blipitm.server.app import create_app
-from blipitm.server.batching import EmbedTexts
-from blipitm.server.context import Ready
+from blipitm.server.context import RequestContext
 from blipitm.server.errors import APIError
 from blipitm.server.settings import ServerSettings
 from server_helpers import data_uri, image_server, png_bytes
@@ -137,7 +137,7 @@ def test_disconnected_client_work_is_dropped(engine: Engine) -> None:
             request = Request({"type": "http", "method": "POST", "headers": []}, receive)
             up = state.require_ready()
             deadline = asyncio.get_running_loop().time() + 10
-            ctx = Ready(None, request, state, up.engine, up.batcher, up.loader, deadline)
+            ctx = RequestContext(None, request, state, up.engine, up.batcher, up.loader, deadline)
             with pytest.raises(APIError) as info:
                 await ctx.run(EmbedTexts(["gone"]), lambda f: f)
             assert info.value.status == 499
@@ -236,11 +236,11 @@ def test_models_show_no_server_path_unless_asked(engine: Engine, tiny_ckpt: Path
 
     where = str(tiny_ckpt)
     assert Path(where).is_absolute() and engine.info.source.startswith(where)
-    r = asyncio.run(models(ServerSettings(model=where)))
+    r = asyncio.run(models(ServerSettings.of(model=where)))
     assert where not in r.text
     card = r.json()["data"][0]
     assert card["id"] == card["source"] == tiny_ckpt.name
-    r = asyncio.run(models(ServerSettings(model=where, expose_paths=True)))
+    r = asyncio.run(models(ServerSettings.of(model=where, expose_paths=True)))
     card = r.json()["data"][0]
     assert card["id"] == where and card["source"] == engine.info.source
 
@@ -351,7 +351,7 @@ def test_loopback_fetch_needs_the_test_switch(engine: Engine) -> None:
 
     async def main(base_url: str) -> None:
         async with running(
-            ServerSettings(**base, _allow_loopback_for_tests=True), lambda s: Shared(engine)
+            ServerSettings.of(**base, _allow_loopback_for_tests=True), lambda s: Shared(engine)
         ) as (client, _):
 
             async def embed(path: str) -> httpx.Response:
@@ -380,7 +380,7 @@ def test_loopback_fetch_needs_the_test_switch(engine: Engine) -> None:
             assert 'blipitm_image_fetch_failures_total{reason="url_forbidden"} 2.0' in metrics
 
         # The same server without the switch refuses the loopback image server.
-        async with running(ServerSettings(**base), lambda s: Shared(engine)) as (client, _):
+        async with running(ServerSettings.of(**base), lambda s: Shared(engine)) as (client, _):
             r = await client.post(
                 "/v1/embeddings",
                 json={"input": [base_url + "/img.png"], "modality": "image"},
@@ -414,5 +414,56 @@ def test_default_limits_take_what_openai_clients_send(engine: Engine) -> None:
             assert r.json()["error"]["param"] == "documents[2]"
             r = await client.post("/v1/rerank", json={"query": uri, "documents": ["a"] * 50})
             assert r.status_code == 200, r.text
+
+    asyncio.run(main())
+
+
+def test_an_app_without_the_gateway_serves_every_model_route(engine: Engine) -> None:
+    """The hosted-API gateway (keys, limits, credits, metering, /v1/usage) is one unit on top of
+    the request path (issue 19, section 1): built without it, even with keys configured, every
+    model route answers, unmetered and open; only the gateway's own route is gone."""
+    from fastapi.routing import APIRoute
+
+    from blipitm.server.app import no_extensions
+    from blipitm.server.middleware import GuardMiddleware
+
+    uri = data_uri(png_bytes((9, 9, 9)))
+    settings = ServerSettings(api_keys=("a-key-nobody-sends",))
+    model = settings.model_name
+    calls: list[tuple[str, str, dict[str, Any] | None, int]] = [
+        ("GET", "/v1/models", None, 200),
+        ("GET", f"/v1/models/{model}", None, 200),
+        ("POST", "/v1/embeddings", {"input": ["a dog", uri]}, 200),
+        ("POST", "/v1/score", {"text_1": uri, "text_2": ["a dog", "a cat"]}, 200),
+        ("POST", "/v1/rerank", {"query": "a dog", "documents": [uri, uri]}, 200),
+        ("POST", "/v2/rerank", {"query": "a dog", "documents": [uri, uri]}, 200),
+        ("POST", "/v1/explain", {"image": uri, "texts": "a dog", "token_maps": False}, 200),
+        ("POST", "/v1/search", {"query": "a dog"}, 404),  # the server's answer: no --index
+        ("GET", "/v1/usage", None, 404),  # the gateway's route
+    ]
+
+    async def main() -> None:
+        app = create_app(settings, lambda s: Shared(engine), extensions=no_extensions)
+        [guard] = [m for m in app.user_middleware if m.cls is GuardMiddleware]
+        model_routes = {
+            r.path_format
+            for r in guard.kwargs["routes"]  # every route (app.routes nests included routers)
+            if isinstance(r, APIRoute) and r.path.startswith(("/v1/", "/v2/"))
+        }
+        called = {path.replace(model, "{model}") for _, path, _, _ in calls}
+        assert len(model_routes) >= 8 and model_routes <= called, model_routes - called
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                for _ in range(300):
+                    if (await client.get("/ready")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                for method, path, body, status in calls:
+                    r = await client.request(method, path, json=body)
+                    assert r.status_code == status, (path, r.text)
+                    assert "x-ratelimit-limit-requests" not in r.headers
+                listed = (await client.get("/v1/models")).json()["data"]
+                assert [m["id"] for m in listed] == [model]
 
     asyncio.run(main())

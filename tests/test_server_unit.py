@@ -14,16 +14,12 @@ import numpy as np
 import pytest
 
 from blipitm.engine import PairScores, TextFeatures
+from blipitm.engine.batcher import Batcher, QueueFull
+from blipitm.engine.jobs import EmbedTexts, ScorePairs
 from blipitm.errors import InvalidInputError
 from blipitm.server import settings as settings_mod
-from blipitm.server.auth import KeyChecker, needs_key
-from blipitm.server.batching import (
-    Batcher,
-    EmbedTexts,
-    QueueFull,
-    ScorePairs,
-)
 from blipitm.server.errors import APIError
+from blipitm.server.gateway.auth import KeyChecker, needs_key
 from blipitm.server.inputs import (
     ImageItem,
     TextItem,
@@ -34,7 +30,6 @@ from blipitm.server.inputs import (
     pair_indices,
     plan_pairs,
 )
-from blipitm.server.metrics import Metrics
 from blipitm.server.schemas import ImageURL, ImageURLPart, TextPart
 from blipitm.server.settings import OPTIONS, ServerSettings, from_env
 from blipitm.server.urlfetch import URLFetcher, forbidden_reason
@@ -302,7 +297,7 @@ class FakeEngine:
 
 
 def _batcher(engine: FakeEngine, **kw: Any) -> Batcher:
-    args = {"max_batch_size": 8, "max_wait_ms": 1.0, "max_queue": 16, "metrics": Metrics()}
+    args = {"max_batch_size": 8, "max_wait_ms": 1.0, "max_queue": 16}
     return Batcher(engine, **{**args, **kw})  # type: ignore[arg-type]
 
 

@@ -72,7 +72,10 @@ def write_bert_vocab(directory: Path, config: dict[str, Any] | None = None) -> P
 
 
 def reference(directory: Path) -> Any:
-    """transformers' tokenizer, built the only safe way in 5.x (DESIGN.md gotcha)."""
+    """transformers' tokenizer, built the only safe way in 5.x: ``from_pretrained`` on the folder.
+
+    Its ids are what ours must equal (docs/architecture.md, "Preprocessing").
+    """
     ref = transformers.BertTokenizerFast.from_pretrained(str(directory))
     assert len(ref) >= BERT_VOCAB_SIZE
     return ref

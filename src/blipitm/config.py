@@ -1,7 +1,7 @@
 """Model configuration: frozen dataclasses, read from and written to Hugging Face ``config.json``.
 
 Field names follow the Hugging Face BLIP config so that a hub ``config.json`` maps onto them one to
-one. The two scoring protocols (DESIGN.md §2) may override a hub value; see
+one. The two scoring protocols (docs/architecture.md, "Two protocols") may override a hub value; see
 :meth:`blipitm.scoring.ScoringProtocol.configure`.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 # Token ids fixed by BLIP's tokenizer: bert-base-uncased plus [DEC] and [ENC] appended.
 PAD_TOKEN_ID = 0
@@ -30,6 +30,11 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 # default behaviour is what users of Pillow already expect; here it is a per-call argument instead
 # of a process-wide global. Here, not in processing/, so that the torch-free load options share it.
 DEFAULT_MAX_PIXELS = 89_478_485
+
+# How attention is computed (model/attention.py): the eager reference formula or PyTorch's fused
+# SDPA. Here, torch-free, so that the load options can type and check the choice.
+AttnImpl = Literal["eager", "sdpa"]
+ATTN_IMPLS: tuple[AttnImpl, ...] = ("eager", "sdpa")
 
 
 @dataclass(frozen=True)

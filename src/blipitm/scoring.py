@@ -1,6 +1,6 @@
 """The scoring protocol: every difference between ``protocol="blip"`` and ``"transformers"``.
 
-Both protocols run the same weights (DESIGN.md §2, "Two protocols"); they differ only in the
+Both protocols run the same weights (docs/architecture.md, "Two protocols"); they differ only in the
 values held here. A name is parsed once at the edge (:func:`get_protocol`) and the resulting
 :class:`ScoringProtocol` is asked by the engine, preprocessing, search and evaluation, so that no
 other module decides anything by the protocol's name.
@@ -45,7 +45,7 @@ class Override:
 
 @dataclass(frozen=True)
 class ScoringProtocol:
-    """How one protocol turns inputs into scores; see DESIGN.md §2's table for the why."""
+    """How one protocol turns inputs into scores (why: docs/architecture.md, "Two protocols")."""
 
     name: ProtocolName
     itm_first_token: int  # replaces [CLS] as the first token of the ITM pass

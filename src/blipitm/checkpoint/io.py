@@ -1,7 +1,7 @@
 """Reading and writing tensor files: safetensors, sharded safetensors, and torch pickles.
 
-Torch pickles are loaded with ``weights_only=True`` only (DESIGN.md §2): a checkpoint is data, and
-unpickling arbitrary objects would run code from the file.
+Torch pickles are loaded with ``weights_only=True`` only (docs/architecture.md, "The model"): a
+checkpoint is data, and unpickling arbitrary objects would run code from the file.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Tensor names: the expected Hugging Face state dict, and the original BLIP → HF key map as data.
 
-Our model's parameter names are the Hugging Face ``BlipForImageTextRetrieval`` names (DESIGN.md §4),
-so the only real differences are the vision tower's names in the original Salesforce checkpoints
-(timm-style ViT) and the training-only tensors those checkpoints carry. Text, projection and head
-keys are the same in both formats.
+Our model's parameter names are the Hugging Face ``BlipForImageTextRetrieval`` names
+(docs/architecture.md, "The model"), so the only real differences are the vision tower's names in
+the original Salesforce checkpoints (timm-style ViT) and the training-only tensors those checkpoints
+carry. Text, projection and head keys are the same in both formats.
 """
 
 from __future__ import annotations

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from blipitm.common.memory import apply_memory_policy
 from blipitm.common.safeio import MAX_IMAGE_FILE_BYTES, UnreadableFileError, read_regular_file
-from blipitm.engine.options import MODEL_OPTIONS, LoadOptions, Option, options_from
+from blipitm.engine.options import (
+    LIMIT_OPTIONS,
+    MODEL_OPTIONS,
+    LoadOptions,
+    Option,
+    options_from,
+)
 from blipitm.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -24,6 +30,7 @@ if TYPE_CHECKING:
 RECORDED = ("model", "protocol", "dtype")
 # As for `blipitm serve`: the model every command loads unless --model says otherwise.
 MODEL_ENV = "BLIPITM_MODEL"
+MIB = 1 << 20
 
 
 def add_option(
@@ -57,10 +64,14 @@ def add_option(
         )
 
 
-def add_model_options(p: argparse.ArgumentParser, *, from_index: bool = False) -> None:
-    """``from_index``: model, revision, protocol and dtype default to the index's manifest."""
+def add_model_options(
+    p: argparse.ArgumentParser, *, from_index: bool = False, preset: LoadOptions | None = None
+) -> None:
+    """The model's flags and the engine's limits (``--cache-bytes``, ``--max-image-pixels``,
+    ``--max-text-chars``), defaulting to ``preset`` (default: the library's defaults).
+    ``from_index``: model, revision, protocol and dtype default to the index's manifest."""
     g = p.add_argument_group("model")
-    defaults = LoadOptions()
+    defaults = LoadOptions() if preset is None else preset
     for opt in MODEL_OPTIONS:
         assert opt.field is not None
         if opt.name == "model":
@@ -72,6 +83,33 @@ def add_model_options(p: argparse.ArgumentParser, *, from_index: bool = False) -
         else:
             default = getattr(defaults, opt.field)
             add_option(g, opt, default=default, shown=default)
+    limits = p.add_argument_group("engine limits")
+    for opt in LIMIT_OPTIONS:
+        assert opt.field is not None
+        default = getattr(defaults, opt.field)
+        add_option(limits, opt, default=default, shown=default)
+
+
+class _CacheMbAlias(argparse.Action):
+    """``--cache-mb MIB``, the filter's old spelling of ``--cache-bytes``: still works, says so."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"blipitm: warning: --cache-mb is deprecated; use --cache-bytes {int(values * MIB)}",
+            file=sys.stderr,
+        )
+        namespace.cache_bytes = int(values * MIB)
+
+
+def add_cache_mb_alias(p: argparse.ArgumentParser) -> None:
+    """The deprecated ``--cache-mb`` (MiB, a float) for ``--cache-bytes``; not in ``--help``."""
+    p.add_argument("--cache-mb", type=float, action=_CacheMbAlias, help=argparse.SUPPRESS)
 
 
 def load_engine(

@@ -8,11 +8,8 @@ from typing import Any
 
 from blipitm.cli.common import add_model_options, check_positive, load_engine, plural
 from blipitm.cli.progress import ConsoleProgress
-
-# blipitm.evaluation's defaults, restated so that `--help` needs no torch (test_options holds
-# them equal).
-DEFAULT_K_TEST = 128
-DEFAULT_CHUNK_PAIRS = 8192
+from blipitm.common.progress import no_progress
+from blipitm.evaluation.matrices import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST  # torch-free
 
 # What each stage of ``evaluate`` counts.
 UNITS = {"images": "image", "texts": "caption", "itm": "pair"}
@@ -21,8 +18,8 @@ EPILOG = """\
 Expected time: the Karpathy Flickr30k test (1000 images, 5000 captions, k_test 128) scores
 about 0.7M image-caption pairs with the ITM head (the union of BLIP's 768k i2t+t2i passes).
 With the base model that is ~111 TFLOP of vision encoding plus ~7 GFLOP per pair, about
-5 PFLOP: roughly 10-12 hours on a 2-core CPU at fp32 (~120 GFLOP/s), a few hours on a
-16-core server, and minutes on one GPU (--device cuda --dtype bfloat16).
+5 PFLOP: hours on a CPU, minutes on one GPU (--device cuda --dtype bfloat16); measured times
+are in BENCHMARKS.md ("Retrieval evaluation").
 Use --limit-images for a quick subset. Interrupt at any time: rerunning the same command
 resumes from OUT/.work.
 
@@ -99,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             limit_images=args.limit_images,
             image_batch=args.batch_size,
             chunk_pairs=args.chunk_pairs,
-            progress=(lambda *a: None) if args.no_progress else progress,
+            progress=no_progress if args.no_progress else progress,
         )
     finally:
         progress.close()

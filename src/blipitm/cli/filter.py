@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
-from blipitm.cli.common import add_model_options, model_values
-from blipitm.engine.options import options_from
-from blipitm.errors import InvalidInputError
-from blipitm.filtering.runner import DEFAULT_CACHE_MB
+from blipitm.cli.common import add_cache_mb_alias, add_model_options, model_values
+from blipitm.cli.progress import ConsoleProgress
+from blipitm.engine.options import FILTERING_PRESET, options_from
+from blipitm.filtering.formats import described
+from blipitm.filtering.policy import KeepFraction, KeepPolicy, Threshold
+from blipitm.filtering.readers import Columns
+from blipitm.filtering.runner import WRITES
+from blipitm.filtering.runs import LOCAL, LocalRun, RayRun, Run
+from blipitm.filtering.scoring import By
 
 if TYPE_CHECKING:
     from blipitm.filtering import FilterProgress
 
-LOG_EVERY_S = 10.0
 MIB = 1 << 20
 
 
@@ -25,9 +27,9 @@ def add_parser(sub: Any, name: str, help: str) -> None:
         name,
         help=help,
         description=(
-            "Score every (image, caption) pair of WebDataset shards or Parquet/JSONL/CSV tables "
-            "and keep those above a threshold or the best fraction. Resumable: run it again with "
-            "the same arguments after an interruption. See docs/filtering.md."
+            f"Score every (image, caption) pair of a dataset ({described()}) and keep those "
+            "above a threshold or the best fraction. Resumable: run it again with the same "
+            "arguments after an interruption. See docs/filtering.md."
         ),
         epilog="example: blipitm filter 'shards/{00000..00009}.tar' --out filtered --threshold 0.5",
     )
@@ -35,8 +37,8 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     p.add_argument("--out", required=True, help="output folder (also what a resumed run reads)")
     p.add_argument(
         "--by",
-        choices=("itm", "itc", "blip"),
-        default="itm",
+        choices=[b.value for b in By],
+        default=By.ITM.value,
         help="score to filter on: ITM probability, ITC cosine, or BLIP's match logit + cosine "
         "(default: itm)",
     )
@@ -47,7 +49,7 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     )
     p.add_argument(
         "--write",
-        choices=("scores", "kept", "both"),
+        choices=WRITES,
         default="both",
         help="scores: only scores/*.parquet; kept: also the kept samples (default: both)",
     )
@@ -55,19 +57,13 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     p.add_argument("--caption-col", help="table column (or KEY.json field) holding the caption(s)")
     p.add_argument("--id-col", help="table column holding the sample id (default: key, id)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per engine call")
-    p.add_argument(
-        "--cache-mb",
-        type=float,
-        default=DEFAULT_CACHE_MB,
-        help="MiB of encoded images the engine keeps, so an image repeated in a later batch is "
-        "not encoded again (within a batch it never is); 0: none (default: %(default)s)",
-    )
+    add_cache_mb_alias(p)
     p.add_argument("--restart", action="store_true", help="discard DIR's earlier results first")
     r = p.add_argument_group("Ray Data (docs/filtering.md#ray)")
     r.add_argument(
         "--ray",
         nargs="?",
-        const="local",
+        const=LOCAL,
         metavar="ADDRESS",
         help="score on Ray Data: a local Ray started here, or the cluster at ADDRESS "
         "(e.g. auto, ray://head:10001)",
@@ -79,87 +75,73 @@ def add_parser(sub: Any, name: str, help: str) -> None:
         type=float,
         help="CPUs per actor (default: a one-machine Ray's CPUs / workers; 1 on a cluster)",
     )
-    add_model_options(p)
+    # --cache-bytes: an image repeated in a later batch is not encoded again (within a batch it
+    # never is); the filter's default is smaller than the library's (docs/filtering.md).
+    add_model_options(p, preset=FILTERING_PRESET)
     p.set_defaults(run=run)
 
 
 class _Printer:
-    """Per-sample progress: a tqdm bar on a terminal, else a log line every LOG_EVERY_S."""
+    """The filter's per-batch records as calls of the one progress protocol, rendered by the one
+    console renderer: samples scored of those expected (an estimate until a shard finishes),
+    with pairs and shards as the note. Call :meth:`close` at the end."""
 
     def __init__(self, stream: TextIO | None = None, *, bar: bool | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.use_bar = self.stream.isatty() if bar is None else bar
-        self.bar: Any = None
-        self.last = 0.0
+        self.console = ConsoleProgress(stream, bars=bar, units={"filter": "sample"})
 
     def __call__(self, p: FilterProgress) -> None:
-        if self.use_bar:
-            self._bar(p)
-            return
-        now = time.monotonic()
-        if now - self.last < LOG_EVERY_S:
-            return
-        self.last = now
-        eta = "" if p.eta_s is None else f", ETA {p.eta_s:.0f} s"
-        print(
-            f"filter: {p.samples} samples ({p.pairs} pairs), "
-            f"{p.samples / max(p.elapsed_s, 1e-9):.1f} samples/s{eta}; "
-            f"shards {p.shards_done}/{p.shards} done",
-            file=self.stream,
-        )
-
-    def _bar(self, p: FilterProgress) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(desc="filter", unit="sample", file=self.stream, dynamic_ncols=True)
-        self.bar.total = p.samples_expected  # an estimate until the last shard starts
-        self.bar.n = p.samples
-        self.bar.set_postfix_str(f"shards {p.shards_done}/{p.shards}", refresh=False)
-        self.bar.refresh()
+        note = f"{p.pairs} pairs; shards {p.shards_done}/{p.shards} done"
+        self.console("filter", p.samples, p.samples_expected, note=note)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.console.close()
 
 
 def run(args: argparse.Namespace) -> int:
     from blipitm.filtering import filter_dataset
 
-    if args.cache_mb < 0:
-        raise InvalidInputError("must be >= 0", loc=("cache_mb",))
-    options = replace(options_from(model_values(args)), cache_bytes=int(args.cache_mb * MIB))
+    options = options_from(model_values(args), base=FILTERING_PRESET)
     printer = _Printer()
     try:
         stats = filter_dataset(
             args.inputs,
             args.out,
-            options=options,
-            by=args.by,
-            threshold=args.threshold,
-            keep_fraction=args.keep_fraction,
+            _keep_policy(args),
+            model=options,
+            columns=Columns(args.image_col, args.caption_col, args.id_col),
+            run=_run_kind(args),
             write=args.write,
-            image_col=args.image_col,
-            caption_col=args.caption_col,
-            id_col=args.id_col,
-            batch_size=args.batch_size,
             restart=args.restart,
             progress=printer,
-            ray=args.ray,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            cpus_per_worker=args.cpus_per_worker,
         )
     finally:
         printer.close()
-    for err in stats["shard_errors"]:
+    for err in stats.shard_errors:
         print(f"blipitm: error: shard {err['shard']}: {err['error']}", file=sys.stderr)
-    bad = {k: v for k, v in stats["status_pairs"].items() if k != "ok"}
+    bad = {k: v for k, v in stats.status_pairs.items() if k != "ok"}
     print(
-        f"{stats['samples']} samples, {stats['pairs']} pairs, {stats['scored_pairs']} scored, "
-        f"kept {stats['kept_pairs']} pairs of {stats['kept_samples']} samples "
-        f"({stats['score_column']} >= {stats['threshold']})"
+        f"{stats.samples} samples, {stats.pairs} pairs, {stats.scored_pairs} scored, "
+        f"kept {stats.kept_pairs} pairs of {stats.kept_samples} samples "
+        f"({stats.score_column} >= {stats.threshold})"
         + (f"; unscored: {bad}" if bad else "")
         + f"; see {args.out}/stats.json"
     )
-    return 1 if stats["shard_errors"] else 0
+    return 1 if stats.shard_errors else 0
+
+
+def _keep_policy(args: argparse.Namespace) -> KeepPolicy:
+    if args.threshold is not None:
+        return Threshold(args.threshold, by=args.by)
+    return KeepFraction(args.keep_fraction, by=args.by)
+
+
+def _run_kind(args: argparse.Namespace) -> Run:
+    if args.ray is None:
+        return LocalRun(args.batch_size)
+    return RayRun(
+        args.ray,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        batch_size=args.batch_size,
+    )

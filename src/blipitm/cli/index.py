@@ -1,6 +1,6 @@
 """``blipitm index build|add|remove|info|verify``: the on-disk retrieval index.
 
-The ``run_*`` functions import :mod:`blipitm.retrieval` (torch) themselves: not for ``--help``.
+The ``run_*`` functions import :mod:`blipitm.retrieval` themselves; torch loads with the model.
 """
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from blipitm.cli.common import add_model_options, check_positive, load_engine, plural
 from blipitm.cli.progress import ConsoleProgress
+from blipitm.common.progress import no_progress
+from blipitm.retrieval.ingest import DEFAULT_BATCH  # torch-free
 
 if TYPE_CHECKING:
     from blipitm.retrieval import AddReport, Index
-
-# blipitm.retrieval's default, restated so that `--help` needs no torch (test_options holds
-# them equal).
-DEFAULT_BATCH = 64
 
 SOURCE_HELP = (
     "a folder of images (recursive), a captions file (.txt, one per line) or a JSONL file of "
@@ -117,7 +115,7 @@ def run_build(args: argparse.Namespace) -> int:
             args.out,
             store_features=args.store_features,
             batch_size=args.batch_size,
-            progress=_quiet if args.no_progress else progress,
+            progress=no_progress if args.no_progress else progress,
             listing=listing,
         )
     finally:
@@ -145,7 +143,7 @@ def run_add(args: argparse.Namespace) -> int:
                 args.sources,
                 batch_size=args.batch_size,
                 include_removed=args.include_removed,
-                progress=_quiet if args.no_progress else progress,
+                progress=no_progress if args.no_progress else progress,
                 listing=listing,
             )
         finally:
@@ -246,7 +244,3 @@ def _print_report(index: Index, report: AddReport) -> None:
         print(f"  skipped {source}: {reason}")
     if len(report.skipped) > SHOW_SKIPPED:
         print(f"  ... and {len(report.skipped) - SHOW_SKIPPED} more ('blipitm index info')")
-
-
-def _quiet(stage: str, done: int, total: int) -> None:
-    pass

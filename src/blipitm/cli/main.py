@@ -13,6 +13,7 @@ import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from blipitm.cli import extras
 from blipitm.common.version import __version__
 from blipitm.errors import BlipitmError
 
@@ -98,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # The top-level options take no value, so the first word that is not an option is the command.
     named = [word for word in argv if not word.startswith("-")][:1]
-    parser = build_parser(full=named)
+    try:
+        parser = build_parser(full=named)
+    except ModuleNotFoundError as e:  # a command module that needs an extra at import
+        return _missing_extra(e, named[0] if named else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -106,13 +110,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(_verbosity(args), 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        extras.require(args.command)
         return int(args.run(args))
     except BlipitmError as e:
         print(f"blipitm: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        return _missing_extra(e, args.command)
     except KeyboardInterrupt:
         print("blipitm: interrupted", file=sys.stderr)
         return 130
+
+
+def _missing_extra(error: ModuleNotFoundError, command: str | None) -> int:
+    """One line naming the extra to install, for a package of one of ours; else the traceback."""
+    missing = extras.explain_missing(error, command)
+    if missing is None:
+        raise error
+    print(f"blipitm: error: {missing}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

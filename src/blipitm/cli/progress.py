@@ -1,4 +1,5 @@
-"""Progress display for long commands: a tqdm bar per stage on a terminal, log lines otherwise."""
+"""The one console renderer of progress (``blipitm.common.progress``): a tqdm bar per stage on a
+terminal, a log line every ``LOG_EVERY_S`` otherwise (and at a stage's start and end)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ LOG_EVERY_S = 30.0
 
 
 class ConsoleProgress:
-    """A ``Progress`` callback (stage, done, total). Call :meth:`close` at the end.
+    """A ``Progress`` callback (stage, done, total, note=). Call :meth:`close` at the end.
 
     ``units`` names what each stage counts (``{"itm": "pair"}``); tqdm's default is "it".
     """
@@ -32,26 +33,43 @@ class ConsoleProgress:
         self._live = contextlib.ExitStack()  # undoes what a live bar changed
         self._last_log = 0.0
         self._start = 0.0
+        self._first = 0  # done when the stage started (work of earlier runs)
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int | None, /, *, note: str = "") -> None:
         if stage != self._stage:
             self.close()
             self._stage, self._start, self._last_log = stage, time.monotonic(), 0.0
+            self._first = done
             if self.bars:
                 self._open_bar(stage, total)
         if self._bar is not None:
+            if self._bar.total != total:
+                self._bar.total = total  # an estimate may change until it is known
             self._bar.n = done
+            if note:
+                self._bar.set_postfix_str(note, refresh=False)
             self._bar.refresh()
             return
         now = time.monotonic()
         if done in (0, total) or now - self._last_log >= LOG_EVERY_S:
             self._last_log = now
-            pct = 100.0 * done / total if total else 100.0
-            elapsed = now - self._start
-            unit = f" {self.units[stage]}s" if stage in self.units else ""
-            print(f"{stage}: {done}/{total}{unit} ({pct:.0f}%, {elapsed:.0f} s)", file=self.stream)
+            print(self._line(stage, done, total, now - self._start, note), file=self.stream)
 
-    def _open_bar(self, stage: str, total: int) -> None:
+    def _line(self, stage: str, done: int, total: int | None, elapsed: float, note: str) -> str:
+        unit = f" {self.units[stage]}s" if stage in self.units else ""
+        if total is None:
+            line = f"{stage}: {done}{unit} ({elapsed:.0f} s)"
+        else:
+            pct = 100.0 * done / total if total else 100.0
+            line = f"{stage}: {done}/{total}{unit} ({pct:.0f}%, {elapsed:.0f} s)"
+        rate = (done - self._first) / elapsed if elapsed > 0 else 0.0
+        if rate > 0 and (total is None or done < total):
+            line += f", {rate:.1f}{unit or ' it'}/s"
+            if total is not None:
+                line += f", ETA {(total - done) / rate:.0f} s"
+        return f"{line}; {note}" if note else line
+
+    def _open_bar(self, stage: str, total: int | None) -> None:
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 

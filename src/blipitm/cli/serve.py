@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from blipitm.cli.common import add_option
 from blipitm.errors import BlipitmError
-from blipitm.server.settings import OPTIONS, ServerSettings, from_env
+from blipitm.server.settings import OPTIONS, ServerSettings, from_env, value_of
 
 if TYPE_CHECKING:
-    from blipitm.server.http import EarlyStop
+    from blipitm.server.transport import EarlyStop
 
 
 def add_parser(sub: Any, name: str, help: str) -> None:
@@ -39,7 +39,7 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     for opt in OPTIONS:
         # None: not given, so the environment or the default applies. Flags and lists state no
         # default; a None default is explained in the help text itself, if at all.
-        shown = getattr(defaults, opt.name) if opt.kind == "value" else None
+        shown = value_of(defaults, opt) if opt.kind == "value" else None
         add_option(p, opt, default=None, shown=shown, note=f" [env {opt.env}]")
     p.set_defaults(run=run)
 
@@ -54,8 +54,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 def run(args: argparse.Namespace) -> int:
     from blipitm.retrieval import Index  # torch, uvicorn: not for `--help`
-    from blipitm.server.http import EarlyStop, bind
+    from blipitm.server.transport import EarlyStop, bind, check_uvicorn
 
+    check_uvicorn()  # the connection layer extends uvicorn internals: a tested release only
     settings = settings_from_args(args)
     level = getattr(logging, settings.log_level.upper())
     logging.getLogger("blipitm").setLevel(level)
@@ -84,7 +85,7 @@ def _check_keys(settings: ServerSettings) -> None:
 
     KeyStore(settings.keys_db, create=False)
     if settings.redis_url is not None:
-        from blipitm.server.redis_limits import check_reachable
+        from blipitm.server.gateway.redis_limits import check_reachable
 
         check_reachable(settings.redis_url)
 
@@ -95,7 +96,7 @@ def _serve(
     import uvicorn
 
     from blipitm.server.app import create_app
-    from blipitm.server.http import DrainingServer, Gate, protocol_class
+    from blipitm.server.transport import DrainingServer, Gate, protocol_class
 
     log.info("starting blipitm serve: %s", settings)  # the dataclass repr omits the API keys
     open_to_all = not settings.api_keys and settings.keys_db is None

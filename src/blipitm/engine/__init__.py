@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from blipitm.config import ATTN_IMPLS, AttnImpl
 from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
 from blipitm.engine.types import (
     DTYPE_NAMES,
@@ -38,9 +39,11 @@ _SUBMODULE_OF = {
 }
 
 __all__ = [
+    "ATTN_IMPLS",
     "DEFAULT_MODEL",
     "DTYPE_NAMES",
     "WEIGHT_DTYPE_NAMES",
+    "AttnImpl",
     "BatchSizes",
     "Dtype",
     "Engine",

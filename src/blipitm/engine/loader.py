@@ -14,7 +14,7 @@ from blipitm.engine.engine import Engine
 from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
 from blipitm.engine.types import ModelInfo
 from blipitm.errors import InvalidInputError
-from blipitm.model import ATTN_IMPLS, BlipITM, int8_supported
+from blipitm.model import BlipITM, int8_supported
 from blipitm.processing.image import ImageSettings
 from blipitm.processing.tokenizer import Tokenizer
 from blipitm.scoring import get_protocol
@@ -33,10 +33,6 @@ def load(source: str | os.PathLike[str] = DEFAULT_MODEL, **options: Any) -> Engi
 
 def load_options(options: LoadOptions) -> Engine:
     """Load the checkpoint ``options`` name, as they say; what the CLI and the server call."""
-    if options.attn_impl not in ATTN_IMPLS:
-        raise InvalidInputError(
-            f"must be one of {ATTN_IMPLS}, got {options.attn_impl!r}", loc=("attn_impl",)
-        )
     torch_device = _device(options.device)
     if options.dtype == "float16" and torch_device.type == "cpu":
         raise InvalidInputError(
@@ -62,7 +58,7 @@ def load_options(options: LoadOptions) -> Engine:
     load_into(model, state_dict)
     del state_dict
     model = model.to(device=torch_device).eval().requires_grad_(False)
-    model.set_attn_impl(options.attn_impl)  # type: ignore[arg-type]
+    model.set_attn_impl(options.attn_impl)
     if options.dtype == "int8":
         model.quantize_int8()
     if options.compute_dtype is None:

@@ -1,9 +1,12 @@
 """What to load and how: one frozen, validated record shared by ``load()``, the CLI and the server.
 
 :class:`LoadOptions` is checked once, when it is built, so a bad value fails before anything is
-read from disk, with the same message from every entry point. :data:`LOAD_OPTIONS` declares how
-the options a user sets appear outside Python (flag, ``BLIPITM_*`` environment variable, help):
-the CLI builds its flags from it and the server's settings table reuses it.
+read from disk, with the same message from every entry point. Its field defaults are the
+library's; :data:`SERVER_PRESET` and :data:`FILTERING_PRESET` are the same record with the
+defaults ``blipitm serve`` and ``blipitm filter`` (and :func:`~blipitm.filtering.filter_dataset`)
+start from, so no other module restates a default. :data:`LOAD_OPTIONS` declares how the options
+a user sets appear outside Python (flag, ``BLIPITM_*`` environment variable, help): the CLI
+builds its flags from it and the server's settings table reuses it.
 
 No torch here (``blipitm.engine`` loads its other names on first use), so ``blipitm --help`` and
 the server's settings stay cheap; :mod:`blipitm.engine.loader` turns the dtype names into torch
@@ -12,12 +15,13 @@ dtypes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from blipitm.config import DEFAULT_MAX_PIXELS
+from blipitm.config import ATTN_IMPLS, DEFAULT_MAX_PIXELS, AttnImpl
 from blipitm.engine.types import DTYPE_NAMES, WEIGHT_DTYPE_NAMES, BatchSizes, Dtype, WeightDtype
 from blipitm.errors import InvalidInputError
 from blipitm.scoring import PROTOCOL_NAMES, ProtocolName
@@ -54,7 +58,7 @@ class LoadOptions:
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
     cache_bytes: int = DEFAULT_CACHE_BYTES
     batch_sizes: BatchSizes | None = None
-    attn_impl: str = "sdpa"  # checked against the model's implementations when loading
+    attn_impl: AttnImpl = "sdpa"
     compute_dtype: Dtype | None = None
     decode_threads: int | None = None
     decode_budget_pixels: int | None = None
@@ -62,6 +66,7 @@ class LoadOptions:
     def __post_init__(self) -> None:
         _check_choice("protocol", self.protocol, PROTOCOL_NAMES)
         _check_choice("dtype", self.dtype, WEIGHT_DTYPE_NAMES)
+        _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         if self.compute_dtype is not None:
             _check_choice("compute_dtype", self.compute_dtype, DTYPE_NAMES)
         for name in ("max_pixels", "max_text_chars"):
@@ -71,10 +76,26 @@ class LoadOptions:
         if self.cache_bytes < 0:
             raise InvalidInputError(f"must be >= 0, got {self.cache_bytes}", loc=("cache_bytes",))
 
+    def replace(self, **changes: Any) -> LoadOptions:
+        """A copy with ``changes`` (field names), checked like any new record."""
+        return dataclasses.replace(self, **changes)
+
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise InvalidInputError(f"must be one of {choices}, got {value!r}", loc=(name,))
+
+
+# -- presets: the defaults each entry point starts from ------------------------------------------
+
+# ``blipitm serve``: a long-lived process answering untrusted clients, so a bigger image cache
+# (the same images come back across requests) and tighter input limits than the library's
+# (10,000 characters, 40 M pixels: what one request may make the server tokenize and decode).
+SERVER_PRESET = LoadOptions(cache_bytes=1 << 30, max_text_chars=10_000, max_pixels=40_000_000)
+# ``blipitm filter`` and ``filter_dataset``: a dataset's images are mostly distinct, so a large
+# cache is memory held for nothing; 64 MiB still covers the re-scoring after a bad image
+# (docs/filtering.md, "Identical images and the engine cache").
+FILTERING_PRESET = LoadOptions(cache_bytes=64 << 20)
 
 
 # -- the options as flags and environment variables ----------------------------------------------
@@ -139,25 +160,31 @@ LIMIT_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_image_pixels",
-        "largest image (width x height); larger: 413",
+        "largest image (width x height); larger is refused (the server: 413)",
         int,
         field="max_pixels",
     ),
-    Option("max_text_chars", "longest text (characters); longer: 400", int, field="max_text_chars"),
+    Option(
+        "max_text_chars",
+        "longest text (characters); longer is refused (the server: 400)",
+        int,
+        field="max_text_chars",
+    ),
 )
 LOAD_OPTIONS = MODEL_OPTIONS + LIMIT_OPTIONS
 
 
-def options_from(values: Mapping[str, Any]) -> LoadOptions:
-    """The record for option values keyed by :data:`LOAD_OPTIONS` names (parsed flags, server
-    settings); an absent or None value keeps the default. A bad value names its option."""
+def options_from(values: Mapping[str, Any], base: LoadOptions | None = None) -> LoadOptions:
+    """``base`` (default: the library's defaults; or a preset) with the option values keyed by
+    :data:`LOAD_OPTIONS` names (parsed flags, server settings); an absent or None value keeps
+    ``base``'s. Other keys are ignored. A bad value names its option."""
     given = {
         o.field: values[o.name]
         for o in LOAD_OPTIONS
         if o.field is not None and values.get(o.name) is not None
     }
     try:
-        return LoadOptions(**given)
+        return LoadOptions(**given) if base is None else base.replace(**given)
     except InvalidInputError as e:
         name = next((o.name for o in LOAD_OPTIONS if o.field == e.field), e.field)
         raise InvalidInputError(e.reason, loc=(name,) if name else ()) from None

@@ -27,19 +27,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from blipitm.common.identity import mismatch, model_record
 from blipitm.common.progress import Progress, no_progress
 from blipitm.common.topk import top_k_mask
-from blipitm.engine import Engine, ImageFeatures
+from blipitm.engine import ImageFeatures
 from blipitm.engine.types import NUMPY_DTYPES
 from blipitm.errors import InvalidInputError
 from blipitm.evaluation.workdir import WorkDir
 from blipitm.processing.image import ImageInput, content_key
 from blipitm.scoring import blip_retrieval_score
+
+if TYPE_CHECKING:
+    from blipitm.engine import Engine  # torch: for annotations only
 
 DEFAULT_K_TEST = 128  # configs/retrieval_flickr.yaml (COCO uses 256)
 DEFAULT_CHUNK_PAIRS = 8192

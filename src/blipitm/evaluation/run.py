@@ -7,15 +7,17 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blipitm.common.progress import Progress, no_progress
 from blipitm.common.version import __version__
-from blipitm.engine import Engine
 from blipitm.evaluation.dataset import RetrievalDataset, load_annotations
 from blipitm.evaluation.matrices import DEFAULT_CHUNK_PAIRS, DEFAULT_K_TEST, compute_scores
 from blipitm.evaluation.metrics import itm_eval, retrieval_ranks
 from blipitm.evaluation.report import curves_from_ranks, write_outputs
+
+if TYPE_CHECKING:
+    from blipitm.engine import Engine  # torch: for annotations only
 
 WORK = ".work"
 PLOT_MAX_K = 50

@@ -2,7 +2,7 @@
 
 Each pending shard is one row of a Ray dataset; ``map_batches`` with a callable class
 (:class:`ShardScorer`, one engine per actor) scores it with the local runner's own
-:func:`~blipitm.filtering.runner.score_pending_shard` and commits it with the same done marker.
+:func:`~blipitm.filtering.shards.score_pending_shard` and commits it with the same done marker.
 The actor yields a small progress row after every batch, so the driver reports per-sample
 progress while shards are in flight. Choosing the threshold, writing the kept samples and the
 statistics then run on the driver exactly as in a local run, from the committed score files.
@@ -28,13 +28,13 @@ import numpy as np
 
 from blipitm.engine.options import LoadOptions
 from blipitm.errors import InvalidInputError
+from blipitm.filtering.inputs import Shard
 from blipitm.filtering.lock import check_owner
-from blipitm.filtering.readers import Columns, Shard
+from blipitm.filtering.readers import Columns
+from blipitm.filtering.runs import LOCAL, RayRun
 from blipitm.filtering.shards import FilterError, ShardUnreadable, Tally, score_pending_shard
 
 log = logging.getLogger("blipitm.filter")
-
-LOCAL = "local"
 
 
 class ShardScorer:
@@ -55,7 +55,10 @@ class ShardScorer:
         token: str | None = None,
     ) -> None:
         from blipitm.common.identity import mismatch
+        from blipitm.common.memory import apply_memory_policy
         from blipitm.engine import load_options
+
+        apply_memory_policy()  # the actor is its own process: an entry point like the CLI's
 
         self.engine = load_options(options)
         why = mismatch(model, self.engine)
@@ -102,30 +105,25 @@ def score_all_ray(
     tally: Tally,
     out: Path,
     columns: Columns,
-    batch_size: int,
+    run: RayRun,
     *,
-    address: str,
-    workers: int,
-    gpus_per_worker: float,
-    cpus_per_worker: float | None,
     token: str | None = None,
 ) -> None:
-    """Score ``tally``'s pending shards on Ray; the tally records what comes back. ``token``:
-    the driver's output lock, which actors check before committing a shard."""
+    """Score ``tally``'s pending shards on Ray as ``run`` says; the tally records what comes
+    back. ``token``: the driver's output lock, which actors check before committing a shard."""
     if not tally.pending:
         return
     import ray
 
-    started = connect(address, workers, cpus_per_worker)
+    started = connect(run.address, run.workers, run.cpus_per_worker)
     ctx = ray.data.DataContext.get_current()
     caller = (ctx.enable_progress_bars, ctx.target_max_block_size)
     try:
+        cpus_per_worker = run.cpus_per_worker
         if cpus_per_worker is None:  # one machine: share it; a cluster: Ray's own default
             one_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
             cpus = ray.cluster_resources().get("CPU", 1.0)
-            cpus_per_worker = max(1.0, cpus // workers) if one_node else 1.0
-        if gpus_per_worker > 0 and options.device == "cpu":
-            options = replace(options, device="cuda")
+            cpus_per_worker = max(1.0, cpus // run.workers) if one_node else 1.0
         # Absolute paths: a worker's working directory is not the driver's.
         shards = [replace(s, path=os.path.abspath(s.path)) for s in tally.shards]
         ctx.enable_progress_bars = False  # blipitm reports progress itself, per sample
@@ -137,18 +135,18 @@ def score_all_ray(
         ).map_batches(
             ShardScorer,
             fn_constructor_kwargs={
-                "options": options,
+                "options": run.actor_options(options),
                 "shards": shards,
                 "out": str(out.resolve()),
                 "columns": columns,
-                "batch_size": batch_size,
+                "batch_size": run.batch_size,
                 "model": model,
                 "token": token,
             },
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=workers),
+            compute=ray.data.ActorPoolStrategy(size=run.workers),
             num_cpus=cpus_per_worker,
-            num_gpus=gpus_per_worker or None,
+            num_gpus=run.gpus_per_worker or None,
         )
         for event in ds.iter_rows():
             k = int(event["shard"])

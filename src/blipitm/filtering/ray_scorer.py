@@ -9,17 +9,17 @@ filter's. Works on any mapping of columns, so it runs without Ray too.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
+from blipitm.engine.options import LoadOptions
 from blipitm.errors import InvalidInputError
+from blipitm.filtering.policy import Threshold
 from blipitm.filtering.readers import Sample, set_captions
-from blipitm.filtering.runner import DEFAULT_CACHE_MB
-from blipitm.filtering.scoring import BY_COLUMN, SCORE_COLUMNS, score_batch
-
-MIB = 1 << 20
+from blipitm.filtering.runs import DEFAULT_OPTIONS
+from blipitm.filtering.scoring import SCORE_COLUMNS, score_batch
 
 
 class RayScorer:
@@ -29,49 +29,39 @@ class RayScorer:
     candidate captions (then every score column holds a list, one entry per candidate).
     Added columns: ``itm_probability``, ``itm_logit`` (the match logit), ``itc_cosine``,
     ``blip_score``, ``status`` (``ok`` or why there is no score: ``missing_image``,
-    ``bad_image``, ``no_caption``, ``bad_caption``) and ``error``; with ``threshold``, also
-    ``kept`` (``by``'s score >= threshold). A bad row gets a status; the actor goes on.
+    ``bad_image``, ``no_caption``, ``bad_caption``) and ``error``; with ``keep`` (a
+    :class:`~blipitm.filtering.Threshold`), also ``kept``. A bad row gets a status; the actor
+    goes on.
 
-    The model is loaded once per actor: ``model`` is a hub id or local path, ``protocol``,
-    ``dtype`` and ``device`` as in :func:`blipitm.load` (``device=None``: the GPU Ray gave
-    this actor, else the CPU), ``cache_mb`` the engine's image cache (identical images across
-    batches are encoded once while it holds them; within a batch always). Any other
-    :class:`~blipitm.LoadOptions` field may be passed in ``load``.
+    The model is loaded once per actor from ``model``, a :class:`~blipitm.LoadOptions`
+    (default: the default model with the filter's 64 MiB image cache; identical images across
+    batches are encoded once while the cache holds them, within a batch always). An actor that
+    Ray gave a GPU loads it there when the options say ``device="cpu"`` (their default).
     """
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
+        model: LoadOptions = DEFAULT_OPTIONS,
         *,
         image_col: str = "image",
         caption_col: str = "caption",
-        by: str = "itm",
-        threshold: float | None = None,
-        protocol: str = "blip",
-        dtype: str = "float32",
-        device: str | None = None,
-        cache_mb: float = DEFAULT_CACHE_MB,
-        load: Mapping[str, Any] | None = None,
+        keep: Threshold | None = None,
     ) -> None:
-        if by not in BY_COLUMN:
+        if not isinstance(model, LoadOptions):
             raise InvalidInputError(
-                f"by must be one of {sorted(BY_COLUMN)}, got {by!r}", loc=("by",)
+                "model must be a LoadOptions: LoadOptions(source) names a checkpoint",
+                loc=("model",),
             )
-        if device is None:
-            device = "cuda" if _ray_gave_gpu() else "cpu"
-        options = LoadOptions(
-            model,
-            protocol=protocol,  # type: ignore[arg-type]
-            dtype=dtype,  # type: ignore[arg-type]
-            device=device,
-            cache_bytes=int(cache_mb * MIB),
-            **dict(load or {}),
-        )
+        if model.device == "cpu" and _ray_gave_gpu():
+            model = replace(model, device="cuda")
+        from blipitm.common.memory import apply_memory_policy
         from blipitm.engine import load_options  # torch: in the actor, not at import
 
-        self.engine = load_options(options)
+        apply_memory_policy()  # the actor is its own process: an entry point like the CLI's
+
+        self.engine = load_options(model)
         self.image_col, self.caption_col = image_col, caption_col
-        self.by, self.threshold = BY_COLUMN[by], threshold
+        self.keep = keep
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         for col in (self.image_col, self.caption_col):
@@ -90,15 +80,18 @@ class RayScorer:
             *SCORE_COLUMNS,
             "status",
             "error",
-            *(["kept"] if self.threshold is not None else []),
+            *(["kept"] if self.keep is not None else []),
         ):
             per_sample: list[list[Any]] = [[] for _ in samples]
             for r, i in enumerate(rows["sample"]):
-                value = rows[self.by][r] >= self.threshold if name == "kept" else rows[name][r]
-                per_sample[i].append(value)
+                per_sample[i].append(self._kept(rows, r) if name == "kept" else rows[name][r])
             cells = [v if listed[i] else v[0] for i, v in enumerate(per_sample)]
             out[name] = _column(cells, name)
         return out
+
+    def _kept(self, rows: dict[str, list[Any]], r: int) -> bool:
+        assert self.keep is not None
+        return bool(rows[self.keep.by.column][r] >= self.keep.value)  # NaN (no score): False
 
 
 def _ray_gave_gpu() -> bool:

@@ -1,7 +1,9 @@
-"""Input shards: WebDataset tars as img2dataset writes them, and Parquet / JSONL / CSV tables.
+"""Reading input files: WebDataset tars as img2dataset writes them, and Parquet / JSONL / CSV
+tables. One public ``read_*`` function per kind of file; :mod:`blipitm.filtering.formats` pairs
+each with the file names it reads and the writer of its kept samples.
 
-A shard yields :class:`Sample` records in order, one at a time (memory does not grow with the
-shard). An image is handed on undecoded (its bytes, or a path the engine reads on its decode
+A reader yields :class:`Sample` records in order, one at a time (memory does not grow with the
+file). An image is handed on undecoded (its bytes, or a path the engine reads on its decode
 threads); a sample that cannot be scored carries a ``status`` instead of being dropped.
 """
 
@@ -9,23 +11,18 @@ from __future__ import annotations
 
 import bz2
 import csv
-import glob
 import gzip
 import lzma
 import os
-import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from blipitm.common.safeio import JSONDepthError, loads_json, read_regular_file
-from blipitm.errors import InvalidInputError
 
 # What img2dataset writes (its encode formats) and what Pillow decodes.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # Caps on what is read into memory. An encoded image (a tar member or a file a table names);
 # a caption or metadata member (.txt, .json, .cls, ...), a JSONL line; a CSV field.
 MAX_IMAGE_BYTES = 64 << 20
@@ -34,7 +31,6 @@ MAX_LINE_BYTES = 16 << 20
 # A CSV record spanning more lines than this is an unbalanced quote swallowing rows, not a
 # caption with line breaks.
 MAX_CSV_RECORD_LINES = 16
-TABLE_KINDS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv"}
 # img2dataset's parquet layout first, then common names.
 IMAGE_COLS = ("jpg", "png", "webp", "image", "image_path", "path")
 CAPTION_COL = "caption"
@@ -51,99 +47,22 @@ class Sample:
     captions: list[str]
     status: str = "ok"  # "ok", or why the sample has no score
     error: str = ""
-    raw: Any = None  # the original fields: tar members [(TarInfo, bytes)] or a table row dict
+    # The original fields, in the shape of the reader that made the sample (tar members, a
+    # table row): only the same format's kept-sample writer reads them.
+    raw: Any = None
 
 
 @dataclass(frozen=True)
 class Columns:
+    """Which table columns (or tar extension / KEY.json field) hold the image, caption(s) and
+    id; None: the defaults (:data:`IMAGE_COLS`, :data:`CAPTION_COL`, :data:`ID_COLS`)."""
+
     image: str | None = None
     caption: str | None = None
     id: str | None = None
 
 
-@dataclass(frozen=True)
-class Shard:
-    path: str
-    kind: str  # "tar", "parquet", "jsonl" or "csv"
-    name: str = field(default="")  # unique output stem
-
-    def fingerprint(self) -> dict[str, Any]:
-        st = os.stat(self.path)
-        return {"path": os.path.abspath(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """``shards/{00000..00002}.tar`` -> the three names (zero padding kept), recursively."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        return [pattern]
-    a, b = m[1], m[2]
-    width = len(a) if a.startswith("0") else 0
-    out = []
-    for i in range(int(a), int(b) + 1):
-        out += expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :])
-    return out
-
-
-def _tar_suffix(path: str) -> str | None:
-    return next((s for s in TAR_SUFFIXES if path.lower().endswith(s)), None)
-
-
-def kind_of(path: str) -> str:
-    if _tar_suffix(path) is not None:
-        return "tar"
-    kind = TABLE_KINDS.get(Path(path).suffix.lower())
-    if kind is None:
-        raise InvalidInputError(
-            f"{path}: not a WebDataset .tar (.tar.gz, .tgz) or a .parquet/.jsonl/.csv table",
-            loc=("inputs",),
-        )
-    return kind
-
-
-def expand_inputs(patterns: Sequence[str]) -> list[Shard]:
-    """Shards named by paths, globs and brace ranges, in the order given (globs sorted)."""
-    paths: list[str] = []
-    for pattern in patterns:
-        for name in expand_braces(pattern):
-            hits = sorted(glob.glob(name)) if glob.has_magic(name) else [name]
-            if not hits or not all(os.path.isfile(h) for h in hits):
-                raise InvalidInputError(f"no input file matches {name!r}", loc=("inputs",))
-            paths += hits
-    shards, seen = [], set()
-    for path in paths:
-        tar = _tar_suffix(path)
-        base = Path(path).name
-        stem = base[: -len(tar)] if tar is not None else base.rsplit(".", 1)[0]
-        name, n = stem, 1
-        while name in seen:  # two inputs with one file name: keep outputs apart
-            n += 1
-            name = f"{stem}-{n}"
-        seen.add(name)
-        shards.append(Shard(path, kind_of(path), name))
-    if not shards:
-        raise InvalidInputError("no inputs given", loc=("inputs",))
-    return shards
-
-
-def read_shard(
-    shard: Shard, columns: Columns = Columns(), *, load_images: bool = True
-) -> Iterator[Sample]:
-    """The shard's samples, streamed. A table's image paths are read here (regular files under
-    :data:`MAX_IMAGE_BYTES` only), unless ``load_images`` is false (then ``image`` is the path).
-
-    A shard that is damaged as a whole (a truncated tar or gzip stream, an unbalanced CSV quote)
-    raises ``tarfile.ReadError``, ``EOFError`` or ``csv.Error`` naming where; a bad sample is a
-    ``status``."""
-    if shard.kind == "tar":
-        yield from _read_tar(shard.path, columns)
-        return
-    base = os.path.dirname(os.path.abspath(shard.path))
-    for i, row in enumerate(_rows(shard)):
-        yield _table_sample(row, i, base, columns, load_images)
+DEFAULT_COLUMNS = Columns()
 
 
 # -- WebDataset ---------------------------------------------------------------------------
@@ -170,8 +89,10 @@ _MAGIC: tuple[tuple[bytes, Callable[[Any], Any]], ...] = (
 _END_OF_ARCHIVE: type[Exception] = getattr(tarfile, "EOFHeaderError", tarfile.HeaderError)
 
 
-def _read_tar(path: str, columns: Columns) -> Iterator[Sample]:
-    """Members grouped by key (consecutive, as webdataset requires), streamed.
+def read_tar(path: str, columns: Columns, load_images: bool = True) -> Iterator[Sample]:
+    """Members grouped by key (consecutive, as webdataset requires), streamed; ``.tar`` plain
+    or compressed (gzip, bzip2, xz: found by content). ``load_images`` changes nothing: a
+    tar's images are its members.
 
     Strict where ``tarfile`` is lenient: an archive must end with its end-of-archive block (a tar
     cut at or inside a member header otherwise just ends early), a compressed stream must end
@@ -277,17 +198,51 @@ def _tar_sample(
 # -- tables -------------------------------------------------------------------------------
 
 
-def _rows(shard: Shard) -> Iterator[dict[str, Any]]:
-    if shard.kind == "parquet":
-        import pyarrow.parquet as pq
+def read_parquet(path: str, columns: Columns, load_images: bool = True) -> Iterator[Sample]:
+    """A Parquet table's rows as samples; see :func:`_table_samples`."""
+    yield from _table_samples(_parquet_rows(path), path, columns, load_images)
 
-        with pq.ParquetFile(shard.path) as pf:
-            for batch in pf.iter_batches(batch_size=256):
-                yield from batch.to_pylist()
-    elif shard.kind == "jsonl":
-        yield from _jsonl_rows(shard.path)
-    else:
-        yield from _csv_rows(shard.path)
+
+def read_jsonl(path: str, columns: Columns, load_images: bool = True) -> Iterator[Sample]:
+    """A JSONL table's rows as samples; see :func:`_jsonl_rows` and :func:`_table_samples`."""
+    yield from _table_samples(_jsonl_rows(path), path, columns, load_images)
+
+
+def read_delimited(
+    path: str, columns: Columns, load_images: bool = True, *, dialect: type[csv.Dialect]
+) -> Iterator[Sample]:
+    """A CSV-like table's rows as samples (``dialect``: its delimiter and quoting); see
+    :func:`_delimited_rows` and :func:`_table_samples`."""
+    yield from _table_samples(_delimited_rows(path, dialect), path, columns, load_images)
+
+
+class Tsv(csv.Dialect):
+    """Tab-separated values as the IANA type defines them: no quoting (a field holds no tab
+    and no line break), so a caption starting with a quote is read as written."""
+
+    delimiter = "\t"
+    quoting = csv.QUOTE_NONE
+    lineterminator = "\n"
+    strict = True
+
+
+def _table_samples(
+    rows: Iterator[dict[str, Any]], path: str, columns: Columns, load_images: bool
+) -> Iterator[Sample]:
+    """A table's image paths are read here (regular files under :data:`MAX_IMAGE_BYTES` only,
+    relative to the table's folder), unless ``load_images`` is false (then ``image`` is the
+    path)."""
+    base = os.path.dirname(os.path.abspath(path))
+    for i, row in enumerate(rows):
+        yield _table_sample(row, i, base, columns, load_images)
+
+
+def _parquet_rows(path: str) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as pf:
+        for batch in pf.iter_batches(batch_size=256):
+            yield from batch.to_pylist()
 
 
 def _jsonl_rows(path: str) -> Iterator[dict[str, Any]]:
@@ -315,13 +270,13 @@ def _jsonl_rows(path: str) -> Iterator[dict[str, Any]]:
             yield row if isinstance(row, dict) else {"__error__": f"line {line_no}: not an object"}
 
 
-def _csv_rows(path: str) -> Iterator[dict[str, Any]]:
+def _delimited_rows(path: str, dialect: type[csv.Dialect]) -> Iterator[dict[str, Any]]:
     """Rows by header. An unbalanced quote (a record running to the end of the file, or over
     :data:`MAX_CSV_RECORD_LINES` lines, or a field over the csv module's limit) raises
     ``csv.Error`` naming the line the record starts on; a row with too few or too many fields is
     a ``bad_row``."""
     with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, strict=True)
+        reader = csv.reader(f, dialect, strict=True)
         header: list[str] | None = None
         last = 0
         while True:

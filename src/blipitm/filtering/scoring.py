@@ -11,6 +11,7 @@ come from the engine's cache (``--cache-mb``), or are encoded again when the cac
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +26,32 @@ if TYPE_CHECKING:
     from blipitm.engine import Engine
 
 SCORE_COLUMNS = ("itm_probability", "itm_logit", "itc_cosine", "blip_score")
-BY_COLUMN = {"itm": "itm_probability", "itc": "itc_cosine", "blip": "blip_score"}
+
+
+class By(StrEnum):
+    """The scores a run can filter on (``--by``), each a column of :data:`SCORE_COLUMNS`."""
+
+    ITM = "itm"  # the ITM match probability
+    ITC = "itc"  # the ITC cosine
+    BLIP = "blip"  # BLIP's retrieval score, match logit + cosine
+
+    @property
+    def column(self) -> str:
+        return _COLUMN[self]
+
+    @classmethod
+    def parse(cls, value: By | str) -> By:
+        """``value`` as a member; anything else is an error naming the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            choices = sorted(b.value for b in cls)
+            raise InvalidInputError(
+                f"by must be one of {choices}, got {value!r}", loc=("by",)
+            ) from None
+
+
+_COLUMN = {By.ITM: "itm_probability", By.ITC: "itc_cosine", By.BLIP: "blip_score"}
 
 
 def score_batch(engine: Engine, samples: Sequence[Sample]) -> dict[str, list[Any]]:

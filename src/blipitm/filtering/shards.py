@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 from blipitm.common.files import atomic_write_json, fsync_dir
 from blipitm.common.safeio import loads_json, read_regular_file
 from blipitm.errors import BlipitmError, InvalidInputError
-from blipitm.filtering.readers import Columns, Sample, Shard, read_shard
+from blipitm.filtering.inputs import Shard, read_shard
+from blipitm.filtering.readers import Columns, Sample
 from blipitm.filtering.scoring import SCORE_COLUMNS, score_batch
+from blipitm.filtering.stats import Throughput
 
 if TYPE_CHECKING:
     from blipitm.engine import Engine
@@ -71,15 +73,8 @@ class RunTotals:
     pairs: int = 0
     seconds: float = 0.0
 
-    def throughput(self) -> dict[str, float]:
-        s = max(self.seconds, 1e-9)
-        return {
-            "samples_scored_this_run": self.samples,
-            "pairs_scored_this_run": self.pairs,
-            "seconds": round(self.seconds, 3),
-            "samples_per_s": round(self.samples / s, 2) if self.samples else 0.0,
-            "pairs_per_s": round(self.pairs / s, 2) if self.pairs else 0.0,
-        }
+    def throughput(self) -> Throughput:
+        return Throughput.of(self.samples, self.pairs, self.seconds)
 
 
 class Tally:

@@ -7,30 +7,80 @@ import io
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from blipitm.common.files import atomic_write_bytes, atomic_write_json
-from blipitm.filtering.scoring import SCORE_COLUMNS
+from blipitm.filtering.scoring import SCORE_COLUMNS, By
 
 QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 MAX_ERRORS = 50  # examples listed; the counts cover all
 
 
-def write_stats(
-    out: Path,
+@dataclass(frozen=True)
+class Throughput:
+    """This run's scoring: what it scored (earlier runs' shards not counted) and how fast."""
+
+    samples_scored_this_run: int
+    pairs_scored_this_run: int
+    seconds: float
+    samples_per_s: float
+    pairs_per_s: float
+
+    @classmethod
+    def of(cls, samples: int, pairs: int, seconds: float) -> Throughput:
+        s = max(seconds, 1e-9)
+        return cls(
+            samples,
+            pairs,
+            round(seconds, 3),
+            round(samples / s, 2) if samples else 0.0,
+            round(pairs / s, 2) if pairs else 0.0,
+        )
+
+
+@dataclass(frozen=True)
+class FilterStats:
+    """A run's result, as ``stats.json`` holds it (:meth:`to_json`, one key per field)."""
+
+    by: str  # the --by name
+    score_column: str
+    threshold: float | None  # None: nothing kept (a keep fraction of 0)
+    keep_fraction: float | None
+    samples: int
+    pairs: int
+    scored_pairs: int
+    kept_pairs: int
+    kept_samples: int
+    status_pairs: dict[str, int]  # status -> pairs
+    status_samples: dict[str, int]  # status of each sample's first candidate -> samples
+    errors: list[dict[str, Any]]  # the first MAX_ERRORS unscored pairs
+    shard_errors: list[dict[str, str]]  # inputs that could not be read: shard, error
+    quantiles: dict[str, dict[str, float]]  # score column -> quantile -> value
+    throughput: Throughput
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, path: Path) -> None:
+        atomic_write_json(path, self.to_json())
+
+
+def collect_stats(
     score_files: Sequence[Path],
     *,
-    by: str,
-    column: str,
+    by: By,
     threshold: float,
     keep_fraction: float | None,
-    kept: dict[str, int],
+    kept_pairs: int,
+    kept_samples: int,
     shard_errors: list[dict[str, str]],
-    throughput: dict[str, float],
-) -> dict[str, Any]:
+    throughput: Throughput,
+) -> FilterStats:
+    """The statistics of a run's committed score files."""
     import pyarrow.parquet as pq
 
     status: Counter[str] = Counter()
@@ -55,7 +105,7 @@ def write_stats(
                     )
     quantiles = {}
     for name in SCORE_COLUMNS:  # one column in memory at a time
-        values = _column(score_files, name)
+        values = read_column(score_files, name)
         values = values[~np.isnan(values)]
         quantiles[name] = (
             {
@@ -65,32 +115,32 @@ def write_stats(
             if values.size
             else {}
         )
-    stats = {
-        "by": by,
-        "score_column": column,
-        "threshold": None if math.isinf(threshold) else threshold,
-        "keep_fraction": keep_fraction,
-        "samples": samples,
-        "pairs": sum(status.values()),
-        "scored_pairs": status.get("ok", 0),
-        "kept_pairs": kept["pairs"],
-        "kept_samples": kept["samples"],
-        "status_pairs": dict(sorted(status.items())),
-        "status_samples": dict(sorted(sample_status.items())),
-        "errors": errors,
-        "shard_errors": shard_errors,
-        "quantiles": quantiles,
-        "throughput": throughput,
-    }
-    atomic_write_json(out / "stats.json", stats)
-    values = _column(score_files, column)
-    atomic_write_bytes(
-        out / "histogram.png", histogram_png(values[~np.isnan(values)], column, threshold)
+    return FilterStats(
+        by=by.value,
+        score_column=by.column,
+        threshold=None if math.isinf(threshold) else threshold,
+        keep_fraction=keep_fraction,
+        samples=samples,
+        pairs=sum(status.values()),
+        scored_pairs=status.get("ok", 0),
+        kept_pairs=kept_pairs,
+        kept_samples=kept_samples,
+        status_pairs=dict(sorted(status.items())),
+        status_samples=dict(sorted(sample_status.items())),
+        errors=errors,
+        shard_errors=shard_errors,
+        quantiles=quantiles,
+        throughput=throughput,
     )
-    return stats
 
 
-def _column(files: Sequence[Path], name: str) -> np.ndarray:
+def write_histogram(path: Path, score_files: Sequence[Path], column: str, threshold: float) -> None:
+    """The scores of ``column``, with the threshold drawn, as a PNG."""
+    values = read_column(score_files, column)
+    atomic_write_bytes(path, histogram_png(values[~np.isnan(values)], column, threshold))
+
+
+def read_column(files: Sequence[Path], name: str) -> np.ndarray:
     import pyarrow.parquet as pq
 
     parts = [pq.read_table(p, columns=[name])[name].to_numpy(zero_copy_only=False) for p in files]

@@ -3,18 +3,23 @@
 that does not depend on which rows a shard keeps, so that ``kept/`` reads as one dataset:
 
 - Parquet inputs: Parquet in the input file's own Arrow schema (rows copied by Arrow, never
-  through Python values), plus the score columns of :data:`KEPT_FIELDS`;
+  through Python values), plus the score columns of :func:`kept_fields`;
 - JSONL inputs: JSONL, each kept object with the score fields added (JSON fields may change
   type from row to row, which no Parquet column can hold);
-- CSV inputs: Parquet, every CSV column a string, plus the score columns.
+- CSV-like inputs: Parquet, every column a string, plus the score columns.
+
+Every writer has one signature, ``(path, kept) -> samples written``, so that
+:mod:`blipitm.filtering.formats` can pair each with its reader.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import tarfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +28,26 @@ from blipitm.filtering.readers import Sample
 from blipitm.filtering.scoring import SCORE_COLUMNS
 
 
-def write_kept_tar(path: Path, kept: Iterable[tuple[Sample, dict[str, Any]]]) -> int:
+@dataclass(frozen=True)
+class Kept:
+    """One shard's kept samples, as a writer needs them: by row number (for writers that copy
+    rows from ``source`` themselves) or read again from the input (``samples``: lazy, so a
+    writer that does not iterate it never reads the input through the reader)."""
+
+    source: str  # the input file
+    fields: Mapping[int, dict[str, Any]]  # sample number -> the score fields it gets
+    samples: Iterable[tuple[Sample, dict[str, Any]]]  # the kept samples with their fields
+
+
+def write_kept_tar(path: Path, kept: Kept) -> int:
     """Each sample's original members, then ``KEY.scores.json``; returns samples written."""
     count = 0
 
     def write(f: Any) -> None:
         nonlocal count
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for sample, scores in kept:
-                for info, data in sample.raw:
+            for sample, scores in kept.samples:
+                for info, data in sample.raw:  # read_tar's raw: the members [(TarInfo, bytes)]
                     tar.addfile(info, io.BytesIO(data))
                 blob = json.dumps(scores, ensure_ascii=False).encode()
                 info = tarfile.TarInfo(f"{sample.key}.scores.json")
@@ -64,17 +80,18 @@ def _with_scores(table: Any, fields: list[Any], scores: list[dict[str, Any]]) ->
     return table
 
 
-def write_kept_parquet(path: Path, source: str, kept: Mapping[int, dict[str, Any]]) -> int:
-    """Rows ``kept`` (row number -> its score fields) of Parquet file ``source``, in its schema."""
+def write_kept_parquet(path: Path, kept: Kept) -> int:
+    """The kept rows of Parquet file ``kept.source``, copied by Arrow in its own schema."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     fields = kept_fields()
+    rows_kept: Mapping[int, dict[str, Any]] = kept.fields
     count = 0
 
     def write(f: Any) -> None:
         nonlocal count
-        with pq.ParquetFile(source) as pf:
+        with pq.ParquetFile(kept.source) as pf:
             base = pf.schema_arrow
             names = {x.name for x in fields}
             schema = pa.schema(
@@ -83,10 +100,10 @@ def write_kept_parquet(path: Path, source: str, kept: Mapping[int, dict[str, Any
             with pq.ParquetWriter(f, schema) as writer:
                 offset = 0
                 for batch in pf.iter_batches(batch_size=256):
-                    rows = [i for i in range(offset, offset + batch.num_rows) if i in kept]
+                    rows = [i for i in range(offset, offset + batch.num_rows) if i in rows_kept]
                     if rows:
                         t = pa.Table.from_batches([batch]).take([i - offset for i in rows])
-                        t = _with_scores(t, fields, [kept[i] for i in rows])
+                        t = _with_scores(t, fields, [rows_kept[i] for i in rows])
                         writer.write_table(t.cast(schema))
                         count += len(rows)
                     offset += batch.num_rows
@@ -95,12 +112,13 @@ def write_kept_parquet(path: Path, source: str, kept: Mapping[int, dict[str, Any
     return count
 
 
-def write_kept_jsonl(path: Path, kept: Iterable[tuple[Sample, dict[str, Any]]]) -> int:
+def write_kept_jsonl(path: Path, kept: Kept) -> int:
+    """Each kept object (``read_jsonl``'s raw: the row dict) with the score fields added."""
     count = 0
 
     def write(f: Any) -> None:
         nonlocal count
-        for sample, scores in kept:
+        for sample, scores in kept.samples:
             f.write(json.dumps({**sample.raw, **scores}, ensure_ascii=False).encode() + b"\n")
             count += 1
 
@@ -108,18 +126,16 @@ def write_kept_jsonl(path: Path, kept: Iterable[tuple[Sample, dict[str, Any]]]) 
     return count
 
 
-def write_kept_csv(path: Path, source: str, kept: Iterable[tuple[Sample, dict[str, Any]]]) -> int:
-    """Kept CSV rows as Parquet: the header's columns as strings, plus the scores."""
-    import csv
-
+def write_kept_delimited(path: Path, kept: Kept, *, dialect: type[csv.Dialect]) -> int:
+    """Kept CSV-like rows as Parquet: the header's columns as strings, plus the scores."""
     import pyarrow as pa
 
-    with open(source, encoding="utf-8", newline="") as f:
-        header = next(csv.reader(f), [])
+    with open(kept.source, encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f, dialect), [])
     fields = kept_fields()
     names = {x.name for x in fields}
     schema = pa.schema([pa.field(h, pa.string()) for h in header if h not in names] + fields)
-    rows = [{**sample.raw, **scores} for sample, scores in kept]
+    rows = [{**sample.raw, **scores} for sample, scores in kept.samples]
     write_parquet(path, pa.Table.from_pylist(rows, schema=schema))
     return len(rows)
 

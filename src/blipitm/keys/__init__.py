@@ -1,7 +1,8 @@
 """API keys and their usage, stored in SQLite: shared by ``blipitm keys`` and ``blipitm serve``.
 
 Torch-free and HTTP-free: the store knows keys, limits, balances and usage rows; the server's
-limiter and meter (``blipitm.server.keys``) decide what a request may do and record what it did.
+limiter and meter (``blipitm.server.gateway``) decide what a request may do and record what
+it did.
 """
 
 from blipitm.keys.secret import KEY_PREFIX, hash_secret, new_secret

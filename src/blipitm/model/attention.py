@@ -8,13 +8,13 @@ formula as the references (BLIP ``med.py``, transformers) write it.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-AttnImpl = Literal["eager", "sdpa"]
-ATTN_IMPLS: tuple[str, ...] = ("eager", "sdpa")
+from blipitm.config import ATTN_IMPLS, AttnImpl
+
+__all__ = ["ATTN_IMPLS", "AttnImpl", "attention", "merge_heads", "padding_mask", "split_heads"]
 
 
 def attention(

@@ -1,6 +1,9 @@
-"""Inputs to tensors: image decoding and normalisation, caption cleanup, tokenization.
+"""Inputs to model inputs: image decoding and normalisation, caption cleanup, tokenization.
 
 No ``nn.Module`` code and no model knowledge lives here; the engine combines these with the model.
+Images: ``image_settings`` (the checkpoint's side), ``decode`` (under limits), ``rgb`` (per
+protocol), ``transform`` (resize, normalise), ``hashing`` (content keys) and ``image``, which joins
+them into the one-image pipeline; ``budget`` bounds the decoded pixels in flight.
 """
 
 from blipitm.processing.budget import PixelBudget
@@ -13,8 +16,6 @@ from blipitm.processing.image import (
     load_image,
     load_resized,
     normalize,
-    preprocess,
-    preprocess_batch,
     to_rgb,
 )
 from blipitm.processing.text import pre_caption, validate_text
@@ -33,8 +34,6 @@ __all__ = [
     "normalize",
     "pad",
     "pre_caption",
-    "preprocess",
-    "preprocess_batch",
     "to_rgb",
     "validate_text",
 ]

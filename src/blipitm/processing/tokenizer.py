@@ -12,16 +12,18 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tokenizers
-import torch
 from tokenizers import AddedToken, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 from blipitm.config import CLS_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
 from blipitm.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 TOKENIZER_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.txt"
@@ -137,6 +139,8 @@ def pad(
 
     Padding to the batch (not to a fixed 35 or 512) is the point: attention cost grows with T.
     """
+    import torch  # here, not at import: the tokenizer and this package stay torch-free
+
     length = max((len(seq) for seq in ids), default=0)
     input_ids = np.full((len(ids), length), pad_id, dtype=np.int64)  # [B, T]
     attention_mask = np.zeros((len(ids), length), dtype=np.int64)  # [B, T]

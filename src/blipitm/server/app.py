@@ -9,18 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
-from fastapi import FastAPI
-from starlette.routing import Route
+from fastapi import APIRouter, FastAPI
+from starlette.routing import BaseRoute, Route
 
 from blipitm.common.memory import apply_memory_policy
 from blipitm.common.version import __version__
-from blipitm.engine import Engine, load_options
 from blipitm.errors import BlipitmError
 from blipitm.server import docs, errors
-from blipitm.server.auth import Authenticator, KeyChecker
-from blipitm.server.keys import KeyService
 from blipitm.server.metrics import Metrics
 from blipitm.server.middleware import GuardMiddleware, MetricsMiddleware
 from blipitm.server.routes import (
@@ -32,10 +30,12 @@ from blipitm.server.routes import (
     rerank,
     score,
     search,
-    usage,
 )
 from blipitm.server.settings import ServerSettings
 from blipitm.server.state import EngineFactory, ServerState
+
+if TYPE_CHECKING:
+    from blipitm.engine import Engine
 
 log = logging.getLogger("blipitm.server")
 
@@ -47,22 +47,49 @@ DESCRIPTION = (
 
 def load_engine(settings: ServerSettings) -> Engine:
     """The default engine factory: the model and the input limits the settings name."""
-    return load_options(settings.to_load_options())
+    from blipitm.engine import load_options  # torch: when the app loads the model, not before
+
+    return load_options(settings.load)
 
 
-async def _start_keys(
-    service: KeyService | None, on_failure: Callable[[BaseException], None] | None
+class Extension(Protocol):
+    """A unit on top of the request path (the hosted-API gateway): its routes, its middleware
+    (between the metrics and the body guards), and what it starts and stops around serving."""
+
+    routers: Sequence[APIRouter]
+
+    def add_middleware(self, app: FastAPI, routes: Sequence[BaseRoute]) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+Extensions = Callable[[ServerSettings, Metrics], Sequence[Extension]]
+
+
+def hosted_api(settings: ServerSettings, metrics: Metrics) -> Sequence[Extension]:
+    """The default: API keys, limits, credits, metering and ``/v1/usage``. Without it (``create_app
+    (..., extensions=no_extensions)``) every model route is served, open."""
+    from blipitm.server.gateway import Gateway  # the one line that installs the gateway
+
+    return [Gateway(settings, metrics.registry)]
+
+
+def no_extensions(settings: ServerSettings, metrics: Metrics) -> Sequence[Extension]:
+    return []
+
+
+async def _start(
+    extensions: Sequence[Extension], on_failure: Callable[[BaseException], None] | None
 ) -> None:
     """Load the keys and reach Redis before serving; a failure stops the server (the CLI says
     why in one line)."""
-    if service is None:
-        return
-    try:
-        await service.start()
-    except BlipitmError as e:
-        if on_failure is not None:
-            on_failure(e)
-        raise
+    for extension in extensions:
+        try:
+            await extension.start()
+        except BlipitmError as e:
+            if on_failure is not None:
+                on_failure(e)
+            raise
 
 
 def create_app(
@@ -70,12 +97,11 @@ def create_app(
     engine_factory: EngineFactory = load_engine,
     *,
     on_load_failure: Callable[[BaseException], None] | None = None,
+    extensions: Extensions = hosted_api,
 ) -> FastAPI:
     """Build the app. ``on_load_failure`` lets the CLI stop the server if the model cannot load."""
     state = ServerState(settings, Metrics())
-    # Per-key API keys: the store is opened here, so a bad --keys-db fails before serving.
-    service = None if settings.keys_db is None else KeyService(settings, state.metrics.registry)
-    state.keys = service
+    installed = extensions(settings, state.metrics)
 
     async def load_in_background() -> None:
         try:
@@ -96,7 +122,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await _start_keys(service, on_load_failure)
+        await _start(installed, on_load_failure)
         apply_memory_policy()  # so that --max-decoded-pixels bounds the resident memory
         state.open()
         task = asyncio.create_task(load_in_background())
@@ -107,8 +133,8 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await state.close()
-            if service is not None:  # after the drain: the last usage reaches the store
-                await service.stop()
+            for extension in installed:  # after the drain: the last usage reaches the store
+                await extension.stop()
 
     app = FastAPI(
         title="blipitm",
@@ -120,10 +146,9 @@ def create_app(
     )
     app.state.blipitm = state
     errors.install(app)
-    routers = [
-        r.router
-        for r in (ops, models, embeddings, score, rerank, search, usage, explain, playground, docs)
-    ]
+    routers = [r.router for r in (ops, models, embeddings, score, rerank, search)]
+    routers += [router for extension in installed for router in extension.routers]
+    routers += [r.router for r in (explain, playground, docs)]
     for router in routers:
         app.include_router(router)
     # The routes themselves, not app.routes: FastAPI keeps an included router there as one entry.
@@ -131,12 +156,12 @@ def create_app(
     routes = [*own, *(r for router in routers for r in router.routes)]
     app.add_middleware(
         GuardMiddleware,
-        keys=Authenticator(KeyChecker(settings.api_keys), service),
-        protect_metrics=settings.protect_metrics,
         max_body_bytes=settings.max_body_bytes,
         max_items=settings.max_items,
         routes=routes,
     )
+    for extension in installed:  # outside the body guards: a key is checked before the body
+        extension.add_middleware(app, routes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=routes)
     docs.customise_openapi(app)
     return app

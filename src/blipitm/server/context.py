@@ -1,9 +1,13 @@
-"""What every model route starts from: one FastAPI dependency that yields a ready request.
+"""What every model route starts from: one FastAPI dependency that yields a request context.
 
-``Annotated[Ready[Body], ready(Body)]`` parses the body (422), checks the model name (404) and
-that the model is loaded (503), in that order, and starts the request's deadline. The route then
-checks its own parameters and calls :meth:`Ready.inputs` (queue room, texts, images),
-:meth:`Ready.run` and :meth:`Ready.usage_tokens`.
+``Annotated[RequestContext[Body], ready(Body)]`` parses the body (422), checks the model name
+(404), that the caller's account may use it (404 / 403) and that the model is loaded (503), in
+that order, and starts the request's deadline. The route then checks its own parameters and calls
+:meth:`RequestContext.inputs` (queue room, credits, texts, images), :meth:`RequestContext.run` and
+:meth:`RequestContext.usage_tokens`.
+
+The account (``server/account.py``) is resolved once, here: a metered key's, or the unmetered one
+of operator keys and open servers, so nothing below asks whether the request is billed.
 """
 
 from __future__ import annotations
@@ -18,13 +22,12 @@ from typing import Any, Generic, Protocol, TypeVar
 from fastapi import Depends, Request
 
 from blipitm.engine import Engine
-from blipitm.errors import InvalidInputError
+from blipitm.engine.batcher import Batcher, Job, LocMap, QueueFull
 from blipitm.processing import ResizedImage, validate_text
-from blipitm.server.batching import Batcher, Job, LocMap, QueueFull
-from blipitm.server.errors import APIError, from_invalid_input
+from blipitm.server.account import UNMETERED, Account, account_of
+from blipitm.server.errors import APIError, ErrorCode
 from blipitm.server.images import ImageLoader
 from blipitm.server.inputs import ImageItem, TextItem
-from blipitm.server.keys import LimiterUnavailable, charge_of
 from blipitm.server.state import ServerState
 
 
@@ -44,8 +47,8 @@ def server_state(request: Request) -> ServerState:
 
 
 @dataclass(frozen=True)
-class Ready(Generic[B]):
-    """One request against the loaded model."""
+class RequestContext(Generic[B]):
+    """One request against the loaded model, and the account it is billed to."""
 
     body: B
     request: Request
@@ -54,18 +57,19 @@ class Ready(Generic[B]):
     batcher: Batcher
     loader: ImageLoader
     deadline: float  # on the event loop's clock
+    account: Account = UNMETERED
 
     @classmethod
-    def start(cls, body: B, request: Request) -> Ready[B]:
+    def start(cls, body: B, request: Request) -> RequestContext[B]:
         state = server_state(request)
         state.check_model(body.model)
-        charge = charge_of(request.scope)
-        if charge is not None:
-            settings = state.settings
-            charge.check_model(body.model, (settings.model_name, settings.model))
+        account = account_of(request.scope)
+        check_access(account, state, body.model)
         loaded = state.require_ready()
         deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
-        return cls(body, request, state, loaded.engine, loaded.batcher, loaded.loader, deadline)
+        return cls(
+            body, request, state, loaded.engine, loaded.batcher, loaded.loader, deadline, account
+        )
 
     async def inputs(
         self, texts: Sequence[TextItem], images: Sequence[ImageItem]
@@ -77,32 +81,19 @@ class Ready(Generic[B]):
             raise APIError(
                 413,
                 f"{len(images)} images in one request; the limit is {limit} (split the request)",
-                code="too_many_items",
+                code=ErrorCode.TOO_MANY_ITEMS,
                 param=images[limit].param,
             )
         if not self.batcher.has_room():
             self.state.metrics.rejected.labels(reason="queue_full").inc()
-            raise _queue_full(self.batcher.retry_after_s())
-        await self._reserve(len(texts), len(images))
+            raise QueueFull(self.batcher.retry_after_s())
+        # The items and credits the request declares (settled when the response is complete).
+        await self.account.reserve(len(texts), len(images))
         return self._validate_texts(texts), await self._load_images(images)
-
-    async def _reserve(self, texts: int, images: int) -> None:
-        """A metered key's items and credits, from what the request declares (settled by the
-        guard middleware when the response is complete)."""
-        charge = charge_of(self.request.scope)
-        if charge is None:
-            return
-        try:
-            await charge.reserve(texts, images)
-        except LimiterUnavailable as e:
-            raise APIError(503, str(e), code="limiter_unavailable") from None
 
     def _validate_texts(self, items: Sequence[TextItem]) -> list[str]:
         limit = self.engine.max_text_chars  # the engine's own limit: one home
-        try:
-            return [validate_text(item.text, loc=item.loc, max_chars=limit) for item in items]
-        except InvalidInputError as e:
-            raise from_invalid_input(e) from None
+        return [validate_text(item.text, loc=item.loc, max_chars=limit) for item in items]
 
     async def _load_images(self, items: Sequence[ImageItem]) -> list[ResizedImage]:
         if not items:
@@ -122,19 +113,14 @@ class Ready(Generic[B]):
         """Queue ``job`` and wait for it, the deadline, or the client going away. ``texts`` and
         ``images``: what of the request the job computes (None: all of it), billed to a metered
         key once the worker has taken the job, whether or not the client waits for the answer."""
-        try:
-            future = self.batcher.submit(job, locs)
-        except QueueFull as e:
-            raise _queue_full(e.retry_after_s) from None
+        future = self.batcher.submit(job, locs)  # QueueFull: a 429 (server/errors.py)
         try:
             return await self._wait(future)
         finally:
             # cancel() fails for a job the worker has taken: that compute is spent, and billed
             # (unless the job itself failed: an input the model refused, a server error).
             if not future.cancel() and not (future.done() and future.exception() is not None):
-                charge = charge_of(self.request.scope)
-                if charge is not None:
-                    charge.worked(texts, images)
+                self.account.worked(texts, images)
 
     async def _wait(self, future: Future[Any]) -> Any:
         result = asyncio.wrap_future(future)
@@ -148,16 +134,13 @@ class Ready(Generic[B]):
         finally:
             gone.cancel()
         if result in done:
-            try:
-                return result.result()
-            except InvalidInputError as e:
-                raise from_invalid_input(e) from None
+            return result.result()  # an InvalidInputError: a 400 (server/errors.py)
         # Cancelling the future makes the worker skip the job if it has not started it yet.
         result.cancel()
         metrics = self.state.metrics
         if gone in done:
             metrics.rejected.labels(reason="client_disconnected").inc()
-            raise APIError(499, "client closed the request", code="client_closed_request")
+            raise APIError(499, "client closed the request", code=ErrorCode.CLIENT_CLOSED_REQUEST)
         metrics.rejected.labels(reason="timeout").inc()
         raise self._timeout()
 
@@ -165,7 +148,7 @@ class Ready(Generic[B]):
         return APIError(
             504,
             f"the request did not finish within {self.state.settings.request_timeout_s:g}s",
-            code="timeout",
+            code=ErrorCode.TIMEOUT,
         )
 
     def usage_tokens(self, text_tokens: int, n_images: int) -> int:
@@ -173,30 +156,36 @@ class Ready(Generic[B]):
         (``text_tokens``: no second tokenization), plus the vision tokens (patches + CLS) each
         image becomes."""
         tokens = int(text_tokens) + n_images * self.engine.info.image_tokens
-        charge = charge_of(self.request.scope)
-        if charge is not None:
-            charge.tokens = tokens  # metered with the request
+        self.account.bill(tokens)
         return tokens
+
+
+def check_access(account: Account, state: ServerState, named: str | None) -> None:
+    """OpenAI's answers: a model the key may not use 'does not exist' for it (404) when the
+    request names it; with ``model`` omitted, the served model is refused (403)."""
+    if account.allows(state.settings.model_name, state.settings.model):
+        return
+    if named is not None:
+        raise APIError(
+            404,
+            f"the model {named!r} does not exist or this key does not have access to it",
+            code=ErrorCode.MODEL_NOT_FOUND,
+            param="model",
+        )
+    raise APIError(
+        403, "this key may not use the model this server serves", code=ErrorCode.MODEL_NOT_ALLOWED
+    )
 
 
 def ready(body_type: type[B]) -> Any:
     """``Depends`` for a route whose body is ``body_type``: see the module docstring."""
 
-    async def dependency(body: B, request: Request) -> Ready[B]:
-        return Ready.start(body, request)
+    async def dependency(body: B, request: Request) -> RequestContext[B]:
+        return RequestContext.start(body, request)
 
     # FastAPI reads the body's model from the signature; this route's model, not the TypeVar.
     dependency.__annotations__["body"] = body_type
     return Depends(dependency)
-
-
-def _queue_full(retry_after_s: int) -> APIError:
-    return APIError(
-        429,
-        "the server is busy (inference queue full); retry later",
-        code="queue_full",
-        headers={"Retry-After": str(retry_after_s)},
-    )
 
 
 async def _client_gone(request: Request) -> None:

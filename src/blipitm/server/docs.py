@@ -16,7 +16,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response
 
-from blipitm.server.errors import APIError
+from blipitm.server.errors import APIError, ErrorCode
 
 router = APIRouter(include_in_schema=False)
 
@@ -79,7 +79,7 @@ async def swagger_ui(request: Request) -> HTMLResponse:
 async def swagger_asset(name: str) -> Response:
     media_type = _ASSETS.get(name)
     if media_type is None:
-        raise APIError(404, f"no documentation asset {name!r}", code="not_found")
+        raise APIError(404, f"no documentation asset {name!r}", code=ErrorCode.NOT_FOUND)
     return Response(
         _asset(name), media_type=media_type, headers={"Cache-Control": "public, max-age=86400"}
     )

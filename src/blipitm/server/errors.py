@@ -2,13 +2,20 @@
 
 Every failure a client can see goes through here, including FastAPI's own validation errors and
 unexpected exceptions, so stock SDKs always find the shape they parse. ``code`` is always a string
-(OpenAI's SDKs type it so); ``param`` names the offending item, e.g. ``input[3]``.
+(OpenAI's SDKs type it so), one of :class:`ErrorCode`; ``param`` names the offending item, e.g.
+``input[3]``.
+
+Domain exceptions (an input the engine refuses, a full queue, a key over its limits, an unreachable
+limiter) are translated in one place, :data:`TRANSLATIONS`: the exception handlers and the
+middleware both use :func:`translate`, so no route catches them to re-raise them as HTTP.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,7 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from blipitm.engine.batcher import QueueFull
 from blipitm.errors import ImageTooLargeError, InvalidInputError, format_loc
+from blipitm.server.account import LimiterUnavailable
 from blipitm.server.schemas import TOO_MANY_ITEMS, ErrorResponse
 
 log = logging.getLogger("blipitm.server")
@@ -38,6 +47,71 @@ _TYPES = {
 }
 
 
+class ErrorCode(StrEnum):
+    """Every ``error.code`` the server answers, with the status it comes with (the OpenAPI
+    descriptions list each status's codes from here)."""
+
+    def __new__(cls, value: str, status: int) -> ErrorCode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.status = status
+        return member
+
+    status: int
+
+    INVALID_INPUT = "invalid_input", 400
+    INVALID_IMAGE = "invalid_image", 400
+    INVALID_URL = "invalid_url", 400
+    INVALID_JSON = "invalid_json", 400
+    INVALID_UNICODE = "invalid_unicode", 400
+    INVALID_PAIRING = "invalid_pairing", 400
+    UNSUPPORTED_INPUT = "unsupported_input", 400
+    UNSUPPORTED_DIMENSIONS = "unsupported_dimensions", 400
+    URL_FORBIDDEN = "url_forbidden", 400
+    URL_FETCH_FAILED = "url_fetch_failed", 400
+    URL_FETCH_DISABLED = "url_fetch_disabled", 400
+    URL_SCHEME_NOT_ALLOWED = "url_scheme_not_allowed", 400
+    URL_TOO_MANY_REDIRECTS = "url_too_many_redirects", 400
+    NOT_A_METERED_KEY = "not_a_metered_key", 400
+    INVALID_API_KEY = "invalid_api_key", 401
+    MODEL_NOT_ALLOWED = "model_not_allowed", 403
+    MODEL_NOT_FOUND = "model_not_found", 404
+    INDEX_NOT_CONFIGURED = "index_not_configured", 404
+    NOT_FOUND = "not_found", 404
+    METHOD_NOT_ALLOWED = "method_not_allowed", 405
+    REQUEST_TIMEOUT = "request_timeout", 408
+    TOO_MANY_ITEMS = "too_many_items", 413
+    IMAGE_TOO_LARGE = "image_too_large", 413
+    REQUEST_TOO_LARGE = "request_too_large", 413
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415
+    INVALID_REQUEST = "invalid_request", 422
+    RATE_LIMIT_EXCEEDED = "rate_limit_exceeded", 429
+    INSUFFICIENT_QUOTA = "insufficient_quota", 429
+    QUEUE_FULL = "queue_full", 429
+    CLIENT_CLOSED_REQUEST = "client_closed_request", 499
+    INTERNAL_ERROR = "internal_error", 500
+    HTTP_ERROR = "http_error", 500
+    MODEL_NOT_READY = "model_not_ready", 503
+    LIMITER_UNAVAILABLE = "limiter_unavailable", 503
+    INDEX_DAMAGED = "index_damaged", 503
+    SHUTTING_DOWN = "shutting_down", 503
+    TOO_MANY_CONNECTIONS = "too_many_connections", 503
+    TIMEOUT = "timeout", 504
+
+
+_BY_VALUE = {c.value: c for c in ErrorCode}
+
+
+def as_code(value: ErrorCode | str) -> ErrorCode:
+    """The :class:`ErrorCode` of ``value`` (a limiter's refusal arrives as its string)."""
+    if isinstance(value, ErrorCode):
+        return value
+    try:
+        return _BY_VALUE[value]
+    except KeyError:
+        raise ValueError(f"{value!r} is not an ErrorCode") from None
+
+
 class APIError(Exception):
     """An error response; raise it from anywhere under a route."""
 
@@ -46,16 +120,24 @@ class APIError(Exception):
         status: int,
         message: str,
         *,
-        code: str,
+        code: ErrorCode | str,
         param: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.code = code
+        self.code = as_code(code)  # a code that is not an ErrorCode fails here, in the tests
         self.param = param
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+
+
+class OverLimit(APIError):
+    """A key's limit or credits refuse the request: 429 with its ``code`` (``rate_limit_exceeded``
+    or ``insufficient_quota``) and ``Retry-After`` headers."""
+
+    def __init__(self, message: str, code: ErrorCode | str, headers: Mapping[str, str]) -> None:
+        super().__init__(as_code(code).status, message, code=code, headers=headers)
 
 
 _DESCRIPTIONS = {
@@ -72,22 +154,30 @@ _DESCRIPTIONS = {
 }
 
 
+def _description(status: int) -> str:
+    codes = ", ".join(f"`{c}`" for c in ErrorCode if c.status == status)
+    return f"{_DESCRIPTIONS[status]}; `code`: {codes}"
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The ``responses=`` of a route's OpenAPI entry: these codes, in the error envelope."""
-    return {c: {"model": ErrorResponse, "description": _DESCRIPTIONS[c]} for c in codes}
+    """The ``responses=`` of a route's OpenAPI entry: these statuses, in the error envelope, each
+    described with the :class:`ErrorCode` values it may carry."""
+    return {c: {"model": ErrorResponse, "description": _description(c)} for c in codes}
 
 
 # What every model route may answer besides 200.
 API_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 429, 503, 504)
 
 
-def envelope(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
+def envelope(
+    status: int, message: str, code: ErrorCode | str, param: str | None = None
+) -> dict[str, Any]:
     return {
         "error": {
             "message": message,
             "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
             "param": param,
-            "code": code,
+            "code": str(code),
         }
     }
 
@@ -100,11 +190,68 @@ def error_response(err: APIError) -> JSONResponse:
     )
 
 
+@dataclass(frozen=True)
+class Translation:
+    """How one domain exception is answered: its code (whose status it takes), its message,
+    its ``param`` and its headers, each read from the exception."""
+
+    code: Callable[[Any], ErrorCode | str]
+    message: Callable[[Any], str] = str
+    param: Callable[[Any], str | None] = lambda _: None
+    headers: Callable[[Any], Mapping[str, str]] = lambda _: {}
+
+
+# Domain exception -> its answer; the first entry the exception is an instance of applies.
+TRANSLATIONS: tuple[tuple[type[Exception], Translation], ...] = (
+    (
+        ImageTooLargeError,  # an image over the pixel limit
+        Translation(lambda _: ErrorCode.IMAGE_TOO_LARGE, lambda e: e.reason, lambda e: e.field),
+    ),
+    (
+        InvalidInputError,  # any other input the engine or processing refuses
+        Translation(lambda _: ErrorCode.INVALID_INPUT, lambda e: e.reason, lambda e: e.field),
+    ),
+    (
+        QueueFull,
+        Translation(
+            lambda _: ErrorCode.QUEUE_FULL,
+            lambda _: "the server is busy (inference queue full); retry later",
+            headers=lambda e: {"Retry-After": str(e.retry_after_s)},
+        ),
+    ),
+    (
+        LimiterUnavailable,
+        Translation(
+            lambda _: ErrorCode.LIMITER_UNAVAILABLE, headers=lambda _: {"Retry-After": "5"}
+        ),
+    ),
+)
+
+
+def _status(code: ErrorCode | str) -> int:
+    return as_code(code).status
+
+
+def translate(exc: Exception) -> APIError:
+    """The answer to a domain exception of :data:`TRANSLATIONS` (an :class:`APIError` as is)."""
+    if isinstance(exc, APIError):
+        return exc
+    for kind, how in TRANSLATIONS:
+        if isinstance(exc, kind):
+            code = how.code(exc)
+            return APIError(
+                _status(code),
+                how.message(exc),
+                code=code,
+                param=how.param(exc),
+                headers=how.headers(exc),
+            )
+    raise TypeError(f"no translation for {type(exc).__name__}") from exc
+
+
 def from_invalid_input(e: InvalidInputError) -> APIError:
     """An engine / processing input error as a 400 (413 for an image over the pixel limit)."""
-    if isinstance(e, ImageTooLargeError):
-        return APIError(413, e.reason, code="image_too_large", param=e.field)
-    return APIError(400, e.reason, code="invalid_input", param=e.field)
+    return translate(e)
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
@@ -126,7 +273,7 @@ def from_validation_errors(errors: Sequence[dict[str, Any]]) -> APIError:
     for error in errors:
         if error.get("type") == TOO_MANY_ITEMS:
             param = _loc_to_param(tuple(error.get("loc", ())))
-            return APIError(413, str(error.get("msg")), code="too_many_items", param=param)
+            return APIError(413, str(error.get("msg")), code=ErrorCode.TOO_MANY_ITEMS, param=param)
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = _loc_to_param(tuple(first.get("loc", ())))
     msg = str(first.get("msg", "invalid request"))
@@ -136,7 +283,7 @@ def from_validation_errors(errors: Sequence[dict[str, Any]]) -> APIError:
         msg = "this field is required"
     extra = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     text = f"{param}: {msg}{extra}" if param else f"{msg}{extra}"
-    return APIError(422, text, code="invalid_request", param=param)
+    return APIError(422, text, code=ErrorCode.INVALID_REQUEST, param=param)
 
 
 def install(app: FastAPI) -> None:
@@ -146,9 +293,8 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, APIError)
         return error_response(exc)
 
-    async def on_invalid_input(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, InvalidInputError)
-        return error_response(from_invalid_input(exc))
+    async def on_domain_error(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(translate(exc))
 
     async def on_validation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -156,12 +302,12 @@ def install(app: FastAPI) -> None:
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        codes = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
         return error_response(
             APIError(
                 exc.status_code,
                 str(exc.detail),
-                code=codes.get(exc.status_code, "http_error"),
+                code=codes.get(exc.status_code, ErrorCode.HTTP_ERROR),
                 headers=dict(exc.headers or {}),
             )
         )
@@ -169,10 +315,11 @@ def install(app: FastAPI) -> None:
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         # Logged with the traceback for the operator; the client learns nothing internal.
         log.error("unhandled error", exc_info=exc)
-        return error_response(APIError(500, "internal server error", code="internal_error"))
+        return error_response(APIError(500, "internal server error", code=ErrorCode.INTERNAL_ERROR))
 
     app.add_exception_handler(APIError, on_api_error)
-    app.add_exception_handler(InvalidInputError, on_invalid_input)
+    for kind, _ in TRANSLATIONS:
+        app.add_exception_handler(kind, on_domain_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from blipitm.engine.batcher import LocMap
 from blipitm.errors import Loc, format_loc
-from blipitm.server.batching import LocMap
-from blipitm.server.errors import APIError
+from blipitm.server.errors import APIError, ErrorCode
 from blipitm.server.images import is_image_data_uri
 from blipitm.server.schemas import Content, ImageDocument, ImageURLPart, TextDocument, TextPart
 
@@ -40,7 +40,7 @@ class ImageItem(_Located):
 Item = TextItem | ImageItem
 
 
-def _bad(message: str, param: str | None, code: str = "invalid_input") -> APIError:
+def _bad(message: str, param: str | None, code: ErrorCode = ErrorCode.INVALID_INPUT) -> APIError:
     return APIError(400, message, code=code, param=param)
 
 
@@ -62,7 +62,7 @@ def classify(value: object, loc: Loc, *, strings_are_images: bool = False) -> It
             "token id arrays are not supported: this model has its own tokenizer; send the text "
             "as a string",
             format_loc(loc),
-            code="unsupported_input",
+            code=ErrorCode.UNSUPPORTED_INPUT,
         )
     raise _bad(f"unsupported item of type {type(value).__name__}", format_loc(loc))
 
@@ -74,7 +74,7 @@ def check_count(n: int, max_items: int, param: str) -> None:
         raise APIError(
             413,
             f"{n} items in one request; the limit is {max_items} (split the request)",
-            code="too_many_items",
+            code=ErrorCode.TOO_MANY_ITEMS,
             param=param,
         )
 
@@ -144,7 +144,7 @@ def plan_pairs(side1: Sequence[Item], side2: Sequence[Item]) -> PairPlan:
                 f"{a.param} and {b.param} are both {kind}s; image-text matching needs one image "
                 "and one text per pair (images are data:image/... URIs or image_url parts)",
                 b.param,
-                code="invalid_pairing",
+                code=ErrorCode.INVALID_PAIRING,
             )
         if img_key not in image_index:
             image_index[img_key] = len(plan.images)
@@ -166,7 +166,7 @@ def check_rerank_modalities(query: Item, documents: Sequence[Item]) -> None:
             raise _bad(
                 f"the query is {q}, so every document must be one of the {w}",
                 d.param,
-                code="invalid_pairing",
+                code=ErrorCode.INVALID_PAIRING,
             )
 
 

@@ -92,8 +92,35 @@ class Metrics:
         self._cache_stats: Callable[[], Any] | None = None
         r.register(_CacheCollector(lambda: self._cache_stats() if self._cache_stats else None))
 
+    def batcher_observer(self) -> BatcherMetrics:
+        """The inference worker's reports (``blipitm.engine.batcher.BatcherObserver``) as these
+        metrics."""
+        return BatcherMetrics(self)
+
     def watch_cache(self, stats: Callable[[], Any]) -> None:
         self._cache_stats = stats
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BatcherMetrics:
+    """A ``BatcherObserver``: the batcher reports, the server's metrics count."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def queue_depth(self, depth: int) -> None:
+        self._metrics.queue_depth.set(depth)
+
+    def refused(self) -> None:
+        self._metrics.rejected.labels(reason="queue_full").inc()
+
+    def waited(self, seconds: float) -> None:
+        self._metrics.queue_duration.observe(seconds)
+
+    def batch_started(self, size: int) -> None:
+        self._metrics.batch_size.observe(size)
+
+    def batch_finished(self, seconds: float) -> None:
+        self._metrics.inference_duration.observe(seconds)

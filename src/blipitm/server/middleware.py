@@ -1,8 +1,9 @@
-"""Pure ASGI middleware: request metrics, then auth and body limits before any body is read.
+"""Pure ASGI middleware: request metrics, and the body guards (limits before any body is read).
 
 Pure ASGI rather than Starlette's ``BaseHTTPMiddleware`` because the routes listen on ``receive``
-for the client's disconnect, which ``BaseHTTPMiddleware`` would hide. Auth is checked before the
-body is read, so an unauthenticated client cannot make the server buffer a large body; and a body
+for the client's disconnect, which ``BaseHTTPMiddleware`` would hide. The gateway's middleware
+(``server/gateway/middleware.py``) sits between the two and checks the key before the body guards
+read a byte, so an unauthenticated client cannot make the server buffer a large body; and a body
 is read only for a route that takes one: ``POST /health`` or an unknown path is answered 405 / 404
 from its head (the connection layer then closes, discarding the body unread).
 """
@@ -19,11 +20,7 @@ from typing import Any
 from starlette.routing import BaseRoute, Match
 
 from blipitm.common.safeio import JSONDepthError, loads_json
-from blipitm.keys import KeyRecord
-from blipitm.server.auth import Authenticator, needs_key
-from blipitm.server.errors import envelope
-from blipitm.server.keys import SCOPE_KEY, Charge, LimiterUnavailable
-from blipitm.server.limits import concurrency_refusal, refusal_headers
+from blipitm.server.errors import APIError, ErrorCode, envelope
 from blipitm.server.metrics import Metrics
 from blipitm.server.schemas import item_limit
 
@@ -40,7 +37,7 @@ async def send_error(
     send: Send,
     status: int,
     message: str,
-    code: str,
+    code: ErrorCode | str,
     headers: dict[str, str] | None = None,
     param: str | None = None,
 ) -> None:
@@ -54,7 +51,11 @@ async def send_error(
     await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+async def send_api_error(send: Send, err: APIError) -> None:
+    await send_error(send, err.status, err.message, err.code, err.headers, err.param)
+
+
+def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return bytes(value).decode("latin-1")
@@ -123,35 +124,31 @@ def _template(route: BaseRoute) -> str:
     return str(getattr(route, "path_format", None) or getattr(route, "path", "other"))
 
 
-UNMETERED = "/v1/usage"
 # The ASGI scope extension by which the connection layer (http.py) learns that a request's key was
 # valid: ``{"callback": f}``; such a connection is never displaced at the connection cap.
 KEY_ACCEPTED = "blipitm.key_accepted"
 
 
-def _key_accepted(scope: Scope) -> None:
+def key_accepted(scope: Scope) -> None:
+    """Tell the connection layer that this request's key was valid (the gateway calls it)."""
     callback = scope.get("extensions", {}).get(KEY_ACCEPTED, {}).get("callback")
     if callback is not None:
         callback()
 
 
 class GuardMiddleware:
-    """Auth for /v1, /v2 (and /metrics if protected); a metered key's admission, rate-limit
-    headers and settlement; JSON content type and body-size limits."""
+    """Body guards: JSON content type, body-size limits, lone surrogates, and the item cap while
+    the body is validated. A body is read only for a route that takes one."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        keys: Authenticator,
-        protect_metrics: bool,
         max_body_bytes: int,
         max_items: int,
         routes: Sequence[BaseRoute] = (),
     ) -> None:
         self.app = app
-        self.keys = keys
-        self.protect_metrics = protect_metrics
         self.max_body_bytes = max_body_bytes
         self.max_items = max_items
         self.routes = routes
@@ -160,66 +157,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not (self.keys.enabled and needs_key(scope["path"], self.protect_metrics)):
-            await self._checked(scope, receive, send)
-            return
-        key = self.keys.authenticate(_header(scope, b"authorization"))
-        if isinstance(key, str):
-            await send_error(send, 401, key, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-            return
-        _key_accepted(scope)
-        if isinstance(key, KeyRecord):
-            await self._metered(key, scope, receive, send)
-        else:  # an operator key
-            await self._checked(scope, receive, send)
-
-    async def _metered(self, key: KeyRecord, scope: Scope, receive: Receive, send: Send) -> None:
-        """A store key's request: admitted (rate, concurrency), run with its ``x-ratelimit-*``
-        headers, then settled by its status (no status: the client left, 499, refunded)."""
-        assert self.keys.service is not None
-        charge = self.keys.service.open(key, route_label(self.routes, scope))
-        if charge.endpoint == UNMETERED:  # a key may always ask what it has left, within reason
-            await self._usage(charge, scope, receive, send)
-            return
-        try:
-            verdict = await charge.admit()
-        except LimiterUnavailable as e:
-            await send_error(send, 503, str(e), "limiter_unavailable", {"Retry-After": "5"})
-            return
-        if not verdict.allowed:
-            headers = {**charge.headers, **refusal_headers(verdict)}
-            await send_error(send, 429, verdict.message, str(verdict.refusal), headers)
-            return
-        scope[SCOPE_KEY] = charge
-        status = CLIENT_CLOSED
-
-        async def send_with_headers(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-                message["headers"] = [*message.get("headers", ()), *_raw(charge)]
-            await send(message)
-
-        try:
-            await self._checked(scope, receive, send_with_headers)
-        except Exception:  # becomes a 500 outside this middleware
-            status = 500
-            raise
-        finally:
-            await _settle(charge, status)
-
-    async def _usage(self, charge: Charge, scope: Scope, receive: Receive, send: Send) -> None:
-        """``/v1/usage``: no rate token or model slot, but at most ``--concurrency`` at once."""
-        assert self.keys.service is not None
-        with self.keys.service.usage_slot(charge.key) as allowed:
-            if not allowed:
-                assert charge.key.concurrency is not None
-                message = concurrency_refusal(charge.key, charge.key.concurrency)
-                retry = {"Retry-After": "1", "retry-after-ms": "1000"}
-                await send_error(send, 429, message, "rate_limit_exceeded", retry)
-                return
-            scope[SCOPE_KEY] = charge
-            await self._checked(scope, receive, send)
+        await self._checked(scope, receive, send)
 
     async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in ("POST", "PUT", "PATCH") or not self._takes_body(scope):
@@ -256,18 +194,18 @@ class GuardMiddleware:
             return True
         return any(route.matches(scope)[0] is Match.FULL for route in self.routes)
 
-    def _refused_headers(self, scope: Scope) -> tuple[int, str, str] | None:
+    def _refused_headers(self, scope: Scope) -> tuple[int, str, ErrorCode] | None:
         """(status, message, code) when Content-Type or a declared length refuses the request."""
-        content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        content_type = (header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if content_type != "application/json" and not content_type.endswith("+json"):
             return (
                 415,
                 f"Content-Type must be application/json, got {content_type or 'none'!r}",
-                "unsupported_media_type",
+                ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             )
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         if declared and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
-            return 413, self._too_large, "request_too_large"
+            return 413, self._too_large, ErrorCode.REQUEST_TOO_LARGE
         return None
 
     @property
@@ -286,22 +224,11 @@ class GuardMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await send_error(send, 413, self._too_large, "request_too_large")
+                await send_error(send, 413, self._too_large, ErrorCode.REQUEST_TOO_LARGE)
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
-
-
-def _raw(charge: Charge) -> list[tuple[bytes, bytes]]:
-    return [(k.encode(), v.encode()) for k, v in charge.headers.items()]
-
-
-async def _settle(charge: Charge, status: int) -> None:
-    try:
-        await charge.finish(status)
-    except LimiterUnavailable as e:  # the slot and reservation expire in Redis by themselves
-        log.error("could not settle a request of key %r: %s", charge.key.name, e)
 
 
 # A lone surrogate reaches a JSON body only as a \uD800-\uDFFF escape: raw surrogate bytes are not
@@ -310,19 +237,19 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _unicode_problem(body: bytes) -> tuple[str, str, str | None] | None:
+def _unicode_problem(body: bytes) -> tuple[str, ErrorCode, str | None] | None:
     """(message, code, param) of the 400 for a body with a lone surrogate, or nested too deep to
     scan for one; None if it has neither."""
     try:
         param = lone_surrogate_param(body)
     except JSONDepthError as e:
-        return f"the request body is not valid: {e}", "invalid_json", None
+        return f"the request body is not valid: {e}", ErrorCode.INVALID_JSON, None
     if param is None:
         return None
     return (
         f"{param or 'the body'} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), "
         "which is not Unicode text; send valid UTF-8",
-        "invalid_unicode",
+        ErrorCode.INVALID_UNICODE,
         param or None,
     )
 

@@ -3,8 +3,11 @@
 Each setting is declared once in :data:`OPTIONS` (flag, environment variable, type, help); the CLI
 builds its parser from that table, :func:`from_env` reads the environment with it, and
 ``docs/server.md`` documents it. Precedence: command-line flag, then environment, then default.
-The options that load the model are :mod:`blipitm.engine.options`' own declarations, reused here;
-:meth:`ServerSettings.to_load_options` turns them into the engine's record, which validates them.
+The options that load the model are :mod:`blipitm.engine.options`' own declarations, reused here,
+and their values are one field, ``load``: the engine's own record, starting from
+:data:`~blipitm.engine.options.SERVER_PRESET` (the server's defaults), validated when built.
+:meth:`ServerSettings.of` and :meth:`ServerSettings.replace` take every setting by its option
+name (``model``, ``max_image_pixels``, ``port``), so callers need not know which record holds it.
 """
 
 from __future__ import annotations
@@ -16,18 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blipitm.engine.options import (
-    DEFAULT_MODEL,
     LIMIT_OPTIONS,
     LOAD_OPTIONS,
     MODEL_OPTIONS,
+    SERVER_PRESET,
     LoadOptions,
     Option,
     optional_str,
     options_from,
 )
-from blipitm.engine.types import WeightDtype
 from blipitm.errors import InvalidInputError
-from blipitm.scoring import ProtocolName
 
 # Lower bounds of the numeric settings: (names, bound, strict); strict means "> bound".
 _BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
@@ -56,13 +57,8 @@ _BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
 
 @dataclass(frozen=True)
 class ServerSettings:
-    # -- model ----------------------------------------------------------------------------------
-    model: str = DEFAULT_MODEL
-    revision: str | None = None
-    tokenizer: str | None = None
-    protocol: ProtocolName = "blip"
-    device: str = "cpu"
-    dtype: WeightDtype = "float32"
+    # -- model and the engine's limits (the flags of LOAD_OPTIONS: --model ... --max-text-chars) --
+    load: LoadOptions = SERVER_PRESET
     served_model_name: str | None = None  # None: the --model string
     index: str | None = None  # retrieval index for POST /v1/search
     # -- network --------------------------------------------------------------------------------
@@ -70,13 +66,13 @@ class ServerSettings:
     port: int = 8000
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # never printed
     protect_metrics: bool = False
-    # -- per-key API keys (see server/keys.py, docs/keys.md) -------------------------------------
+    # -- per-key API keys (see server/gateway/, docs/keys.md) -------------------------------------
     keys_db: str | None = None
     redis_url: str | None = field(default=None, repr=False)  # may hold a password
     image_credits: int = 1
     rate_window_s: float = 60.0
     metrics_key_labels: int = 100
-    # -- connections (see server/http.py) -------------------------------------------------------
+    # -- connections (see server/transport/) -------------------------------------------------------
     head_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     max_connections: int = 512
@@ -87,15 +83,12 @@ class ServerSettings:
     max_queue: int = 256
     request_timeout_s: float = 60.0
     decode_threads: int = 4
-    cache_bytes: int = 1 << 30
     # -- limits ---------------------------------------------------------------------------------
     max_body_bytes: int = 32 * 1024 * 1024
     max_items: int = 2048  # OpenAI's own limit on inputs; above LangChain's chunk_size (1000)
     max_images: int = 256
-    max_image_pixels: int = 40_000_000
     max_decoded_pixels: int = 80_000_000
     max_image_bytes: int = 16 * 1024 * 1024
-    max_text_chars: int = 10_000
     # -- image URLs -----------------------------------------------------------------------------
     allow_url_fetch: bool = False
     url_allowlist: tuple[str, ...] = ()
@@ -121,11 +114,24 @@ class ServerSettings:
             raise InvalidInputError(
                 "--redis shares per-key limits; it needs --keys-db with the keys", loc=("redis",)
             )
-        self.to_load_options()  # validates the model options and the engine's limits
 
-    def to_load_options(self) -> LoadOptions:
-        """What the server loads: its model options and the engine's limits."""
-        return options_from({opt.name: getattr(self, opt.name) for opt in LOAD_OPTIONS})
+    @classmethod
+    def of(cls, **values: Any) -> ServerSettings:
+        """The defaults with ``values``, each by its option name (``model``, ``port``); the load
+        options among them go into ``load`` (a given ``load`` is their base)."""
+        return cls().replace(**values)
+
+    def replace(self, **changes: Any) -> ServerSettings:
+        """A copy with ``changes`` by option name, as :meth:`of` takes them; a bad value names
+        its option (``max_image_pixels``, not the record's ``max_pixels``)."""
+        load = changes.pop("load", self.load)
+        given = {name: changes.pop(name) for name in list(changes) if name in _LOAD_NAMES}
+        return dataclasses.replace(self, load=options_from(given, base=load), **changes)
+
+    @property
+    def model(self) -> str:
+        """The ``--model`` string: what clients may pass as ``model`` besides the served name."""
+        return str(self.load.source)
 
     @property
     def model_name(self) -> str:
@@ -139,8 +145,13 @@ class ServerSettings:
             return self.served_model_name
         return self.model if self.expose_paths else public_path(self.model)
 
-    def replace(self, **changes: Any) -> ServerSettings:
-        return dataclasses.replace(self, **changes)
+
+_LOAD_NAMES = frozenset(opt.name for opt in LOAD_OPTIONS)
+
+
+def value_of(settings: ServerSettings, opt: Option) -> Any:
+    """The value of ``opt`` in ``settings``: a load option's is in ``settings.load``."""
+    return getattr(settings.load, opt.field) if opt.field else getattr(settings, opt.name)
 
 
 def public_path(path: str) -> str:
@@ -310,7 +321,7 @@ def env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
     """Defaults, then the environment, then ``overrides`` (e.g. parsed CLI flags)."""
-    return ServerSettings(**{**env_values(environ), **overrides})
+    return ServerSettings.of(**{**env_values(environ), **overrides})
 
 
 def markdown_table() -> str:
@@ -318,7 +329,7 @@ def markdown_table() -> str:
     defaults = ServerSettings()
     rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
     for opt in OPTIONS:
-        default = getattr(defaults, opt.name)
+        default = value_of(defaults, opt)
         if isinstance(default, tuple):
             shown = "none" if not default else ",".join(default)
         elif isinstance(default, bool):

@@ -12,15 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from PIL import Image
-
 from blipitm.engine import Engine
+from blipitm.engine.batcher import Batcher
+from blipitm.engine.jobs import WarmUp
 from blipitm.processing import PixelBudget
 from blipitm.retrieval import Index
-from blipitm.server.batching import Batcher, Call
-from blipitm.server.errors import APIError
+from blipitm.server.errors import APIError, ErrorCode
 from blipitm.server.images import ImageLoader
-from blipitm.server.keys import KeyService
 from blipitm.server.metrics import Metrics
 from blipitm.server.settings import ServerSettings
 from blipitm.server.urlfetch import URLFetcher
@@ -54,7 +52,6 @@ class ServerState:
     index: Index | None = None
     ready: bool = False
     load_error: str | None = None
-    keys: KeyService | None = None  # per-key API keys (--keys-db)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -95,13 +92,10 @@ class ServerState:
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
             max_queue=s.max_queue,
-            metrics=self.metrics,
+            observer=self.metrics.batcher_observer(),
         )
         self.batcher.start()
-        warm = Image.new("RGB", (64, 64), (128, 128, 128))
-        await asyncio.wrap_future(
-            self.batcher.submit(Call(lambda e: e.score(warm, "a warm-up caption")))
-        )
+        await asyncio.wrap_future(self.batcher.submit(WarmUp()))
         info = engine.info
         log.info(
             "serving %s as %r: revision=%s commit=%s protocol=%s device=%s dtype=%s "
@@ -141,7 +135,7 @@ class ServerState:
                 "the model is still loading"
                 if self.load_error is None
                 else "the model failed to load",
-                code="model_not_ready",
+                code=ErrorCode.MODEL_NOT_READY,
                 headers={"Retry-After": "5"},
             )
         return Loaded(self.engine, self.batcher, self.loader)
@@ -154,7 +148,7 @@ class ServerState:
                 404,
                 f"model {model!r} is not served here; this server serves "
                 f"{self.settings.model_name!r}",
-                code="model_not_found",
+                code=ErrorCode.MODEL_NOT_FOUND,
                 param="model",
             )
 

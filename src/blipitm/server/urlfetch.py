@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 
-from blipitm.server.errors import APIError
+from blipitm.server.errors import APIError, ErrorCode
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -98,7 +98,7 @@ async def system_resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def _refuse(message: str, param: str, code: str = "url_forbidden") -> APIError:
+def _refuse(message: str, param: str, code: ErrorCode = ErrorCode.URL_FORBIDDEN) -> APIError:
     return APIError(400, message, code=code, param=param)
 
 
@@ -142,11 +142,13 @@ class URLFetcher:
             raise _refuse(
                 f"fetching the image took longer than {self.timeout_s:g}s",
                 param,
-                code="url_fetch_failed",
+                code=ErrorCode.URL_FETCH_FAILED,
             ) from None
         except httpx.HTTPError as e:
             raise _refuse(
-                f"cannot fetch the image: {type(e).__name__}", param, code="url_fetch_failed"
+                f"cannot fetch the image: {type(e).__name__}",
+                param,
+                code=ErrorCode.URL_FETCH_FAILED,
             ) from None
 
     async def _fetch(self, url: str, param: str) -> bytes:
@@ -166,13 +168,15 @@ class URLFetcher:
                     raise _refuse(
                         f"the image URL answered HTTP {response.status_code}",
                         param,
-                        code="url_fetch_failed",
+                        code=ErrorCode.URL_FETCH_FAILED,
                     )
                 return await self._read_capped(response, param)
             finally:
                 await response.aclose()
         raise _refuse(
-            f"more than {self.max_redirects} redirects", param, code="url_too_many_redirects"
+            f"more than {self.max_redirects} redirects",
+            param,
+            code=ErrorCode.URL_TOO_MANY_REDIRECTS,
         )
 
     async def _checked_target(
@@ -192,18 +196,18 @@ class URLFetcher:
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, ValueError, TypeError):
-            raise _refuse("not a valid URL", param, code="invalid_url") from None
+            raise _refuse("not a valid URL", param, code=ErrorCode.INVALID_URL) from None
         if parsed.scheme not in ("http", "https"):
             raise _refuse(
                 f"URL scheme {parsed.scheme!r} is not allowed; only http and https are",
                 param,
-                code="url_scheme_not_allowed",
+                code=ErrorCode.URL_SCHEME_NOT_ALLOWED,
             )
         if parsed.userinfo:
             raise _refuse("URLs with credentials are not allowed", param)
         host = parsed.raw_host.decode("ascii").lower()
         if not host:
-            raise _refuse("the URL has no host", param, code="invalid_url")
+            raise _refuse("the URL has no host", param, code=ErrorCode.INVALID_URL)
         if self.allowlist and _normalise_host(host) not in self.allowlist:
             raise _refuse(f"host {host!r} is not in the URL allowlist", param)
         return parsed, host
@@ -213,9 +217,11 @@ class URLFetcher:
         try:
             addresses = await self._resolve(host, port)
         except (OSError, UnicodeError):
-            raise _refuse(f"cannot resolve host {host!r}", param, code="url_fetch_failed") from None
+            raise _refuse(
+                f"cannot resolve host {host!r}", param, code=ErrorCode.URL_FETCH_FAILED
+            ) from None
         if not addresses:
-            raise _refuse(f"host {host!r} has no address", param, code="url_fetch_failed")
+            raise _refuse(f"host {host!r} has no address", param, code=ErrorCode.URL_FETCH_FAILED)
         for address in addresses:
             # A scoped IPv6 address ("fe80::1%eth0") is link-local whatever its scope.
             ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -230,12 +236,12 @@ class URLFetcher:
             raise _refuse(
                 f"the image URL sent Content-Encoding {encoding!r}; only identity is accepted",
                 param,
-                code="url_fetch_failed",
+                code=ErrorCode.URL_FETCH_FAILED,
             )
         too_large = APIError(
             413,
             f"the image at the URL is larger than the limit of {self.max_bytes} bytes",
-            code="image_too_large",
+            code=ErrorCode.IMAGE_TOO_LARGE,
             param=param,
         )
         declared = response.headers.get("content-length")

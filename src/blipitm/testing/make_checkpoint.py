@@ -1,6 +1,6 @@
 """Write random BLIP ITM checkpoints in the exact on-disk formats real ones use.
 
-Every tensor is re-randomised (DESIGN.md §4): a default init (zeros, ones) makes a swapped or
+Every tensor is re-randomised: a default init (zeros, ones) makes a swapped or
 skipped tensor invisible, random values make it a numeric mismatch. Scales keep a forward pass
 healthy, so ITM probabilities and cosines are informative rather than saturated:
 

@@ -10,10 +10,11 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from blipitm.engine import TextFeatures
-from blipitm.server.batching import EmbedImages, EmbedTexts
-from blipitm.server.context import Ready, ready
-from blipitm.server.errors import API_ERRORS, APIError
+from blipitm.engine.jobs import EmbedImages, EmbedTexts
+from blipitm.server.context import RequestContext, ready
+from blipitm.server.errors import API_ERRORS, APIError, ErrorCode
 from blipitm.server.inputs import ImageItem, TextItem, embedding_items, loc_mapper
+from blipitm.server.responses import usage
 from blipitm.server.schemas import EmbeddingRequest, EmbeddingResponse
 
 router = APIRouter()
@@ -29,7 +30,7 @@ def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=API_ERRORS)
 async def embeddings(
-    ctx: Annotated[Ready[EmbeddingRequest], ready(EmbeddingRequest)],
+    ctx: Annotated[RequestContext[EmbeddingRequest], ready(EmbeddingRequest)],
 ) -> JSONResponse:
     """OpenAI embeddings of texts or images (unit-norm ITC embeddings, one space for both)."""
     body, settings = ctx.body, ctx.state.settings
@@ -38,7 +39,7 @@ async def embeddings(
         raise APIError(
             400,
             f"this model's embeddings have {dim} dimensions; `dimensions` must be {dim} or omitted",
-            code="unsupported_dimensions",
+            code=ErrorCode.UNSUPPORTED_DIMENSIONS,
             param="dimensions",
         )
     items = embedding_items(body.input, modality=body.modality, max_items=settings.max_items)
@@ -59,7 +60,6 @@ async def embeddings(
         vectors[image_pos] = await ctx.run(
             EmbedImages(images), loc_mapper(images=image_items), texts=0, images=len(images)
         )
-    tokens = ctx.usage_tokens(text_tokens, len(images))
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
         for i, v in enumerate(vectors)
@@ -69,6 +69,6 @@ async def embeddings(
             "object": "list",
             "data": data,
             "model": settings.model_name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "usage": usage(ctx, text_tokens, len(images)),
         }
     )

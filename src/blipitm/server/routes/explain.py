@@ -18,12 +18,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from blipitm.errors import InvalidInputError
+from blipitm.engine.jobs import Explain
 from blipitm.explain import Explanation, overlay, resolve_layer
-from blipitm.server.batching import Explain
-from blipitm.server.context import Ready, ready
-from blipitm.server.errors import API_ERRORS, from_invalid_input
+from blipitm.server.context import RequestContext, ready
+from blipitm.server.errors import API_ERRORS
 from blipitm.server.inputs import ImageItem, TextItem, check_count, classify, loc_mapper
+from blipitm.server.responses import usage
 from blipitm.server.schemas import ExplainRequest, ExplainResponse
 
 router = APIRouter()
@@ -61,15 +61,14 @@ def _items(body: ExplainRequest) -> tuple[ImageItem, list[TextItem]]:
 
 
 @router.post("/v1/explain", response_model=ExplainResponse, responses=API_ERRORS)
-async def explain(ctx: Annotated[Ready[ExplainRequest], ready(ExplainRequest)]) -> JSONResponse:
+async def explain(
+    ctx: Annotated[RequestContext[ExplainRequest], ready(ExplainRequest)],
+) -> JSONResponse:
     """Grad-CAM of the ITM match on one cross-attention layer, per caption, with its scores."""
     body, settings = ctx.body, ctx.state.settings
     config = ctx.engine.config
     num_layers = config.text.num_hidden_layers
-    try:
-        layer = resolve_layer(body.layer, num_layers)
-    except InvalidInputError as e:
-        raise from_invalid_input(e) from None
+    layer = resolve_layer(body.layer, num_layers)  # InvalidInputError: a 400 (server/errors.py)
     image_item, text_items = _items(body)
     # Each caption explained costs a backward pass and image-sized maps: capped as images are.
     check_count(len(text_items), min(settings.max_items, settings.max_images), "texts")
@@ -102,7 +101,7 @@ async def explain(ctx: Annotated[Ready[ExplainRequest], ready(ExplainRequest)]) 
         }
         for i, (e, (caption, per_token)) in enumerate(zip(found, rendered, strict=True))
     ]
-    tokens = ctx.usage_tokens(sum(e.text_tokens for e in found), 1)
+    text_tokens = sum(e.text_tokens for e in found)
     return JSONResponse(
         {
             "object": "list",
@@ -111,6 +110,6 @@ async def explain(ctx: Annotated[Ready[ExplainRequest], ready(ExplainRequest)]) 
             "num_layers": num_layers,
             "grid": config.vision.image_size // config.vision.patch_size,
             "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "usage": usage(ctx, text_tokens, 1),
         }
     )

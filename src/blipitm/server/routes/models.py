@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from blipitm.server.context import server_state
+from blipitm.server.account import account_of
+from blipitm.server.context import check_access, server_state
 from blipitm.server.errors import error_responses
-from blipitm.server.keys import charge_of
 from blipitm.server.schemas import ModelCard, ModelList
 from blipitm.server.settings import public_path
 from blipitm.server.state import ServerState
@@ -42,10 +42,7 @@ def _model_card(st: ServerState) -> dict[str, Any]:
 async def list_models(st: State, request: Request) -> JSONResponse:
     """The served model, in OpenAI's list shape, with its protocol and overrides (none when the
     API key may not use it)."""
-    charge = charge_of(request.scope)
-    if charge is not None and not charge.key.allows_model(
-        st.settings.model_name, st.settings.model
-    ):
+    if not account_of(request.scope).allows(st.settings.model_name, st.settings.model):
         return JSONResponse({"object": "list", "data": []})
     return JSONResponse({"object": "list", "data": [_model_card(st)]})
 
@@ -55,7 +52,5 @@ async def list_models(st: State, request: Request) -> JSONResponse:
 )
 async def retrieve_model(model: str, st: State, request: Request) -> JSONResponse:
     st.check_model(model)
-    charge = charge_of(request.scope)
-    if charge is not None:
-        charge.check_model(model, (st.settings.model_name, st.settings.model))
+    check_access(account_of(request.scope), st, model)
     return JSONResponse(_model_card(st))

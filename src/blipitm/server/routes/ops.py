@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from blipitm.server.errors import envelope
+from blipitm.server.errors import ErrorCode, envelope
 from blipitm.server.schemas import ErrorResponse, Status
 from blipitm.server.state import ServerState
 
@@ -37,7 +37,9 @@ async def ready(request: Request) -> JSONResponse:
     else:
         message = "the model is loading"
     return JSONResponse(
-        envelope(503, message, "model_not_ready"), status_code=503, headers={"Retry-After": "5"}
+        envelope(503, message, ErrorCode.MODEL_NOT_READY),
+        status_code=503,
+        headers={"Retry-After": "5"},
     )
 
 

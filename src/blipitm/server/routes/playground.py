@@ -16,7 +16,7 @@ from importlib.resources import files
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from blipitm.server.errors import APIError
+from blipitm.server.errors import APIError, ErrorCode
 
 router = APIRouter(include_in_schema=False)
 
@@ -63,5 +63,5 @@ async def playground() -> Response:
 async def asset(name: str) -> Response:
     media_type = _ASSETS.get(name)
     if media_type is None:
-        raise APIError(404, f"no playground asset {name!r}", code="not_found")
+        raise APIError(404, f"no playground asset {name!r}", code=ErrorCode.NOT_FOUND)
     return _served(name, media_type)

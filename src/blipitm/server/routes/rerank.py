@@ -10,10 +10,11 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from blipitm.engine import PairScores, Ranking
+from blipitm.engine.batcher import LocMap
+from blipitm.engine.jobs import Rank, ScorePairs
 from blipitm.processing import ResizedImage
-from blipitm.server.batching import LocMap, Rank, ScorePairs
-from blipitm.server.context import Ready, ready
-from blipitm.server.errors import API_ERRORS, APIError
+from blipitm.server.context import RequestContext, ready
+from blipitm.server.errors import API_ERRORS, APIError, ErrorCode
 from blipitm.server.inputs import (
     ImageItem,
     Item,
@@ -24,11 +25,12 @@ from blipitm.server.inputs import (
     loc_mapper,
     side_items,
 )
+from blipitm.server.responses import usage
 from blipitm.server.schemas import Content, FieldsDocument, RerankRequest, RerankResponse
 
 router = APIRouter()
 
-Context = Annotated[Ready[RerankRequest], ready(RerankRequest)]
+Context = Annotated[RequestContext[RerankRequest], ready(RerankRequest)]
 Hit = tuple[int, float, float]  # (document index, ITM probability, ITC cosine)
 Hits = tuple[list[Hit], int]  # and the tokens the engine read for the request's texts
 
@@ -47,7 +49,7 @@ def _item(doc: object, index: int, rank_fields: list[str] | None) -> Item:
             400,
             f"the document has none of the fields ranked ({', '.join(fields)}); name them with "
             "rank_fields",
-            code="invalid_input",
+            code=ErrorCode.INVALID_INPUT,
             param=f"documents[{index}]",
         )
     return TextItem(" ".join(found), loc)
@@ -80,13 +82,13 @@ def _returned(body: RerankRequest, v2: bool) -> Callable[[int, Item], dict[str, 
 
 def _check_limits(body: RerankRequest) -> None:
     if body.top_n is not None and body.top_n < 0:
-        raise APIError(400, "must be >= 0 (0: all)", code="invalid_input", param="top_n")
+        raise APIError(400, "must be >= 0 (0: all)", code=ErrorCode.INVALID_INPUT, param="top_n")
     if body.rerank_k is not None and body.rerank_k < 1:
-        raise APIError(400, "must be >= 1", code="invalid_input", param="rerank_k")
+        raise APIError(400, "must be >= 1", code=ErrorCode.INVALID_INPUT, param="rerank_k")
 
 
 async def _score_all(
-    ctx: Ready[RerankRequest],
+    ctx: RequestContext[RerankRequest],
     image_query: bool,
     texts: list[str],
     images: list[ResizedImage],
@@ -101,7 +103,7 @@ async def _score_all(
 
 
 async def _score_cut(
-    ctx: Ready[RerankRequest],
+    ctx: RequestContext[RerankRequest],
     query: Item,
     docs: list[Item],
     texts: list[str],
@@ -119,7 +121,7 @@ async def _score_cut(
     return [(r.index, r.itm_probability, r.itc_cosine) for r in kept], kept.text_tokens
 
 
-async def _rerank(ctx: Ready[RerankRequest], *, v2: bool) -> JSONResponse:
+async def _rerank(ctx: RequestContext[RerankRequest], *, v2: bool) -> JSONResponse:
     body = ctx.body
     _check_limits(body)
     query = classify(body.query, ("query",))
@@ -147,12 +149,11 @@ async def _rerank(ctx: Ready[RerankRequest], *, v2: bool) -> JSONResponse:
         if (doc := document(index, docs[index])) is not None:
             result["document"] = doc
         results.append(result)
-    tokens = ctx.usage_tokens(text_tokens, len(images))
     return JSONResponse(
         {
             "id": f"rerank-{uuid.uuid4().hex}",
             "model": ctx.state.settings.model_name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "usage": usage(ctx, text_tokens, len(images)),
             "results": results,
         }
     )

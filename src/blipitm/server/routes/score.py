@@ -10,17 +10,18 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from blipitm.engine import PairScores
-from blipitm.server.batching import ScorePairs
-from blipitm.server.context import Ready, ready
+from blipitm.engine.jobs import ScorePairs
+from blipitm.server.context import RequestContext, ready
 from blipitm.server.errors import API_ERRORS
 from blipitm.server.inputs import check_count, loc_mapper, plan_pairs, side_items
+from blipitm.server.responses import usage
 from blipitm.server.schemas import ScoreRequest, ScoreResponse
 
 router = APIRouter()
 
 
 @router.post("/v1/score", response_model=ScoreResponse, responses=API_ERRORS)
-async def score(ctx: Annotated[Ready[ScoreRequest], ready(ScoreRequest)]) -> JSONResponse:
+async def score(ctx: Annotated[RequestContext[ScoreRequest], ready(ScoreRequest)]) -> JSONResponse:
     """vLLM's score API: ITM probability (plus logits and ITC cosine) per (text_1, text_2) pair."""
     body, settings = ctx.body, ctx.state.settings
     side1 = side_items(body.text_1, "text_1")
@@ -44,7 +45,6 @@ async def score(ctx: Annotated[Ready[ScoreRequest], ready(ScoreRequest)]) -> JSO
         }
         for p in range(len(scores))
     ]
-    tokens = ctx.usage_tokens(int(scores.text_tokens.sum()), len(images))
     return JSONResponse(
         {
             "id": f"score-{uuid.uuid4().hex}",
@@ -52,6 +52,6 @@ async def score(ctx: Annotated[Ready[ScoreRequest], ready(ScoreRequest)]) -> JSO
             "created": int(time.time()),
             "model": settings.model_name,
             "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+            "usage": usage(ctx, int(scores.text_tokens.sum()), len(images), completion_tokens=True),
         }
     )

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from blipitm.engine import Engine
 from blipitm.retrieval import Index, IndexFormatError, SearchHits, modality_problem, search
-from blipitm.server.batching import Call
-from blipitm.server.context import Ready, ready
-from blipitm.server.errors import API_ERRORS, APIError
+from blipitm.server.context import RequestContext, ready
+from blipitm.server.errors import API_ERRORS, APIError, ErrorCode
 from blipitm.server.inputs import TextItem, classify, loc_mapper
+from blipitm.server.responses import usage
 from blipitm.server.schemas import SearchRequest, SearchResponse
 
 router = APIRouter()
@@ -20,7 +22,22 @@ router = APIRouter()
 _log = logging.getLogger("blipitm.server")
 
 
-def _checked_index(ctx: Ready[SearchRequest]) -> Index:
+@dataclass(frozen=True)
+class Search:
+    """The job: both stages of one query over the index, on the inference worker (never merged).
+    It lives with its route, not in ``engine/jobs.py``: the index is the retrieval layer's, below
+    the engine."""
+
+    index: Index
+    query: Any  # a text, or a resized image
+    top_k: int
+    rerank_k: int
+
+    def run(self, engine: Engine) -> SearchHits:
+        return search(engine, self.index, self.query, top_k=self.top_k, rerank_k=self.rerank_k)
+
+
+def _checked_index(ctx: RequestContext[SearchRequest]) -> Index:
     """The server's index, once ``top_k`` and ``rerank_k`` are within the server's limits."""
     index = ctx.state.index
     if index is None:
@@ -28,14 +45,19 @@ def _checked_index(ctx: Ready[SearchRequest]) -> Index:
             404,
             "this server has no retrieval index; start it with --index INDEX "
             "(built with `blipitm index build SRC --out INDEX`)",
-            code="index_not_configured",
+            code=ErrorCode.INDEX_NOT_CONFIGURED,
         )
     limit = ctx.state.settings.max_items
     if not 1 <= ctx.body.top_k <= limit:
-        raise APIError(400, f"must be between 1 and {limit}", code="invalid_input", param="top_k")
+        raise APIError(
+            400, f"must be between 1 and {limit}", code=ErrorCode.INVALID_INPUT, param="top_k"
+        )
     if not 0 <= ctx.body.rerank_k <= 8 * limit:
         raise APIError(
-            400, f"must be between 0 and {8 * limit}", code="invalid_input", param="rerank_k"
+            400,
+            f"must be between 0 and {8 * limit}",
+            code=ErrorCode.INVALID_INPUT,
+            param="rerank_k",
         )
     return index
 
@@ -48,7 +70,7 @@ def _damaged(e: IndexFormatError) -> APIError:
         503,
         "the search index cannot be used: it is damaged (the server log says how); "
         "the operator can check it with `blipitm index verify`",
-        code="index_damaged",
+        code=ErrorCode.INDEX_DAMAGED,
     )
 
 
@@ -61,7 +83,7 @@ def _damaged(e: IndexFormatError) -> APIError:
     "with ITM; score = itm_logits[1] + itc_cosine under the BLIP protocol.",
 )
 async def search_index(
-    ctx: Annotated[Ready[SearchRequest], ready(SearchRequest)],
+    ctx: Annotated[RequestContext[SearchRequest], ready(SearchRequest)],
 ) -> JSONResponse:
     index = _checked_index(ctx)
     query = classify(ctx.body.query, ("query",))
@@ -71,26 +93,24 @@ async def search_index(
     except IndexFormatError as e:
         raise _damaged(e) from None
     if problem is not None:
-        raise APIError(400, problem, code="invalid_input", param="query")
+        raise APIError(400, problem, code=ErrorCode.INVALID_INPUT, param="query")
     if isinstance(query, TextItem):
         texts, images = await ctx.inputs([query], [])
     else:
         texts, images = await ctx.inputs([], [query])
     q: Any = texts[0] if texts else images[0]
-    top_k, rerank_k = ctx.body.top_k, ctx.body.rerank_k
     try:
         hits: SearchHits = await ctx.run(
-            Call(lambda engine: search(engine, index, q, top_k=top_k, rerank_k=rerank_k)),
+            Search(index, q, ctx.body.top_k, ctx.body.rerank_k),
             loc_mapper(query, images=[query], texts=[query]),
         )
     except IndexFormatError as e:
         raise _damaged(e) from None
-    tokens = ctx.usage_tokens(hits.text_tokens, len(images))
     return JSONResponse(
         {
             "object": "list",
             "model": ctx.state.settings.model_name,
             "data": [{"object": "search_result", **hit.as_dict()} for hit in hits],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "usage": usage(ctx, hits.text_tokens, len(images)),
         }
     )

@@ -45,6 +45,14 @@ class UsageBuffer:
         """Rows of ``name`` not yet in the store (``/v1/usage`` adds them to the store's)."""
         return [r for r in self._rows.values() if r.name == name]
 
+    async def usage(self, name: str, first: str | None = None) -> list[UsageRow]:
+        """The store's rows of ``name`` (from day ``first``) and those not yet written, read with
+        no flush in between: a flush moves rows from here to the store, so reading the two on
+        either side of one would miss them (or count them twice)."""
+        async with self._lock:
+            stored = await asyncio.to_thread(self.store.usage, name, first)
+            return [*stored, *self.pending(name)]
+
     @contextlib.asynccontextmanager
     async def spent(self, name: str) -> AsyncIterator[Callable[[], int]]:
         """Credits ``name`` has spent, as a function: the store's balance plus the rows not yet

@@ -4,8 +4,8 @@ A request meets the limiter three times: ``admit`` (one request token and a conc
 before the body is read), ``reserve`` (its items and credits, from what the body declares, before
 any work), ``finish`` (the slot back; the credits of the work done billed, the rest refunded).
 Finishing is idempotent: a request id settles once, a repeated call does nothing. This module
-keeps that state in the process (one replica); :mod:`blipitm.server.redis_limits` keeps the same
-state in Redis for several replicas. Both answer with a :class:`Verdict`.
+keeps that state in the process (one replica); :mod:`blipitm.server.gateway.redis_limits` keeps
+the same state in Redis for several replicas. Both answer with a :class:`Verdict`.
 
 Rate limits are token buckets of ``limit`` tokens refilled evenly over the window (60 s): a key may
 burst its whole limit, then gets one more request every ``window / limit`` seconds.

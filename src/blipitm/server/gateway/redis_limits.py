@@ -1,4 +1,5 @@
-"""The limiter of :mod:`blipitm.server.limits` with its state in Redis, shared by every replica.
+"""The limiter of :mod:`blipitm.server.gateway.limits` with its state in Redis, shared by every
+replica.
 
 Each step is one Lua script, so a check and its update are atomic across replicas, and each reads
 the clock from Redis (``TIME``) so replicas with skewed clocks still share one window. Per key:
@@ -38,9 +39,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from blipitm.errors import BlipitmError
 from blipitm.keys import KeyRecord
-from blipitm.server.limits import (
+from blipitm.server.account import LimiterUnavailable
+from blipitm.server.gateway.limits import (
     CONCURRENCY_RETRY_S,
     NO_CREDITS,
     RATE_LIMITED,
@@ -54,10 +55,6 @@ from blipitm.server.limits import (
 )
 
 log = logging.getLogger("blipitm.server")
-
-
-class LimiterUnavailable(BlipitmError):
-    """Redis cannot be reached: requests of metered keys are refused (503), never let through."""
 
 
 # First in every per-request script: the last KEYS is the key's epoch, the last ARGV the token the
@@ -492,3 +489,6 @@ class RedisLimiter:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+__all__ = ["LimiterUnavailable", "RedisLimiter", "check_reachable"]

@@ -1,7 +1,9 @@
 """Bearer-token check: constant-time, over every configured key, and the key never logged.
 
 Two kinds of key: the static ``--api-key`` keys (unlimited operator keys, checked here) and the
-per-key store of ``--keys-db`` (:mod:`blipitm.server.keys`), asked when no static key matches.
+per-key store of ``--keys-db`` (:mod:`blipitm.server.gateway.accounts`), asked when no static key
+matches. :meth:`Authenticator.authenticate` answers a typed verdict: :class:`Operator`,
+:class:`Metered` (a key of the store) or :class:`Refused` (with the reason the client reads).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import hmac
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from blipitm.keys import KeyRecord
+from blipitm.server.gateway.verdict import INVALID, OPERATOR, AuthVerdict, Refused
 
 if TYPE_CHECKING:
-    from blipitm.server.keys import KeyService
+    from blipitm.server.gateway.accounts import KeyService
 
 
 def _digest(value: str) -> bytes:
@@ -65,13 +67,8 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
-OPERATOR = None  # authenticated by a static key: unlimited, not metered
-
-
 class Authenticator:
-    """Static operator keys first, then the key store. ``authenticate`` answers the key record
-    (metered), :data:`OPERATOR` (a static key, or no keys configured at all) or, as a string,
-    why the request is refused."""
+    """Static operator keys first, then the key store."""
 
     def __init__(self, static: KeyChecker, service: KeyService | None) -> None:
         self.static = static
@@ -81,12 +78,12 @@ class Authenticator:
     def enabled(self) -> bool:
         return self.static.enabled or self.service is not None
 
-    def authenticate(self, authorization: str | None) -> KeyRecord | str | None:
+    def authenticate(self, authorization: str | None) -> AuthVerdict:
         if not self.enabled or (self.static.enabled and self.static.check(authorization)):
             return OPERATOR
         token = bearer_token(authorization)
         if token is None:
-            return "missing API key; send `Authorization: Bearer <key>`"
+            return Refused("missing API key; send `Authorization: Bearer <key>`")
         if self.service is None:
-            return "invalid API key; send `Authorization: Bearer <key>`"
+            return Refused(INVALID)
         return self.service.authenticate(token)

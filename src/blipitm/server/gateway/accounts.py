@@ -3,10 +3,11 @@
 :class:`KeyService` holds the keys of the store in memory (reloaded every second, so the CLI's
 ``create``, ``update`` and ``revoke`` apply within about a second and no request waits on the
 disk), the limiter (in-process, or Redis with ``--redis``), the usage buffer and the per-key
-metrics. :class:`Charge` is one request's account: admitted by the guard middleware, its items and
-credits reserved by the route (``Ready.inputs``) from what the body declares, settled when the
-response is complete (billed on 2xx; otherwise the inference work that was done is billed and the
-rest refunded, whether the client went away or the deadline passed).
+metrics. :class:`Charge` is one request's :class:`~blipitm.server.account.Account`: admitted by
+the gateway's middleware, its items and credits reserved by the request context
+(``RequestContext.inputs``) from what the body declares, settled when the response is complete
+(billed on 2xx; otherwise the inference work that was done is billed and the rest refunded,
+whether the client went away or the deadline passed).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from blipitm.keys import KeyRecord, KeyStore, hash_secret
-from blipitm.server.errors import APIError
-from blipitm.server.limits import (
+from blipitm.server.account import SCOPE_ACCOUNT, LimiterUnavailable
+from blipitm.server.errors import OverLimit
+from blipitm.server.gateway.limits import (
     Limiter,
     LocalLimiter,
     Verdict,
@@ -34,14 +36,14 @@ from blipitm.server.limits import (
     rate_headers,
     refusal_headers,
 )
-from blipitm.server.metering import KeyMetrics, UsageBuffer, usage_row
-from blipitm.server.redis_limits import LimiterUnavailable, RedisLimiter
+from blipitm.server.gateway.metering import KeyMetrics, UsageBuffer, usage_row
+from blipitm.server.gateway.redis_limits import RedisLimiter
+from blipitm.server.gateway.verdict import INVALID, Metered, Refused
 from blipitm.server.settings import ServerSettings
 
 log = logging.getLogger("blipitm.server")
 
 FLUSH_S = 1.0  # usage reaches the store within this (plus the write); SIGKILL loses at most this
-SCOPE_KEY = "blipitm.charge"  # where the guard leaves a request's Charge in the ASGI scope
 
 
 class KeyService:
@@ -130,22 +132,22 @@ class KeyService:
 
     # -- per request ----------------------------------------------------------------------------
 
-    def authenticate(self, token: str) -> KeyRecord | str:
+    def authenticate(self, token: str) -> Metered | Refused:
         """The key ``token`` is the secret of, or why it is refused (never echoing the token)."""
         digest = hash_secret(token)
         record = self._by_hash.get(digest)
         # The lookup is by SHA-256 of a 256-bit secret: its timing can reveal bits of a hash,
         # which do not help find a secret. The final comparison is constant-time all the same.
         if record is None or not hmac.compare_digest(record.hash, digest):
-            return "invalid API key; send `Authorization: Bearer <key>`"
+            return Refused(INVALID)
         reason = record.refusal(time.time())
         if reason is not None:
-            return (
+            return Refused(
                 f"this API key has been {reason}"
                 if reason == "revoked"
                 else "this API key has expired"
             )
-        return record
+        return Metered(record)
 
     def current(self, name: str) -> KeyRecord | None:
         return self._by_name.get(name)
@@ -228,25 +230,12 @@ class Charge:
             self.service.record(self, 429, 0)
         return verdict
 
-    def check_model(self, named: str | None, served: tuple[str, ...]) -> None:
-        """OpenAI's answers: a model the key may not use 'does not exist' for it (404) when the
-        request names it; with ``model`` omitted, the served model is refused (403)."""
-        if self.key.allows_model(*served):
-            return
-        if named is not None:
-            raise APIError(
-                404,
-                f"the model {named!r} does not exist or this key does not have access to it",
-                code="model_not_found",
-                param="model",
-            )
-        raise APIError(
-            403, "this key may not use the model this server serves", code="model_not_allowed"
-        )
+    def allows(self, *names: str) -> bool:
+        return self.key.allows_model(*names)
 
     async def reserve(self, texts: int, images: int) -> None:
         """Take the request's items and credits (1 per text, ``--image-credits`` per image)
-        before any work; 429 if a limit refuses."""
+        before any work; :class:`OverLimit` (429) if a limit refuses."""
         assert self.credits == 0, "one reservation per request"
         needed = texts + images * self.service.image_credits
         # Only what the balance may hold: a refused request bills nothing, a refunded one gives
@@ -259,12 +248,8 @@ class Charge:
             self.service.metrics.refused.labels(
                 key=self.service.metrics.label(self.key.name), reason=str(verdict.refusal)
             ).inc()
-            raise APIError(
-                429,
-                verdict.message,
-                code=str(verdict.refusal),
-                headers=refusal_headers(verdict),  # the guard adds the x-ratelimit-* ones
-            )
+            # The gateway's middleware adds the x-ratelimit-* headers.
+            raise OverLimit(verdict.message, str(verdict.refusal), refusal_headers(verdict))
         self.credits = needed
 
     def worked(self, texts: int | None = None, images: int | None = None) -> None:
@@ -275,6 +260,9 @@ class Charge:
         images = self.images if images is None else images
         done = self.done + texts + images * self.service.image_credits
         self.done = min(self.credits, done)
+
+    def bill(self, tokens: int) -> None:
+        self.tokens = tokens  # metered with the request
 
     def spent(self, status: int) -> int:
         """What the request is billed: everything on a 2xx, else the work the worker did."""
@@ -293,8 +281,9 @@ class Charge:
 
 
 def charge_of(scope: Any) -> Charge | None:
-    charge = scope.get(SCOPE_KEY)
+    """The request's metered account, if it has one."""
+    charge = scope.get(SCOPE_ACCOUNT)
     return charge if isinstance(charge, Charge) else None
 
 
-__all__ = ["SCOPE_KEY", "Charge", "KeyService", "LimiterUnavailable", "charge_of"]
+__all__ = ["Charge", "KeyService", "LimiterUnavailable", "charge_of"]

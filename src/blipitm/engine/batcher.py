@@ -1,0 +1,279 @@
+"""Dynamic batching: one worker thread that runs jobs on one engine, fed by a bounded queue.
+
+The engine is not thread-safe and one model saturates the device, so exactly one thread calls it.
+Torch releases the GIL during compute, so the caller's threads (the server's event loop, its
+decoding pool) keep working meanwhile. The worker takes the first queued job, then keeps taking
+jobs until it has ``max_batch_size`` of them or ``max_wait_ms`` has passed, and merges jobs of one
+:class:`Mergeable` class into one engine call (many text-embedding jobs -> one ``encode_texts``).
+Results are split back per job, token counts included (each job's usage is its own texts').
+
+The batcher knows no job class: a job is anything with ``run(engine)``; one that can share an
+engine call with others of its class adds ``merge(jobs) -> (job, split)``. The engine's jobs are
+in :mod:`blipitm.engine.jobs`; a front end may bring its own (the server's search is one). Nothing
+here is HTTP: the server, the Batch API or a Ray actor drive it alike, and whoever wants numbers
+passes a :class:`BatcherObserver` (the server's maps them to its Prometheus metrics).
+
+Isolation: if a merged call raises, its jobs are re-run one by one, so only the bad job fails (and
+an error's ``loc`` is translated back into that job's own by its ``LocMap``).
+
+Backpressure: ``submit`` never blocks; a full queue is :class:`QueueFull`. Cancellation: each job
+carries a ``concurrent.futures.Future``; a caller that gives up (client gone, deadline) cancels it,
+and the worker skips cancelled jobs when it takes them. A job whose future the worker has taken
+can no longer be cancelled: its compute is spent (the server bills it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, Self, cast, runtime_checkable
+
+from blipitm.errors import InvalidInputError, Loc
+
+if TYPE_CHECKING:
+    from blipitm.engine.engine import Engine
+
+log = logging.getLogger("blipitm.batcher")
+
+# An engine error's location -> the caller's: ("texts", 3) -> ("input", 5).
+LocMap = Callable[[Loc], Loc]
+# A merged job's result -> each merged job's own, in job order.
+Split = Callable[[Any], Sequence[Any]]
+
+
+class Job(Protocol):
+    """One piece of work for the worker: ``run`` makes its engine call(s) on the worker thread."""
+
+    def run(self, engine: Engine) -> Any: ...
+
+
+@runtime_checkable
+class Mergeable(Protocol):
+    """A job that can share one engine call with other jobs of its own class."""
+
+    def run(self, engine: Engine) -> Any: ...
+
+    @classmethod
+    def merge(cls, jobs: Sequence[Self]) -> tuple[Job, Split]:
+        """One job that does the work of ``jobs`` (two or more, all of this class), and how to
+        split its result back into theirs."""
+        ...
+
+
+class BatcherObserver(Protocol):
+    """What the batcher reports as it works (the server turns it into metrics). Called on the
+    submitting thread (``queue_depth``, ``refused``) or on the worker thread (the rest); each
+    must be cheap and must not raise."""
+
+    def queue_depth(self, depth: int) -> None:
+        """Jobs waiting, after a submit or after the worker took a batch."""
+
+    def refused(self) -> None:
+        """A submit found the queue full (:class:`QueueFull`)."""
+
+    def waited(self, seconds: float) -> None:
+        """A job the worker took had waited this long in the queue (once per live job)."""
+
+    def batch_started(self, size: int) -> None:
+        """The worker starts running a batch of ``size`` live jobs."""
+
+    def batch_finished(self, seconds: float) -> None:
+        """That batch took ``seconds`` on the engine."""
+
+
+class NoObserver:
+    """The default observer: reports go nowhere."""
+
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def refused(self) -> None:
+        pass
+
+    def waited(self, seconds: float) -> None:
+        pass
+
+    def batch_started(self, size: int) -> None:
+        pass
+
+    def batch_finished(self, seconds: float) -> None:
+        pass
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"inference queue is full; retry after {retry_after_s}s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Work:
+    job: Job
+    future: Future[Any]
+    locs: LocMap
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+_STOP = object()
+
+
+def _same_loc(loc: Loc) -> Loc:
+    return loc
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        observer: BatcherObserver | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.observer: BatcherObserver = NoObserver() if observer is None else observer
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._batch_seconds = 0.05  # running mean, for Retry-After
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="blipitm-inference", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in hand, fail what is still queued, join the thread."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Work) and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(RuntimeError("server is shutting down"))
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    # -- submitting -----------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def has_room(self) -> bool:
+        return self._queue.qsize() < self.max_queue
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained by one batch's worth: an honest hint."""
+        batches = max(1, math.ceil(self.depth / self.max_batch_size))
+        return max(1, min(60, math.ceil(batches * self._batch_seconds)))
+
+    def submit(self, job: Job, locs: LocMap = _same_loc) -> Future[Any]:
+        """Queue ``job``; raises :class:`QueueFull` instead of waiting."""
+        work = _Work(job, Future(), locs)
+        try:
+            self._queue.put_nowait(work)
+        except queue.Full:
+            self.observer.refused()
+            raise QueueFull(self.retry_after_s()) from None
+        self.observer.queue_depth(self._queue.qsize())
+        return work.future
+
+    # -- worker thread --------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Work] | None:
+        if self._stopping:
+            return None
+        first = self._queue.get()
+        if first is _STOP:
+            return None
+        batch: list[_Work] = [first]
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else None
+                if item is None:
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._stopping = True  # finish this batch, then exit
+                break
+            batch.append(item)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            self.observer.queue_depth(self._queue.qsize())
+            now = time.perf_counter()
+            # Cancelled futures (client gone, deadline passed) are dropped here, before compute.
+            live = [w for w in batch if w.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            for w in live:
+                self.observer.waited(now - w.enqueued)
+            self.observer.batch_started(len(live))
+            started = time.perf_counter()
+            try:
+                self._run_batch(live)
+            except BaseException as e:  # never let the worker die with futures pending
+                log.exception("inference worker failed")
+                for w in live:
+                    if not w.future.done():
+                        w.future.set_exception(e)
+            elapsed = time.perf_counter() - started
+            self.observer.batch_finished(elapsed)
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+
+    def _run_batch(self, live: list[_Work]) -> None:
+        groups: dict[type, list[_Work]] = {}
+        for w in live:
+            groups.setdefault(type(w.job), []).append(w)
+        for works in groups.values():
+            if len(works) > 1 and self._run_merged(works):
+                continue
+            for w in works:
+                self._run_single(w)
+
+    def _run_merged(self, works: list[_Work]) -> bool:
+        """One engine call for jobs of one mergeable class; False if they are not mergeable or
+        the merged call failed (the caller then runs them one by one)."""
+        first = works[0].job
+        if not isinstance(first, Mergeable):
+            return False
+        try:
+            # One class per group, so every job is mergeable like the first.
+            merged, split = first.merge([cast(Mergeable, w.job) for w in works])
+            results = split(merged.run(self.engine))
+        except Exception:
+            log.debug("merged batch of %d failed; re-running one by one", len(works))
+            return False
+        for w, r in zip(works, results, strict=True):
+            w.future.set_result(r)
+        return True
+
+    def _run_single(self, w: _Work) -> None:
+        try:
+            result = w.job.run(self.engine)
+        except InvalidInputError as e:
+            # Rebuild the error with the job's own location (("texts", 3) -> ("input", 3)).
+            w.future.set_exception(type(e)(e.reason, loc=w.locs(e.loc)))
+        except Exception as e:
+            w.future.set_exception(e)
+        else:
+            w.future.set_result(result)

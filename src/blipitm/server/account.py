@@ -1,0 +1,68 @@
+"""What a request is billed to: the seam between the request path and the hosted-API gateway.
+
+The request context (``server/context.py``) resolves one :class:`Account` per request and asks it
+three things: whether the key may use the served model (:meth:`Account.allows`), to reserve the
+request's items and credits before any work (:meth:`Account.reserve`), and to bill what was done
+(:meth:`Account.worked`, :meth:`Account.bill`). The gateway (``server/gateway/``) puts a metered
+key's account in the ASGI scope; operator keys and open servers get :data:`UNMETERED`, which
+allows everything and bills nothing. Nothing here knows keys, limits or Redis, so the request
+path runs the same with or without the gateway installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from blipitm.errors import BlipitmError
+
+SCOPE_ACCOUNT = "blipitm.account"  # where the gateway leaves a request's account in the scope
+
+
+class Account(Protocol):
+    def allows(self, *names: str) -> bool:
+        """Whether the caller may use the model known by any of ``names``."""
+        ...
+
+    async def reserve(self, texts: int, images: int) -> None:
+        """Take the request's items and credits before any work; raises
+        :class:`~blipitm.server.errors.OverLimit` (429) or :class:`LimiterUnavailable` (503)."""
+        ...
+
+    def worked(self, texts: int | None = None, images: int | None = None) -> None:
+        """The inference worker took a job of this request (None: all of it): it is billed even
+        if the client leaves."""
+        ...
+
+    def bill(self, tokens: int) -> None:
+        """The response's ``usage.total_tokens``, recorded with the request."""
+        ...
+
+
+class Unmetered:
+    """An operator key, or a server without keys: everything allowed, nothing billed."""
+
+    def allows(self, *names: str) -> bool:
+        return True
+
+    async def reserve(self, texts: int, images: int) -> None:
+        return None
+
+    def worked(self, texts: int | None = None, images: int | None = None) -> None:
+        return None
+
+    def bill(self, tokens: int) -> None:
+        return None
+
+
+UNMETERED: Account = Unmetered()
+
+
+def account_of(scope: Mapping[str, Any]) -> Account:
+    """The request's account: the gateway's, else :data:`UNMETERED`."""
+    account: Account | None = scope.get(SCOPE_ACCOUNT)
+    return UNMETERED if account is None else account
+
+
+class LimiterUnavailable(BlipitmError):
+    """Redis cannot be reached: requests of metered keys are refused (503), never let through."""
