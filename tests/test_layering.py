@@ -135,6 +135,7 @@ TORCH_FREE_PACKAGES = (
     "blipitm.filtering",
     "blipitm.server",
     "blipitm.server.settings",
+    "blipitm.server.app",  # the app loads the engine (torch) when it starts, not on import
     "blipitm.processing",
 )
 

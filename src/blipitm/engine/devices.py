@@ -29,8 +29,8 @@ def native_compute_dtype(device: torch.device, storage: torch.dtype) -> torch.dt
     """``storage`` where the hardware runs it natively, else float32.
 
     bfloat16 on a CPU without AVX512-BF16 / AMX (or ARM BF16) is emulated and runs several times
-    slower than fp32 (measured on AVX512 Xeon: 60 vs 280 GFLOP/s), so such CPUs keep bf16 weights
-    (half the memory) and compute in fp32, which is also more accurate.
+    slower than fp32 (BENCHMARKS.md has the measurements), so such CPUs keep bf16 weights (half
+    the memory) and compute in fp32, which is also more accurate.
     """
     if storage == torch.float32 or device.type != "cpu":
         return storage

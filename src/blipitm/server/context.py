@@ -17,11 +17,10 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from fastapi import Depends, Request
 
-from blipitm.engine import Engine
 from blipitm.engine.batcher import Batcher, Job, LocMap, QueueFull
 from blipitm.processing import ResizedImage, validate_text
 from blipitm.server.account import UNMETERED, Account, account_of
@@ -29,6 +28,9 @@ from blipitm.server.errors import APIError, ErrorCode
 from blipitm.server.images import ImageLoader
 from blipitm.server.inputs import ImageItem, TextItem
 from blipitm.server.state import ServerState
+
+if TYPE_CHECKING:
+    from blipitm.engine import Engine  # torch: loaded when the app loads a model, not on import
 
 
 class NamesModel(Protocol):

@@ -10,9 +10,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from blipitm.engine import Engine
 from blipitm.engine.batcher import Batcher
 from blipitm.engine.jobs import WarmUp
 from blipitm.processing import PixelBudget
@@ -23,11 +22,14 @@ from blipitm.server.metrics import Metrics
 from blipitm.server.settings import ServerSettings
 from blipitm.server.urlfetch import URLFetcher
 
+if TYPE_CHECKING:
+    from blipitm.engine import Engine  # torch: loaded when the app loads a model, not on import
+
 T = TypeVar("T")
 
 log = logging.getLogger("blipitm.server")
 
-EngineFactory = Callable[[ServerSettings], Engine]
+EngineFactory = Callable[[ServerSettings], "Engine"]
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from blipitm.engine import Engine
 from blipitm.retrieval import Index, IndexFormatError, SearchHits, modality_problem, search
 from blipitm.server.context import RequestContext, ready
 from blipitm.server.errors import API_ERRORS, APIError, ErrorCode
 from blipitm.server.inputs import TextItem, classify, loc_mapper
 from blipitm.server.responses import usage
 from blipitm.server.schemas import SearchRequest, SearchResponse
+
+if TYPE_CHECKING:
+    from blipitm.engine import Engine  # torch: loaded when the app loads a model, not on import
 
 router = APIRouter()
 
