@@ -6,6 +6,7 @@ import base64
 import http.server
 import io
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -177,3 +178,39 @@ def image_server(
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One complete response; EOFError if the server closed before it was complete."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"closed before a complete response head (got {buf!r})")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError("closed in the middle of a response body")
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def until(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample of ``server`` (0 while it has none)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^{re.escape(name)}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{name} (\S+)$"
+    m = re.search(pattern, text, re.M)
+    return float(m.group(1)) if m else 0.0

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from blipitm.keys import KeyStore
-from server_helpers import TESTS, ServerProcess, data_uri, free_port, png_bytes
+from server_helpers import TESTS, ServerProcess, data_uri, free_port, metric, png_bytes, until
 
 SETTINGS = {"max_queue": 4, "max_batch_size": 1, "max_wait_ms": 0, "request_timeout_s": 60}
 
@@ -44,20 +43,6 @@ def server(tiny_ckpt: Path, gates: Path, store: KeyStore) -> Iterator[ServerProc
         for name in ("w", "e"):
             (gates / f"release-{name}").touch()  # never leave the worker waiting
         server.stop()
-
-
-def until(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def metric(server: ServerProcess, name: str, reason: str) -> float:
-    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(f'{name}{{reason="{reason}"}} '):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def send(server: ServerProcess, path: str, secret: str, body: object) -> socket.socket:
@@ -100,9 +85,15 @@ def test_a_client_that_leaves_pays_for_the_work_done(
     b = send(server, "/v1/embeddings", secret, {"input": ["b1", "b2"]})
     until(lambda: "blipitm_queue_depth 1.0" in httpx.get(server.url + "/metrics").text, "B queued")
     b.close()
-    until(lambda: metric(server, "blipitm_rejected_total", "client_disconnected") >= 1, "B gone")
+    until(
+        lambda: metric(server, "blipitm_rejected_total", reason="client_disconnected") >= 1,
+        "B gone",
+    )
     a.close()
-    until(lambda: metric(server, "blipitm_rejected_total", "client_disconnected") >= 2, "A gone")
+    until(
+        lambda: metric(server, "blipitm_rejected_total", reason="client_disconnected") >= 2,
+        "A gone",
+    )
     (gates / "release-w").touch()
     assert sorted(left_rows(store, "leaver", 2)) == [3]  # one 499 row: A's 3, B's 0
     assert store.get("leaver").credits_remaining == 97
@@ -121,10 +112,10 @@ def test_an_explanation_left_halfway_pays_for_its_captions_done(
     body = {"image": data_uri(png_bytes((200, 10, 10))), "texts": ["c1", "hold-e", "c3", "c4"]}
     sock = send(server, "/v1/explain", secret, body)
     until((gates / "entered-e").exists, "the worker to take the second caption")
-    before = metric(server, "blipitm_rejected_total", "client_disconnected")
+    before = metric(server, "blipitm_rejected_total", reason="client_disconnected")
     sock.close()
     until(
-        lambda: metric(server, "blipitm_rejected_total", "client_disconnected") > before,
+        lambda: metric(server, "blipitm_rejected_total", reason="client_disconnected") > before,
         "the disconnect to be seen",
     )
     (gates / "release-e").touch()

@@ -24,7 +24,7 @@ import blipitm
 from blipitm.cli.main import main
 from blipitm.retrieval import build_index
 from blipitm.testing.make_checkpoint import make_checkpoint
-from server_helpers import REPO, TESTS, ServerProcess, cli_server, free_port
+from server_helpers import REPO, TESTS, ServerProcess, cli_server, free_port, read_response
 
 # -- raw HTTP -------------------------------------------------------------------------------------
 
@@ -35,26 +35,6 @@ def request_bytes(method: str, path: str, body: object | None = None) -> bytes:
     if body is not None:
         head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
     return head.encode() + b"\r\n" + data
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One complete response; EOFError if the server closed before it was complete."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError(f"closed before a complete response head (got {buf!r})")
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError("closed in the middle of a response body")
-        body += chunk
-    return int(status_line.split()[1]), headers, body
 
 
 def connect(port: int, timeout: float = 30.0) -> socket.socket:

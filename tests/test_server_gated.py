@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from server_helpers import TESTS, ServerProcess, free_port
+from server_helpers import TESTS, ServerProcess, free_port, metric, until
 
 SETTINGS = {"max_queue": 1, "max_batch_size": 1, "max_wait_ms": 0, "request_timeout_s": 8}
 
@@ -40,21 +38,6 @@ def server(tiny_ckpt: Path, gates: Path) -> Iterator[ServerProcess]:
         for name in ("1", "2"):
             (gates / f"release-{name}").touch()  # never leave the worker waiting
         server.stop()
-
-
-def until(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = rf"^{re.escape(name)}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{name} (\S+)$"
-    m = re.search(pattern, text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def raw_request(

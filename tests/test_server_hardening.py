@@ -33,7 +33,7 @@ from blipitm.server import schemas
 from blipitm.server.app import create_app
 from blipitm.server.middleware import GuardMiddleware, lone_surrogate_param
 from blipitm.server.settings import ServerSettings
-from server_helpers import ServerProcess, cli_server, free_port
+from server_helpers import ServerProcess, cli_server, free_port, read_response
 
 KEY = "sk-hardening-test"
 
@@ -298,25 +298,6 @@ def test_keyless_connections_cannot_lock_out_key_holders(keyed: ServerProcess) -
 # -- item 7: SIGTERM with keep-alive clients -------------------------------------------------------
 
 
-def _read_response(sock: socket.socket) -> tuple[int, dict[str, str]]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError(f"closed before a complete response (got {buf!r})")
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError("closed in the middle of a response body")
-        body += chunk
-    return int(status_line.split()[1]), headers
-
-
 def test_sigterm_answers_keep_alive_clients_mid_sequence(tiny_ckpt: Path) -> None:
     """Clients sending request after request on kept-alive connections while SIGTERM arrives:
     every request sent is answered, 200 or 503 + Connection: close; none meets a closed socket."""
@@ -338,7 +319,7 @@ def test_sigterm_answers_keep_alive_clients_mid_sequence(tiny_ckpt: Path) -> Non
                 while True:
                     try:
                         sock.sendall(request)
-                        status, headers = _read_response(sock)
+                        status, headers, _ = read_response(sock)
                     except (OSError, EOFError) as e:
                         failures.append(f"client {i}, request {answered[i] + 1}: {e!r}")
                         return
