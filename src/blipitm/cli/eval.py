@@ -79,9 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from blipitm.evaluation import evaluate, load_annotations
     from blipitm.evaluation.report import table
 
-    # A malformed annotation file or a wrong --image-root fails in one line before the model
-    # loads (evaluate reads the file again: cheap next to any evaluation).
-    load_annotations(args.annotations, args.image_root, limit_images=args.limit_images)
+    # A malformed annotation file or a wrong --image-root fails in one line before the model loads.
+    dataset = load_annotations(args.annotations, args.image_root, limit_images=args.limit_images)
     engine = load_engine(args)
     if args.batch_size is not None:
         engine.batch_sizes = BatchSizes(images=args.batch_size, texts=engine.batch_sizes.texts)
@@ -97,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             image_batch=args.batch_size,
             chunk_pairs=args.chunk_pairs,
             progress=no_progress if args.no_progress else progress,
+            dataset=dataset,
         )
     finally:
         progress.close()

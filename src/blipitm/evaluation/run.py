@@ -40,14 +40,19 @@ def evaluate(
     image_batch: int | None = None,
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
     progress: Progress = no_progress,
+    dataset: RetrievalDataset | None = None,
 ) -> EvalRun:
     """Evaluate ``engine`` on a retrieval set; resumable through ``output/.work``.
+
+    ``dataset``: ``annotations`` as :func:`load_annotations` already read it with this
+    ``image_root`` and ``limit_images`` (the CLI checks the file before loading the model), so that
+    it is not read twice.
 
     Writes ``output/results.json`` (ITM-reranked and ITC-only recalls, config, model, timings,
     pairs/s) and ``output/report.md`` with a recall-at-K plot.
     """
     started = time.perf_counter()
-    data = load_annotations(annotations, image_root, limit_images=limit_images)
+    data = dataset or load_annotations(annotations, image_root, limit_images=limit_images)
     out = Path(output)
     scores = compute_scores(
         engine,

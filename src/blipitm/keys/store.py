@@ -27,6 +27,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from blipitm.common.sqlite import transaction
 from blipitm.errors import BlipitmError, InvalidInputError
 from blipitm.keys.secret import hash_secret, hint, new_secret
 
@@ -303,14 +304,8 @@ class KeyStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        with self._connect() as db, transaction(db):
+            yield db
 
     # -- keys -----------------------------------------------------------------------------------
 

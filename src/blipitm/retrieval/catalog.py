@@ -106,7 +106,7 @@ class Item:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in transaction().
+    # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in common.sqlite.transaction().
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA synchronous = FULL")
     return db
@@ -121,17 +121,6 @@ def reading(index: Path, what: str) -> Iterator[None]:
         raise IndexDamagedError(
             f"index {index}: cannot {what}: {DATABASE} is damaged ({e}); rebuild the index"
         ) from None
-
-
-@contextlib.contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def committed(db: sqlite3.Connection, index: Path) -> tuple[int, int]:

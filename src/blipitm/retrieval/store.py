@@ -36,6 +36,7 @@ import numpy as np
 from blipitm.common.files import atomic_write_bytes, json_bytes
 from blipitm.common.identity import mismatch, model_record
 from blipitm.common.safeio import loads_json
+from blipitm.common.sqlite import transaction
 from blipitm.common.version import __version__
 from blipitm.retrieval import arrays, catalog
 from blipitm.retrieval.arrays import EMBEDDINGS, FEATURES, refuse_non_finite
@@ -413,7 +414,7 @@ class Index:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with catalog.transaction(self._db) as db:
+        with transaction(self._db) as db:
             yield db
         self._cache = None  # PRAGMA data_version does not see this connection's own commits
 
