@@ -106,7 +106,7 @@ class Item:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in common.sqlite.transaction().
+    # Autocommit mode: transactions are explicit, in common.sqlite.transaction().
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA synchronous = FULL")
     return db
