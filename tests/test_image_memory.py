@@ -199,26 +199,30 @@ def test_one_image_over_the_budget_is_refused() -> None:
     assert info.value.field == "images[2]" and budget.in_use == 0
 
 
-def _loader(pool: ThreadPoolExecutor, budget: PixelBudget) -> ImageLoader:
+def _loader(pool: ThreadPoolExecutor, engine: blipitm.Engine) -> ImageLoader:
+    """The server's image loader as ``blipitm serve`` builds it, decoding through ``engine``."""
     return ImageLoader(
+        prepare=engine.prepare_image,
         executor=pool,
         fetcher=None,
         max_bytes=16 * MB,
-        max_pixels=40_000_000,
-        budget=budget,
-        image_settings=ImageSettings(size=48),
-        protocol=BLIP,
         metrics=Metrics(),
     )
 
 
-def test_server_loader_queues_model_sized_images_and_refuses_one_over_the_budget() -> None:
+def test_server_loader_queues_model_sized_images_and_refuses_one_over_the_budget(
+    tiny_ckpt: Path,
+) -> None:
+    """The server's loader decodes under the engine's one budget (``--max-decoded-pixels``)."""
+    engine = blipitm.load(tiny_ckpt, decode_budget_pixels=40 * 30)
+    size = engine.image_settings.size
+    assert engine.decode_budget is not None
     with ThreadPoolExecutor(4) as pool:
-        loader = _loader(pool, PixelBudget(40 * 30, setting="--max-decoded-pixels"))
+        loader = _loader(pool, engine)
         uris = [data_uri(png_bytes((i, 2 * i, 3 * i), (40, 30))) for i in range(8)]
         got = asyncio.run(loader.load_all(uris, [("input", i) for i in range(8)]))
-        assert all(isinstance(r, ResizedImage) and r.pixels.shape == (48, 48, 3) for r in got)
-        assert loader.budget.in_use == 0
+        assert all(isinstance(r, ResizedImage) and r.pixels.shape == (size, size, 3) for r in got)
+        assert engine.decode_budget.in_use == 0
         too_big = data_uri(png_bytes((1, 2, 3), (41, 30)))
         with pytest.raises(APIError) as info:
             asyncio.run(loader.load(too_big, ("input", 3)))
@@ -504,7 +508,7 @@ def test_long_thin_images_are_refused_on_every_path(tiny_ckpt: Path) -> None:
         engine.embed_images([png_bytes((1, 2, 3)), thin])
     assert info.value.field == "images[1]"
     with ThreadPoolExecutor(2) as pool:
-        loader = _loader(pool, PixelBudget(10**8, setting="--max-decoded-pixels"))
+        loader = _loader(pool, engine)
         with pytest.raises(APIError) as api:
             asyncio.run(loader.load(data_uri(thin), ("input", 2)))
     assert (api.value.status, api.value.code, api.value.param) == (
@@ -512,4 +516,5 @@ def test_long_thin_images_are_refused_on_every_path(tiny_ckpt: Path) -> None:
         "image_too_large",
         "input[2]",
     )
-    assert "65535" in api.value.message and loader.budget.in_use == 0
+    assert "65535" in api.value.message
+    assert engine.decode_budget is not None and engine.decode_budget.in_use == 0

@@ -358,6 +358,19 @@ def test_the_request_path_knows_accounts_not_keys() -> None:
     assert not violations, "\n".join(violations)
 
 
+def test_the_server_hands_images_to_the_engine() -> None:
+    """The server turns references into bytes; the engine decodes them (its settings, protocol,
+    limits and one decode budget): no second budget or image pipeline in server/."""
+    violations = []
+    for path in sorted((SRC / "server").rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        source = path.read_text()
+        for name in ("ImageSettings", "PixelBudget", "ScoringProtocol", "load_resized"):
+            if re.search(rf"\b{name}\b", source):
+                violations.append(f"{rel} names {name}")
+    assert not violations, "\n".join(violations)
+
+
 def test_every_module_imports() -> None:
     """mypy runs with ignore_missing_imports (for untyped third-party packages), which also hides
     an import of a blipitm module that no longer exists; importing every module catches it."""

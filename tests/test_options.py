@@ -52,8 +52,12 @@ def test_every_load_option_is_a_field_and_a_server_setting() -> None:
     fields = {f.name for f in dataclasses.fields(LoadOptions)}
     assert all(o.field in fields for o in LOAD_OPTIONS)
     assert all(o in OPTIONS for o in LOAD_OPTIONS), "the server reuses the declarations"
-    settings = ServerSettings.of(model="m", max_image_pixels=7, max_text_chars=9, cache_bytes=3)
-    assert settings.load == LoadOptions("m", max_pixels=7, max_text_chars=9, cache_bytes=3)
+    settings = ServerSettings.of(
+        model="m", max_image_pixels=7, max_text_chars=9, cache_bytes=3, max_decoded_pixels=8
+    )
+    assert settings.load == LoadOptions(
+        "m", max_pixels=7, max_text_chars=9, cache_bytes=3, decode_budget_pixels=8
+    )
     assert settings.model == "m" and settings.replace(port=1).load == settings.load
     assert settings.replace(model="n").load == settings.load.replace(source="n")
 
@@ -62,7 +66,12 @@ def test_presets_hold_each_entry_points_defaults() -> None:
     """One record, three sets of defaults: the library's, the server's and the filter's."""
     assert ServerSettings().load == SERVER_PRESET
     assert (
-        LoadOptions(cache_bytes=1 << 30, max_text_chars=10_000, max_pixels=40_000_000)
+        LoadOptions(
+            cache_bytes=1 << 30,
+            max_text_chars=10_000,
+            max_pixels=40_000_000,
+            decode_budget_pixels=80_000_000,
+        )
         == SERVER_PRESET
     )
     assert LoadOptions(cache_bytes=64 << 20) == FILTERING_PRESET

@@ -40,6 +40,8 @@ from blipitm.scoring import ScoringProtocol
 
 T = TypeVar("T")
 
+# The decode budget's name in errors: the library's field and the commands' flag.
+BUDGET_SETTING = "decode_budget_pixels or --max-decoded-pixels"
 IMAGE_ENTRY = "img"  # cache keys: (IMAGE_ENTRY, content key) -> (tokens, embedding)
 
 
@@ -92,9 +94,7 @@ class ImagePipeline:
         self.max_pixels = max_pixels
         self.decode_threads = decode_threads or min(8, os.cpu_count() or 1)
         budget = decode_budget_pixels if decode_budget_pixels is not None else max_pixels
-        self.budget = (
-            None if budget is None else PixelBudget(budget, setting="decode_budget_pixels")
-        )
+        self.budget = None if budget is None else PixelBudget(budget, setting=BUDGET_SETTING)
         self._pool = ThreadPoolExecutor(
             max_workers=self.decode_threads, thread_name_prefix="blipitm-decode"
         )

@@ -69,7 +69,7 @@ class LoadOptions:
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         if self.compute_dtype is not None:
             _check_choice("compute_dtype", self.compute_dtype, DTYPE_NAMES)
-        for name in ("max_pixels", "max_text_chars"):
+        for name in ("max_pixels", "max_text_chars", "decode_budget_pixels"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InvalidInputError(f"must be >= 1, got {value}", loc=(name,))
@@ -91,7 +91,13 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 # ``blipitm serve``: a long-lived process answering untrusted clients, so a bigger image cache
 # (the same images come back across requests) and tighter input limits than the library's
 # (10,000 characters, 40 M pixels: what one request may make the server tokenize and decode).
-SERVER_PRESET = LoadOptions(cache_bytes=1 << 30, max_text_chars=10_000, max_pixels=40_000_000)
+# Its decode budget (80 M full-size pixels, about 320 MB) holds two largest images at once.
+SERVER_PRESET = LoadOptions(
+    cache_bytes=1 << 30,
+    max_text_chars=10_000,
+    max_pixels=40_000_000,
+    decode_budget_pixels=80_000_000,
+)
 # ``blipitm filter`` and ``filter_dataset``: a dataset's images are mostly distinct, so a large
 # cache is memory held for nothing; 64 MiB still covers the re-scoring after a bad image
 # (docs/filtering.md, "Identical images and the engine cache").
@@ -163,6 +169,13 @@ LIMIT_OPTIONS: tuple[Option, ...] = (
         "largest image (width x height); larger is refused (the server: 413)",
         int,
         field="max_pixels",
+    ),
+    Option(
+        "max_decoded_pixels",
+        "full-size pixels decoding at once, across all work (about 4 bytes each; default: "
+        "--max-image-pixels); more waits, one image over it is refused (the server: 413)",
+        int,
+        field="decode_budget_pixels",
     ),
     Option(
         "max_text_chars",

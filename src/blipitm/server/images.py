@@ -5,9 +5,11 @@ Decoding (and the pixel-limit check, which reads only the header) runs in a thre
 request is queued for inference, so a corrupt or oversized image fails its own request only and
 never reaches the inference worker.
 
-Memory is bounded by design, not by request size: each decode thread decodes one image, converts
-and resizes it to the model's input and drops the full-size pixels before taking the next, so
-only model-sized arrays are queued; and a server-wide :class:`PixelBudget` caps the full-size
+This module turns a reference into bytes (with its own limits: the encoded size, the URL guard);
+the engine's :meth:`~blipitm.engine.Engine.prepare_image` decodes them. Memory is bounded by
+design, not by request size: each decode thread decodes one image, converts and resizes it to the
+model's input and drops the full-size pixels before taking the next, so only model-sized arrays
+are queued; and the engine's one decode budget (``--max-decoded-pixels``) caps the full-size
 pixels held at once across all requests (excess decodes wait their turn).
 """
 
@@ -17,12 +19,11 @@ import asyncio
 import base64
 import binascii
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 from blipitm.errors import InvalidInputError, Loc, format_loc
-from blipitm.processing import ImageSettings, PixelBudget, ResizedImage
-from blipitm.scoring import ScoringProtocol
+from blipitm.processing import ResizedImage
 from blipitm.server.errors import APIError, from_invalid_input
 from blipitm.server.metrics import Metrics
 from blipitm.server.urlfetch import URLFetcher
@@ -31,6 +32,9 @@ _DATA_URI = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),", re.IG
 _URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _B64_ALPHABET = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
 
+# Encoded image bytes -> the model's input, under the engine's limits (Engine.prepare_image).
+Prepare = Callable[[bytes, Loc], ResizedImage]
+
 
 def is_image_data_uri(value: str) -> bool:
     """The rule that tells an image from a text where both may arrive as plain strings."""
@@ -38,28 +42,22 @@ def is_image_data_uri(value: str) -> bool:
 
 
 class ImageLoader:
-    """Turns image references into the model's input (:class:`ResizedImage` under ``protocol``),
-    enforcing every image limit."""
+    """Turns image references into the model's input with ``prepare`` (the engine's), enforcing
+    the limits on references; the engine enforces those on pixels."""
 
     def __init__(
         self,
         *,
+        prepare: Prepare,
         executor: Executor,
         fetcher: URLFetcher | None,
         max_bytes: int,
-        max_pixels: int | None,
-        budget: PixelBudget,
-        image_settings: ImageSettings,
-        protocol: ScoringProtocol,
         metrics: Metrics,
     ) -> None:
+        self._prepare = prepare
         self._executor = executor
         self._fetcher = fetcher
         self.max_bytes = max_bytes
-        self.max_pixels = max_pixels
-        self.budget = budget
-        self._image_settings = image_settings
-        self._protocol = protocol
         self._metrics = metrics
 
     async def load_all(self, sources: Sequence[str], locs: Sequence[Loc]) -> list[ResizedImage]:
@@ -82,14 +80,7 @@ class ImageLoader:
 
     def _decode(self, data: bytes, loc: Loc) -> ResizedImage:
         try:
-            return ResizedImage.load(
-                data,
-                self._image_settings,
-                self._protocol,
-                loc=loc,
-                max_pixels=self.max_pixels,
-                budget=self.budget,
-            )
+            return self._prepare(data, loc)
         except InvalidInputError as e:
             raise from_invalid_input(e) from None
 

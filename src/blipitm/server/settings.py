@@ -35,7 +35,7 @@ _BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
     (
         (
             *("max_batch_size", "max_queue", "max_items", "decode_threads", "port"),
-            *("max_body_bytes", "max_decoded_pixels", "max_image_bytes", "max_connections"),
+            *("max_body_bytes", "max_image_bytes", "max_connections"),
             "max_images",
         ),
         1,
@@ -87,7 +87,6 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     max_items: int = 2048  # OpenAI's own limit on inputs; above LangChain's chunk_size (1000)
     max_images: int = 256
-    max_decoded_pixels: int = 80_000_000
     max_image_bytes: int = 16 * 1024 * 1024
     # -- image URLs -----------------------------------------------------------------------------
     allow_url_fetch: bool = False
@@ -262,12 +261,7 @@ OPTIONS: tuple[Option, ...] = (
         int,
     ),
     _LIMIT["max_image_pixels"],
-    Option(
-        "max_decoded_pixels",
-        "full-size pixels decoding at once, server-wide (about 4 bytes each); more waits, "
-        "one image over it: 413",
-        int,
-    ),
+    _LIMIT["max_decoded_pixels"],
     Option("max_image_bytes", "largest encoded image, base64-decoded or fetched (bytes)", int),
     _LIMIT["max_text_chars"],
     Option("allow_url_fetch", "accept http(s) image URLs (off by default)", _parse_bool, "flag"),

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from blipitm.engine.batcher import Batcher
 from blipitm.engine.jobs import WarmUp
-from blipitm.processing import PixelBudget
 from blipitm.retrieval import Index
 from blipitm.server.errors import APIError, ErrorCode
 from blipitm.server.images import ImageLoader
@@ -75,15 +74,12 @@ class ServerState:
         engine = await _in_passing_thread(factory, s)
         self.engine = engine
         assert self.executor is not None, "open() first"
-        # Images are resized for this engine (its input size and protocol) as they are decoded.
+        # The engine decodes (its input size, protocol, pixel limit and decode budget).
         self.loader = ImageLoader(
+            prepare=engine.prepare_image,
             executor=self.executor,
             fetcher=self.fetcher,
             max_bytes=s.max_image_bytes,
-            max_pixels=engine.max_pixels,  # the engine's limit: one home, set by the settings
-            budget=PixelBudget(s.max_decoded_pixels, setting="--max-decoded-pixels"),
-            image_settings=engine.image_settings,
-            protocol=engine.protocol,
             metrics=self.metrics,
         )
         if s.index is not None:  # opened against the engine: another model is refused here
