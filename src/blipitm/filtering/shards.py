@@ -9,6 +9,7 @@ written, so a marker always means a complete score file and an interrupted shard
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import tarfile
@@ -233,7 +234,7 @@ def score_shard(
     tmp = Path(name)
     samples = pairs = 0
     try:
-        with pq.ParquetWriter(tmp, SCHEMA) as writer:
+        with pq.ParquetWriter(tmp, scores_schema()) as writer:
             for batch in _batches(read_shard(shard, columns or Columns()), batch_size):
                 rows = score_batch(engine, batch)
                 rows["sample"] = [samples + i for i in rows["sample"]]
@@ -272,8 +273,11 @@ def _table(rows: dict[str, list[Any]]) -> Any:
     import pyarrow as pa
 
     return pa.Table.from_arrays(
-        [pa.array(rows[f.name], f.type, from_pandas=f.name in SCORE_COLUMNS) for f in SCHEMA],
-        schema=SCHEMA,
+        [
+            pa.array(rows[f.name], f.type, from_pandas=f.name in SCORE_COLUMNS)
+            for f in scores_schema()
+        ],
+        schema=scores_schema(),
     )
 
 
@@ -288,7 +292,10 @@ def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
         yield batch
 
 
-def _schema() -> Any:
+@functools.cache
+def scores_schema() -> Any:
+    """The Arrow schema of a shard's scores file (built on first use: pyarrow is the filter
+    extra's, and importing blipitm.filtering needs no extra)."""
     import pyarrow as pa
 
     return pa.schema(
@@ -302,6 +309,3 @@ def _schema() -> Any:
             ("error", pa.string()),
         ]
     )
-
-
-SCHEMA = _schema()
