@@ -208,9 +208,13 @@ def until(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None
 
 
 def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    """The value of one Prometheus sample of ``server`` (0 while it has none)."""
+    """The value of one Prometheus sample of ``server`` with exactly ``labels`` (0 while it has
+    none); without labels, the sum of the metric's samples over all its labels (a per-model
+    gauge, say)."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
+    if not labels:
+        found = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        return sum(float(v) for v in found)
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = rf"^{re.escape(name)}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{name} (\S+)$"
-    m = re.search(pattern, text, re.M)
+    m = re.search(rf"^{re.escape(name)}{{{re.escape(want)}}} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0

@@ -204,7 +204,7 @@ def test_other_requests_run_between_an_explanations_pieces(engine: Engine) -> No
                 client.post("/v1/score", json={"text_1": URI, "text_2": ["a red square"]})
             )
             for _ in range(2000):
-                if state.batcher.depth == 1:
+                if state.require_ready().batcher.depth == 1:
                     break
                 await asyncio.sleep(0.01)
             shared.release.set()

@@ -83,7 +83,7 @@ def test_a_client_that_leaves_pays_for_the_work_done(
     a = send(server, "/v1/embeddings", secret, {"input": ["hold-w", "a2", "a3"]})
     until((gates / "entered-w").exists, "the worker to take A")
     b = send(server, "/v1/embeddings", secret, {"input": ["b1", "b2"]})
-    until(lambda: "blipitm_queue_depth 1.0" in httpx.get(server.url + "/metrics").text, "B queued")
+    until(lambda: metric(server, "blipitm_queue_depth") == 1, "B queued")
     b.close()
     until(
         lambda: metric(server, "blipitm_rejected_total", reason="client_disconnected") >= 1,

@@ -133,7 +133,7 @@ def test_load_is_load_options(tiny_ckpt: Path) -> None:
 
 def test_server_limits_have_one_home_the_engine(tiny_ckpt: Path) -> None:
     engine = load_engine(
-        ServerSettings.of(model=str(tiny_ckpt), max_image_pixels=1234, max_text_chars=56)
+        ServerSettings.of(model=str(tiny_ckpt), max_image_pixels=1234, max_text_chars=56).load
     )
     assert (engine.max_pixels, engine.max_text_chars) == (1234, 56)
 

@@ -95,7 +95,7 @@ def test_queue_full_429_then_deadline_504(engine: Engine) -> None:
             running_req = asyncio.create_task(post("held by the worker"))
             await _until(gated.entered.is_set)
             queued_req = asyncio.create_task(post("waits in the queue"))
-            await _until(lambda: state.batcher.depth == 1)
+            await _until(lambda: state.require_ready().batcher.depth == 1)
             refused = await post("no room")
             assert refused.status_code == 429
             assert int(refused.headers["retry-after"]) >= 1
@@ -105,7 +105,7 @@ def test_queue_full_429_then_deadline_504(engine: Engine) -> None:
                 assert r.status_code == 504
                 assert r.json()["error"]["code"] == "timeout"
             gate.set()
-            await _until(lambda: state.batcher.depth == 0)
+            await _until(lambda: state.require_ready().batcher.depth == 0)
             ok = await post("after the jam")
             assert ok.status_code == 200
             # The timed-out queued request was cancelled and never computed.
@@ -135,9 +135,10 @@ def test_disconnected_client_work_is_dropped(engine: Engine) -> None:
                 return {"type": "http.disconnect"}
 
             request = Request({"type": "http", "method": "POST", "headers": []}, receive)
-            up = state.require_ready()
+            assert state.models is not None
+            model, up = state.models.default, state.require_ready()
             deadline = asyncio.get_running_loop().time() + 10
-            ctx = RequestContext(None, request, state, up.engine, up.batcher, up.loader, deadline)
+            ctx = RequestContext(None, request, state, model, up, deadline)
             with pytest.raises(APIError) as info:
                 await ctx.run(EmbedTexts(["gone"]), lambda f: f)
             assert info.value.status == 499

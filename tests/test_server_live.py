@@ -417,9 +417,12 @@ def test_url_fetch_refuses_internal_targets(server: ServerProcess, url: str, cod
 
 
 def _histogram(metrics: str, name: str) -> tuple[float, float]:
-    """(count, count of observations <= 1) of a histogram in Prometheus text."""
-    count = float(re.search(rf"^{name}_count (\S+)$", metrics, re.M).group(1))  # type: ignore[union-attr]
-    le1 = float(re.search(rf'^{name}_bucket{{le="1.0"}} (\S+)$', metrics, re.M).group(1))  # type: ignore[union-attr]
+    """(count, count of observations <= 1) of a histogram in Prometheus text, summed over its
+    labels (the served models)."""
+    count = sum(float(v) for v in re.findall(rf"^{name}_count{{[^}}]*}} (\S+)$", metrics, re.M))
+    le1 = sum(
+        float(v) for v in re.findall(rf'^{name}_bucket{{[^}}]*le="1.0"}} (\S+)$', metrics, re.M)
+    )
     return count, le1
 
 

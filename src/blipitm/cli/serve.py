@@ -10,6 +10,7 @@ Start-up failures (port taken, index or model that cannot be loaded) print one l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import socket
 import sys
@@ -40,6 +41,13 @@ def add_parser(sub: Any, name: str, help: str) -> None:
         # None: not given, so the environment or the default applies. Flags and lists state no
         # default; a None default is explained in the help text itself, if at all.
         shown = value_of(defaults, opt) if opt.kind == "value" else None
+        if opt.name == "model":  # repeatable: the first is the default, the others served too
+            opt = dataclasses.replace(
+                opt,
+                kind="list",
+                help=opt.help + "; repeat it to serve several (the first is "
+                "the default for requests that name none)",
+            )
         add_option(p, opt, default=None, shown=shown, note=f" [env {opt.env}]")
     p.set_defaults(run=run)
 
@@ -49,6 +57,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     for name in ("api_keys", "url_allowlist"):
         if name in given:
             given[name] = tuple(given[name])
+    if "model" in given:  # --model repeated: the first is the default model
+        given["model"], *more = given["model"]
+        given["more_models"] = tuple(more)
     return from_env(**given)
 
 
@@ -69,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
     listener = bind(settings.host, settings.port)
     try:
         _check_keys(settings)
-        if settings.index is not None:  # a missing or damaged index fails here, before the model
-            Index.open(settings.index).close()
+        for spec in settings.models():  # a bad models file or name fails here, before any model
+            if spec.index is not None:  # so does a missing or damaged index
+                Index.open(spec.index).close()
         return _serve(settings, listener, early_stop, log)
     finally:
         listener.close()

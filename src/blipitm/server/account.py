@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from blipitm.errors import BlipitmError
+from blipitm.server.family import Price
 
 SCOPE_ACCOUNT = "blipitm.account"  # where the gateway leaves a request's account in the scope
 
@@ -24,8 +25,8 @@ class Account(Protocol):
         """Whether the caller may use the model known by any of ``names``."""
         ...
 
-    async def reserve(self, texts: int, images: int) -> None:
-        """Take the request's items and credits before any work; raises
+    async def reserve(self, texts: int, images: int, price: Price | None = None) -> None:
+        """Take the request's items and credits (at the model's ``price``) before any work; raises
         :class:`~blipitm.server.errors.OverLimit` (429) or :class:`LimiterUnavailable` (503)."""
         ...
 
@@ -45,7 +46,7 @@ class Unmetered:
     def allows(self, *names: str) -> bool:
         return True
 
-    async def reserve(self, texts: int, images: int) -> None:
+    async def reserve(self, texts: int, images: int, price: Price | None = None) -> None:
         return None
 
     def worked(self, texts: int | None = None, images: int | None = None) -> None:

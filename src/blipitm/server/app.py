@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Route
 
 from blipitm.common.memory import apply_memory_policy
 from blipitm.common.version import __version__
+from blipitm.engine.options import LoadOptions
 from blipitm.errors import BlipitmError
 from blipitm.server import docs, errors
 from blipitm.server.metrics import Metrics
@@ -45,11 +46,11 @@ DESCRIPTION = (
 )
 
 
-def load_engine(settings: ServerSettings) -> Engine:
-    """The default engine factory: the model and the input limits the settings name."""
+def load_engine(options: LoadOptions) -> Engine:
+    """The default engine factory: one model and its input limits."""
     from blipitm.engine import load_options  # torch: when the app loads the model, not before
 
-    return load_options(settings.load)
+    return load_options(options)
 
 
 class Extension(Protocol):
@@ -99,32 +100,28 @@ def create_app(
     on_load_failure: Callable[[BaseException], None] | None = None,
     extensions: Extensions = hosted_api,
 ) -> FastAPI:
-    """Build the app. ``on_load_failure`` lets the CLI stop the server if the model cannot load."""
+    """Build the app. ``on_load_failure`` lets the CLI stop the server if the default model
+    cannot load (another model's failure is its own: it answers 503 for that model only)."""
     state = ServerState(settings, Metrics())
     installed = extensions(settings, state.metrics)
 
     async def load_in_background() -> None:
+        assert state.models is not None, "opened in the lifespan"
         try:
-            await state.load_model(engine_factory)
+            await state.models.preload()
         except asyncio.CancelledError:
             raise
         except BaseException as e:
-            state.load_error = str(e) or type(e).__name__
             if on_load_failure is not None:
                 on_load_failure(e)  # the caller reports it (the CLI: one line, then it exits)
             else:
-                # Our own errors say what is wrong (model or index); anything else is a bug.
-                log.error(
-                    "cannot serve: start-up failed: %s",
-                    state.load_error,
-                    exc_info=None if isinstance(e, BlipitmError) else e,
-                )
+                log.error("cannot serve: the default model failed to load: %s", state.load_error)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await _start(installed, on_load_failure)
         apply_memory_policy()  # so that --max-decoded-pixels bounds the resident memory
-        state.open()
+        state.open(engine_factory)
         task = asyncio.create_task(load_in_background())
         try:
             yield

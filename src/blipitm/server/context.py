@@ -1,10 +1,11 @@
 """What every model route starts from: one FastAPI dependency that yields a request context.
 
-``Annotated[RequestContext[Body], ready(Body)]`` parses the body (422), checks the model name
-(404), that the caller's account may use it (404 / 403) and that the model is loaded (503), in
-that order, and starts the request's deadline. The route then checks its own parameters and calls
-:meth:`RequestContext.inputs` (queue room, credits, texts, images), :meth:`RequestContext.run` and
-:meth:`RequestContext.usage_tokens`.
+``Annotated[RequestContext[Body], ready(Body)]`` parses the body (422), resolves the model name
+(404; omitted: the default model), checks that the caller's account may use it (404 / 403),
+starts the request's deadline and holds the model loaded for the request (loading it if it is
+not, within the deadline; 503 if it cannot load), in that order. The route then checks its own
+parameters and calls :meth:`RequestContext.inputs` (queue room, credits, texts, images),
+:meth:`RequestContext.run` and :meth:`RequestContext.usage_tokens`.
 
 The account (``server/account.py``) is resolved once, here: a metered key's, or the unmetered one
 of operator keys and open servers, so nothing below asks whether the request is billed.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -25,8 +26,10 @@ from blipitm.engine.batcher import Batcher, Job, LocMap, QueueFull
 from blipitm.processing import ResizedImage, validate_text
 from blipitm.server.account import UNMETERED, Account, account_of
 from blipitm.server.errors import APIError, ErrorCode
+from blipitm.server.family import Price
 from blipitm.server.images import ImageLoader
 from blipitm.server.inputs import ImageItem, TextItem
+from blipitm.server.registry import Loaded, ModelRegistry, ServedModel
 from blipitm.server.state import ServerState
 
 if TYPE_CHECKING:
@@ -50,28 +53,36 @@ def server_state(request: Request) -> ServerState:
 
 @dataclass(frozen=True)
 class RequestContext(Generic[B]):
-    """One request against the loaded model, and the account it is billed to."""
+    """One request against one loaded model, and the account it is billed to."""
 
     body: B
     request: Request
     state: ServerState
-    engine: Engine
-    batcher: Batcher
-    loader: ImageLoader
+    model: ServedModel
+    loaded: Loaded
     deadline: float  # on the event loop's clock
     account: Account = UNMETERED
 
-    @classmethod
-    def start(cls, body: B, request: Request) -> RequestContext[B]:
-        state = server_state(request)
-        state.check_model(body.model)
-        account = account_of(request.scope)
-        check_access(account, state, body.model)
-        loaded = state.require_ready()
-        deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
-        return cls(
-            body, request, state, loaded.engine, loaded.batcher, loaded.loader, deadline, account
-        )
+    @property
+    def model_name(self) -> str:
+        """The served name of the request's model (responses' ``model``)."""
+        return self.model.name
+
+    @property
+    def engine(self) -> Engine:
+        return self.loaded.engine
+
+    @property
+    def batcher(self) -> Batcher:
+        return self.loaded.batcher
+
+    @property
+    def loader(self) -> ImageLoader:
+        return self.loaded.loader
+
+    @property
+    def price(self) -> Price:
+        return self.model.spec.price
 
     async def inputs(
         self, texts: Sequence[TextItem], images: Sequence[ImageItem]
@@ -90,7 +101,7 @@ class RequestContext(Generic[B]):
             self.state.metrics.rejected.labels(reason="queue_full").inc()
             raise QueueFull(self.batcher.retry_after_s())
         # The items and credits the request declares (settled when the response is complete).
-        await self.account.reserve(len(texts), len(images))
+        await self.account.reserve(len(texts), len(images), self.price)
         return self._validate_texts(texts), await self._load_images(images)
 
     def _validate_texts(self, items: Sequence[TextItem]) -> list[str]:
@@ -162,10 +173,21 @@ class RequestContext(Generic[B]):
         return tokens
 
 
-def check_access(account: Account, state: ServerState, named: str | None) -> None:
+def registry_of(state: ServerState) -> ModelRegistry:
+    if state.models is None:  # before start-up has opened the state: nothing is served yet
+        raise APIError(
+            503,
+            "the server is starting",
+            code=ErrorCode.MODEL_NOT_READY,
+            headers={"Retry-After": "5"},
+        )
+    return state.models
+
+
+def check_access(account: Account, model: ServedModel, named: str | None) -> None:
     """OpenAI's answers: a model the key may not use 'does not exist' for it (404) when the
-    request names it; with ``model`` omitted, the served model is refused (403)."""
-    if account.allows(state.settings.model_name, state.settings.model):
+    request names it; with ``model`` omitted, the default model is refused (403)."""
+    if account.allows(*model.spec.names):
         return
     if named is not None:
         raise APIError(
@@ -175,15 +197,27 @@ def check_access(account: Account, state: ServerState, named: str | None) -> Non
             param="model",
         )
     raise APIError(
-        403, "this key may not use the model this server serves", code=ErrorCode.MODEL_NOT_ALLOWED
+        403,
+        f"this key may not use the default model {model.name!r}; name a model it may use",
+        code=ErrorCode.MODEL_NOT_ALLOWED,
     )
 
 
 def ready(body_type: type[B]) -> Any:
     """``Depends`` for a route whose body is ``body_type``: see the module docstring."""
 
-    async def dependency(body: B, request: Request) -> RequestContext[B]:
-        return RequestContext.start(body, request)
+    async def dependency(body: B, request: Request) -> AsyncIterator[RequestContext[B]]:
+        state = server_state(request)
+        models = registry_of(state)
+        model = models.resolve(body.model)
+        account = account_of(request.scope)
+        check_access(account, model, body.model)
+        deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
+        loaded = await models.acquire(model, deadline)
+        try:
+            yield RequestContext(body, request, state, model, loaded, deadline, account)
+        finally:
+            models.release(model)
 
     # FastAPI reads the body's model from the signature; this route's model, not the TypeVar.
     dependency.__annotations__["body"] = body_type

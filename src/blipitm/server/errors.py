@@ -92,6 +92,7 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error", 500
     HTTP_ERROR = "http_error", 500
     MODEL_NOT_READY = "model_not_ready", 503
+    MODEL_UNAVAILABLE = "model_unavailable", 503
     LIMITER_UNAVAILABLE = "limiter_unavailable", 503
     INDEX_DAMAGED = "index_damaged", 503
     SHUTTING_DOWN = "shutting_down", 503

@@ -105,20 +105,34 @@ class Override(BaseModel):
     reason: str
 
 
+class Price(BaseModel):
+    text: int = Field(description="credits a metered key pays per text")
+    image: int = Field(description="credits a metered key pays per image")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    kind: Literal["itm"] = Field(description="what the model computes: image-text matching")
+    default: bool = Field(description="answers requests that name no model")
+    aliases: list[str] = Field(description="other names that resolve to this model")
+    status: Literal["unloaded", "loading", "ready", "failed"] = Field(
+        description="loaded or not; an unloaded model loads on its first request"
+    )
+    error: str | None = Field(None, description="why the model failed to load, if it did")
+    price: Price
     protocol: str = Field(description="blip or transformers")
-    embedding_dim: int
-    image_size: int
     source: str
-    revision: str | None
-    commit: str | None
     device: str
     dtype: str
-    overrides: list[Override] = Field(description="config values the protocol changed")
+    # Known once the model has loaded:
+    embedding_dim: int | None
+    image_size: int | None
+    revision: str | None
+    commit: str | None
+    overrides: list[Override] | None = Field(description="config values the protocol changed")
 
 
 class ModelList(BaseModel):
@@ -385,6 +399,7 @@ class KeyUsage(BaseModel):
     models: list[str] | None
     limits: KeyLimits
     remaining: KeyRemaining
+    prices: dict[str, Price] = Field(description="credits per text and image, by model")
     data: list[UsageEntry]
 
 

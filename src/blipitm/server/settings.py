@@ -29,6 +29,7 @@ from blipitm.engine.options import (
     options_from,
 )
 from blipitm.errors import InvalidInputError
+from blipitm.server.family import ModelSpec, Price, check_names, read_models_file
 
 # Lower bounds of the numeric settings: (names, bound, strict); strict means "> bound".
 _BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
@@ -50,7 +51,7 @@ _BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
         0,
         True,
     ),
-    (("image_credits", "metrics_key_labels"), 0, False),
+    (("image_credits", "metrics_key_labels", "max_loaded_models"), 0, False),
     (("rate_window_s",), 0, True),
 )
 
@@ -61,6 +62,10 @@ class ServerSettings:
     load: LoadOptions = SERVER_PRESET
     served_model_name: str | None = None  # None: the --model string
     index: str | None = None  # retrieval index for POST /v1/search
+    more_models: tuple[str, ...] = ()  # --model repeated: served too, with the same options
+    models_file: str | None = None  # TOML: every model served, each with its settings (family.py)
+    max_loaded_models: int = 0  # 0: no limit; else the least recently used idle one is evicted
+    load_on_demand: bool = False  # models other than the default load on their first request
     # -- network --------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
@@ -144,6 +149,29 @@ class ServerSettings:
             return self.served_model_name
         return self.model if self.expose_paths else public_path(self.model)
 
+    def models(self) -> list[ModelSpec]:
+        """The models to serve, the default first: the ``--model`` ones, or with
+        ``--models-file`` the file's (see :mod:`blipitm.server.family`). Reads the file."""
+        price = Price(1, self.image_credits)
+        if self.models_file is not None:
+            specs = read_models_file(self.models_file, self.load, self.image_credits)
+            if self.load_on_demand:  # the flag's rule for entries that do not say
+                specs = [specs[0], *(dataclasses.replace(m, preload=False) for m in specs[1:])]
+        else:
+            first = ModelSpec(
+                self.model_name, self.load, aliases=(self.model,), index=self.index, price=price
+            )
+            specs = [first]
+            for source in self.more_models:
+                name = source if self.expose_paths else public_path(source)
+                load = self.load.replace(source=source)
+                spec = ModelSpec(
+                    name, load, aliases=(source,), preload=not self.load_on_demand, price=price
+                )
+                specs.append(spec)
+        check_names(specs)
+        return specs
+
 
 _LOAD_NAMES = frozenset(opt.name for opt in LOAD_OPTIONS)
 
@@ -187,6 +215,25 @@ OPTIONS: tuple[Option, ...] = (
         "index",
         "retrieval index folder served by POST /v1/search (see `blipitm index build`)",
         optional_str,
+    ),
+    Option(
+        "models_file",
+        "TOML file naming every model to serve, each with its own options, names, index and "
+        "price (docs/server.md, 'Several models'); then --model and --index are not used",
+        optional_str,
+        metavar="PATH",
+    ),
+    Option(
+        "max_loaded_models",
+        "most models loaded at once (0: all); to load another, the least recently used idle "
+        "one is unloaded (and loaded again when asked for)",
+        int,
+    ),
+    Option(
+        "load_on_demand",
+        "load the models other than the default on their first request, not at start-up",
+        _parse_bool,
+        kind="flag",
     ),
     Option("host", "interface to bind; 0.0.0.0 exposes the server to the network"),
     Option("port", "TCP port", int),

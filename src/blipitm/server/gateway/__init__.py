@@ -33,6 +33,7 @@ class Gateway:
 
     def __init__(self, settings: ServerSettings, registry: CollectorRegistry) -> None:
         self.settings = settings
+        self._models = settings.models()  # their names and prices
         # The store is opened here, so a bad --keys-db fails before serving.
         self.service = None if settings.keys_db is None else KeyService(settings, registry)
         self.keys = Authenticator(KeyChecker(settings.api_keys), self.service)
@@ -83,6 +84,13 @@ class Gateway:
                 "items": _window(state.items),
                 "concurrency": None if key.concurrency is None else key.concurrency - state.active,
                 "credits": state.credits_remaining,
+            },
+            # Credits per text and per image of each model the key may use (the models file
+            # sets them per model; --image-credits is the default).
+            "prices": {
+                spec.name: {"text": spec.price.text, "image": spec.price.image}
+                for spec in self._models
+                if key.allows_model(*spec.names)
             },
             "data": [row.as_dict() | {"object": "usage"} for row in rows],
         }

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from blipitm.keys import KeyRecord, KeyStore, hash_secret
 from blipitm.server.account import SCOPE_ACCOUNT, LimiterUnavailable
 from blipitm.server.errors import OverLimit
+from blipitm.server.family import Price
 from blipitm.server.gateway.limits import (
     Limiter,
     LocalLimiter,
@@ -203,6 +204,7 @@ class Charge:
     started: float = field(default_factory=time.perf_counter)
     texts: int = 0
     images: int = 0
+    price: Price = field(default_factory=Price)  # the request's model's, set by reserve()
     credits: int = 0  # reserved, billed on success
     done: int = 0  # credits of the work the inference worker took (billed whatever the status)
     tokens: int = 0  # the response's usage.total_tokens, as the route computed it
@@ -233,11 +235,13 @@ class Charge:
     def allows(self, *names: str) -> bool:
         return self.key.allows_model(*names)
 
-    async def reserve(self, texts: int, images: int) -> None:
-        """Take the request's items and credits (1 per text, ``--image-credits`` per image)
-        before any work; :class:`OverLimit` (429) if a limit refuses."""
+    async def reserve(self, texts: int, images: int, price: Price | None = None) -> None:
+        """Take the request's items and credits (at the model's ``price``; default 1 per text,
+        ``--image-credits`` per image) before any work; :class:`OverLimit` (429) if a limit
+        refuses."""
         assert self.credits == 0, "one reservation per request"
-        needed = texts + images * self.service.image_credits
+        self.price = price or Price(1, self.service.image_credits)
+        needed = texts * self.price.text + images * self.price.image
         # Only what the balance may hold: a refused request bills nothing, a refunded one gives
         # back exactly what it took.
         key = self.service.current(self.key.name) or self.key
@@ -258,7 +262,7 @@ class Charge:
         passes, since the compute is spent. Work never started is refunded."""
         texts = self.texts if texts is None else texts
         images = self.images if images is None else images
-        done = self.done + texts + images * self.service.image_credits
+        done = self.done + texts * self.price.text + images * self.price.image
         self.done = min(self.credits, done)
 
     def bill(self, tokens: int) -> None:

@@ -32,12 +32,26 @@ async function api(path, body) {
 async function checkKey() {
   // The page learns whether the server wants a key the way any client would: by asking.
   try {
-    await api("v1/models");
+    showModels(await api("v1/models"));
     document.body.dataset.auth = "open";
   } catch (e) {
     if (e.status === 401) showKeyField();
     document.body.dataset.auth = e.status === 401 ? "key" : "unknown";
   }
+}
+
+function showModels(list) {
+  // The picker, fed by /v1/models: shown when there is a choice; the default model first.
+  const select = $("model");
+  const previous = select.value;
+  select.replaceChildren(...list.data.map((m) => {
+    const option = document.createElement("option");
+    option.value = m.id;
+    option.textContent = m.id + (m.default ? " (default)" : "") + (m.status === "ready" ? "" : ` (${m.status})`);
+    return option;
+  }));
+  if (list.data.some((m) => m.id === previous)) select.value = previous;
+  $("model-row").hidden = list.data.length < 2;
 }
 
 function showKeyField() {
@@ -241,7 +255,8 @@ async function run(event) {
   $("run").disabled = true;
   try {
     const layer = $("layer").dataset.touched ? Number($("layer").value) : null;
-    const response = await api("v1/explain", { image: state.image, texts, layer });
+    const model = $("model").value || null;
+    const response = await api("v1/explain", { image: state.image, texts, layer, model });
     render(response);
     setStatus(`Done: ${texts.length} caption(s), layer ${response.layer}.`);
   } catch (e) {
@@ -271,7 +286,10 @@ function init() {
     const item = [...e.clipboardData.files].find((f) => f.type.startsWith("image/"));
     if (item) loadFile(item);
   });
-  $("api-key").addEventListener("input", (e) => sessionStorage.setItem(KEY_STORE, e.target.value));
+  $("api-key").addEventListener("input", (e) => {
+    sessionStorage.setItem(KEY_STORE, e.target.value);
+    api("v1/models").then(showModels).catch(() => {});
+  });
   const layer = $("layer");
   layer.addEventListener("input", () => { $("layer-value").textContent = layer.value; });
   layer.addEventListener("change", () => {

@@ -68,7 +68,7 @@ async def embeddings(
         {
             "object": "list",
             "data": data,
-            "model": settings.model_name,
+            "model": ctx.model_name,
             "usage": usage(ctx, text_tokens, len(images)),
         }
     )

@@ -105,7 +105,7 @@ async def explain(
     return JSONResponse(
         {
             "object": "list",
-            "model": settings.model_name,
+            "model": ctx.model_name,
             "layer": layer,
             "num_layers": num_layers,
             "grid": config.vision.image_size // config.vision.patch_size,

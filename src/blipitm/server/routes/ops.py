@@ -25,7 +25,8 @@ async def health() -> JSONResponse:
     responses={503: {"model": ErrorResponse, "description": "loading or failed"}},
 )
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: the model is loaded and a real forward pass has run on the worker."""
+    """Readiness: the default model is loaded and a real forward pass has run on its worker
+    (other models may still be loading, or load on demand: ``/v1/models`` shows each)."""
     state: ServerState = request.app.state.blipitm
     if state.ready:
         return JSONResponse({"status": "ready"})
@@ -54,6 +55,4 @@ async def ready(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     """Prometheus text format; every metric is named ``blipitm_*``."""
     state: ServerState = request.app.state.blipitm
-    if state.batcher is not None:
-        state.metrics.queue_depth.set(state.batcher.depth)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

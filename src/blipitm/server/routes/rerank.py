@@ -152,7 +152,7 @@ async def _rerank(ctx: RequestContext[RerankRequest], *, v2: bool) -> JSONRespon
     return JSONResponse(
         {
             "id": f"rerank-{uuid.uuid4().hex}",
-            "model": ctx.state.settings.model_name,
+            "model": ctx.model_name,
             "usage": usage(ctx, text_tokens, len(images)),
             "results": results,
         }

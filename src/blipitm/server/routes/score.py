@@ -50,7 +50,7 @@ async def score(ctx: Annotated[RequestContext[ScoreRequest], ready(ScoreRequest)
             "id": f"score-{uuid.uuid4().hex}",
             "object": "list",
             "created": int(time.time()),
-            "model": settings.model_name,
+            "model": ctx.model_name,
             "data": data,
             "usage": usage(ctx, int(scores.text_tokens.sum()), len(images), completion_tokens=True),
         }

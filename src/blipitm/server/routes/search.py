@@ -40,13 +40,15 @@ class Search:
 
 
 def _checked_index(ctx: RequestContext[SearchRequest]) -> Index:
-    """The server's index, once ``top_k`` and ``rerank_k`` are within the server's limits."""
-    index = ctx.state.index
+    """The request's model's index, once ``top_k`` and ``rerank_k`` are within the server's
+    limits."""
+    index = ctx.loaded.index
     if index is None:
         raise APIError(
             404,
-            "this server has no retrieval index; start it with --index INDEX "
-            "(built with `blipitm index build SRC --out INDEX`)",
+            f"the model {ctx.model_name!r} has no retrieval index; start the server with --index "
+            "INDEX, or give the model an `index` in the models file (an index is built with "
+            "`blipitm index build SRC --out INDEX`)",
             code=ErrorCode.INDEX_NOT_CONFIGURED,
         )
     limit = ctx.state.settings.max_items
@@ -111,7 +113,7 @@ async def search_index(
     return JSONResponse(
         {
             "object": "list",
-            "model": ctx.state.settings.model_name,
+            "model": ctx.model_name,
             "data": [{"object": "search_result", **hit.as_dict()} for hit in hits],
             "usage": usage(ctx, hits.text_tokens, len(images)),
         }
