@@ -20,7 +20,10 @@ from server_helpers import REPO, free_port
 # Installs as an import name, per extra of pyproject.toml (besides other extras it names).
 EXTRA_PACKAGES = {
     "plot": {"matplotlib"},
-    "server": {"fastapi", "fastapi_swagger", "uvicorn", "uvloop", "prometheus_client", "httpx"},
+    "server": {
+        *("fastapi", "fastapi_swagger", "uvicorn", "uvloop", "prometheus_client", "httpx"),
+        "python_multipart",
+    },
     "filter": {"pyarrow"},
 }
 # httpx stays: huggingface_hub, a core dependency, needs it too (and h11, through httpcore).

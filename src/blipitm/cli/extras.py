@@ -19,7 +19,7 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
         "the server",
         (
             *("fastapi", "starlette", "pydantic", "fastapi_swagger", "uvicorn", "h11"),
-            *("prometheus_client", "httpx", "matplotlib"),
+            *("prometheus_client", "httpx", "matplotlib", "python_multipart"),
         ),
     ),
     "filter": ("filtering", ("pyarrow", "matplotlib")),

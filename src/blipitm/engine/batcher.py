@@ -16,6 +16,10 @@ passes a :class:`BatcherObserver` (the server's maps them to its Prometheus metr
 Isolation: if a merged call raises, its jobs are re-run one by one, so only the bad job fails (and
 an error's ``loc`` is translated back into that job's own by its ``LocMap``).
 
+Priority: a job submitted with ``background=True`` (the Batch API's lines) waits in a lane of its
+own, unbounded (its submitter bounds what it has in flight), and the worker takes it only when no
+online job is queued: online requests are served first, background work fills the idle capacity.
+
 Backpressure: ``submit`` never blocks; a full queue is :class:`QueueFull`. Cancellation: each job
 carries a ``concurrent.futures.Future``; a caller that gives up (client gone, deadline) cancels it,
 and the worker skips cancelled jobs when it takes them. A job whose future the worker has taken
@@ -26,9 +30,9 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -120,9 +124,6 @@ class _Work:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-_STOP = object()
-
-
 def _same_loc(loc: Loc) -> Loc:
     return loc
 
@@ -142,7 +143,10 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
         self.observer: BatcherObserver = NoObserver() if observer is None else observer
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._cond = threading.Condition()
+        self._online: deque[_Work] = deque()  # at most max_queue
+        self._background: deque[_Work] = deque()
+        self._stop_requested = False
         self._batch_seconds = 0.05  # running mean, for Retry-After
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="blipitm-inference", daemon=True)
@@ -154,62 +158,85 @@ class Batcher:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in hand, fail what is still queued, join the thread."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Work) and item.future.set_running_or_notify_cancel():
+        with self._cond:
+            queued = [*self._online, *self._background]
+            self._online.clear()
+            self._background.clear()
+            self._stop_requested = True
+            self._cond.notify_all()
+        for item in queued:
+            if item.future.set_running_or_notify_cancel():
                 item.future.set_exception(RuntimeError("server is shutting down"))
         if self._thread.is_alive():
-            self._queue.put(_STOP)
             self._thread.join(timeout)
 
     # -- submitting -----------------------------------------------------------------------------
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Online jobs waiting (background ones: :attr:`background_depth`)."""
+        return len(self._online)
+
+    @property
+    def background_depth(self) -> int:
+        return len(self._background)
 
     def has_room(self) -> bool:
-        return self._queue.qsize() < self.max_queue
+        return len(self._online) < self.max_queue
 
     def retry_after_s(self) -> int:
         """Seconds until the queue has likely drained by one batch's worth: an honest hint."""
         batches = max(1, math.ceil(self.depth / self.max_batch_size))
         return max(1, min(60, math.ceil(batches * self._batch_seconds)))
 
-    def submit(self, job: Job, locs: LocMap = _same_loc) -> Future[Any]:
-        """Queue ``job``; raises :class:`QueueFull` instead of waiting."""
+    def submit(
+        self, job: Job, locs: LocMap = _same_loc, *, background: bool = False
+    ) -> Future[Any]:
+        """Queue ``job``; raises :class:`QueueFull` instead of waiting. ``background``: run it
+        only when no online job waits (never refused: its submitter bounds it)."""
         work = _Work(job, Future(), locs)
-        try:
-            self._queue.put_nowait(work)
-        except queue.Full:
-            self.observer.refused()
-            raise QueueFull(self.retry_after_s()) from None
-        self.observer.queue_depth(self._queue.qsize())
+        with self._cond:
+            if self._stop_requested:
+                work.future.set_exception(RuntimeError("server is shutting down"))
+                return work.future
+            if background:
+                self._background.append(work)
+            elif len(self._online) >= self.max_queue:
+                self.observer.refused()
+                raise QueueFull(self.retry_after_s())
+            else:
+                self._online.append(work)
+            self._cond.notify()
+            depth = len(self._online)
+        self.observer.queue_depth(depth)
         return work.future
+
+    def _pop(self, timeout: float | None) -> _Work | None:
+        """The next job, online first; None once stopping, or after ``timeout`` seconds."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._online or self._background or self._stop_requested, timeout
+            )
+            if self._stop_requested:
+                self._stopping = True  # finish the batch in hand, then exit
+                return None
+            if self._online:
+                return self._online.popleft()
+            return self._background.popleft() if self._background else None
 
     # -- worker thread --------------------------------------------------------------------------
 
     def _take_batch(self) -> list[_Work] | None:
-        if self._stopping:
-            return None
-        first = self._queue.get()
-        if first is _STOP:
-            return None
+        first = None
+        while first is None:
+            if self._stopping:
+                return None
+            first = self._pop(None)
         batch: list[_Work] = [first]
         deadline = time.perf_counter() + self.max_wait_s
-        while len(batch) < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else None
-                if item is None:
-                    item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                self._stopping = True  # finish this batch, then exit
+        while len(batch) < self.max_batch_size and not self._stopping:
+            item = self._pop(max(0.0, deadline - time.perf_counter()))
+            if item is None:
                 break
             batch.append(item)
         return batch
@@ -219,7 +246,7 @@ class Batcher:
             batch = self._take_batch()
             if batch is None:
                 return
-            self.observer.queue_depth(self._queue.qsize())
+            self.observer.queue_depth(self.depth)
             now = time.perf_counter()
             # Cancelled futures (client gone, deadline passed) are dropped here, before compute.
             live = [w for w in batch if w.future.set_running_or_notify_cancel()]

@@ -12,15 +12,35 @@ path runs the same with or without the gateway installed.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from blipitm.errors import BlipitmError
 from blipitm.server.family import Price
 
 SCOPE_ACCOUNT = "blipitm.account"  # where the gateway leaves a request's account in the scope
+# Set only by the Batch API's in-process calls (no header or client can): whom a batch line is
+# billed to (the gateway meters it at the batch price), and that it runs as background work.
+SCOPE_BATCH_CALLER = "blipitm.batch_caller"
+SCOPE_BACKGROUND = "blipitm.background"
+
+
+@dataclass(frozen=True)
+class BatchCaller:
+    """The owner of a batch (a key's name; None: an operator key or an open server) and the
+    share of the online price its lines cost."""
+
+    owner: str | None
+    credit_factor: float
 
 
 class Account(Protocol):
+    @property
+    def owner(self) -> str | None:
+        """The metered key's name; None for an operator key or an open server (who see every
+        key's batches and files)."""
+        ...
+
     def allows(self, *names: str) -> bool:
         """Whether the caller may use the model known by any of ``names``."""
         ...
@@ -42,6 +62,8 @@ class Account(Protocol):
 
 class Unmetered:
     """An operator key, or a server without keys: everything allowed, nothing billed."""
+
+    owner = None
 
     def allows(self, *names: str) -> bool:
         return True

@@ -61,18 +61,24 @@ class Extension(Protocol):
 
     def add_middleware(self, app: FastAPI, routes: Sequence[BaseRoute]) -> None: ...
     async def start(self) -> None: ...
-    async def stop(self) -> None: ...
+    async def drain(self) -> None:
+        """Stop its own work that needs the models (before they close)."""
+
+    async def stop(self) -> None:
+        """After the models have closed (the last usage reaches the store)."""
 
 
 Extensions = Callable[[ServerSettings, Metrics], Sequence[Extension]]
 
 
 def hosted_api(settings: ServerSettings, metrics: Metrics) -> Sequence[Extension]:
-    """The default: API keys, limits, credits, metering and ``/v1/usage``. Without it (``create_app
-    (..., extensions=no_extensions)``) every model route is served, open."""
+    """The default: API keys, limits, credits, metering and ``/v1/usage``, and OpenAI's Batch API
+    (on with ``--batch-dir``). Without them (``create_app(..., extensions=no_extensions)``) every
+    model route is served, open."""
+    from blipitm.server.batch import BatchAPI
     from blipitm.server.gateway import Gateway  # the one line that installs the gateway
 
-    return [Gateway(settings, metrics.registry)]
+    return [Gateway(settings, metrics.registry), BatchAPI(settings)]
 
 
 def no_extensions(settings: ServerSettings, metrics: Metrics) -> Sequence[Extension]:
@@ -129,6 +135,8 @@ def create_app(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            for extension in installed:
+                await extension.drain()
             await state.close()
             for extension in installed:  # after the drain: the last usage reaches the store
                 await extension.stop()

@@ -24,7 +24,7 @@ from fastapi import Depends, Request
 
 from blipitm.engine.batcher import Batcher, Job, LocMap, QueueFull
 from blipitm.processing import ResizedImage, validate_text
-from blipitm.server.account import UNMETERED, Account, account_of
+from blipitm.server.account import SCOPE_BACKGROUND, UNMETERED, Account, account_of
 from blipitm.server.errors import APIError, ErrorCode
 from blipitm.server.family import Price
 from blipitm.server.images import ImageLoader
@@ -44,6 +44,8 @@ class NamesModel(Protocol):
 
 
 B = TypeVar("B", bound=NamesModel)
+
+BATCH_LINE_TIMEOUT_S = 24 * 3600.0  # the completion window: a line never times out before it
 
 
 def server_state(request: Request) -> ServerState:
@@ -84,6 +86,11 @@ class RequestContext(Generic[B]):
     def price(self) -> Price:
         return self.model.spec.price
 
+    @property
+    def background(self) -> bool:
+        """A Batch API line: run when no online request waits (``engine/batcher.py``)."""
+        return bool(self.request.scope.get(SCOPE_BACKGROUND))
+
     async def inputs(
         self, texts: Sequence[TextItem], images: Sequence[ImageItem]
     ) -> tuple[list[str], list[ResizedImage]]:
@@ -97,7 +104,7 @@ class RequestContext(Generic[B]):
                 code=ErrorCode.TOO_MANY_ITEMS,
                 param=images[limit].param,
             )
-        if not self.batcher.has_room():
+        if not self.background and not self.batcher.has_room():
             self.state.metrics.rejected.labels(reason="queue_full").inc()
             raise QueueFull(self.batcher.retry_after_s())
         # The items and credits the request declares (settled when the response is complete).
@@ -126,7 +133,8 @@ class RequestContext(Generic[B]):
         """Queue ``job`` and wait for it, the deadline, or the client going away. ``texts`` and
         ``images``: what of the request the job computes (None: all of it), billed to a metered
         key once the worker has taken the job, whether or not the client waits for the answer."""
-        future = self.batcher.submit(job, locs)  # QueueFull: a 429 (server/errors.py)
+        # QueueFull: a 429 (server/errors.py); a batch line waits in the background lane.
+        future = self.batcher.submit(job, locs, background=self.background)
         try:
             return await self._wait(future)
         finally:
@@ -212,7 +220,9 @@ def ready(body_type: type[B]) -> Any:
         model = models.resolve(body.model)
         account = account_of(request.scope)
         check_access(account, model, body.model)
-        deadline = asyncio.get_running_loop().time() + state.settings.request_timeout_s
+        # A batch line has until its batch expires (the runner stops it then), not a request's.
+        timeout = BATCH_LINE_TIMEOUT_S if request.scope.get(SCOPE_BACKGROUND) else None
+        deadline = asyncio.get_running_loop().time() + (timeout or state.settings.request_timeout_s)
         loaded = await models.acquire(model, deadline)
         try:
             yield RequestContext(body, request, state, model, loaded, deadline, account)

@@ -78,8 +78,10 @@ class ErrorCode(StrEnum):
     MODEL_NOT_FOUND = "model_not_found", 404
     INDEX_NOT_CONFIGURED = "index_not_configured", 404
     NOT_FOUND = "not_found", 404
+    BATCH_API_DISABLED = "batch_api_disabled", 404
     METHOD_NOT_ALLOWED = "method_not_allowed", 405
     REQUEST_TIMEOUT = "request_timeout", 408
+    CONFLICT = "conflict", 409
     TOO_MANY_ITEMS = "too_many_items", 413
     IMAGE_TOO_LARGE = "image_too_large", 413
     REQUEST_TOO_LARGE = "request_too_large", 413
@@ -145,12 +147,13 @@ _DESCRIPTIONS = {
     400: "invalid input (the `param` names the item)",
     401: "missing or invalid API key",
     403: "this API key may not use the served model",
-    404: "unknown model",
+    404: "unknown model, or no such file or batch",
+    409: "the batch is not running",
     413: "request, item count or image over a limit",
     415: "not JSON, or not an image media type",
     422: "request does not match the schema",
     429: "inference queue full, or over an API key's limits or credits (see Retry-After)",
-    503: "model not loaded yet",
+    503: "model not loaded yet, or it failed to load",
     504: "request deadline passed",
 }
 

@@ -38,6 +38,7 @@ _BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
             *("max_batch_size", "max_queue", "max_items", "decode_threads", "port"),
             *("max_body_bytes", "max_image_bytes", "max_connections"),
             "max_images",
+            *("batch_max_file_bytes", "batch_max_file_lines", "batch_max_active", "batch_window"),
         ),
         1,
         False,
@@ -53,6 +54,7 @@ _BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
     ),
     (("image_credits", "metrics_key_labels", "max_loaded_models"), 0, False),
     (("rate_window_s",), 0, True),
+    (("batch_credit_factor",), 0, False),
 )
 
 
@@ -77,6 +79,13 @@ class ServerSettings:
     image_credits: int = 1
     rate_window_s: float = 60.0
     metrics_key_labels: int = 100
+    # -- OpenAI's Batch API (see server/batch/) ---------------------------------------------------
+    batch_dir: str | None = None  # None: the Batch API is off
+    batch_max_file_bytes: int = 200 * 1024 * 1024
+    batch_max_file_lines: int = 50_000
+    batch_credit_factor: float = 0.5
+    batch_max_active: int = 4
+    batch_window: int = 64
     # -- connections (see server/transport/) -------------------------------------------------------
     head_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
@@ -269,6 +278,26 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "metrics_key_labels",
         "key names with their own label in /metrics; later ones count as `other`",
+        int,
+    ),
+    Option(
+        "batch_dir",
+        "turn on OpenAI's Batch API (/v1/files, /v1/batches), keeping its files and batches in "
+        "this folder; unfinished batches resume when the server restarts",
+        optional_str,
+        metavar="DIR",
+    ),
+    Option("batch_max_file_bytes", "largest batch input file (bytes); larger: 413", int),
+    Option("batch_max_file_lines", "most lines in a batch input file; more: 413", int),
+    Option(
+        "batch_credit_factor",
+        "share of the online price a batch line costs a metered key (rounded up per line)",
+        float,
+    ),
+    Option("batch_max_active", "most unfinished batches per key (or per operator)", int),
+    Option(
+        "batch_window",
+        "batch lines in flight at once (queued behind online requests, merged into engine batches)",
         int,
     ),
     Option(

@@ -51,6 +51,9 @@ class Gateway:
         if self.service is not None:
             await self.service.start()
 
+    async def drain(self) -> None:
+        return None  # its work ends with the requests'
+
     async def stop(self) -> None:
         """After the drain: the last usage reaches the store."""
         if self.service is not None:

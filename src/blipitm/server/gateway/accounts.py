@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -205,6 +206,7 @@ class Charge:
     texts: int = 0
     images: int = 0
     price: Price = field(default_factory=Price)  # the request's model's, set by reserve()
+    factor: float = 1.0  # share of the price billed (a Batch API line: --batch-credit-factor)
     credits: int = 0  # reserved, billed on success
     done: int = 0  # credits of the work the inference worker took (billed whatever the status)
     tokens: int = 0  # the response's usage.total_tokens, as the route computed it
@@ -232,6 +234,10 @@ class Charge:
             self.service.record(self, 429, 0)
         return verdict
 
+    @property
+    def owner(self) -> str | None:
+        return self.key.name
+
     def allows(self, *names: str) -> bool:
         return self.key.allows_model(*names)
 
@@ -241,7 +247,7 @@ class Charge:
         refuses."""
         assert self.credits == 0, "one reservation per request"
         self.price = price or Price(1, self.service.image_credits)
-        needed = texts * self.price.text + images * self.price.image
+        needed = self._credits(texts, images)
         # Only what the balance may hold: a refused request bills nothing, a refunded one gives
         # back exactly what it took.
         key = self.service.current(self.key.name) or self.key
@@ -262,8 +268,13 @@ class Charge:
         passes, since the compute is spent. Work never started is refunded."""
         texts = self.texts if texts is None else texts
         images = self.images if images is None else images
-        done = self.done + texts * self.price.text + images * self.price.image
-        self.done = min(self.credits, done)
+        self.done = min(self.credits, self.done + self._credits(texts, images))
+
+    def _credits(self, texts: int, images: int) -> int:
+        """At the model's price, times the batch discount (rounded up: never under-billed)."""
+        return math.ceil(
+            round(self.factor * (texts * self.price.text + images * self.price.image), 9)
+        )
 
     def bill(self, tokens: int) -> None:
         self.tokens = tokens  # metered with the request

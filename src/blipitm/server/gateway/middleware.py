@@ -9,12 +9,19 @@ unmetered; a key of the store is admitted (rate, concurrency) before the body is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 
 from starlette.routing import BaseRoute
 
-from blipitm.server.account import SCOPE_ACCOUNT, LimiterUnavailable
+from blipitm.server.account import (
+    SCOPE_ACCOUNT,
+    SCOPE_BATCH_CALLER,
+    BatchCaller,
+    LimiterUnavailable,
+)
 from blipitm.server.errors import ErrorCode, OverLimit, translate
 from blipitm.server.gateway.accounts import Charge, KeyService
 from blipitm.server.gateway.auth import Authenticator, needs_key
@@ -62,6 +69,10 @@ class GatewayMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        caller = scope.get(SCOPE_BATCH_CALLER)
+        if isinstance(caller, BatchCaller):
+            await self._batch_line(caller, scope, receive, send)
+            return
         match self.keys.authenticate(header(scope, b"authorization")):
             case Refused(reason):
                 headers = {"WWW-Authenticate": "Bearer"}
@@ -108,6 +119,27 @@ class GatewayMiddleware:
             raise
         finally:
             await settle(charge, status)
+
+    async def _batch_line(
+        self, caller: BatchCaller, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """A Batch API line, billed to the batch's owner at the batch price: credits are
+        reserved and settled as for any request, but the key's rate and concurrency limits do
+        not apply (the batch runner paces its lines). A key deleted or expired since the batch
+        was created is refused, line by line."""
+        if caller.owner is None:  # an operator's batch, or an open server's
+            await self.app(scope, receive, send)
+            return
+        service = self.keys.service
+        key = None if service is None else service.current(caller.owner)
+        if service is None or key is None or key.refusal(time.time()) is not None:
+            message = f"the key {caller.owner!r} that created this batch is no longer valid"
+            await send_error(send, 401, message, ErrorCode.INVALID_API_KEY)
+            return
+        unlimited = dataclasses.replace(key, rpm=None, items_per_minute=None, concurrency=None)
+        charge = service.open(unlimited, "batch:" + route_label(self.routes, scope))
+        charge.factor = caller.credit_factor
+        await self._metered(service, charge, scope, receive, send)
 
     async def _usage(
         self, service: KeyService, charge: Charge, scope: Scope, receive: Receive, send: Send
