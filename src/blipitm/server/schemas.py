@@ -267,6 +267,7 @@ class MultimodalInput(BaseModel):
 # -- /v2/embed ------------------------------------------------------------------------------------
 
 EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+EmbedInputType = Literal["search_document", "search_query", "classification", "clustering", "image"]
 
 
 class EmbedRequest(BaseModel):
@@ -283,9 +284,7 @@ class EmbedRequest(BaseModel):
     )
 
     model: str | None = Field(default=None, description="the served model name (optional)")
-    input_type: Literal[
-        "search_document", "search_query", "classification", "clustering", "image"
-    ] = Field(
+    input_type: EmbedInputType = Field(
         description="required, as in Cohere v2; accepted and checked, the vectors are the same"
     )
     texts: Items[str] | None = Field(default=None, description="texts, each embedded as a caption")
