@@ -487,7 +487,14 @@ def test_plan_shell() -> None:
     assert served == ("blipitm serve --port 5555 --model M", 8000)
 
 
-CLIENTS = ("openai", "cohere", "litellm", "langchain_openai", "llama_index.embeddings.openai")
+CLIENTS = (
+    "openai",
+    "cohere",
+    "voyageai",
+    "litellm",
+    "langchain_openai",
+    "llama_index.embeddings.openai",
+)
 
 
 def test_clients_page_runs_every_stock_client() -> None:

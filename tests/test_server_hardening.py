@@ -79,6 +79,16 @@ def _bombs() -> list[tuple[str, dict[str, Any], str]]:
         ("/v1/rerank", {"query": text, "documents": junk}, "documents"),
         ("/v2/rerank", {"query": text, "documents": {"content": junk}}, "documents.content"),
         ("/v1/explain", {"image": "data:image/png;base64,AA==", "texts": junk}, "texts"),
+        ("/v2/embed", {"input_type": "image", "texts": junk}, "texts"),
+        ("/v2/embed", {"input_type": "image", "inputs": junk}, "inputs"),
+        (
+            "/v2/embed",
+            {"input_type": "image", "texts": [text], "embedding_types": junk},
+            "embedding_types",
+        ),
+        ("/v2/embed", {"input_type": "image", "inputs": [{"content": junk}]}, "inputs[0].content"),
+        ("/v1/multimodalembeddings", {"inputs": junk}, "inputs"),
+        ("/v1/multimodalembeddings", {"inputs": [{"content": junk}]}, "inputs[0].content"),
     ]
 
 
@@ -137,7 +147,13 @@ def test_no_request_schema_holds_an_unbounded_list() -> None:
                 model = param.field_info.annotation
                 if isinstance(model, type) and issubclass(model, BaseModel):
                     bodies.append(model)
-    assert {m.__name__ for m in bodies} >= {"EmbeddingRequest", "ScoreRequest", "RerankRequest"}
+    assert {m.__name__ for m in bodies} >= {
+        "EmbeddingRequest",
+        "EmbedRequest",
+        "MultimodalEmbeddingRequest",
+        "ScoreRequest",
+        "RerankRequest",
+    }
     for model in bodies:
         bounded: set[int] = set()
         found: list[dict[str, Any]] = []

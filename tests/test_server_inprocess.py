@@ -306,14 +306,35 @@ def test_usage_reads_the_engines_counts_without_tokenizing_again(engine: Engine)
             {"query": texts[2], "documents": [image] * 3, "rerank_k": 2},
             tokens(texts[2]) + 3 * per_image,
         ),
+        (
+            "/v2/embed",
+            {
+                "inputs": [{"content": [{"type": "text", "text": t}]} for t in texts]
+                + [{"content": [part]}],
+                "input_type": "search_document",
+            },
+            tokens(*texts) + per_image,
+        ),
+        (
+            "/v1/multimodalembeddings",
+            {"inputs": [{"content": [{"type": "text", "text": texts[1]}]}]},
+            tokens(texts[1]),
+        ),
     ]
+
+    def metered(path: str, answer: dict[str, Any]) -> int:
+        if path == "/v2/embed":
+            return int(answer["meta"]["billed_units"]["input_tokens"])
+        if path == "/v1/multimodalembeddings":
+            return int(answer["usage"]["total_tokens"])
+        return int(answer["usage"]["prompt_tokens"])
 
     async def main() -> None:
         async with running(ServerSettings(), lambda s: NoRecount(engine)) as (client, _):
             for path, body, want in requests:
                 r = await client.post(path, json=body)
                 assert r.status_code == 200, r.text
-                assert r.json()["usage"]["prompt_tokens"] == want, (path, body)
+                assert metered(path, r.json()) == want, (path, body)
 
     asyncio.run(main())
 

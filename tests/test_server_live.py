@@ -495,6 +495,8 @@ OPERATIONS = [
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"),
     ("POST", "/v1/embeddings"),
+    ("POST", "/v2/embed"),
+    ("POST", "/v1/multimodalembeddings"),
     ("POST", "/v1/score"),
     ("POST", "/v1/rerank"),
     ("POST", "/v2/rerank"),

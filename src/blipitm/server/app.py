@@ -23,9 +23,11 @@ from blipitm.server import docs, errors
 from blipitm.server.metrics import Metrics
 from blipitm.server.middleware import GuardMiddleware, MetricsMiddleware
 from blipitm.server.routes import (
+    embed_v2,
     embeddings,
     explain,
     models,
+    multimodal,
     ops,
     playground,
     rerank,
@@ -41,8 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("blipitm.server")
 
 DESCRIPTION = (
-    "BLIP image-text matching behind OpenAI (embeddings), vLLM (score) and Cohere/Jina (rerank) "
-    "compatible endpoints. Errors use OpenAI's envelope."
+    "BLIP image-text matching behind OpenAI (embeddings), Cohere (embed v2), Voyage (multimodal "
+    "embeddings), vLLM (score) and Cohere/Jina (rerank) compatible endpoints. Errors use OpenAI's "
+    "envelope."
 )
 
 
@@ -151,7 +154,9 @@ def create_app(
     )
     app.state.blipitm = state
     errors.install(app)
-    routers = [r.router for r in (ops, models, embeddings, score, rerank, search)]
+    routers = [
+        r.router for r in (ops, models, embeddings, embed_v2, multimodal, score, rerank, search)
+    ]
     routers += [router for extension in installed for router in extension.routers]
     routers += [r.router for r in (explain, playground, docs)]
     for router in routers:

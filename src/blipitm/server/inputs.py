@@ -6,14 +6,30 @@ data-URI rule for plain strings, the one-image-one-text rule of ITM) are unit-te
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from blipitm.engine.batcher import LocMap
 from blipitm.errors import Loc, format_loc
-from blipitm.server.errors import APIError, ErrorCode
+from blipitm.server.errors import APIError, ErrorCode, from_validation_errors
 from blipitm.server.images import is_image_data_uri
-from blipitm.server.schemas import Content, ImageDocument, ImageURLPart, TextDocument, TextPart
+from blipitm.server.schemas import (
+    Content,
+    EmbedImagePart,
+    EmbedInput,
+    ImageDocument,
+    ImageURLPart,
+    MultimodalInput,
+    TextDocument,
+    TextPart,
+    VoyageImageBase64Part,
+    VoyageImageURLPart,
+    VoyageTextPart,
+    VoyageVideoPart,
+)
 
 
 class _Located:
@@ -97,6 +113,79 @@ def side_items(value: object, name: str) -> list[Item]:
     if isinstance(value, list):
         return [classify(v, (name, i)) for i, v in enumerate(value)]
     return [classify(value, (name,))]
+
+
+def one_part(content: Sequence[Any], loc: Loc, kinds: Mapping[str, type[BaseModel]]) -> BaseModel:
+    """The one part of a multimodal input ``{"content": [part]}`` at ``loc``, validated as the
+    model its ``type`` names. Several parts are refused: this model embeds a text or an image,
+    and has no fused embedding of both (nor an average we could call one)."""
+    param = format_loc((*loc, "content"))
+    if not content:
+        raise _bad("must contain one part (a text or an image)", param)
+    if len(content) > 1:
+        raise _bad(
+            f"this input has {len(content)} parts; this model embeds one text or one image and "
+            "has no fused embedding of several parts: send each part as an input of its own",
+            param,
+            code=ErrorCode.UNSUPPORTED_INPUT,
+        )
+    part, where = content[0], (*loc, "content", 0)
+    kind = part.get("type") if isinstance(part, dict) else None
+    model = kinds.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        names = ", ".join(repr(k) for k in kinds)
+        msg = f"a part is an object whose type is one of {names}"
+        raise from_validation_errors([{"loc": (*where, "type"), "msg": msg, "type": "part"}])
+    try:
+        return model.model_validate(part)
+    except ValidationError as e:
+        errors = [{**err, "loc": (*where, *err["loc"])} for err in e.errors()]
+        raise from_validation_errors(errors) from None
+
+
+EMBED_PARTS: dict[str, type[BaseModel]] = {"text": TextPart, "image_url": EmbedImagePart}
+VOYAGE_PARTS: dict[str, type[BaseModel]] = {
+    "text": VoyageTextPart,
+    "image_url": VoyageImageURLPart,
+    "image_base64": VoyageImageBase64Part,
+    "video_url": VoyageVideoPart,
+    "video_base64": VoyageVideoPart,
+}
+
+
+def embed_input_item(value: EmbedInput, loc: Loc) -> Item:
+    """One input of Cohere's ``/v2/embed``: its text, or its image."""
+    part = one_part(value.content, loc, EMBED_PARTS)
+    where = (*loc, "content", 0)
+    if isinstance(part, TextPart):
+        return TextItem(part.text, where)
+    assert isinstance(part, EmbedImagePart)
+    url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+    return ImageItem(url, where)
+
+
+def multimodal_input_item(value: MultimodalInput, loc: Loc) -> Item:
+    """One input of Voyage's ``/v1/multimodalembeddings``: its text, or its image."""
+    part = one_part(value.content, loc, VOYAGE_PARTS)
+    where = (*loc, "content", 0)
+    if isinstance(part, VoyageTextPart):
+        return TextItem(part.text, where)
+    if isinstance(part, VoyageImageURLPart):
+        return ImageItem(part.image_url, where)
+    if isinstance(part, VoyageImageBase64Part):
+        if part.image_base64[:5].lower() != "data:":
+            raise _bad(
+                "image_base64 must be a data URI (data:image/...;base64,...); send a URL as an "
+                "image_url part",
+                format_loc((*where, "image_base64")),
+                code=ErrorCode.INVALID_IMAGE,
+            )
+        return ImageItem(part.image_base64, where)
+    raise _bad(
+        "this model embeds texts and images, not videos",
+        format_loc(where),
+        code=ErrorCode.UNSUPPORTED_INPUT,
+    )
 
 
 def pair_indices(n1: int, n2: int) -> list[tuple[int, int]]:

@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from blipitm.server.quantize import EmbeddingDtype
+
 # -- bounded lists --------------------------------------------------------------------------------
 
 # The --max-items of the app validating the current request (the guard middleware sets it; one
@@ -186,6 +188,230 @@ class EmbeddingResponse(BaseModel):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
+
+
+# -- multimodal inputs: {"content": [one part]} ----------------------------------------------------
+
+
+def _parts_schema(*parts: dict[str, Any]) -> Any:
+    """An input's ``content``: validated part by part in the route (``inputs.one_part``), where
+    the input's position is known, so that a list of inputs never validates a list per input."""
+    return WithJsonSchema(
+        {"type": "array", "items": {"oneOf": list(parts)}, "minItems": 1, "maxItems": 1}
+    )
+
+
+def _part(kind: str, field: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"type": {"type": "string", "const": kind}, field: value},
+        "required": ["type", field],
+    }
+
+
+_STRING = {"type": "string"}
+_URL_OBJECT = {"type": "object", "properties": {"url": _STRING}, "required": ["url"]}
+
+
+class EmbedImagePart(BaseModel):
+    """Cohere v2's image part: ``image_url`` is ``{"url": ...}`` (what its SDK sends) or the
+    reference itself."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+EmbedPart = Annotated[EmbedImagePart | TextPart, Field(discriminator="type")]
+
+
+class EmbedInput(BaseModel):
+    """Cohere v2's ``{"content": [part]}``: one text or one image part."""
+
+    content: Annotated[
+        list[Any],
+        BeforeValidator(_bounded),
+        _parts_schema(
+            _part("text", "text", _STRING),
+            _part("image_url", "image_url", {"anyOf": [_URL_OBJECT, _STRING]}),
+        ),
+    ] = Field(description="one part: this model has no fused text+image embedding")
+
+
+class VoyageTextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class VoyageImageURLPart(BaseModel):
+    type: Literal["image_url"]
+    image_url: str = Field(description="an http(s) URL (when the server fetches URLs)")
+
+
+class VoyageImageBase64Part(BaseModel):
+    type: Literal["image_base64"]
+    image_base64: str = Field(description="a data:image/...;base64,... URI")
+
+
+class VoyageVideoPart(BaseModel):
+    """Voyage's video parts: parsed so that they are refused by name (this model has no video)."""
+
+    type: Literal["video_url", "video_base64"]
+
+
+VoyagePart = Annotated[
+    VoyageTextPart | VoyageImageURLPart | VoyageImageBase64Part | VoyageVideoPart,
+    Field(discriminator="type"),
+]
+
+
+class MultimodalInput(BaseModel):
+    """Voyage's ``{"content": [part]}``: one text or one image part."""
+
+    content: Annotated[
+        list[Any],
+        BeforeValidator(_bounded),
+        _parts_schema(
+            _part("text", "text", _STRING),
+            _part("image_url", "image_url", _STRING),
+            _part("image_base64", "image_base64", _STRING),
+        ),
+    ] = Field(description="one part: this model has no fused text+image embedding")
+
+
+# -- /v2/embed ------------------------------------------------------------------------------------
+
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+EmbedInputType = Literal["search_document", "search_query", "classification", "clustering", "image"]
+
+
+class EmbedRequest(BaseModel):
+    """Cohere's Embed v2 request."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "texts": ["a dog"],
+                "input_type": "search_document",
+                "embedding_types": ["float", "int8"],
+            }
+        }
+    )
+
+    model: str | None = Field(default=None, description="the served model name (optional)")
+    input_type: EmbedInputType = Field(
+        description="required, as in Cohere v2; accepted and checked, the vectors are the same"
+    )
+    texts: Items[str] | None = Field(default=None, description="texts, each embedded as a caption")
+    images: Items[str] | None = Field(
+        default=None,
+        description="image data URIs (or http(s) URLs when the server fetches URLs)",
+    )
+    inputs: Items[EmbedInput] | None = Field(
+        default=None, description="each {content: [one text or image_url part]}"
+    )
+    embedding_types: Items[EmbeddingType] | None = Field(
+        default=None,
+        description="default [float]; int8/uint8/binary/ubinary as docs/server.md defines them; "
+        "base64: little-endian float32 bytes",
+    )
+    truncate: Literal["NONE", "START", "END"] | None = Field(
+        default=None,
+        description="END (default) and NONE: the protocol's own text length rule; START: 400",
+    )
+    max_tokens: int | None = Field(
+        default=None, description="at least the tokens the model reads of a text, or omitted"
+    )
+    output_dimension: int | None = Field(default=None, description="the embedding size or omitted")
+    priority: int | None = Field(default=None, description="accepted and ignored")
+
+
+class EmbedByType(BaseModel):
+    """The embeddings asked for, one list per type, in input order."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    float_: list[list[float]] | None = Field(default=None, alias="float")
+    int8: list[list[int]] | None = None
+    uint8: list[list[int]] | None = None
+    binary: list[list[int]] | None = None
+    ubinary: list[list[int]] | None = None
+    base64: list[str] | None = None
+
+
+class ApiVersion(BaseModel):
+    version: str
+
+
+class BilledUnits(BaseModel):
+    input_tokens: int = Field(description="text tokens plus vision tokens: what is metered")
+    text_tokens: int
+    image_tokens: int = Field(description="vision tokens (patches + CLS) of the images")
+    images: int
+
+
+class EmbedMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: BilledUnits
+
+
+class EmbedResponse(BaseModel):
+    id: str
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"
+    embeddings: EmbedByType
+    texts: list[str] | None = Field(default=None, description="the texts, for a texts request")
+    meta: EmbedMeta
+
+
+# -- /v1/multimodalembeddings ---------------------------------------------------------------------
+
+
+class MultimodalEmbeddingRequest(BaseModel):
+    """Voyage's multimodal embeddings request."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"inputs": [{"content": [{"type": "text", "text": "a dog"}]}]}
+        }
+    )
+
+    inputs: Items[MultimodalInput] = Field(description="each {content: [one part]}")
+    model: str | None = Field(default=None, description="the served model name (optional)")
+    input_type: Literal["query", "document"] | None = Field(
+        default=None, description="accepted and checked; the vectors are the same"
+    )
+    truncation: bool = Field(
+        default=True, description="accepted; the protocol's own text length rule applies"
+    )
+    output_encoding: Literal["base64"] | None = Field(
+        default=None, description="base64: each embedding's bytes (little-endian float32)"
+    )
+    encoding_format: Literal["base64"] | None = Field(
+        default=None, description="what Voyage's SDK sends for output_encoding"
+    )
+    output_dtype: EmbeddingDtype | None = Field(
+        default=None, description="default float; the integer types as docs/server.md defines"
+    )
+    output_dimension: int | None = Field(default=None, description="the embedding size or omitted")
+
+
+class MultimodalEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | list[int] | str
+    index: int
+
+
+class MultimodalUsage(BaseModel):
+    text_tokens: int
+    image_pixels: int = Field(description="pixels the model read: image_size² per image")
+    video_pixels: int = 0
+    total_tokens: int = Field(description="text tokens plus vision tokens: what is metered")
+
+
+class MultimodalEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[MultimodalEmbedding]
+    model: str
+    usage: MultimodalUsage
 
 
 # -- /v1/score ------------------------------------------------------------------------------------
