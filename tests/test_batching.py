@@ -206,3 +206,35 @@ def test_the_observer_sees_queue_refusals_and_batches() -> None:
         ("batch_started", 2),
         ("batch_finished", True),
     ]
+
+
+def test_background_jobs_run_only_when_no_online_job_waits(engine: blipitm.Engine) -> None:
+    """The Batch API's lane: background jobs queued before online ones still run after them,
+    and a full online queue neither refuses nor counts them."""
+
+    class Recording:
+        def __init__(self) -> None:
+            self.calls: list[list[str]] = []
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(engine, name)
+
+        def encode_texts(self, texts: list[str]) -> TextFeatures:
+            self.calls.append(list(texts))
+            return engine.encode_texts(texts)
+
+    recording = Recording()
+    b = Batcher(recording, max_batch_size=1, max_wait_ms=0.0, max_queue=2)  # type: ignore[arg-type]
+    background = [b.submit(EmbedTexts([f"bg{i}"]), background=True) for i in range(4)]
+    online = [b.submit(EmbedTexts([f"on{i}"])) for i in range(2)]
+    assert b.depth == 2 and b.background_depth == 4 and not b.has_room()
+    with pytest.raises(QueueFull):
+        b.submit(EmbedTexts(["one too many"]))
+    extra = b.submit(EmbedTexts(["bg4"]), background=True)  # never refused
+    b.start()
+    try:
+        for fut in [*online, *background, extra]:
+            fut.result(30)
+    finally:
+        b.stop()
+    assert [c[0] for c in recording.calls] == ["on0", "on1", "bg0", "bg1", "bg2", "bg3", "bg4"]

@@ -39,7 +39,9 @@ class BatchAPI:
 
     def add_middleware(self, app: FastAPI, routes: Sequence[BaseRoute]) -> None:
         if self.runner is not None:
-            self.runner.attach(app)  # the lines go through the whole app, middleware included
+            # The lines go through the whole app, middleware included, once it serves.
+            state = app.state.blipitm
+            self.runner.attach(app, lambda: state.ready)
 
     async def start(self) -> None:
         if self.runner is not None:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from blipitm.server.middleware import ASGIApp
 
 log = logging.getLogger("blipitm.server")
 
+READY_POLL_S = 0.2
+RETRY_S = 1.0  # a line answered "not now" (its model loading) is sent again after this
 CANCEL_GRACE_S = 5.0  # how long a cancelled batch waits for its lines in flight
 SAVE_EVERY_S = 1.0  # how often a running batch's counts are written to its record
 
@@ -45,12 +48,15 @@ class BatchRunner:
         self.window = window
         self.credit_factor = credit_factor
         self.app: ASGIApp | None = None  # the whole app, middleware included (attach())
+        self._ready: Callable[[], bool] = lambda: True
         self._wake = asyncio.Event()
         self._cancels: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def attach(self, app: ASGIApp) -> None:
-        self.app = app
+    def attach(self, app: ASGIApp, ready: Callable[[], bool]) -> None:
+        """``app``: what the lines are sent to; ``ready``: whether it serves (the default model
+        is loaded): no line is sent before."""
+        self.app, self._ready = app, ready
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batch runner")
@@ -72,6 +78,8 @@ class BatchRunner:
         self.wake()
 
     async def _loop(self) -> None:
+        while not self._ready():
+            await asyncio.sleep(READY_POLL_S)
         while True:
             self._wake.clear()
             active = self.store.active()
@@ -260,11 +268,15 @@ class _Sender:
 
     async def _one(self, line: Line, room: asyncio.Semaphore) -> None:
         try:
-            try:
-                status, body = await call(self.app, self.batch.endpoint, line.body, self.extra)
-            except Exception as e:  # the app answers errors itself: this is a bug
-                log.exception("batch %s, line %d", self.batch.id, line.number)
-                status, body = 500, {"error": {"message": str(e), "code": "internal_error"}}
+            while True:
+                try:
+                    status, body = await call(self.app, self.batch.endpoint, line.body, self.extra)
+                except Exception as e:  # the app answers errors itself: this is a bug
+                    log.exception("batch %s, line %d", self.batch.id, line.number)
+                    status, body = 500, {"error": {"message": str(e), "code": "internal_error"}}
+                if not _not_now(status, body) or time.time() >= self.batch.expires_at:
+                    break
+                await asyncio.sleep(RETRY_S)
             self.answers.add(line, status, body)
         finally:
             room.release()
@@ -282,6 +294,12 @@ class _Sender:
                 task.cancel()
         if self.running:
             await asyncio.gather(*self.running, return_exceptions=True)
+
+
+def _not_now(status: int, body: Any) -> bool:
+    """An answer that says "later", not "no": the line's model is still loading."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return status == 503 and isinstance(error, dict) and error.get("code") == "model_not_ready"
 
 
 def _add_usage(batch: Batch, record: dict[str, Any]) -> None:

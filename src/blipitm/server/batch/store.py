@@ -194,12 +194,10 @@ class BatchStore:
     def files(self, owner: str | None, *, everyone: bool) -> list[FileRecord]:
         with self._lock:
             if everyone:
-                rows = self._db.execute(
-                    "SELECT * FROM files ORDER BY created_at DESC, id"
-                ).fetchall()
+                rows = self._db.execute("SELECT * FROM files ORDER BY rowid DESC").fetchall()
             else:
                 rows = self._db.execute(
-                    "SELECT * FROM files WHERE owner IS ? ORDER BY created_at DESC, id", (owner,)
+                    "SELECT * FROM files WHERE owner IS ? ORDER BY rowid DESC", (owner,)
                 ).fetchall()
         return [FileRecord(*row) for row in rows]
 
@@ -232,7 +230,7 @@ class BatchStore:
         if not everyone:
             sql, args = sql + " WHERE owner IS ?", (owner,)
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY created_at DESC, id DESC", args).fetchall()
+            rows = self._db.execute(sql + " ORDER BY rowid DESC", args).fetchall()
         return [_batch(json.loads(row[0])) for row in rows]
 
     def active(self) -> list[Batch]:
