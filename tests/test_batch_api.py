@@ -10,15 +10,19 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
+import blipitm
 from blipitm.keys import KeyStore
 from server_helpers import ServerProcess, cli_server, data_uri, free_port, png_bytes
 
@@ -393,3 +397,52 @@ def test_sigkill_mid_batch_then_restart_answers_each_line_once(
         assert batch.request_counts is not None and batch.request_counts.completed == 600
     finally:
         second.stop()
+
+
+# -- offline: blipitm batch run -----------------------------------------------------------------
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    return subprocess.run(
+        [sys.executable, "-m", "blipitm.cli.main", "batch", "run", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def test_batch_run_offline_resumes_and_answers_as_the_engine(
+    tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    """A run cut short (its last line torn) resumes: each custom_id exactly once, the usage
+    that of a run in one go, the vectors the engine's (fp32, 1e-6: batch composition moves the
+    last bits)."""
+    texts = [f"caption number {i}" for i in range(40)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(line(f"c{i}", {"input": [t]}) + "\n" for i, t in enumerate(texts)))
+    whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
+    first = run_cli(str(source), "--output", str(whole), "--model", str(tiny_ckpt))
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = whole.read_bytes().splitlines(keepends=True)
+    cut.write_bytes(b"".join(rows[:15]) + rows[15][:40])  # 15 answers and a torn 16th
+    again = run_cli(str(source), "--output", str(cut), "--model", str(tiny_ckpt))
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = [json.loads(x) for x in cut.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in resumed) == sorted(f"c{i}" for i in range(40))
+    by_id = {r["custom_id"]: r["response"]["body"] for r in resumed}
+    once = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, rows)}
+    assert {k: v["usage"] for k, v in by_id.items()} == {k: v["usage"] for k, v in once.items()}
+    engine = blipitm.load(tiny_ckpt)
+    got = np.array([by_id[f"c{i}"]["data"][0]["embedding"] for i in range(40)], dtype=np.float32)
+    np.testing.assert_allclose(got, engine.embed_texts(texts), atol=1e-6, rtol=0)
+
+
+def test_batch_run_refuses_a_bad_file_before_loading_a_model(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(line("a", {"input": "x"}) + "\n" + line("a", {"input": "y"}) + "\n")
+    result = run_cli(str(source), "--output", str(tmp_path / "o.jsonl"), "--model", "/nowhere")
+    assert result.returncode == 2
+    assert "in.jsonl:2: duplicate_custom_id" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()

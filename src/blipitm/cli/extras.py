@@ -26,7 +26,13 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "plot": ("drawing plots and overlays", ("matplotlib",)),
 }
 # The commands that need an extra to run at all.
-COMMAND_EXTRAS = {"serve": "server", "filter": "filter", "eval": "plot", "explain": "plot"}
+COMMAND_EXTRAS = {
+    "serve": "server",
+    "batch": "server",
+    "filter": "filter",
+    "eval": "plot",
+    "explain": "plot",
+}
 
 
 class MissingExtraError(BlipitmError):

@@ -47,6 +47,7 @@ COMMANDS = (
     Command("search", "search an index with a caption or an image", "blipitm.cli.search"),
     Command("filter", "score an image-caption dataset and keep the matches", "blipitm.cli.filter"),
     Command("keys", "per-key API keys: limits, credits, usage", "blipitm.cli.keys"),
+    Command("batch", "answer a Batch API file offline (OpenAI's batch lines)", "blipitm.cli.batch"),
 )
 
 

@@ -136,8 +136,9 @@ class AnswerFile:
         self._f.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
 
     def close(self) -> None:
-        os.fsync(self._f.fileno())
-        self._f.close()
+        if not self._f.closed:
+            os.fsync(self._f.fileno())
+            self._f.close()
 
 
 def answer(line: Line, status: int, body: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,47 +127,29 @@ class BatchRunner:
         """Send the lines not yet answered; the batch's final status."""
         assert self.app is not None, "attach() first"
         out_path, err_path = self._work(batch)
-        done = set(await asyncio.to_thread(self._recover, batch, out_path, err_path))
+        done = set(await asyncio.to_thread(recover, batch, out_path, err_path))
         cancelled = self._cancels.setdefault(batch.id, asyncio.Event())
-        answers = _Answers(batch, AnswerFile(out_path), AnswerFile(err_path))
-        sender = _Sender(self.app, batch, self.credit_factor, answers)
-        room = asyncio.Semaphore(self.window)
-        saved = time.monotonic()
+        answers = Answers(batch, AnswerFile(out_path), AnswerFile(err_path))
         lines = (line for line in read_lines(source) if line.custom_id not in done)
-        final = "completed"
-        try:
-            for line in lines:
-                await room.acquire()
-                if cancelled.is_set():
-                    final = "cancelled"
-                    break
-                if time.time() >= batch.expires_at:
-                    final = "expired"
-                    answers.expire(line)
-                    break
-                sender.start(line, room)
-                if time.monotonic() - saved > SAVE_EVERY_S:
-                    self.store.save(batch)
-                    saved = time.monotonic()
-            await sender.finish(grace_s=CANCEL_GRACE_S if cancelled.is_set() else None)
-            if final == "expired":
-                for line in lines:
-                    answers.expire(line)
-        finally:
-            await sender.cancel()  # the server stops: lines in flight run again on restart
-            answers.close()
-        return "cancelled" if cancelled.is_set() else final
+        extra = {
+            SCOPE_BATCH_CALLER: BatchCaller(batch.owner, self.credit_factor),
+            SCOPE_BACKGROUND: True,
+        }
+        saved = time.monotonic()
 
-    @staticmethod
-    def _recover(batch: Batch, out_path: Path, err_path: Path) -> list[str]:
-        """The ``custom_id`` of every line already answered (a resumed batch), with the counts
-        and usage recomputed from the files."""
-        done, failed = answered(out_path), answered(err_path)
-        batch.request_counts.update(completed=len(done), failed=len(failed))
-        batch.usage.update(input_tokens=0, total_tokens=0)
-        for record in done.values():
-            _add_usage(batch, record)
-        return [*done, *failed]
+        def on_line() -> None:
+            nonlocal saved
+            if time.monotonic() - saved > SAVE_EVERY_S:
+                self.store.save(batch)
+                saved = time.monotonic()
+
+        try:
+            final = await send_lines(
+                self.app, batch, lines, answers, extra, self.window, cancelled, on_line
+            )
+        finally:
+            answers.close()
+        return final
 
     def _work(self, batch: Batch) -> tuple[Path, Path]:
         work = self.store.work_dir
@@ -224,7 +206,62 @@ class BatchRunner:
 _EXPIRED = "the batch's completion window ended before this line ran"
 
 
-class _Answers:
+def recover(batch: Batch, out_path: Path, err_path: Path) -> list[str]:
+    """The ``custom_id`` of every line already answered (a resumed batch), with the batch's
+    counts and usage recomputed from its files. The two paths may be one file."""
+    done, failed = answered(out_path), answered(err_path)
+    if out_path == err_path:  # one file: its 2xx answers are done, the rest failed
+        failed = {k: v for k, v in done.items() if not _ok(v)}
+        done = {k: v for k, v in done.items() if _ok(v)}
+    batch.request_counts.update(completed=len(done), failed=len(failed))
+    batch.usage.update(input_tokens=0, total_tokens=0)
+    for record in done.values():
+        _add_usage(batch, record)
+    return [*done, *failed]
+
+
+def _ok(record: dict[str, Any]) -> bool:
+    response = record.get("response") or {}
+    return 200 <= int(response.get("status_code") or 0) < 300
+
+
+async def send_lines(
+    app: ASGIApp,
+    batch: Batch,
+    lines: Iterator[Line],
+    answers: Answers,
+    extra: dict[str, Any],
+    window: int,
+    cancelled: asyncio.Event,
+    on_line: Callable[[], None] = lambda: None,
+) -> str:
+    """Send ``lines`` through ``app``, ``window`` at a time, until they run out, ``cancelled``
+    is set or the batch expires (the rest answered ``batch_expired``); the final status.
+    ``on_line`` runs after each line is sent (progress, saving the counts)."""
+    sender = _Sender(app, batch, extra, answers, on_line)
+    room = asyncio.Semaphore(window)
+    final = "completed"
+    try:
+        for line in lines:
+            await room.acquire()
+            if cancelled.is_set():
+                final = "cancelled"
+                break
+            if time.time() >= batch.expires_at:
+                final = "expired"
+                answers.expire(line)
+                break
+            sender.start(line, room)
+        await sender.finish(grace_s=CANCEL_GRACE_S if cancelled.is_set() else None)
+        if final == "expired":
+            for line in lines:
+                answers.expire(line)
+    finally:
+        await sender.cancel()  # the process stops: lines in flight run again on restart
+    return "cancelled" if cancelled.is_set() else final
+
+
+class Answers:
     """Where a batch's answers go: 2xx to the output file, the rest (and lines never sent) to the
     error file, with the batch's counts and usage kept up to date."""
 
@@ -256,9 +293,16 @@ class _Answers:
 class _Sender:
     """Sends lines through the app as the batch's owner, in the background lane."""
 
-    def __init__(self, app: ASGIApp, batch: Batch, factor: float, answers: _Answers) -> None:
-        self.app, self.batch, self.answers = app, batch, answers
-        self.extra = {SCOPE_BATCH_CALLER: BatchCaller(batch.owner, factor), SCOPE_BACKGROUND: True}
+    def __init__(
+        self,
+        app: ASGIApp,
+        batch: Batch,
+        extra: dict[str, Any],
+        answers: Answers,
+        on_line: Callable[[], None],
+    ) -> None:
+        self.app, self.batch, self.extra, self.answers = app, batch, extra, answers
+        self.on_line = on_line
         self.running: set[asyncio.Task[None]] = set()
 
     def start(self, line: Line, room: asyncio.Semaphore) -> None:
@@ -278,6 +322,7 @@ class _Sender:
                     break
                 await asyncio.sleep(RETRY_S)
             self.answers.add(line, status, body)
+            self.on_line()
         finally:
             room.release()
 
