@@ -238,3 +238,26 @@ def test_background_jobs_run_only_when_no_online_job_waits(engine: blipitm.Engin
     finally:
         b.stop()
     assert [c[0] for c in recording.calls] == ["on0", "on1", "bg0", "bg1", "bg2", "bg3", "bg4"]
+
+
+def test_a_worker_batch_of_background_jobs_is_kept_short(engine: blipitm.Engine) -> None:
+    """An online request waits for at most one short background batch (no preemption)."""
+    b = Batcher(engine, max_batch_size=8, max_wait_ms=1.0, max_queue=8, max_background_batch=2)
+    sizes: list[int] = []
+
+    class Sizes:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a: None
+
+        def batch_started(self, size: int) -> None:
+            sizes.append(size)
+
+    b.observer = Sizes()  # type: ignore[assignment]
+    futures = [b.submit(EmbedTexts([f"bg{i}"]), background=True) for i in range(6)]
+    b.start()
+    try:
+        for fut in futures:
+            fut.result(30)
+    finally:
+        b.stop()
+    assert sizes == [2, 2, 2]

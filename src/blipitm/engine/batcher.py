@@ -19,6 +19,9 @@ an error's ``loc`` is translated back into that job's own by its ``LocMap``).
 Priority: a job submitted with ``background=True`` (the Batch API's lines) waits in a lane of its
 own, unbounded (its submitter bounds what it has in flight), and the worker takes it only when no
 online job is queued: online requests are served first, background work fills the idle capacity.
+The worker never preempts a batch, so a worker batch of background jobs is kept short
+(``max_background_batch`` jobs): an online request arriving meanwhile waits for one such batch
+at most.
 
 Backpressure: ``submit`` never blocks; a full queue is :class:`QueueFull`. Cancellation: each job
 carries a ``concurrent.futures.Future``; a caller that gives up (client gone, deadline) cancels it,
@@ -121,6 +124,7 @@ class _Work:
     job: Job
     future: Future[Any]
     locs: LocMap
+    background: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -137,9 +141,14 @@ class Batcher:
         max_wait_ms: float,
         max_queue: int,
         observer: BatcherObserver | None = None,
+        max_background_batch: int = 4,
     ) -> None:
+        """``max_background_batch``: the most background jobs in one worker batch. An online
+        request that arrives while one runs waits for it, so it is kept short; a batch that starts
+        with an online job may take up to ``max_batch_size``."""
         self.engine = engine
         self.max_batch_size = max_batch_size
+        self.max_background_batch = max_background_batch
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
         self.observer: BatcherObserver = NoObserver() if observer is None else observer
@@ -194,7 +203,7 @@ class Batcher:
     ) -> Future[Any]:
         """Queue ``job``; raises :class:`QueueFull` instead of waiting. ``background``: run it
         only when no online job waits (never refused: its submitter bounds it)."""
-        work = _Work(job, Future(), locs)
+        work = _Work(job, Future(), locs, background)
         with self._cond:
             if self._stop_requested:
                 work.future.set_exception(RuntimeError("server is shutting down"))
@@ -233,8 +242,11 @@ class Batcher:
                 return None
             first = self._pop(None)
         batch: list[_Work] = [first]
+        limit = self.max_batch_size
+        if first.background:
+            limit = min(limit, self.max_background_batch)
         deadline = time.perf_counter() + self.max_wait_s
-        while len(batch) < self.max_batch_size and not self._stopping:
+        while len(batch) < limit and not self._stopping:
             item = self._pop(max(0.0, deadline - time.perf_counter()))
             if item is None:
                 break
