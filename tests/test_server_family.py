@@ -434,3 +434,36 @@ def test_the_documented_models_file_reads_as_it_says() -> None:
         2,
         4,
     )
+
+
+def test_each_model_searches_its_own_index(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """An index is bound to the model it was built with: the models file gives beta one, a search
+    naming beta uses it (as search() does in process), and alpha has none (404 naming it)."""
+    from blipitm.retrieval import Index, build_index, search
+
+    (tmp_path / "captions.txt").write_text("a dog on the grass\na red car\ntwo cats\n")
+    beta = blipitm.load(ckpts["beta"])
+    index, _ = build_index(beta, [tmp_path / "captions.txt"], tmp_path / "index")
+    index.close()
+    file = tmp_path / "models.toml"
+    file.write_text(
+        f'[[model]]\nsource = "{ckpts["alpha"]}"\nname = "alpha"\n\n'
+        f'[[model]]\nsource = "{ckpts["beta"]}"\nname = "beta"\nindex = "{tmp_path / "index"}"\n'
+    )
+    settings = ServerSettings.of(models_file=str(file))
+    query = {"type": "image_url", "image_url": {"url": data_uri(IMAGES[0])}}
+
+    async def main() -> None:
+        async with running(settings, lambda options: blipitm.load(options.source)) as (client, st):
+            for _ in range(500):
+                if st.models.models[1].status == "ready":
+                    break
+                await asyncio.sleep(0.02)
+            r = await client.post("/v1/search", json={"query": query, "top_k": 2, "model": "beta"})
+            assert r.status_code == 200, r.text
+            want = search(beta, Index.open(tmp_path / "index", beta), IMAGES[0], top_k=2)
+            assert [d["id"] for d in r.json()["data"]] == [h.id for h in want]
+            none = await client.post("/v1/search", json={"query": "a dog", "model": "alpha"})
+            assert none.status_code == 404 and "'alpha'" in none.json()["error"]["message"]
+
+    asyncio.run(main())
