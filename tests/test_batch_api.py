@@ -446,3 +446,31 @@ def test_batch_run_refuses_a_bad_file_before_loading_a_model(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "in.jsonl:2: duplicate_custom_id" in result.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_lines_past_the_completion_window_are_answered_batch_expired(tmp_path: Path) -> None:
+    """Expiry, at the runner's seam: nothing is sent once ``expires_at`` has passed, and every
+    line not yet answered gets ``batch_expired`` in the error file."""
+    import asyncio
+
+    from blipitm.server.batch.lines import AnswerFile, Line
+    from blipitm.server.batch.runner import Answers, send_lines
+    from blipitm.server.batch.store import Batch
+
+    sent: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        sent.append(scope)
+
+    batch = Batch("b", None, "/v1/embeddings", "f", "24h", status="in_progress")
+    batch.expires_at = int(time.time()) - 1
+    lines = iter([Line(i + 1, f"x{i}", b"{}") for i in range(3)])
+    out, err = AnswerFile(tmp_path / "out"), AnswerFile(tmp_path / "err")
+    answers = Answers(batch, out, err)
+    final = asyncio.run(send_lines(app, batch, lines, answers, {}, 2, asyncio.Event()))
+    answers.close()
+    assert final == "expired" and not sent
+    rows = [json.loads(x) for x in (tmp_path / "err").read_text().splitlines()]
+    assert [r["custom_id"] for r in rows] == ["x0", "x1", "x2"]
+    assert {r["error"]["code"] for r in rows} == {"batch_expired"}
+    assert batch.request_counts["failed"] == 3 and (tmp_path / "out").read_text() == ""
