@@ -467,3 +467,35 @@ def test_each_model_searches_its_own_index(ckpts: dict[str, Path], tmp_path: Pat
             assert none.status_code == 404 and "'alpha'" in none.json()["error"]["message"]
 
     asyncio.run(main())
+
+
+def test_the_least_recently_used_idle_model_is_the_one_unloaded(ckpts: dict[str, Path]) -> None:
+    """Three of four loaded (the default pinned): loading the fourth unloads whichever of the
+    other two was used least recently, not the most recent, and a model in use is never picked."""
+    engine = blipitm.load(ckpts["alpha"])
+    settings = ServerSettings.of(
+        model=str(ckpts["alpha"]),
+        more_models=("b", "c", "d"),
+        max_loaded_models=3,
+        load_on_demand=True,
+    )
+
+    async def main() -> None:
+        async with running(settings, lambda options: Shared(engine)) as (client, st):
+
+            async def use(name: str) -> None:
+                r = await client.post("/v1/embeddings", json={"input": ["x"], "model": name})
+                assert r.status_code == 200, r.text
+
+            def loaded() -> set[str]:
+                return {m.name for m in st.models.models if m.status == "ready"}
+
+            await use("b")
+            await use("c")
+            await use("b")  # c is now the least recently used
+            await use("d")
+            assert loaded() == {"tiny0", "b", "d"}
+            await use("c")  # d (used last but one) stays; b goes
+            assert loaded() == {"tiny0", "d", "c"}
+
+    asyncio.run(main())
