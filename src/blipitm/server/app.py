@@ -124,7 +124,12 @@ def create_app(
             if on_load_failure is not None:
                 on_load_failure(e)  # the caller reports it (the CLI: one line, then it exits)
             else:
-                log.error("cannot serve: the default model failed to load: %s", state.load_error)
+                # Our own errors say what is wrong (model or index); anything else is a bug.
+                log.error(
+                    "cannot serve: the default model failed to load: %s",
+                    state.load_error,
+                    exc_info=None if isinstance(e, BlipitmError) else e,
+                )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

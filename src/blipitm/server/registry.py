@@ -197,7 +197,8 @@ class ModelRegistry:
                 model.status = "failed"
                 model.error = str(e) or type(e).__name__
                 self._metrics.model_loads.labels(model=model.name, outcome="failed").inc()
-                if not isinstance(e, asyncio.CancelledError):
+                # The default model's failure stops the server, and the app reports it once.
+                if not model.default and not isinstance(e, asyncio.CancelledError):
                     log.error(
                         "model %r failed to load: %s",
                         model.name,
