@@ -462,7 +462,7 @@ def test_an_app_without_the_gateway_serves_every_model_route(engine: Engine) -> 
             "/v1/multimodalembeddings",
             {"inputs": [{"content": [{"type": "image_base64", "image_base64": uri}]}]},
             200,
-        ),  # fmt: skip
+        ),
         ("POST", "/v1/score", {"text_1": uri, "text_2": ["a dog", "a cat"]}, 200),
         ("POST", "/v1/rerank", {"query": "a dog", "documents": [uri, uri]}, 200),
         ("POST", "/v2/rerank", {"query": "a dog", "documents": [uri, uri]}, 200),
