@@ -7,7 +7,9 @@ The harness is generic, keyed to no example's text:
   block is a self-contained script (a reader copies one block).
 - The model: the default model and every ``Salesforce/blip-itm-*`` hub id the page names are a
   tiny random checkpoint in an offline hub cache (``HF_HUB_OFFLINE=1``), so the examples run
-  verbatim; a local ``--model ./dir`` (or ``blipitm.load("./dir")``) is a copy of it.
+  verbatim; a local ``--model ./dir`` (or ``blipitm.load("./dir")``) is a copy of it. Every
+  ``Salesforce/blip-image-captioning-*`` id, and the default captioner where a page captions, is
+  a tiny random captioner checkpoint the same way.
 - Files the examples name are written first: images (``dog.jpg``, ``photos/old.jpg``), image
   folders (``photos/``), ``--annotations`` files over their ``--image-root``, caption lists
   (``captions.txt``).
@@ -45,7 +47,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blipitm import DEFAULT_MODEL
+from blipitm import DEFAULT_CAPTION_MODEL, DEFAULT_MODEL
+from blipitm.testing.make_checkpoint import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -54,6 +57,8 @@ FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w+-]*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*example:\s*not run\s*[—–:-]+\s*(?P<reason>\S.*?)\s*-->\s*$")
 ANY_MARKER = re.compile(r"<!--\s*example\b")
 HUB_ID = re.compile(r"\bSalesforce/blip-itm-[\w.-]+")
+CAPTIONER_HUB_ID = re.compile(r"\bSalesforce/blip-image-captioning-[\w.-]+")
+CAPTIONS_USED = re.compile(r"blipitm caption\b|load_captioner\(")
 TIMEOUT_S = 300  # per block and for a server to become ready; generous for a loaded machine
 SKIPPED = {"pip": "pip install is not run: it needs the network, and this checkout is under test"}
 
@@ -230,14 +235,28 @@ def write_image(path: Path, seed: int) -> None:
     Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(path)
 
 
-def provision(cwd: Path, hub: Path, blocks: list[Block], tiny: Path, tiny_pth: Path) -> None:
+def provision(
+    cwd: Path,
+    hub: Path,
+    blocks: list[Block],
+    tiny: Path,
+    tiny_pth: Path,
+    tiny_captioner: Path | None = None,
+) -> None:
     """Write what the examples name, relative to ``cwd``; hub ids into the ``hub`` cache."""
     text = "\n".join(b.code for b in blocks)
     shell = "\n".join(b.code for b in blocks if b.language == "shell")
-    for repo in sorted({DEFAULT_MODEL, *HUB_ID.findall(text)}):  # commands default to one
+    repos = {repo: tiny for repo in {DEFAULT_MODEL, *HUB_ID.findall(text)}}  # commands default
+    captioners = set(CAPTIONER_HUB_ID.findall(text))
+    if CAPTIONS_USED.search(text):
+        captioners.add(DEFAULT_CAPTION_MODEL)
+    if captioners:
+        assert tiny_captioner is not None, "a page captions: pass a captioner checkpoint"
+        repos |= dict.fromkeys(captioners, tiny_captioner)
+    for repo, source in sorted(repos.items()):
         snapshot = hub / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
         if not snapshot.exists():
-            shutil.copytree(tiny, snapshot)
+            shutil.copytree(source, snapshot)
             (snapshot.parents[1] / "refs").mkdir()
             (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     local_models = re.findall(r"--model[ =](\S+)", text)
@@ -361,11 +380,18 @@ def environment(world: Path) -> dict[str, str]:
     }
 
 
-def run_page(blocks: list[Block], world: Path, tiny: Path, tiny_pth: Path) -> Iterator[Outcome]:
+def run_page(
+    blocks: list[Block],
+    world: Path,
+    tiny: Path,
+    tiny_pth: Path,
+    tiny_captioner: Path | None = None,
+) -> Iterator[Outcome]:
     cwd = world / "work"
     cwd.mkdir()
     env = environment(world)
-    provision(cwd, world / "hub", [b for b in blocks if b.not_run is None], tiny, tiny_pth)
+    runnable = [b for b in blocks if b.not_run is None]
+    provision(cwd, world / "hub", runnable, tiny, tiny_pth, tiny_captioner)
     server: Server | None = None
     try:
         for block in blocks:
@@ -406,10 +432,18 @@ def run_page(blocks: list[Block], world: Path, tiny: Path, tiny_pth: Path) -> It
 # -- tests ----------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def tiny_captioner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BLIP captioner (BlipForConditionalGeneration) in the hub layout."""
+    return make_checkpoint(tmp_path_factory.mktemp("captioner"), preset="tiny", task="caption")
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_examples_run(page: Path, tiny_ckpt: Path, tiny_pth: Path, tmp_path: Path) -> None:
+def test_examples_run(
+    page: Path, tiny_ckpt: Path, tiny_pth: Path, tiny_captioner: Path, tmp_path: Path
+) -> None:
     blocks = extract_blocks(page)
-    outcomes = list(run_page(blocks, tmp_path, tiny_ckpt, tiny_pth))
+    outcomes = list(run_page(blocks, tmp_path, tiny_ckpt, tiny_pth, tiny_captioner))
     assert [o.block for o in outcomes] == blocks  # every block was reached
     for o in outcomes:
         assert o.ran == (o.block.not_run is None), o.block

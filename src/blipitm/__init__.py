@@ -3,6 +3,7 @@
 >>> import blipitm
 >>> engine = blipitm.load("Salesforce/blip-itm-base-flickr")
 >>> engine.score("dog.jpg", ["a dog on the grass", "a red car"]).itm_probability
+>>> blipitm.load_captioner("Salesforce/blip-image-captioning-base").caption("dog.jpg")[0].captions
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from blipitm.common.version import __version__
-from blipitm.engine import DEFAULT_MODEL
+from blipitm.engine import DEFAULT_CAPTION_MODEL, DEFAULT_MODEL
 from blipitm.errors import (
     BlipitmError,
     CheckpointError,
@@ -23,6 +24,8 @@ from blipitm.errors import (
 if TYPE_CHECKING:
     from blipitm.engine import (
         BatchSizes,
+        Captioner,
+        CaptionResult,
         Engine,
         Explanation,
         ImageFeatures,
@@ -33,12 +36,16 @@ if TYPE_CHECKING:
         Ranking,
         TextFeatures,
         load,
+        load_captioner,
     )
 
 __all__ = [
+    "DEFAULT_CAPTION_MODEL",
     "DEFAULT_MODEL",
     "BatchSizes",
     "BlipitmError",
+    "CaptionResult",
+    "Captioner",
     "CheckpointError",
     "Engine",
     "Explanation",
@@ -54,6 +61,7 @@ __all__ = [
     "TextFeatures",
     "__version__",
     "load",
+    "load_captioner",
 ]
 
 

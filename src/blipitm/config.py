@@ -19,6 +19,15 @@ DEC_TOKEN_ID = 30522
 ENC_TOKEN_ID = 30523
 VOCAB_SIZE = 30524
 
+# What a checkpoint's config.json says it is (``architectures``): the ITM model this package
+# scores with, and BLIP's captioner (docs/captioner.md).
+ITM_ARCHITECTURE = "BlipForImageTextRetrieval"
+CAPTIONER_ARCHITECTURE = "BlipForConditionalGeneration"
+# BLIP's captioning prompt (models/blip.py ``BLIP_Decoder``, configs/caption_coco.yaml); its
+# tokens start every caption ([CLS] replaced by [DEC], the final [SEP] dropped) and are cut from
+# the decoded text.
+CAPTION_PROMPT = "a picture of "
+
 # BLIP (Salesforce) architecture values that the hub config does not carry or carries wrongly.
 BLIP_TEXT_HEAD_DIM = 64  # med_config.json: 12 heads for width 768
 BLIP_VISION_LN_EPS = 1e-6  # models/vit.py: partial(nn.LayerNorm, eps=1e-6)
@@ -102,11 +111,15 @@ class BlipConfig:
             image_text_hidden_size=int(d.get("image_text_hidden_size", 256)),
         )
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The ``config.json`` dict transformers writes for ``BlipForImageTextRetrieval``."""
+    def to_hf_dict(self, architecture: str = ITM_ARCHITECTURE) -> dict[str, Any]:
+        """The ``config.json`` dict transformers writes for ``architecture`` (the ITM model, or
+        ``BlipForConditionalGeneration``, whose config differs only in that name and the tied
+        LM head it declares)."""
         v, t = self.vision, self.text
+        tied = {"tie_word_embeddings": True} if architecture == CAPTIONER_ARCHITECTURE else {}
         return {
-            "architectures": ["BlipForImageTextRetrieval"],
+            "architectures": [architecture],
+            **tied,
             "image_text_hidden_size": self.image_text_hidden_size,
             "initializer_factor": 1.0,
             "initializer_range": 0.02,
@@ -133,6 +146,7 @@ class BlipConfig:
                 "pad_token_id": t.pad_token_id,
                 "projection_dim": 768,
                 "sep_token_id": SEP_TOKEN_ID,
+                **tied,
                 "use_cache": True,
                 "vocab_size": t.vocab_size,
             },

@@ -10,6 +10,7 @@ from blipitm.checkpoint import layout
 from blipitm.checkpoint.io import write_safetensors
 from blipitm.checkpoint.load import load_weights
 from blipitm.checkpoint.resolve import resolve
+from blipitm.config import ITM_ARCHITECTURE
 from blipitm.errors import CheckpointError
 
 # Files of ours that an overwrite must not leave behind: a stale pytorch_model.bin or shard index
@@ -48,7 +49,10 @@ def convert_to_hf(
     # A tokenizer.json left from an earlier run would win over a newly copied vocab.txt.
     for name in _STALE + (() if same_dir else layout.TOKENIZER_FILES):
         (out / name).unlink(missing_ok=True)
-    layout.write_json(out / layout.CONFIG_NAME, layout.hf_config_dict(resolved.config))
+    architecture = resolved.config_dict.get("architectures", [ITM_ARCHITECTURE])[0]
+    layout.write_json(
+        out / layout.CONFIG_NAME, layout.hf_config_dict(resolved.config, architecture)
+    )
     write_safetensors(state_dict, out / layout.SAFETENSORS_NAME)
     _copy_tokenizer(resolved.tokenizer_dir, out)
     layout.write_json(

@@ -9,7 +9,7 @@ carry. Text, projection and head keys are the same in both formats.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TypeVar
 
 import torch
@@ -156,8 +156,8 @@ def _attention(prefix: str, width: int, kv_width: int) -> dict[str, Shape]:
     )
 
 
-def _text_shapes(t: TextConfig) -> dict[str, Shape]:
-    d, p = t.hidden_size, "text_encoder"
+def _text_shapes(t: TextConfig, p: str = "text_encoder") -> dict[str, Shape]:
+    d = t.hidden_size
     # No token-type embeddings and no pooler: BLIP's BertModel(add_pooling_layer=False).
     shapes: dict[str, Shape] = {
         f"{p}.embeddings.word_embeddings.weight": (t.vocab_size, d),
@@ -190,6 +190,66 @@ def expected_shapes(config: BlipConfig) -> dict[str, Shape]:
     )
 
 
+# The captioner (``BlipForConditionalGeneration``; BLIP's ``BLIP_Decoder``): the same vision
+# tower, a text decoder whose BERT keeps the encoder's layer names under ``text_decoder.bert``, and
+# BERT's LM head under ``text_decoder.cls.predictions``.
+CAPTION_TEXT_PREFIX = "text_decoder.bert"
+LM_HEAD_PREFIX = "text_decoder.cls.predictions"
+# Tensors that are another tensor under a second name: the LM head's output matrix is the word
+# embedding matrix (``tie_word_embeddings``) and its bias is ``predictions.bias``. transformers 5
+# writes only the right-hand names; BLIP's .pth files and transformers 4's .bin files carry both
+# (equal). Loading keeps the right-hand name, and refuses a left-hand copy that differs from it.
+TIED_KEYS: tuple[tuple[str, str], ...] = (
+    (
+        f"{LM_HEAD_PREFIX}.decoder.weight",
+        f"{CAPTION_TEXT_PREFIX}.embeddings.word_embeddings.weight",
+    ),
+    (f"{LM_HEAD_PREFIX}.decoder.bias", f"{LM_HEAD_PREFIX}.bias"),
+)
+
+
+def untie(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each tied copy (:data:`TIED_KEYS`) dropped, after checking that it
+    equals the tensor it ties to (or renamed to that tensor's name, where only the copy exists)."""
+    out = dict(state_dict)
+    for copy, source in TIED_KEYS:
+        if copy not in out:
+            continue
+        tensor = out.pop(copy)
+        if source not in out:
+            out[source] = tensor
+        elif tuple(tensor.shape) != tuple(out[source].shape) or not torch.equal(
+            tensor, out[source].to(tensor.dtype)
+        ):
+            raise CheckpointError(
+                f"checkpoint has {copy!r} different from {source!r}; BLIP's LM head ties them "
+                "(tie_word_embeddings), so one of the two is damaged or this is not a BLIP "
+                "captioner checkpoint"
+            )
+    return out
+
+
+def captioner_expected_shapes(config: BlipConfig) -> dict[str, Shape]:
+    """Every tensor of ``BlipForConditionalGeneration`` for ``config`` (tied copies left out), as
+    transformers 5 writes it: HF name -> shape."""
+    t = config.text
+    d = t.hidden_size
+    return (
+        _vision_shapes(config.vision)
+        | _text_shapes(t, CAPTION_TEXT_PREFIX)
+        | {f"{LM_HEAD_PREFIX}.bias": (t.vocab_size,)}
+        | _linear(f"{LM_HEAD_PREFIX}.transform.dense", d, d)
+        | _norm(f"{LM_HEAD_PREFIX}.transform.LayerNorm", d)
+    )
+
+
+def is_captioner_state_dict(keys: Collection[str]) -> bool:
+    """Whether tensor names are a captioner's (a text decoder, no text encoder)."""
+    return any(k.startswith("text_decoder.") for k in keys) and not any(
+        k.startswith("text_encoder.") for k in keys
+    )
+
+
 # -- config inference -------------------------------------------------------------------------
 
 
@@ -212,7 +272,8 @@ def _max_index(keys: list[str], prefix: str) -> int:
 def config_from_original(state_dict: Mapping[str, torch.Tensor]) -> BlipConfig:
     """Infer the architecture of a BLIP retrieval checkpoint from its tensor shapes.
 
-    Accepts original or Hugging Face names. Works for base, large or any other size; head counts
+    Accepts original or Hugging Face names, of an ITM model or a captioner (``text_decoder.*``).
+    Works for base, large or any other size; head counts
     are width // 64 as BLIP trains them, LayerNorm eps are the original 1e-6 (vision) and 1e-12
     (text).
     """
@@ -246,7 +307,7 @@ def config_from_original(state_dict: Mapping[str, torch.Tensor]) -> BlipConfig:
         layer_norm_eps=BLIP_VISION_LN_EPS,
     )
 
-    t = "text_encoder"
+    t = CAPTION_TEXT_PREFIX if is_captioner_state_dict(keys) else "text_encoder"
     vocab, text_width = shape(f"{t}.embeddings.word_embeddings.weight")
     text = TextConfig(
         vocab_size=vocab,
@@ -258,6 +319,8 @@ def config_from_original(state_dict: Mapping[str, torch.Tensor]) -> BlipConfig:
         layer_norm_eps=1e-12,
         encoder_hidden_size=shape(f"{t}.encoder.layer.0.crossattention.self.key.weight")[1],
     )
+    if t == CAPTION_TEXT_PREFIX:  # no ITC head: the default size, unused
+        return BlipConfig(vision=vision, text=text)
     return BlipConfig(
         vision=vision, text=text, image_text_hidden_size=shape("vision_proj.weight")[0]
     )

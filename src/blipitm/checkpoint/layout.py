@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from blipitm.config import IMAGE_MEAN, IMAGE_STD, BlipConfig
+from blipitm.config import IMAGE_MEAN, IMAGE_STD, ITM_ARCHITECTURE, BlipConfig
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -46,9 +46,13 @@ SPECIAL_TOKENS = {
 }
 
 
-def hf_config_dict(config: BlipConfig) -> dict[str, Any]:
-    """``config.json`` as transformers writes it for ``BlipForImageTextRetrieval`` in float32."""
-    return {**config.to_hf_dict(), "dtype": "float32", "transformers_version": TRANSFORMERS_VERSION}
+def hf_config_dict(config: BlipConfig, architecture: str = ITM_ARCHITECTURE) -> dict[str, Any]:
+    """``config.json`` as transformers writes it for ``architecture`` in float32."""
+    return {
+        **config.to_hf_dict(architecture),
+        "dtype": "float32",
+        "transformers_version": TRANSFORMERS_VERSION,
+    }
 
 
 def image_processor_dict(image_size: int) -> dict[str, Any]:

@@ -34,8 +34,8 @@ from blipitm.checkpoint.io import (
     SAFETENSORS_SUFFIXES,
     read_state_dict,
 )
-from blipitm.checkpoint.keys import config_from_original
-from blipitm.config import BlipConfig
+from blipitm.checkpoint.keys import config_from_original, is_captioner_state_dict
+from blipitm.config import CAPTIONER_ARCHITECTURE, ITM_ARCHITECTURE, BlipConfig
 from blipitm.errors import CheckpointError, HubUnavailableError
 
 DEFAULT_TOKENIZER = "bert-base-uncased"  # what BLIP's init_tokenizer() loads
@@ -85,6 +85,15 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
 )
 
 
+Task = Literal["itm", "caption"]
+
+
+def task_of_config(config_dict: dict[str, Any]) -> Task:
+    """The model a ``config.json`` describes, by its ``architectures`` (default: ITM)."""
+    names = config_dict.get("architectures") or []
+    return "caption" if CAPTIONER_ARCHITECTURE in names else "itm"
+
+
 @dataclass(frozen=True)
 class ResolvedCheckpoint:
     """Where a checkpoint's files are on this machine and what architecture they hold."""
@@ -98,6 +107,24 @@ class ResolvedCheckpoint:
     revision: str | None  # requested hub revision
     commit: str | None  # hub commit hash actually used
     config_dict: dict[str, Any]  # config.json as read (or as inferred, for .pth)
+    task: Task = "itm"  # what the checkpoint holds: the ITM model or the captioner
+
+    def require(self, task: Task) -> None:
+        """Refuse, before any tensor is read, a checkpoint of the other model."""
+        if task == self.task:
+            return
+        if task == "caption":
+            raise CheckpointError(
+                f"{self.source} holds an image-text matching model ({ITM_ARCHITECTURE}), not a "
+                f"captioner ({CAPTIONER_ARCHITECTURE}); load it with blipitm.load, or caption with "
+                "a captioning checkpoint such as 'Salesforce/blip-image-captioning-base'"
+            )
+        raise CheckpointError(
+            f"{self.source} holds BLIP's captioner ({CAPTIONER_ARCHITECTURE}), not an image-text "
+            f"matching model ({ITM_ARCHITECTURE}); caption with blipitm.load_captioner (`blipitm "
+            "caption`), or score with a matching checkpoint such as "
+            "'Salesforce/blip-itm-base-flickr'"
+        )
 
 
 def resolve(
@@ -221,6 +248,7 @@ def _resolve_hf_dir(
         revision=revision,
         commit=commit,
         config_dict=config_dict,
+        task=task_of_config(config_dict),
     )
 
 
@@ -231,7 +259,10 @@ def _resolve_weights_file(
     path: Path, *, source: str, tokenizer: str | os.PathLike[str] | None
 ) -> ResolvedCheckpoint:
     # The file carries no config: read the tensors (memory-mapped where possible) for the shapes.
-    config = config_from_original(read_state_dict(path))
+    tensors = read_state_dict(path)
+    config = config_from_original(tensors)
+    task: Task = "caption" if is_captioner_state_dict(tensors.keys()) else "itm"
+    architecture = CAPTIONER_ARCHITECTURE if task == "caption" else ITM_ARCHITECTURE
     return ResolvedCheckpoint(
         source=source,
         kind="pth",
@@ -241,7 +272,8 @@ def _resolve_weights_file(
         image_settings_dict=layout.image_processor_dict(config.vision.image_size),
         revision=None,
         commit=None,
-        config_dict=config.to_hf_dict(),
+        config_dict=config.to_hf_dict(architecture),
+        task=task,
     )
 
 

@@ -89,7 +89,8 @@ def check_shapes(
     if missing or unexpected or misshaped:
         lines.append(
             "Check that config.json describes these weights (base vs large, vocabulary size) and "
-            "that the file is a BLIP image-text retrieval checkpoint."
+            "that the file is the kind of BLIP model being loaded (image-text retrieval, or the "
+            "captioner)."
         )
     if corrupted:
         lines.append("The weights file is damaged; download or convert it again.")

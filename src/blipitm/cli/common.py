@@ -25,6 +25,7 @@ from blipitm.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from blipitm.engine import Engine
+    from blipitm.engine.captioner import Captioner
 
 # With ``from_index``, these default to what the index's manifest records.
 RECORDED = ("model", "protocol", "dtype")
@@ -65,11 +66,16 @@ def add_option(
 
 
 def add_model_options(
-    p: argparse.ArgumentParser, *, from_index: bool = False, preset: LoadOptions | None = None
+    p: argparse.ArgumentParser,
+    *,
+    from_index: bool = False,
+    preset: LoadOptions | None = None,
+    model_env: bool = True,
 ) -> None:
     """The model's flags and the engine's limits (``--cache-bytes``, ``--max-image-pixels``,
     ``--max-text-chars``), defaulting to ``preset`` (default: the library's defaults).
-    ``from_index``: model, revision, protocol and dtype default to the index's manifest."""
+    ``from_index``: model, revision, protocol and dtype default to the index's manifest.
+    ``model_env=False``: ``$BLIPITM_MODEL`` (an ITM model) is not the default (the captioner)."""
     g = p.add_argument_group("model")
     defaults = LoadOptions() if preset is None else preset
     for opt in MODEL_OPTIONS:
@@ -77,7 +83,8 @@ def add_model_options(
         if opt.name == "model":
             # Read when the command runs (load_engine), so the help can state it as a rule.
             recorded = "the one the index was built with" if from_index else defaults.source
-            add_option(g, opt, default=None, shown=f"${MODEL_ENV} if set, else {recorded}")
+            shown = f"${MODEL_ENV} if set, else {recorded}" if model_env else recorded
+            add_option(g, opt, default=None, shown=shown)
         elif from_index and opt.name in RECORDED:
             add_option(g, opt, default=None, shown="the one the index was built with")
         else:
@@ -143,6 +150,20 @@ def load_engine(
     if sys.stderr.isatty():  # the load takes seconds and logs nothing without -v: say so
         print(f"loading model {values['model']} ...", file=sys.stderr, flush=True)
     return load_options(options_from(values))
+
+
+def load_captioner(args: argparse.Namespace, *, default_model: str) -> Captioner:
+    """Load the captioner the options name (``default_model`` without ``--model``; the ITM
+    model of ``$BLIPITM_MODEL`` is no captioner)."""
+    from blipitm.engine.captioner import load_captioner_options  # torch: only once it runs
+
+    apply_memory_policy()
+    values = dict(vars(args))
+    if values.get("model") is None:
+        values["model"] = default_model
+    if sys.stderr.isatty():
+        print(f"loading model {values['model']} ...", file=sys.stderr, flush=True)
+    return load_captioner_options(options_from(values))
 
 
 def model_values(args: argparse.Namespace) -> dict[str, Any]:

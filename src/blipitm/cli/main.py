@@ -27,6 +27,7 @@ class Command:
 
 COMMANDS = (
     Command("score", "score an image against one or more texts", "blipitm.cli.score"),
+    Command("caption", "write captions for images (BLIP's captioner)", "blipitm.cli.caption"),
     Command(
         "explain",
         "show where captions match an image (Grad-CAM overlays)",

@@ -11,11 +11,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from blipitm.config import ATTN_IMPLS, AttnImpl
-from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
+from blipitm.engine.options import DEFAULT_CAPTION_MODEL, DEFAULT_MODEL, LoadOptions
 from blipitm.engine.types import (
     DTYPE_NAMES,
     WEIGHT_DTYPE_NAMES,
     BatchSizes,
+    CaptionResult,
     Dtype,
     ImageFeatures,
     MatrixScores,
@@ -29,10 +30,13 @@ from blipitm.engine.types import (
 from blipitm.explain import Explanation
 
 if TYPE_CHECKING:
+    from blipitm.engine.captioner import Captioner, load_captioner
     from blipitm.engine.engine import Engine
     from blipitm.engine.loader import load, load_options
 
 _SUBMODULE_OF = {
+    "Captioner": "captioner",
+    "load_captioner": "captioner",
     "Engine": "engine",
     "load": "loader",
     "load_options": "loader",
@@ -40,11 +44,14 @@ _SUBMODULE_OF = {
 
 __all__ = [
     "ATTN_IMPLS",
+    "DEFAULT_CAPTION_MODEL",
     "DEFAULT_MODEL",
     "DTYPE_NAMES",
     "WEIGHT_DTYPE_NAMES",
     "AttnImpl",
     "BatchSizes",
+    "CaptionResult",
+    "Captioner",
     "Dtype",
     "Engine",
     "Explanation",
@@ -58,6 +65,7 @@ __all__ = [
     "TextFeatures",
     "WeightDtype",
     "load",
+    "load_captioner",
     "load_options",
 ]
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +26,6 @@ from blipitm.engine.cache import ByteLRU
 from blipitm.engine.inputs import IMAGE_KINDS, check_images, is_image, read_if_path
 from blipitm.engine.types import ImageFeatures
 from blipitm.errors import InvalidInputError, Loc
-from blipitm.model import BlipITM
 from blipitm.processing.budget import PixelBudget
 from blipitm.processing.image import (
     ImageInput,
@@ -43,6 +42,15 @@ T = TypeVar("T")
 # The decode budget's name in errors: the library's field and the commands' flag.
 BUDGET_SETTING = "decode_budget_pixels or --max-decoded-pixels"
 IMAGE_ENTRY = "img"  # cache keys: (IMAGE_ENTRY, content key) -> (tokens, embedding)
+
+
+class ImageModel(Protocol):
+    """What the pipeline needs of a model: its vision tower and the embedding cached beside the
+    tokens (the ITM model's ITC embedding; the captioner's is empty)."""
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+
+    def image_embedding(self, image_embeds: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -69,7 +77,7 @@ class ImagePipeline:
 
     def __init__(
         self,
-        model: BlipITM,
+        model: ImageModel,
         settings: ImageSettings,
         protocol: ScoringProtocol,
         cache: ByteLRU,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import torch
 
-from blipitm.checkpoint import load_into, load_weights, resolve
+from blipitm.checkpoint import ResolvedCheckpoint, load_into, load_weights, resolve
+from blipitm.checkpoint.resolve import Task
+from blipitm.config import AttnImpl, BlipConfig
 from blipitm.engine.devices import TORCH_DTYPES, dtype_name, native_compute_dtype
 from blipitm.engine.engine import Engine
 from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
@@ -17,7 +21,7 @@ from blipitm.errors import InvalidInputError
 from blipitm.model import BlipITM, int8_supported
 from blipitm.processing.image import ImageSettings
 from blipitm.processing.tokenizer import Tokenizer
-from blipitm.scoring import get_protocol
+from blipitm.scoring import ScoringProtocol, get_protocol
 
 log = logging.getLogger("blipitm")
 
@@ -33,6 +37,46 @@ def load(source: str | os.PathLike[str] = DEFAULT_MODEL, **options: Any) -> Engi
 
 def load_options(options: LoadOptions) -> Engine:
     """Load the checkpoint ``options`` name, as they say; what the CLI and the server call."""
+    built = build_model(options, "itm", BlipITM)
+    assert isinstance(built.model, BlipITM)
+    return Engine(
+        built.model,
+        Tokenizer.from_dir(built.resolved.tokenizer_dir),
+        ImageSettings.from_processor_dict(built.resolved.image_settings_dict),
+        built.info,
+        built.protocol,
+        max_pixels=options.max_pixels,
+        max_text_chars=options.max_text_chars,
+        cache_bytes=options.cache_bytes,
+        batch_sizes=options.batch_sizes,
+        decode_threads=options.decode_threads,
+        decode_budget_pixels=options.decode_budget_pixels,
+    )
+
+
+class Model(Protocol):
+    """What :func:`build_model` needs of a model class (BlipITM, BlipCaptioner)."""
+
+    def set_attn_impl(self, impl: AttnImpl) -> None: ...
+
+    def quantize_int8(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Built:
+    """A model loaded as ``LoadOptions`` say, with what was resolved on the way."""
+
+    model: torch.nn.Module
+    resolved: ResolvedCheckpoint
+    protocol: ScoringProtocol
+    info: ModelInfo
+
+
+def build_model(
+    options: LoadOptions, task: Task, model_class: Callable[[BlipConfig], torch.nn.Module]
+) -> Built:
+    """Resolve the checkpoint, check it holds ``task``'s model, configure it for the protocol,
+    and load its weights strictly into ``model_class`` on the device, in the dtypes asked."""
     torch_device = _device(options.device)
     if options.dtype == "float16" and torch_device.type == "cpu":
         raise InvalidInputError(
@@ -45,6 +89,7 @@ def load_options(options: LoadOptions) -> Engine:
     storage = torch.float32 if options.dtype == "int8" else TORCH_DTYPES[options.dtype]
 
     resolved = resolve(options.source, revision=options.revision, tokenizer=options.tokenizer)
+    resolved.require(task)
     scoring = get_protocol(options.protocol)
     config, overrides = scoring.configure(resolved.config)
     for override in overrides:
@@ -54,13 +99,14 @@ def load_options(options: LoadOptions) -> Engine:
     # on the meta device, so no second copy of the weights ever exists (peak RSS).
     state_dict = load_weights(resolved, dtype=storage)
     with torch.device("meta"):
-        model = BlipITM(config)
+        model = model_class(config)
     load_into(model, state_dict)
     del state_dict
     model = model.to(device=torch_device).eval().requires_grad_(False)
-    model.set_attn_impl(options.attn_impl)
+    settable = cast(Model, model)
+    settable.set_attn_impl(options.attn_impl)
     if options.dtype == "int8":
-        model.quantize_int8()
+        settable.quantize_int8()
     if options.compute_dtype is None:
         compute = native_compute_dtype(torch_device, storage)
     else:
@@ -79,9 +125,10 @@ def load_options(options: LoadOptions) -> Engine:
         compute_dtype=dtype_name(compute),
     )
     log.info(
-        "loaded %s (%s, revision=%s, commit=%s) protocol=%s device=%s dtype=%s compute=%s "
+        "loaded %s (%s, %s, revision=%s, commit=%s) protocol=%s device=%s dtype=%s compute=%s "
         "overrides=[%s]",
         info.source,
+        task,
         info.kind,
         info.revision,
         info.commit,
@@ -91,19 +138,7 @@ def load_options(options: LoadOptions) -> Engine:
         info.compute_dtype,
         "; ".join(str(x) for x in overrides),
     )
-    return Engine(
-        model,
-        Tokenizer.from_dir(resolved.tokenizer_dir),
-        ImageSettings.from_processor_dict(resolved.image_settings_dict),
-        info,
-        scoring,
-        max_pixels=options.max_pixels,
-        max_text_chars=options.max_text_chars,
-        cache_bytes=options.cache_bytes,
-        batch_sizes=options.batch_sizes,
-        decode_threads=options.decode_threads,
-        decode_budget_pixels=options.decode_budget_pixels,
-    )
+    return Built(model, resolved, scoring, info)
 
 
 def _check_int8(device: torch.device, options: LoadOptions) -> None:

@@ -27,6 +27,7 @@ from blipitm.errors import InvalidInputError
 from blipitm.scoring import PROTOCOL_NAMES, ProtocolName
 
 DEFAULT_MODEL = "Salesforce/blip-itm-base-flickr"
+DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"  # blipitm.load_captioner
 DEFAULT_CACHE_BYTES = 512 << 20
 DEFAULT_MAX_TEXT_CHARS = 100_000
 ENV_PREFIX = "BLIPITM_"

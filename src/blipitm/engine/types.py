@@ -146,6 +146,16 @@ def _f32_to_bf16(values: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class CaptionResult:
+    """The captions of one image (:meth:`blipitm.engine.captioner.Captioner.caption`), best first
+    for beam search, as drawn for sampling."""
+
+    captions: list[str]  # without the prompt
+    tokens: list[int]  # tokens generated for each caption (the closing [SEP] not counted)
+    prompt_tokens: int  # the prompt's tokens before each caption ([DEC] included)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What is loaded and how it runs; logged at load and served by ``/v1/models``."""
 

@@ -110,6 +110,11 @@ class Tokenizer:
         """The vocabulary entry of each id (word pieces keep their ``##``)."""
         return [self._backend.id_to_token(int(i)) or "[UNK]" for i in ids]
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` as BERT decodes it: special tokens and ids outside the vocabulary
+        (``[DEC]``, ``[ENC]``) skipped, word pieces joined, the tokenizer's own cleanup."""
+        return str(self._backend.decode([int(i) for i in ids], skip_special_tokens=True))
+
     def encode(self, texts: Sequence[str], *, max_length: int | None = None) -> list[list[int]]:
         """Token ids of each text, ``[CLS] … [SEP]``, without padding.
 

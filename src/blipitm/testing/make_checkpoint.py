@@ -1,4 +1,5 @@
-"""Write random BLIP ITM checkpoints in the exact on-disk formats real ones use.
+"""Write random BLIP checkpoints (the ITM model, or the captioner) in the exact on-disk formats
+real ones use.
 
 Every tensor is re-randomised: a default init (zeros, ones) makes a swapped or
 skipped tensor invisible, random values make it a numeric mismatch. Scales keep a forward pass
@@ -11,7 +12,8 @@ healthy, so ITM probabilities and cosines are informative rather than saturated:
 - biases: N(0, 0.02); LayerNorm weights 1 + N(0, 0.1), biases N(0, 0.05);
 - embeddings (word, position, class): N(0, 0.05).
 
-Usage: ``python -m blipitm.testing.make_checkpoint OUT_DIR --preset tiny --seed 0``.
+Usage: ``python -m blipitm.testing.make_checkpoint OUT_DIR --preset tiny --seed 0`` (``--task
+caption`` for a ``BlipForConditionalGeneration`` captioner).
 """
 
 from __future__ import annotations
@@ -26,12 +28,20 @@ import torch
 
 from blipitm.checkpoint import layout as hf_layout
 from blipitm.checkpoint.io import write_safetensors
-from blipitm.checkpoint.keys import Shape, expected_shapes, original_from_hf
-from blipitm.config import BlipConfig
+from blipitm.checkpoint.keys import (
+    TIED_KEYS,
+    Shape,
+    captioner_expected_shapes,
+    expected_shapes,
+    original_from_hf,
+)
+from blipitm.config import CAPTIONER_ARCHITECTURE, ITM_ARCHITECTURE, BlipConfig
 from blipitm.testing.vocab import write_tokenizer_files
 
 PTH_NAME = "model_retrieval.pth"
+CAPTIONER_PTH_NAME = "model_base_caption_capfilt_large.pth"  # BLIP's released captioner
 FORMATS = ("hf", "pth")
+TASKS = ("itm", "caption")
 LAYOUTS = ("hub", "saved")
 
 # (mean, std) by tensor role; see the module docstring.
@@ -75,6 +85,19 @@ def random_state_dict(config: BlipConfig, seed: int) -> dict[str, torch.Tensor]:
     return random_tensors(expected_shapes(config), seed)
 
 
+def random_captioner_state_dict(
+    config: BlipConfig, seed: int, *, tied_copies: bool = False
+) -> dict[str, torch.Tensor]:
+    """Random ``BlipForConditionalGeneration`` weights in Hugging Face names; ``tied_copies``
+    adds the LM head's tied tensors under their second names, as BLIP's ``.pth`` files and
+    transformers 4's ``.bin`` files carry them."""
+    weights = random_tensors(captioner_expected_shapes(config), seed)
+    if tied_copies:
+        for copy, source in TIED_KEYS:
+            weights[copy] = weights[source].clone()
+    return weights
+
+
 def _training_extras(
     original: dict[str, torch.Tensor], config: BlipConfig, seed: int, queue_size: int
 ) -> dict[str, torch.Tensor]:
@@ -113,6 +136,8 @@ def make_checkpoint(
     text_heads: int | None = None,
     fmt: str = "hf",
     layout: str = "hub",
+    task: str = "itm",
+    tied_copies: bool = False,
 ) -> Path:
     """Write a random checkpoint into ``out_dir`` (created if needed).
 
@@ -122,7 +147,16 @@ def make_checkpoint(
     same values) as an original BLIP ``{"model": state_dict}`` file with momentum encoders,
     queues and ``position_ids``, tokenizer files beside it; returns the ``.pth`` path.
     ``text_heads`` sets config.json's text head count (the flickr hub file says 8 for base).
+
+    ``task="caption"``: BLIP's captioner instead (``BlipForConditionalGeneration``; a ``.pth``
+    holds ``visual_encoder.*`` and ``text_decoder.*`` with the LM head's tied copies, as BLIP's
+    ``model_base_caption_capfilt_large.pth``); ``tied_copies`` writes those copies into the
+    Hugging Face file too, as the hub's transformers-4 ``.bin`` has them.
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "caption":
+        return _make_captioner(out_dir, preset, seed, text_heads, fmt, layout, tied_copies)
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if layout not in LAYOUTS:
@@ -144,10 +178,44 @@ def make_checkpoint(
     return out
 
 
+def _make_captioner(
+    out_dir: str | os.PathLike[str],
+    preset: str,
+    seed: int,
+    text_heads: int | None,
+    fmt: str,
+    layout: str,
+    tied_copies: bool,
+) -> Path:
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    config = BlipConfig.preset(preset, text_heads=text_heads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer_files(out, layout_name=layout)
+    if fmt == "pth":
+        weights = random_captioner_state_dict(config, seed, tied_copies=True)
+        original = original_from_hf(weights)
+        positions = torch.arange(config.text.max_position_embeddings).unsqueeze(0)  # [1, P]
+        original["text_decoder.bert.embeddings.position_ids"] = positions
+        path = out / CAPTIONER_PTH_NAME
+        torch.save({"model": original}, path)
+        return path
+    weights = random_captioner_state_dict(config, seed, tied_copies=tied_copies)
+    _write_hf_files(out, config, weights, layout, CAPTIONER_ARCHITECTURE)
+    return out
+
+
 def _write_hf_files(
-    out: Path, config: BlipConfig, weights: dict[str, torch.Tensor], layout_name: str
+    out: Path,
+    config: BlipConfig,
+    weights: dict[str, torch.Tensor],
+    layout_name: str,
+    architecture: str = ITM_ARCHITECTURE,
 ) -> None:
-    hf_layout.write_json(out / hf_layout.CONFIG_NAME, hf_layout.hf_config_dict(config))
+    hf_layout.write_json(
+        out / hf_layout.CONFIG_NAME, hf_layout.hf_config_dict(config, architecture)
+    )
     write_safetensors(weights, out / hf_layout.SAFETENSORS_NAME)
     size = config.vision.image_size
     if layout_name == "hub":
@@ -160,7 +228,7 @@ def _write_hf_files(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m blipitm.testing.make_checkpoint",
-        description="Write a random BLIP ITM checkpoint (every tensor randomised) for tests.",
+        description="Write a random BLIP checkpoint (every tensor randomised) for tests.",
     )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--preset", choices=("tiny", "base", "large"), default="tiny")
@@ -168,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--text-heads", type=int, default=None, help="config.json text heads")
     parser.add_argument("--format", choices=FORMATS, default="hf", dest="fmt")
     parser.add_argument("--layout", choices=LAYOUTS, default="hub")
+    parser.add_argument("--task", choices=TASKS, default="itm", help="caption: the captioner")
     args = parser.parse_args(argv)
     path = make_checkpoint(
         args.out_dir,
@@ -176,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text_heads=args.text_heads,
         fmt=args.fmt,
         layout=args.layout,
+        task=args.task,
     )
     print(path)
     return 0

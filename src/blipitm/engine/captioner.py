@@ -1,0 +1,205 @@
+"""``blipitm.load_captioner``: BLIP's captioner behind the engine's image pipeline.
+
+Images go through the same :class:`~blipitm.engine.images.ImagePipeline` as the ITM engine
+(decode limits, one decode budget, the protocol's RGB rule, a content-keyed cache of vision
+tokens). Each batch of images has its cross-attention keys/values computed once, shared by every
+step and every beam or sample of an image; the text decoder keeps a self-attention cache
+(:mod:`blipitm.engine.generation` has the search algorithms). docs/captioner.md documents the
+defaults and how they relate to BLIP and transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from blipitm.config import CAPTION_PROMPT, DEC_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
+from blipitm.engine.cache import ByteLRU
+from blipitm.engine.devices import TORCH_DTYPES
+from blipitm.engine.generation import CachedStepper, Search, beam_search, greedy_or_sample
+from blipitm.engine.images import EncodedImage, ImagePipeline
+from blipitm.engine.inputs import as_list, is_image
+from blipitm.engine.loader import build_model
+from blipitm.engine.options import DEFAULT_CACHE_BYTES, DEFAULT_CAPTION_MODEL, LoadOptions
+from blipitm.engine.types import CaptionResult, ModelInfo
+from blipitm.errors import InvalidInputError, Loc
+from blipitm.model import BlipCaptioner
+from blipitm.processing.image import DEFAULT_MAX_PIXELS, ImageInput, ImageSettings, ResizedImage
+from blipitm.processing.tokenizer import Tokenizer
+from blipitm.scoring import ScoringProtocol
+
+# Defaults (docs/captioner.md): what transformers' generate does with the hub models, whose
+# generation config sets nothing (20 new tokens when no max_length is given, min_length 0,
+# length_penalty 1.0, early_stopping False), with BLIP's 3 beams; sampling is BLIP's nucleus
+# sampling (top_p 0.9, repetition penalty 1.1) with the top-k of 50 transformers applies.
+DEFAULT_NUM_BEAMS = 3
+DEFAULT_NEW_TOKENS = 20  # when max_length is not given: the prompt's tokens plus these
+DEFAULT_MIN_LENGTH = 0
+DEFAULT_TOP_P = 0.9
+DEFAULT_TOP_K = 50
+SAMPLING_REPETITION_PENALTY = 1.1  # BLIP's generate(sample=True), CapFilt
+DEFAULT_IMAGE_BATCH = {"cpu": 8, "cuda": 64}  # images decoded together (rows: x beams)
+
+
+def load_captioner(
+    source: str | os.PathLike[str] = DEFAULT_CAPTION_MODEL, **options: Any
+) -> Captioner:
+    """Load a BLIP captioning checkpoint (``BlipForConditionalGeneration`` on the hub, or an
+    original BLIP captioner ``.pth``) and return a ready :class:`Captioner`.
+
+    The keyword arguments are the fields of :class:`~blipitm.engine.options.LoadOptions`, as for
+    :func:`blipitm.load` (protocol, device, dtype, limits, ...).
+    """
+    return load_captioner_options(LoadOptions(source, **options))
+
+
+def load_captioner_options(options: LoadOptions) -> Captioner:
+    """Load the captioner ``options`` name; what the CLI calls."""
+    built = build_model(options, "caption", BlipCaptioner)
+    assert isinstance(built.model, BlipCaptioner)
+    return Captioner(
+        built.model,
+        Tokenizer.from_dir(built.resolved.tokenizer_dir),
+        ImageSettings.from_processor_dict(built.resolved.image_settings_dict),
+        built.info,
+        built.protocol,
+        max_pixels=options.max_pixels,
+        cache_bytes=options.cache_bytes,
+        image_batch=options.batch_sizes.images if options.batch_sizes else None,
+        decode_threads=options.decode_threads,
+        decode_budget_pixels=options.decode_budget_pixels,
+    )
+
+
+class Captioner:
+    """Writes captions for images with one loaded BLIP captioner. Built by
+    :func:`load_captioner`; ``images`` is its :class:`ImagePipeline` (decode, cache)."""
+
+    def __init__(
+        self,
+        model: BlipCaptioner,
+        tokenizer: Tokenizer,
+        image_settings: ImageSettings,
+        info: ModelInfo,
+        protocol: ScoringProtocol,
+        *,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        image_batch: int | None = None,
+        decode_threads: int | None = None,
+        decode_budget_pixels: int | None = None,
+    ) -> None:
+        if protocol.name != info.protocol:
+            raise ValueError(f"protocol {protocol.name!r}, but the model is {info.protocol!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.info = info
+        self.protocol = protocol
+        self.device = torch.device(info.device)
+        self.compute_dtype = TORCH_DTYPES[info.compute_dtype]
+        model.set_compute_dtype(self.compute_dtype)
+        self.image_batch = image_batch or DEFAULT_IMAGE_BATCH.get(self.device.type, 8)
+        self.cache = ByteLRU(cache_bytes)
+        self.images = ImagePipeline(
+            model,
+            image_settings,
+            protocol,
+            self.cache,
+            device=self.device,
+            compute_dtype=self.compute_dtype,
+            batch_size=self.image_batch,
+            max_pixels=max_pixels,
+            decode_threads=decode_threads,
+            decode_budget_pixels=decode_budget_pixels,
+        )
+
+    def prepare_image(self, image: ImageInput, loc: Loc = ("image",)) -> ResizedImage:
+        """Decode and resize one image now (as :meth:`blipitm.engine.Engine.prepare_image`)."""
+        return self.images.prepare(image, loc)
+
+    def prompt_ids(self, prompt: str = CAPTION_PROMPT) -> list[int]:
+        """The ids every caption starts from: the prompt's tokens with ``[CLS]`` replaced by
+        ``[DEC]`` and the closing ``[SEP]`` dropped (BLIP's ``generate``)."""
+        ids = self.tokenizer.encode([prompt])[0]
+        return [DEC_TOKEN_ID, *ids[1:-1]]
+
+    def caption(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        num_beams: int | None = None,
+        max_length: int | None = None,
+        min_length: int = DEFAULT_MIN_LENGTH,
+        sample: bool = False,
+        top_p: float = DEFAULT_TOP_P,
+        top_k: int = DEFAULT_TOP_K,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        num_captions: int = 1,
+        prompt: str = CAPTION_PROMPT,
+    ) -> list[CaptionResult]:
+        """Caption each image (a single image gives a list of one).
+
+        Beam search by default (``num_beams`` 3; 1 is greedy search); ``sample=True`` draws with
+        nucleus sampling (``top_p``, ``top_k``; 0 turns top-k off), reproducibly with ``seed``.
+        ``max_length`` and ``min_length`` count the prompt's tokens, as transformers does; without
+        ``max_length`` a caption has at most 20 tokens after the prompt (transformers' default).
+        ``repetition_penalty`` defaults to 1.0, and to 1.1 when sampling (BLIP's CapFilt).
+        ``num_captions``: the best beams (at most ``num_beams``), or that many samples.
+        """
+        if not isinstance(prompt, str):
+            raise InvalidInputError("must be a string", loc=("prompt",))
+        prompt_ids = self.prompt_ids(prompt)
+        positions = self.info.config.text.max_position_embeddings
+        if max_length is None:
+            max_length = min(len(prompt_ids) + DEFAULT_NEW_TOKENS, positions)
+        search = Search(
+            max_length=max_length,
+            min_length=min_length,
+            num_beams=(1 if sample else DEFAULT_NUM_BEAMS) if num_beams is None else num_beams,
+            sample=sample,
+            top_p=top_p if sample else 1.0,
+            top_k=top_k if sample else 0,
+            repetition_penalty=(
+                (SAMPLING_REPETITION_PENALTY if sample else 1.0)
+                if repetition_penalty is None
+                else repetition_penalty
+            ),
+            num_return=num_captions,
+            eos_token_id=SEP_TOKEN_ID,
+            pad_token_id=PAD_TOKEN_ID,
+        )
+        search.checked(len(prompt_ids), positions)
+        image_list, _ = as_list(images, is_image)
+        feats = self.images.features(image_list, loc=("images",))
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        results: list[CaptionResult] = []
+        for start in range(0, len(feats), self.image_batch):
+            chunk = feats[start : start + self.image_batch]
+            for tokens in self._generate(chunk, prompt_ids, search, generator):
+                captions = [self.tokenizer.decode(prompt_ids + t)[len(prompt) :] for t in tokens]
+                results.append(CaptionResult(captions, [len(t) for t in tokens], len(prompt_ids)))
+        return results
+
+    def _generate(
+        self,
+        feats: Sequence[EncodedImage],
+        prompt_ids: list[int],
+        search: Search,
+        generator: torch.Generator | None,
+    ) -> list[list[list[int]]]:
+        with torch.inference_mode():
+            tokens = torch.stack([f.tokens for f in feats]).to(self.device, self.compute_dtype)
+            stepper = CachedStepper(self.model, self.model.cross_kv(tokens), search.max_length)
+            prompt = torch.tensor([prompt_ids] * len(feats), device=self.device)  # [G, T0]
+            if search.sample or search.num_beams == 1:
+                return greedy_or_sample(stepper, prompt, search, generator)
+            return beam_search(stepper, prompt, search)
+
+    def close(self) -> None:
+        self.images.close()

@@ -1,0 +1,403 @@
+"""BLIP's captioner against transformers' ``BlipForConditionalGeneration`` on the same random
+weights (fp32): token-for-token captions (greedy, beam search, sampling with one seed),
+per-step logits, the logits processors, the cached path against a plain one, the checkpoint
+layouts, the CLI and the errors.
+
+The reference is transformers as a user runs it (``from_pretrained``, ``BlipImageProcessorPil``,
+``BertTokenizerFast``, ``generate``); it shares no code with blipitm.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import (
+    BertTokenizerFast,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessorPil,
+)
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import blipitm
+from blipitm.cli.main import main
+from blipitm.engine.generation import (
+    CachedStepper,
+    PlainStepper,
+    Search,
+    beam_search,
+    greedy_or_sample,
+    repetition_penalty,
+    top_k_filter,
+    top_p_filter,
+)
+from blipitm.errors import CheckpointError, InvalidInputError
+from blipitm.testing.make_checkpoint import make_checkpoint
+
+PROMPT = "a picture of "  # BLIP's, written here rather than imported
+DEC = 30522  # the hub config's text_config.bos_token_id
+SEP = 102
+
+
+@pytest.fixture(scope="module")
+def cap_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("cap"), preset="tiny", seed=5, task="caption")
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(7)
+    return [
+        Image.fromarray(rng.integers(0, 256, (40 + 9 * i, 52 - 5 * i, 3), dtype=np.uint8))
+        for i in range(3)
+    ]
+
+
+class Reference:
+    def __init__(self, ckpt: Path, *, blip: bool = False) -> None:
+        cfg = json.loads((ckpt / "config.json").read_text())
+        if blip:  # what protocol="blip" runs: head_dim 64, vision LayerNorm eps 1e-6
+            cfg["text_config"]["num_attention_heads"] = cfg["text_config"]["hidden_size"] // 64
+            cfg["vision_config"]["layer_norm_eps"] = 1e-6
+        config = BlipConfig.from_dict(cfg)
+        self.model = BlipForConditionalGeneration.from_pretrained(ckpt, config=config).eval()
+        self.tokenizer = BertTokenizerFast.from_pretrained(ckpt)
+        assert len(self.tokenizer) >= 30522
+        size = config.vision_config.image_size
+        self.processor = BlipImageProcessorPil(size={"height": size, "width": size})
+
+    def generate(self, images: list[Image.Image], **kw: object) -> list[list[int]]:
+        """Generated ids after the prompt, up to (not with) the first [SEP]."""
+        pixels = self.processor(images, return_tensors="pt").pixel_values
+        text = self.tokenizer([PROMPT] * len(images), return_tensors="pt")
+        with torch.no_grad():
+            out = self.model.generate(
+                pixel_values=pixels,
+                input_ids=text.input_ids,
+                attention_mask=text.attention_mask,
+                **kw,
+            )
+        prompt_len = text.input_ids.shape[1] - 1  # generate drops the trailing [SEP]
+        rows = []
+        for row in out.tolist():
+            assert row[:prompt_len] == [DEC, *text.input_ids[0, 1:-1].tolist()]
+            gen = row[prompt_len:]
+            rows.append(gen[: gen.index(SEP)] if SEP in gen else gen)
+        return rows
+
+    def caption(self, ids: list[int]) -> str:
+        prompt = self.tokenizer(PROMPT).input_ids[1:-1]
+        return self.tokenizer.decode([DEC, *prompt, *ids], skip_special_tokens=True)[len(PROMPT) :]
+
+
+@pytest.fixture(scope="module")
+def ref(cap_dir: Path) -> Reference:
+    return Reference(cap_dir)
+
+
+@pytest.fixture(scope="module")
+def captioner(cap_dir: Path) -> blipitm.Captioner:
+    return blipitm.load_captioner(cap_dir, protocol="transformers")
+
+
+# -- parity ---------------------------------------------------------------------------------------
+
+
+def _tokens_and_captions(
+    captioner: blipitm.Captioner, images: list[Image.Image], **kw: object
+) -> tuple[list[list[list[int]]], list[list[str]]]:
+    seen: list[list[list[int]]] = []
+    original = captioner._generate
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = original(*args, **kwargs)
+        seen.extend(out)
+        return out
+
+    captioner._generate = spy  # type: ignore[method-assign]
+    try:
+        results = captioner.caption(images, **kw)  # type: ignore[arg-type]
+    finally:
+        del captioner._generate
+    for tokens, result in zip(seen, results, strict=True):
+        assert result.tokens == [len(t) for t in tokens]
+        assert result.prompt_tokens == 4
+    return seen, [r.captions for r in results]
+
+
+@pytest.mark.parametrize(
+    ("kw", "ref_kw"),
+    [
+        ({"num_beams": 1}, {"num_beams": 1}),
+        ({}, {"num_beams": 3}),  # the default: 3 beams, 20 tokens after the prompt
+        (
+            {"num_beams": 3, "max_length": 12, "min_length": 9, "repetition_penalty": 1.3},
+            {"num_beams": 3, "max_length": 12, "min_length": 9, "repetition_penalty": 1.3},
+        ),
+        (
+            {"num_beams": 4, "num_captions": 2, "max_length": 10},
+            {"num_beams": 4, "num_return_sequences": 2, "max_length": 10},
+        ),
+        ({"num_beams": 1, "repetition_penalty": 1.5}, {"num_beams": 1, "repetition_penalty": 1.5}),
+    ],
+    ids=["greedy", "beam-default", "beam-lengths-penalty", "beam-4-return-2", "greedy-penalty"],
+)
+def test_captions_match_transformers_token_for_token(
+    captioner: blipitm.Captioner,
+    ref: Reference,
+    images: list[Image.Image],
+    kw: dict[str, object],
+    ref_kw: dict[str, object],
+) -> None:
+    tokens, captions = _tokens_and_captions(captioner, images, **kw)
+    expected = ref.generate(images, **ref_kw)
+    per_image = len(tokens[0])
+    assert [t for image in tokens for t in image] == expected
+    assert [c for image in captions for c in image] == [ref.caption(ids) for ids in expected]
+    assert all(len(image) == per_image for image in tokens)
+
+
+def test_protocol_blip_matches_the_reconfigured_reference(
+    cap_dir: Path, images: list[Image.Image]
+) -> None:
+    """protocol="blip" (the default) runs BLIP's head size and vision eps; so does the
+    reference when configured that way."""
+    captioner = blipitm.load_captioner(cap_dir)
+    assert {o.field for o in captioner.info.overrides} == {
+        "text_config.num_attention_heads",
+        "vision_config.layer_norm_eps",
+    }
+    tokens, _ = _tokens_and_captions(captioner, images[:2], max_length=14)
+    assert [t for image in tokens for t in image] == Reference(cap_dir, blip=True).generate(
+        images[:2], num_beams=3, max_length=14
+    )
+
+
+def test_sampling_matches_transformers_with_the_same_seed(
+    captioner: blipitm.Captioner, ref: Reference, images: list[Image.Image]
+) -> None:
+    """One image, so that no row finishes early and both draw the same random stream: BLIP's
+    nucleus sampling (top_p 0.9, repetition penalty 1.1) with transformers' top-k 50."""
+    tokens, _ = _tokens_and_captions(captioner, images[:1], sample=True, seed=11, max_length=12)
+    torch.manual_seed(11)
+    expected = ref.generate(
+        images[:1], do_sample=True, top_p=0.9, repetition_penalty=1.1, max_length=12
+    )
+    assert tokens[0] == expected
+
+
+def test_teacher_forced_logits_match_per_step(
+    captioner: blipitm.Captioner, ref: Reference, images: list[Image.Image]
+) -> None:
+    caption_ids = [1037, 3899, 2006, 1996, 5568, 102]  # any ids; [SEP] last
+    prompt = captioner.prompt_ids()
+    ids = torch.tensor([[*prompt, *caption_ids]] * 2)
+    pixels = ref.processor(images[:2], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        expected = ref.model(pixel_values=pixels, input_ids=ids).logits  # [2, T, V]
+    feats = captioner.images.features(images[:2], loc=("images",))
+    model = captioner.model
+    with torch.inference_mode():
+        tokens = torch.stack([f.tokens for f in feats])
+        cache = model.new_cache(2, ids.shape[1], dtype=torch.float32, device=torch.device("cpu"))
+        got = model.decode(ids, cache, model.cross_kv(tokens), [1, 1], last_only=False)
+        # The same positions one token at a time through the cache.
+        cache = model.new_cache(2, ids.shape[1], dtype=torch.float32, device=torch.device("cpu"))
+        kv = model.cross_kv(tokens)
+        steps = [model.decode(ids[:, :4], cache, kv, [1, 1])]
+        steps += [
+            model.decode(ids[:, t : t + 1], cache, kv, [1, 1]) for t in range(4, ids.shape[1])
+        ]
+    err = (got - expected).abs().max().item()
+    assert err < 1e-5, err
+    stepped = torch.stack(steps, dim=1)  # positions 3.. of the sequence
+    err_steps = (stepped - expected[:, 3:]).abs().max().item()
+    assert err_steps < 1e-5, err_steps
+
+
+# -- the parts ------------------------------------------------------------------------------------
+
+
+def test_top_p_filter_on_a_fixed_distribution() -> None:
+    """p = (0.5, 0.3, 0.15, 0.05): the smallest set of most probable tokens whose mass reaches
+    top_p survives."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = {
+        p: (top_p_filter(logits, p)[0] > -float("inf")).nonzero()[:, 0].tolist()
+        for p in (0.4, 0.75, 0.9, 0.97, 1.0)
+    }
+    assert kept == {0.4: [0], 0.75: [0, 1], 0.9: [0, 1, 2], 0.97: [0, 1, 2, 3], 1.0: [0, 1, 2, 3]}
+    shuffled = logits[:, [2, 0, 3, 1]]  # the filter keys on values, not positions
+    assert (top_p_filter(shuffled, 0.75)[0] > -float("inf")).tolist() == [False, True, False, True]
+
+
+def test_logits_processors_equal_transformers() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 300, generator=g) * 3
+    seqs = torch.randint(0, 300, (5, 7), generator=g)
+    assert torch.equal(
+        repetition_penalty(scores, seqs, 1.3), RepetitionPenaltyLogitsProcessor(1.3)(seqs, scores)
+    )
+    assert torch.equal(top_k_filter(scores, 50), TopKLogitsWarper(50)(seqs, scores))
+    for p in (0.3, 0.9):
+        assert torch.equal(top_p_filter(scores, p), TopPLogitsWarper(p)(seqs, scores))
+
+
+def test_cached_path_equals_the_plain_path(
+    captioner: blipitm.Captioner, images: list[Image.Image]
+) -> None:
+    """Cross-attention K/V once per image and the self-attention cache give the tokens a path
+    that recomputes everything at every step gives."""
+    model = captioner.model
+    feats = captioner.images.features(images, loc=("images",))
+    tokens = torch.stack([f.tokens for f in feats])
+    prompt = torch.tensor([captioner.prompt_ids()] * len(images))
+    searches = [
+        (Search(max_length=11, num_beams=3, num_return=2), beam_search),
+        (Search(max_length=11, min_length=8), greedy_or_sample),
+        (Search(max_length=11, sample=True, top_p=0.9, top_k=50, num_return=2), greedy_or_sample),
+    ]
+    with torch.inference_mode():
+        for search, run in searches:
+            args = [search] + ([torch.Generator()] if search.sample else [])
+            if search.sample:
+                args[1].manual_seed(3)  # type: ignore[attr-defined]
+            cached = run(CachedStepper(model, model.cross_kv(tokens), 11), prompt, *args)
+            if search.sample:
+                args[1].manual_seed(3)  # type: ignore[attr-defined]
+            plain = run(PlainStepper(model, tokens), prompt, *args)
+            assert cached == plain, search
+
+
+def test_sampling_is_reproducible_with_a_seed(
+    captioner: blipitm.Captioner, images: list[Image.Image]
+) -> None:
+    a = captioner.caption(images[:2], sample=True, seed=1, num_captions=3, max_length=10)
+    b = captioner.caption(images[:2], sample=True, seed=1, num_captions=3, max_length=10)
+    c = captioner.caption(images[:2], sample=True, seed=2, num_captions=3, max_length=10)
+    assert a == b and a != c
+    assert [len(r.captions) for r in a] == [3, 3]
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def test_tied_copies_and_pth_layout_load_the_same_weights(
+    cap_dir: Path, tmp_path: Path, images: list[Image.Image]
+) -> None:
+    """The hub's transformers-4 file carries the LM head's tied copies; BLIP's .pth carries them
+    with original vision names (config inferred: BLIP's head size and eps, as protocol="blip")."""
+    tied = make_checkpoint(
+        tmp_path / "tied", preset="tiny", seed=5, task="caption", tied_copies=True
+    )
+    assert "text_decoder.cls.predictions.decoder.weight" in load_file(tied / "model.safetensors")
+    pth = make_checkpoint(tmp_path / "pth", preset="tiny", seed=5, task="caption", fmt="pth")
+    want = blipitm.load_captioner(cap_dir).caption(images[0], max_length=8)
+    assert blipitm.load_captioner(tied).caption(images[0], max_length=8) == want
+    assert blipitm.load_captioner(pth).caption(images[0], max_length=8) == want
+
+
+def test_a_bad_checkpoint_fails_clearly(cap_dir: Path, tmp_path: Path, tiny_ckpt: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(cap_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    weights["text_decoder.cls.predictions.decoder.weight"] = torch.zeros_like(
+        weights["text_decoder.bert.embeddings.word_embeddings.weight"]
+    )
+    del weights["text_decoder.cls.predictions.transform.dense.bias"]
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="different from"):
+        blipitm.load_captioner(bad)
+    del weights["text_decoder.cls.predictions.decoder.weight"]
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"(?s)1 missing.*transform\.dense\.bias"):
+        blipitm.load_captioner(bad)
+    with pytest.raises(CheckpointError, match="not a captioner"):
+        blipitm.load_captioner(tiny_ckpt)
+    with pytest.raises(CheckpointError, match="load_captioner"):
+        blipitm.load(cap_dir)
+
+
+# -- inputs, errors, CLI --------------------------------------------------------------------------
+
+
+def test_bad_inputs_name_what_is_wrong(
+    captioner: blipitm.Captioner, images: list[Image.Image]
+) -> None:
+    with pytest.raises(InvalidInputError, match=r"images\[1\]"):
+        captioner.caption([images[0], b"not an image"])
+    for kw, where in [
+        ({"num_beams": 0}, "num_beams"),
+        ({"max_length": 4}, "max_length"),  # the prompt's 4 tokens fill it
+        ({"num_beams": 2, "num_captions": 3}, "num_captions"),
+        ({"sample": True, "num_beams": 3}, "num_beams"),
+        ({"min_length": 30, "max_length": 10}, "min_length"),
+        ({"sample": True, "top_p": 0.0}, "top_p"),
+    ]:
+        with pytest.raises(InvalidInputError) as info:
+            captioner.caption(images[0], **kw)  # type: ignore[arg-type]
+        assert info.value.field == where, kw
+    with pytest.raises(InvalidInputError, match="no room for a caption"):
+        captioner.caption(images[0], max_length=4)
+
+
+def test_cli_json_lines(
+    cap_dir: Path, tmp_path: Path, images: list[Image.Image], capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = []
+    for i, image in enumerate(images[:2]):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        image.save(paths[-1])
+    argv = ["caption", *paths, "--model", str(cap_dir), "--protocol", "transformers"]
+    assert (
+        main([*argv, "--json", "--num-beams", "3", "--num-captions", "2", "--max-length", "9"]) == 0
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = blipitm.load_captioner(cap_dir, protocol="transformers").caption(
+        images[:2], num_captions=2, max_length=9
+    )
+    assert lines == [
+        {"image": p, "captions": r.captions} for p, r in zip(paths, expected, strict=True)
+    ]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    assert main(["caption", paths[0], str(broken), "--model", str(cap_dir)]) == 2
+    assert "images[1]" in capsys.readouterr().err
+    assert main([*argv, "--num-beams", "0"]) == 2
+    assert "--num-beams" in capsys.readouterr().err
+
+
+def test_cli_defaults_equal_the_library_defaults() -> None:
+    from blipitm.cli import caption as cli
+    from blipitm.engine import captioner as lib
+
+    assert (cli.NUM_BEAMS, cli.NEW_TOKENS, cli.TOP_P) == (
+        lib.DEFAULT_NUM_BEAMS,
+        lib.DEFAULT_NEW_TOKENS,
+        lib.DEFAULT_TOP_P,
+    )
+
+
+def test_images_accepted_like_the_engine(
+    captioner: blipitm.Captioner, images: list[Image.Image], tmp_path: Path
+) -> None:
+    path = tmp_path / "i.png"
+    images[0].save(path)
+    data = path.read_bytes()
+    forms = [images[0], str(path), path, data, np.asarray(Image.open(io.BytesIO(data)))]
+    results = captioner.caption(forms, max_length=8)
+    assert all(r == results[0] for r in results)
+    assert captioner.caption(images[0], max_length=8) == results[:1]
