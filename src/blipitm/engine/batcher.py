@@ -220,18 +220,20 @@ class Batcher:
         self.observer.queue_depth(depth)
         return work.future
 
-    def _pop(self, timeout: float | None) -> _Work | None:
-        """The next job, online first; None once stopping, or after ``timeout`` seconds."""
+    def _pop(self, timeout: float | None, *, background: bool = True) -> _Work | None:
+        """The next job, online first (``background=False``: online only); None once stopping,
+        or after ``timeout`` seconds."""
         with self._cond:
             self._cond.wait_for(
-                lambda: self._online or self._background or self._stop_requested, timeout
+                lambda: self._online or (background and self._background) or self._stop_requested,
+                timeout,
             )
             if self._stop_requested:
                 self._stopping = True  # finish the batch in hand, then exit
                 return None
             if self._online:
                 return self._online.popleft()
-            return self._background.popleft() if self._background else None
+            return self._background.popleft() if background and self._background else None
 
     # -- worker thread --------------------------------------------------------------------------
 
@@ -242,15 +244,15 @@ class Batcher:
                 return None
             first = self._pop(None)
         batch: list[_Work] = [first]
-        limit = self.max_batch_size
-        if first.background:
-            limit = min(limit, self.max_background_batch)
+        background = int(first.background)  # at most max_background_batch, whatever came first
         deadline = time.perf_counter() + self.max_wait_s
-        while len(batch) < limit and not self._stopping:
-            item = self._pop(max(0.0, deadline - time.perf_counter()))
+        while len(batch) < self.max_batch_size and not self._stopping:
+            more = background < self.max_background_batch
+            item = self._pop(max(0.0, deadline - time.perf_counter()), background=more)
             if item is None:
                 break
             batch.append(item)
+            background += item.background
         return batch
 
     def _loop(self) -> None:
