@@ -200,6 +200,9 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=400)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--memory-lines", type=int, default=50_000)
+    ap.add_argument(
+        "--parts", default="throughput,latency,memory", help="which measurements, comma-separated"
+    )
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -210,9 +213,10 @@ def main() -> None:
         make_checkpoint(tiny, preset="tiny", seed=0)
     load = os.getloadavg()[0]
     work = args.out / f"run-{int(time.time())}"
-    rows = throughput(base, work, args.lines)
-    rows += latency(base, work, args.lines, args.seconds)
-    rows += memory(tiny, work, args.memory_lines)
+    parts = set(args.parts.split(","))
+    rows = throughput(base, work, args.lines) if "throughput" in parts else []
+    rows += latency(base, work, args.lines, args.seconds) if "latency" in parts else []
+    rows += memory(tiny, work, args.memory_lines) if "memory" in parts else []
     lines = [
         "",
         "## Batch API (bench/batch_bench.py)",

@@ -244,7 +244,9 @@ class Batcher:
                 return None
             first = self._pop(None)
         batch: list[_Work] = [first]
-        background = int(first.background)  # at most max_background_batch, whatever came first
+        # A batch an online job starts takes no background job (it answers sooner); one of
+        # background jobs takes at most max_background_batch of them (and any online job).
+        background = int(first.background) if first.background else self.max_background_batch
         deadline = time.perf_counter() + self.max_wait_s
         while len(batch) < self.max_batch_size and not self._stopping:
             more = background < self.max_background_batch
