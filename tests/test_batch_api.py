@@ -474,3 +474,24 @@ def test_lines_past_the_completion_window_are_answered_batch_expired(tmp_path: P
     assert [r["custom_id"] for r in rows] == ["x0", "x1", "x2"]
     assert {r["error"]["code"] for r in rows} == {"batch_expired"}
     assert batch.request_counts["failed"] == 3 and (tmp_path / "out").read_text() == ""
+
+
+def test_batch_worker_lines_reaches_each_models_worker(tiny_ckpt: Path) -> None:
+    """--batch-worker-lines bounds the background jobs of each model's worker batches."""
+    import asyncio
+
+    from blipitm.server.settings import ServerSettings
+    from test_server_inprocess import Shared, running
+
+    engine = blipitm.load(tiny_ckpt)
+    settings = ServerSettings.of(model=str(tiny_ckpt), more_models=("b",), batch_worker_lines=2)
+
+    async def main() -> None:
+        async with running(settings, lambda options: Shared(engine)) as (_, state):
+            for _ in range(500):
+                if all(m.status == "ready" for m in state.models.models):
+                    break
+                await asyncio.sleep(0.02)
+            assert [m.loaded.batcher.max_background_batch for m in state.models.models] == [2, 2]
+
+    asyncio.run(main())

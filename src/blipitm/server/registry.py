@@ -250,6 +250,7 @@ class ModelRegistry:
                 max_wait_ms=s.max_wait_ms,
                 max_queue=s.max_queue,
                 observer=self._metrics.batcher_observer(spec.name),
+                max_background_batch=s.batch_worker_lines,
             )
             batcher.start()
             await asyncio.wrap_future(batcher.submit(WarmUp()))

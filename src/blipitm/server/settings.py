@@ -39,6 +39,7 @@ _BOUNDS: tuple[tuple[tuple[str, ...], int, bool], ...] = (
             *("max_body_bytes", "max_image_bytes", "max_connections"),
             "max_images",
             *("batch_max_file_bytes", "batch_max_file_lines", "batch_max_active", "batch_window"),
+            "batch_worker_lines",
         ),
         1,
         False,
@@ -86,6 +87,7 @@ class ServerSettings:
     batch_credit_factor: float = 0.5
     batch_max_active: int = 4
     batch_window: int = 64
+    batch_worker_lines: int = 4
     # -- connections (see server/transport/) -------------------------------------------------------
     head_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
@@ -298,6 +300,12 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "batch_window",
         "batch lines in flight at once (queued behind online requests, merged into engine batches)",
+        int,
+    ),
+    Option(
+        "batch_worker_lines",
+        "most batch lines in one worker batch: an online request waits for one such batch at "
+        "most (smaller: online answers sooner; larger: batches run faster)",
         int,
     ),
     Option(
