@@ -26,7 +26,6 @@ from blipitm.engine.batcher import Batcher, Job, LocMap, QueueFull
 from blipitm.processing import ResizedImage, validate_text
 from blipitm.server.account import SCOPE_BACKGROUND, UNMETERED, Account, account_of
 from blipitm.server.errors import APIError, ErrorCode
-from blipitm.server.family import Price
 from blipitm.server.images import ImageLoader
 from blipitm.server.inputs import ImageItem, TextItem
 from blipitm.server.registry import Loaded, ModelRegistry, ServedModel
@@ -83,10 +82,6 @@ class RequestContext(Generic[B]):
         return self.loaded.loader
 
     @property
-    def price(self) -> Price:
-        return self.model.spec.price
-
-    @property
     def background(self) -> bool:
         """A Batch API line: run when no online request waits (``engine/batcher.py``)."""
         return bool(self.request.scope.get(SCOPE_BACKGROUND))
@@ -108,7 +103,7 @@ class RequestContext(Generic[B]):
             self.state.metrics.rejected.labels(reason="queue_full").inc()
             raise QueueFull(self.batcher.retry_after_s())
         # The items and credits the request declares (settled when the response is complete).
-        await self.account.reserve(len(texts), len(images), self.price)
+        await self.account.reserve(len(texts), len(images), self.model.spec)
         return self._validate_texts(texts), await self._load_images(images)
 
     def _validate_texts(self, items: Sequence[TextItem]) -> list[str]:

@@ -608,6 +608,7 @@ class UsageEntry(BaseModel):
     name: str
     day: str = Field(description="UTC day, YYYY-MM-DD")
     endpoint: str
+    model: str = Field(description="the served model's name ('': the request reached no model)")
     status: int
     requests: int
     texts: int
