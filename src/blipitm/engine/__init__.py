@@ -32,13 +32,14 @@ from blipitm.explain import Explanation
 if TYPE_CHECKING:
     from blipitm.engine.captioner import Captioner, load_captioner
     from blipitm.engine.engine import Engine
-    from blipitm.engine.loader import load, load_options
+    from blipitm.engine.loader import load, load_any, load_options
 
 _SUBMODULE_OF = {
     "Captioner": "captioner",
     "load_captioner": "captioner",
     "Engine": "engine",
     "load": "loader",
+    "load_any": "loader",
     "load_options": "loader",
 }
 
@@ -65,6 +66,7 @@ __all__ = [
     "TextFeatures",
     "WeightDtype",
     "load",
+    "load_any",
     "load_captioner",
     "load_options",
 ]

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, cast, runtime_checkable
 from blipitm.errors import InvalidInputError, Loc
 
 if TYPE_CHECKING:
+    from blipitm.engine.captioner import Captioner
     from blipitm.engine.engine import Engine
 
 log = logging.getLogger("blipitm.batcher")
@@ -55,16 +56,18 @@ Split = Callable[[Any], Sequence[Any]]
 
 
 class Job(Protocol):
-    """One piece of work for the worker: ``run`` makes its engine call(s) on the worker thread."""
+    """One piece of work for the worker: ``run`` makes its engine call(s) on the worker thread.
+    ``engine`` is the batcher's: an :class:`Engine`, or a captioner (a job knows which it needs;
+    the server routes a request only to a model of the route's kind)."""
 
-    def run(self, engine: Engine) -> Any: ...
+    def run(self, engine: Any) -> Any: ...
 
 
 @runtime_checkable
 class Mergeable(Protocol):
     """A job that can share one engine call with other jobs of its own class."""
 
-    def run(self, engine: Engine) -> Any: ...
+    def run(self, engine: Any) -> Any: ...
 
     @classmethod
     def merge(cls, jobs: Sequence[Self]) -> tuple[Job, Split]:
@@ -135,7 +138,7 @@ def _same_loc(loc: Loc) -> Loc:
 class Batcher:
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | Captioner,
         *,
         max_batch_size: int,
         max_wait_ms: float,

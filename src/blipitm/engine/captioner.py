@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from blipitm.checkpoint import ResolvedCheckpoint
 from blipitm.config import CAPTION_PROMPT, DEC_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
 from blipitm.engine.cache import ByteLRU
 from blipitm.engine.devices import TORCH_DTYPES
@@ -23,7 +24,12 @@ from blipitm.engine.generation import CachedStepper, Search, beam_search, greedy
 from blipitm.engine.images import EncodedImage, ImagePipeline
 from blipitm.engine.inputs import as_list, is_image
 from blipitm.engine.loader import build_model
-from blipitm.engine.options import DEFAULT_CACHE_BYTES, DEFAULT_CAPTION_MODEL, LoadOptions
+from blipitm.engine.options import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_CAPTION_MODEL,
+    DEFAULT_MAX_TEXT_CHARS,
+    LoadOptions,
+)
 from blipitm.engine.types import CaptionResult, ModelInfo
 from blipitm.errors import InvalidInputError, Loc
 from blipitm.model import BlipCaptioner
@@ -56,9 +62,12 @@ def load_captioner(
     return load_captioner_options(LoadOptions(source, **options))
 
 
-def load_captioner_options(options: LoadOptions) -> Captioner:
-    """Load the captioner ``options`` name; what the CLI calls."""
-    built = build_model(options, "caption", BlipCaptioner)
+def load_captioner_options(
+    options: LoadOptions, resolved: ResolvedCheckpoint | None = None
+) -> Captioner:
+    """Load the captioner ``options`` name; what the CLI calls (``resolved``: the checkpoint's
+    files, if already found)."""
+    built = build_model(options, "caption", BlipCaptioner, resolved)
     assert isinstance(built.model, BlipCaptioner)
     return Captioner(
         built.model,
@@ -67,6 +76,7 @@ def load_captioner_options(options: LoadOptions) -> Captioner:
         built.info,
         built.protocol,
         max_pixels=options.max_pixels,
+        max_text_chars=options.max_text_chars,
         cache_bytes=options.cache_bytes,
         image_batch=options.batch_sizes.images if options.batch_sizes else None,
         decode_threads=options.decode_threads,
@@ -87,6 +97,7 @@ class Captioner:
         protocol: ScoringProtocol,
         *,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         image_batch: int | None = None,
         decode_threads: int | None = None,
@@ -96,6 +107,7 @@ class Captioner:
             raise ValueError(f"protocol {protocol.name!r}, but the model is {info.protocol!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.max_text_chars = max_text_chars  # a prompt's limit (the server checks it)
         self.info = info
         self.protocol = protocol
         self.device = torch.device(info.device)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from blipitm.config import BlipConfig
+from blipitm.config import BlipConfig, Task
 from blipitm.scoring import Override, ProtocolName
 
 # Tensor (compute, feature) dtypes by name; torch.dtype exists only inside engine/ and model/.
@@ -169,6 +169,7 @@ class ModelInfo:
     config: BlipConfig
     overrides: list[Override] = field(default_factory=list)
     compute_dtype: Dtype = "float32"  # may be wider than ``dtype`` (see engine.devices)
+    task: Task = "itm"  # the model loaded: image-text matching, or the captioner
 
     @property
     def embedding_dim(self) -> int:
@@ -182,6 +183,7 @@ class ModelInfo:
     def as_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
+            "task": self.task,
             "format": self.kind,
             "revision": self.revision,
             "commit": self.commit,
