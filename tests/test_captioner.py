@@ -26,6 +26,7 @@ from transformers import (
 )
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -39,6 +40,7 @@ from blipitm.engine.generation import (
     beam_search,
     greedy_or_sample,
     repetition_penalty,
+    temperature_scale,
     top_k_filter,
     top_p_filter,
 )
@@ -109,6 +111,35 @@ def ref(cap_dir: Path) -> Reference:
 @pytest.fixture(scope="module")
 def captioner(cap_dir: Path) -> blipitm.Captioner:
     return blipitm.load_captioner(cap_dir, protocol="transformers")
+
+
+def _edited(cap_dir: Path, out: Path, edit: dict[str, object]) -> Path:
+    """A copy of ``cap_dir`` with the named tensors multiplied (a number) or edited (a
+    function of the tensor)."""
+    import shutil
+
+    shutil.copytree(cap_dir, out)
+    weights = load_file(out / "model.safetensors")
+    for name, how in edit.items():
+        weights[name] = how(weights[name].clone()) if callable(how) else weights[name] * how
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def peaked(
+    cap_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[blipitm.Captioner, Reference]:
+    """The random weights spread next-token logits thinly (std ~0.15: top-k 50 keeps a nearly
+    uniform set, and a temperature of 0.7 changes no draw). The LM head's LayerNorm scaled by 5
+    makes them peaked (std ~0.75; top-p 0.9 keeps 25-39 of the 50, 6-30 at temperature 0.7)."""
+    head_norm = "text_decoder.cls.predictions.transform.LayerNorm"
+    ckpt = _edited(
+        cap_dir,
+        tmp_path_factory.mktemp("peaked") / "ckpt",
+        {f"{head_norm}.weight": 5.0, f"{head_norm}.bias": 5.0},
+    )
+    return blipitm.load_captioner(ckpt, protocol="transformers"), Reference(ckpt)
 
 
 # -- parity ---------------------------------------------------------------------------------------
@@ -184,17 +215,43 @@ def test_protocol_blip_matches_the_reconfigured_reference(
     )
 
 
+@pytest.mark.parametrize(
+    ("which", "kw"),
+    [
+        ("flat", {}),
+        ("peaked", {}),
+        ("peaked", {"temperature": 0.7}),
+    ],
+    ids=["blip-nucleus", "blip-nucleus-peaked", "temperature-0.7-peaked"],
+)
 def test_sampling_matches_transformers_with_the_same_seed(
-    captioner: blipitm.Captioner, ref: Reference, images: list[Image.Image]
+    request: pytest.FixtureRequest,
+    images: list[Image.Image],
+    which: str,
+    kw: dict[str, object],
 ) -> None:
     """One image, so that no row finishes early and both draw the same random stream: BLIP's
-    nucleus sampling (top_p 0.9, repetition penalty 1.1) with transformers' top-k 50."""
-    tokens, _ = _tokens_and_captions(captioner, images[:1], sample=True, seed=11, max_length=12)
+    nucleus sampling (top_p 0.9, repetition penalty 1.1) with transformers' top-k 50, and a
+    temperature (transformers divides after the penalty, before top-k and top-p). On the
+    "peaked" checkpoint the nucleus holds a few to ~40 tokens, so each of them changes draws."""
+    captioner, ref = (
+        (request.getfixturevalue("captioner"), request.getfixturevalue("ref"))
+        if which == "flat"
+        else request.getfixturevalue("peaked")
+    )
+    tokens, _ = _tokens_and_captions(
+        captioner, images[:1], sample=True, seed=11, max_length=12, **kw
+    )
     torch.manual_seed(11)
     expected = ref.generate(
-        images[:1], do_sample=True, top_p=0.9, repetition_penalty=1.1, max_length=12
+        images[:1], do_sample=True, top_p=0.9, repetition_penalty=1.1, max_length=12, **kw
     )
     assert tokens[0] == expected
+    if "temperature" in kw:  # the setting is one where the temperature matters
+        untempered, _ = _tokens_and_captions(
+            captioner, images[:1], sample=True, seed=11, max_length=12
+        )
+        assert untempered != tokens
 
 
 def test_teacher_forced_logits_match_per_step(
@@ -250,6 +307,8 @@ def test_logits_processors_equal_transformers() -> None:
         repetition_penalty(scores, seqs, 1.3), RepetitionPenaltyLogitsProcessor(1.3)(seqs, scores)
     )
     assert torch.equal(top_k_filter(scores, 50), TopKLogitsWarper(50)(seqs, scores))
+    for t in (0.7, 1.3):
+        assert torch.equal(temperature_scale(scores, t), TemperatureLogitsWarper(t)(seqs, scores))
     for p in (0.3, 0.9):
         assert torch.equal(top_p_filter(scores, p), TopPLogitsWarper(p)(seqs, scores))
 
@@ -346,6 +405,11 @@ def test_bad_inputs_name_what_is_wrong(
         ({"sample": True, "num_beams": 3}, "num_beams"),
         ({"min_length": 30, "max_length": 10}, "min_length"),
         ({"sample": True, "top_p": 0.0}, "top_p"),
+        ({"sample": True, "temperature": 0.0}, "temperature"),
+        ({"sample": True, "temperature": -1.0}, "temperature"),
+        ({"sample": True, "temperature": float("nan")}, "temperature"),
+        ({"sample": True, "temperature": float("inf")}, "temperature"),
+        ({"temperature": 0.0}, "temperature"),  # checked even when not sampling
     ]:
         with pytest.raises(InvalidInputError) as info:
             captioner.caption(images[0], **kw)  # type: ignore[arg-type]
@@ -378,6 +442,8 @@ def test_cli_json_lines(
     assert "images[1]" in capsys.readouterr().err
     assert main([*argv, "--num-beams", "0"]) == 2
     assert "--num-beams" in capsys.readouterr().err
+    assert main([*argv, "--sample", "--temperature", "0"]) == 2
+    assert "--temperature" in capsys.readouterr().err
 
 
 def test_cli_defaults_equal_the_library_defaults() -> None:

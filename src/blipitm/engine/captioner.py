@@ -40,6 +40,7 @@ DEFAULT_NEW_TOKENS = 20  # when max_length is not given: the prompt's tokens plu
 DEFAULT_MIN_LENGTH = 0
 DEFAULT_TOP_P = 0.9
 DEFAULT_TOP_K = 50
+DEFAULT_TEMPERATURE = 1.0  # transformers' and BLIP's
 SAMPLING_REPETITION_PENALTY = 1.1  # BLIP's generate(sample=True), CapFilt
 DEFAULT_IMAGE_BATCH = {"cpu": 8, "cuda": 64}  # images decoded together (rows: x beams)
 
@@ -136,6 +137,7 @@ class Captioner:
         sample: bool = False,
         top_p: float = DEFAULT_TOP_P,
         top_k: int = DEFAULT_TOP_K,
+        temperature: float = DEFAULT_TEMPERATURE,
         repetition_penalty: float | None = None,
         seed: int | None = None,
         num_captions: int = 1,
@@ -144,7 +146,8 @@ class Captioner:
         """Caption each image (a single image gives a list of one).
 
         Beam search by default (``num_beams`` 3; 1 is greedy search); ``sample=True`` draws with
-        nucleus sampling (``top_p``, ``top_k``; 0 turns top-k off), reproducibly with ``seed``.
+        nucleus sampling (``top_p``, ``top_k``; 0 turns top-k off), reproducibly with ``seed``;
+        ``temperature`` divides the scores first (sampling only; checked always).
         ``max_length`` and ``min_length`` count the prompt's tokens, as transformers does; without
         ``max_length`` a caption has at most 20 tokens after the prompt (transformers' default).
         ``repetition_penalty`` defaults to 1.0, and to 1.1 when sampling (BLIP's CapFilt).
@@ -163,6 +166,7 @@ class Captioner:
             sample=sample,
             top_p=top_p if sample else 1.0,
             top_k=top_k if sample else 0,
+            temperature=temperature,
             repetition_penalty=(
                 (SAMPLING_REPETITION_PENALTY if sample else 1.0)
                 if repetition_penalty is None

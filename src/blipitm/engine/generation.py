@@ -3,7 +3,7 @@
 Each algorithm is written to give the tokens ``transformers``' ``generate`` gives for
 ``BlipForConditionalGeneration`` (5.x; docs/captioner.md says which settings): the same logits
 processors in the same order (repetition penalty, then the minimum length; for sampling then
-top-k and top-p), the same stopping rules (``[SEP]`` or ``max_length``, both counted over the
+the temperature, top-k and top-p), the same stopping rules (``[SEP]`` or ``max_length``, both counted over the
 whole sequence, prompt included) and, for beam search, the same vectorised bookkeeping
 (``2 * num_beams`` candidates a step, scores divided by the generated length to the power
 ``length_penalty`` when a beam finishes, ``early_stopping=False``'s heuristic). Nothing is taken
@@ -17,6 +17,7 @@ search reorders beams within their image.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,6 +54,7 @@ class Search:
     sample: bool = False
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    temperature: float = 1.0  # sampling only: scores / temperature before top-k and top-p
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     num_return: int = 1
@@ -93,6 +95,8 @@ class Search:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise bad("top_k", f"must be >= 0, got {self.top_k}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0.0):
+            raise bad("temperature", f"must be a finite number > 0, got {self.temperature}")
         if not self.repetition_penalty > 0.0:
             raise bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
         return self
@@ -118,6 +122,13 @@ def forbid_eos(scores: torch.Tensor, length: int, min_length: int, eos: int) -> 
     out = scores.clone()
     out[:, eos] = -float("inf")
     return out
+
+
+def temperature_scale(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``scores / temperature``: below 1 sharpens the distribution, above 1 flattens it."""
+    if temperature == 1.0:
+        return scores
+    return scores / temperature
 
 
 def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -162,6 +173,7 @@ def greedy_or_sample(
         scores = repetition_penalty(logits.float(), seqs, search.repetition_penalty)
         scores = forbid_eos(scores, length, search.min_length, search.eos_token_id)
         if search.sample:
+            scores = temperature_scale(scores, search.temperature)
             scores = top_p_filter(top_k_filter(scores, search.top_k), search.top_p)
             probs = scores.softmax(dim=-1)
             tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
