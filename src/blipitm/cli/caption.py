@@ -95,7 +95,12 @@ def run(args: argparse.Namespace) -> int:
     )
     for path, result in zip(args.images, results, strict=True):
         if args.json:
-            print(json.dumps({"image": path, "captions": result.captions}, ensure_ascii=False))
+            line = {
+                "image": path,
+                "captions": result.captions,
+                "finish_reasons": result.finish_reasons,
+            }
+            print(json.dumps(line, ensure_ascii=False))
         else:
             for caption in result.captions:
                 print(f"{path}\t{caption}")

@@ -19,7 +19,13 @@ import torch
 from blipitm.config import CAPTION_PROMPT, DEC_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
 from blipitm.engine.cache import ByteLRU
 from blipitm.engine.devices import TORCH_DTYPES
-from blipitm.engine.generation import CachedStepper, Search, beam_search, greedy_or_sample
+from blipitm.engine.generation import (
+    CachedStepper,
+    Generated,
+    Search,
+    beam_search,
+    greedy_or_sample,
+)
 from blipitm.engine.images import EncodedImage, ImagePipeline
 from blipitm.engine.inputs import as_list, is_image
 from blipitm.engine.loader import build_model
@@ -185,9 +191,18 @@ class Captioner:
         results: list[CaptionResult] = []
         for start in range(0, len(feats), self.image_batch):
             chunk = feats[start : start + self.image_batch]
-            for tokens in self._generate(chunk, prompt_ids, search, generator):
-                captions = [self.tokenizer.decode(prompt_ids + t)[len(prompt) :] for t in tokens]
-                results.append(CaptionResult(captions, [len(t) for t in tokens], len(prompt_ids)))
+            for generated in self._generate(chunk, prompt_ids, search, generator):
+                results.append(
+                    CaptionResult(
+                        [
+                            self.tokenizer.decode(prompt_ids + c.tokens)[len(prompt) :]
+                            for c in generated
+                        ],
+                        [len(c.tokens) for c in generated],
+                        len(prompt_ids),
+                        [c.finish_reason for c in generated],
+                    )
+                )
         return results
 
     def _generate(
@@ -196,7 +211,7 @@ class Captioner:
         prompt_ids: list[int],
         search: Search,
         generator: torch.Generator | None,
-    ) -> list[list[list[int]]]:
+    ) -> list[list[Generated]]:
         with torch.inference_mode():
             tokens = torch.stack([f.tokens for f in feats]).to(self.device, self.compute_dtype)
             stepper = CachedStepper(self.model, self.model.cross_kv(tokens), search.max_length)
