@@ -20,7 +20,13 @@ from blipitm.checkpoint import ResolvedCheckpoint
 from blipitm.config import CAPTION_PROMPT, DEC_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
 from blipitm.engine.cache import ByteLRU
 from blipitm.engine.devices import TORCH_DTYPES
-from blipitm.engine.generation import CachedStepper, Search, beam_search, greedy_or_sample
+from blipitm.engine.generation import (
+    CachedStepper,
+    Generated,
+    Search,
+    beam_search,
+    greedy_or_sample,
+)
 from blipitm.engine.images import EncodedImage, ImagePipeline
 from blipitm.engine.inputs import as_list, is_image
 from blipitm.engine.loader import build_model
@@ -46,6 +52,7 @@ DEFAULT_NEW_TOKENS = 20  # when max_length is not given: the prompt's tokens plu
 DEFAULT_MIN_LENGTH = 0
 DEFAULT_TOP_P = 0.9
 DEFAULT_TOP_K = 50
+DEFAULT_TEMPERATURE = 1.0  # transformers' and BLIP's
 SAMPLING_REPETITION_PENALTY = 1.1  # BLIP's generate(sample=True), CapFilt
 DEFAULT_IMAGE_BATCH = {"cpu": 8, "cuda": 64}  # images decoded together (rows: x beams)
 
@@ -148,6 +155,7 @@ class Captioner:
         sample: bool = False,
         top_p: float = DEFAULT_TOP_P,
         top_k: int = DEFAULT_TOP_K,
+        temperature: float = DEFAULT_TEMPERATURE,
         repetition_penalty: float | None = None,
         seed: int | None = None,
         num_captions: int = 1,
@@ -156,7 +164,8 @@ class Captioner:
         """Caption each image (a single image gives a list of one).
 
         Beam search by default (``num_beams`` 3; 1 is greedy search); ``sample=True`` draws with
-        nucleus sampling (``top_p``, ``top_k``; 0 turns top-k off), reproducibly with ``seed``.
+        nucleus sampling (``top_p``, ``top_k``; 0 turns top-k off), reproducibly with ``seed``;
+        ``temperature`` divides the scores first (sampling only; checked always).
         ``max_length`` and ``min_length`` count the prompt's tokens, as transformers does; without
         ``max_length`` a caption has at most 20 tokens after the prompt (transformers' default).
         ``repetition_penalty`` defaults to 1.0, and to 1.1 when sampling (BLIP's CapFilt).
@@ -175,6 +184,7 @@ class Captioner:
             sample=sample,
             top_p=top_p if sample else 1.0,
             top_k=top_k if sample else 0,
+            temperature=temperature,
             repetition_penalty=(
                 (SAMPLING_REPETITION_PENALTY if sample else 1.0)
                 if repetition_penalty is None
@@ -193,9 +203,18 @@ class Captioner:
         results: list[CaptionResult] = []
         for start in range(0, len(feats), self.image_batch):
             chunk = feats[start : start + self.image_batch]
-            for tokens in self._generate(chunk, prompt_ids, search, generator):
-                captions = [self.tokenizer.decode(prompt_ids + t)[len(prompt) :] for t in tokens]
-                results.append(CaptionResult(captions, [len(t) for t in tokens], len(prompt_ids)))
+            for generated in self._generate(chunk, prompt_ids, search, generator):
+                results.append(
+                    CaptionResult(
+                        [
+                            self.tokenizer.decode(prompt_ids + c.tokens)[len(prompt) :]
+                            for c in generated
+                        ],
+                        [len(c.tokens) for c in generated],
+                        len(prompt_ids),
+                        [c.finish_reason for c in generated],
+                    )
+                )
         return results
 
     def _generate(
@@ -204,7 +223,7 @@ class Captioner:
         prompt_ids: list[int],
         search: Search,
         generator: torch.Generator | None,
-    ) -> list[list[list[int]]]:
+    ) -> list[list[Generated]]:
         with torch.inference_mode():
             tokens = torch.stack([f.tokens for f in feats]).to(self.device, self.compute_dtype)
             stepper = CachedStepper(self.model, self.model.cross_kv(tokens), search.max_length)

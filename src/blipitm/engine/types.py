@@ -153,6 +153,9 @@ class CaptionResult:
     captions: list[str]  # without the prompt
     tokens: list[int]  # tokens generated for each caption (the closing [SEP] not counted)
     prompt_tokens: int  # the prompt's tokens before each caption ([DEC] included)
+    # Per caption, how it ended: "stop" (the search produced [SEP]) or "length" (max_length came
+    # first; the caption may be cut mid-sentence).
+    finish_reasons: list[str]
 
 
 @dataclass(frozen=True)
