@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from blipitm.engine.jobs import Caption
 from blipitm.engine.types import CaptionResult
-from blipitm.errors import Loc
+from blipitm.errors import Loc, format_loc
 from blipitm.server.context import RequestContext, ready
 from blipitm.server.errors import API_ERRORS, APIError, ErrorCode
 from blipitm.server.inputs import ImageItem, TextItem
@@ -74,7 +74,7 @@ def _image_and_prompt(body: ChatCompletionRequest) -> tuple[ImageItem, TextItem 
     parts: list[ContentPart] = [] if content is None or isinstance(content, str) else content
     images = [(i, p) for i, p in enumerate(parts) if isinstance(p, ImageURLPart)]
     texts = [(i, p) for i, p in enumerate(parts) if isinstance(p, TextPart)]
-    param = ".".join(str(x) for x in where)
+    param = format_loc(where)
     if len(images) != 1:
         raise _bad(
             f"the last user message must hold exactly one image_url part (it holds "
