@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from blipitm.common.ray_cluster import LOCAL, check_workers
 from blipitm.engine.options import FILTERING_PRESET, LoadOptions
 from blipitm.errors import InvalidInputError
 
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
 # What a run loads when not told: the default model, with the filter's image cache (the preset
 # beside LoadOptions says why it is small).
 DEFAULT_OPTIONS = FILTERING_PRESET
-LOCAL = "local"
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -50,8 +50,7 @@ class RayRun:
 
     def __post_init__(self) -> None:
         _check_batch_size(self.batch_size)
-        if self.workers < 1:
-            raise InvalidInputError("workers must be positive", loc=("workers",))
+        check_workers(self.workers, self.cpus_per_worker)
 
     def actor_options(self, options: LoadOptions) -> LoadOptions:
         """What an actor loads: ``options``, on the GPU it was given when it was given one."""
