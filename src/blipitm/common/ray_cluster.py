@@ -11,28 +11,50 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
+from blipitm.engine.options import LoadOptions
 from blipitm.errors import InvalidInputError
 
 # ``--ray`` without an address: join the Ray this process already runs, or start one here.
 LOCAL = "local"
 
 
-def check_workers(workers: int, cpus_per_worker: float | None) -> None:
-    """Refuse a pool no Ray could place, naming the option."""
-    if workers < 1:
-        raise InvalidInputError("workers must be positive", loc=("workers",))
-    if cpus_per_worker is not None and cpus_per_worker <= 0:
-        raise InvalidInputError("cpus_per_worker must be positive", loc=("cpus_per_worker",))
+@dataclass(frozen=True)
+class RayPool:
+    """A pool of actors, each loading the model once: ``workers`` of them, with
+    ``gpus_per_worker`` GPUs (then on ``cuda``) and ``cpus_per_worker`` CPUs (None: a
+    one-machine Ray's CPUs / workers, 1 on a cluster). ``address``: ``"local"`` joins the Ray
+    this process runs or starts one; anything else is a cluster's address (``auto``,
+    ``ray://head:10001``)."""
+
+    address: str = LOCAL
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise InvalidInputError("workers must be positive", loc=("workers",))
+        if self.gpus_per_worker < 0:
+            raise InvalidInputError("must be >= 0", loc=("gpus_per_worker",))
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise InvalidInputError("must be positive", loc=("cpus_per_worker",))
+
+    def actor_options(self, options: LoadOptions) -> LoadOptions:
+        """What an actor loads: ``options``, on the GPU it was given when it was given one."""
+        if self.gpus_per_worker > 0 and options.device == "cpu":
+            return replace(options, device="cuda")
+        return options
 
 
 @contextmanager
-def ray_cluster(address: str, workers: int, cpus_per_worker: float | None) -> Iterator[float]:
-    """Ray joined or started for a pool of ``workers`` actors; yields the CPUs each actor gets,
-    and stops Ray afterwards if this call started it."""
-    started = connect(address, workers, cpus_per_worker)
+def ray_cluster(pool: RayPool) -> Iterator[float]:
+    """Ray joined or started for ``pool``; yields the CPUs each of its actors gets, and stops
+    Ray afterwards if this call started it."""
+    started = connect(pool.address, pool.workers, pool.cpus_per_worker)
     try:
-        yield worker_cpus(workers, cpus_per_worker)
+        yield worker_cpus(pool.workers, pool.cpus_per_worker)
     finally:
         if started:
             import ray

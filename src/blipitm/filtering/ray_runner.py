@@ -113,7 +113,7 @@ def score_all_ray(
     back. ``token``: the driver's output lock, which actors check before committing a shard."""
     if not tally.pending:
         return
-    with ray_cluster(run.address, run.workers, run.cpus_per_worker) as cpus_per_worker:
+    with ray_cluster(run) as cpus_per_worker:
         _score_on_ray(options, model, tally, out, columns, run, cpus_per_worker, token)
 
 
