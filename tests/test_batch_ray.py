@@ -143,6 +143,8 @@ def test_a_model_no_actor_can_load_is_one_error_naming_the_model(
         (["--ray", "--workers", "0"], "--workers: must be >= 1, got 0"),
         (["--ray", "--cpus-per-worker", "0"], "--cpus-per-worker: must be > 0, got 0.0"),
         (["--ray", "--chunk-lines", "0"], "--chunk-lines: must be >= 1, got 0"),
+        (["--ray", "--gpus-per-worker", "-1"], "--gpus-per-worker: must be >= 0, got -1.0"),
+        (["--ray="], "--ray: give a cluster's address"),
         (["--window", "0"], "--window: must be >= 1, got 0"),
         (["--workers", "2"], "--workers: takes effect only with --ray"),
         (["--chunk-lines", "8"], "--chunk-lines: takes effect only with --ray"),

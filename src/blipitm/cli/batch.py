@@ -53,18 +53,19 @@ def add_parser(sub: Any, name: str, help: str) -> None:
         "--window",
         type=int,
         default=64,
+        metavar="W",
         help="lines in flight at once (default: 64); with --ray, in each actor",
     )
-    add_ray_options(
+    ray_group = add_ray_options(
         run_p, doc="docs/batch.md#on-ray", does="answer the lines on Ray", actors="actors"
     )
-    run_p.add_argument(
+    ray_group.add_argument(
         "--chunk-lines",
         type=int,
         default=DEFAULT_CHUNK_LINES,
         metavar="N",
-        help="with --ray: lines per task; an interrupted run redoes at most 2 per actor "
-        f"(default: {DEFAULT_CHUNK_LINES})",
+        help="lines per Ray task; an interrupted run answers again at most 2 chunks per "
+        f"actor (default: {DEFAULT_CHUNK_LINES})",
     )
     add_model_options(run_p, preset=SERVER_PRESET)
     run_p.set_defaults(run=run)
@@ -111,9 +112,33 @@ def run(args: argparse.Namespace) -> int:
     return 0 if counts["failed"] == 0 else 1
 
 
+# (flag, attribute, default) of the options that mean nothing without --ray.
+_RAY_ONLY = (
+    ("--workers", "workers", 1),
+    ("--gpus-per-worker", "gpus_per_worker", 0.0),
+    ("--cpus-per-worker", "cpus_per_worker", None),
+    ("--chunk-lines", "chunk_lines", DEFAULT_CHUNK_LINES),
+)
+
+
 def _ray_pool(args: argparse.Namespace) -> RayPool | None:
     """The Ray actors ``--ray`` asks for (None: answer here), every flag checked before any
     model loads or Ray starts."""
+    _check_numbers(args)
+    if args.ray is None:
+        for flag, value, default in _RAY_ONLY:
+            if getattr(args, value) != default:
+                raise InvalidInputError("takes effect only with --ray", loc=(flag,))
+        return None
+    if not args.ray.strip():
+        raise InvalidInputError(
+            "give a cluster's address (auto, HOST:6379, ray://HOST:10001), or none for a local Ray",
+            loc=("--ray",),
+        )
+    return RayPool(args.ray, args.workers, args.gpus_per_worker, args.cpus_per_worker)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
     check_positive(args.window, "--window")
     check_positive(args.chunk_lines, "--chunk-lines")
     check_positive(args.workers, "--workers")
@@ -125,21 +150,6 @@ def _ray_pool(args: argparse.Namespace) -> RayPool | None:
         raise InvalidInputError(
             f"must be >= 0, got {args.gpus_per_worker}", loc=("--gpus-per-worker",)
         )
-    if args.ray is None:
-        for flag, value, default in _RAY_ONLY:
-            if getattr(args, value) != default:
-                raise InvalidInputError("takes effect only with --ray", loc=(flag,))
-        return None
-    return RayPool(args.ray, args.workers, args.gpus_per_worker, args.cpus_per_worker)
-
-
-# (flag, attribute, default) of the options that mean nothing without --ray.
-_RAY_ONLY = (
-    ("--workers", "workers", 1),
-    ("--gpus-per-worker", "gpus_per_worker", 0.0),
-    ("--cpus-per-worker", "cpus_per_worker", None),
-    ("--chunk-lines", "chunk_lines", DEFAULT_CHUNK_LINES),
-)
 
 
 def _answer(
