@@ -297,6 +297,7 @@ MEMORY_POLICY_CALLERS = {
     "filtering/runner.py",
     "filtering/ray_runner.py",  # a Ray actor is a process of its own
     "filtering/ray_scorer.py",
+    "server/batch/ray_lines.py",  # batch run --ray's actors, likewise
 }
 
 
