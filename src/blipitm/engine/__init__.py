@@ -30,16 +30,17 @@ from blipitm.engine.types import (
 from blipitm.explain import Explanation
 
 if TYPE_CHECKING:
+    from blipitm.engine.autoload import load_any
     from blipitm.engine.captioner import Captioner, load_captioner
     from blipitm.engine.engine import Engine
-    from blipitm.engine.loader import load, load_any, load_options
+    from blipitm.engine.loader import load, load_options
 
 _SUBMODULE_OF = {
     "Captioner": "captioner",
     "load_captioner": "captioner",
     "Engine": "engine",
     "load": "loader",
-    "load_any": "loader",
+    "load_any": "autoload",
     "load_options": "loader",
 }
 

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -21,9 +21,6 @@ from blipitm.model import BlipITM, int8_supported
 from blipitm.processing.image import ImageSettings
 from blipitm.processing.tokenizer import Tokenizer
 from blipitm.scoring import ScoringProtocol, get_protocol
-
-if TYPE_CHECKING:
-    from blipitm.engine.captioner import Captioner
 
 log = logging.getLogger("blipitm")
 
@@ -75,19 +72,8 @@ class Built:
     info: ModelInfo
 
 
-def load_any(options: LoadOptions) -> Engine | Captioner:
-    """What the checkpoint holds, loaded: an :class:`Engine` for an image-text matching model,
-    a :class:`~blipitm.engine.captioner.Captioner` for a captioner (what the server's model
-    family loads: one ``--model`` list serves both)."""
-    from blipitm.engine.captioner import load_captioner_options
-
-    resolved = _resolve(options)
-    if resolved.task == "caption":
-        return load_captioner_options(options, resolved)
-    return load_options(options, resolved)
-
-
-def _resolve(options: LoadOptions) -> ResolvedCheckpoint:
+def resolve_options(options: LoadOptions) -> ResolvedCheckpoint:
+    """The checkpoint files ``options`` name (its source, revision and tokenizer)."""
     return resolve(options.source, revision=options.revision, tokenizer=options.tokenizer)
 
 
@@ -111,7 +97,7 @@ def build_model(
     # int8 layers are quantized from float32 weights after loading.
     storage = torch.float32 if options.dtype == "int8" else TORCH_DTYPES[options.dtype]
 
-    resolved = resolved or _resolve(options)
+    resolved = resolved or resolve_options(options)
     resolved.require(task)
     scoring = get_protocol(options.protocol)
     config, overrides = scoring.configure(resolved.config)
