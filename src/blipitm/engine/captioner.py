@@ -29,7 +29,7 @@ from blipitm.engine.generation import (
 )
 from blipitm.engine.images import EncodedImage, ImagePipeline
 from blipitm.engine.inputs import as_list, is_image
-from blipitm.engine.loader import build_model
+from blipitm.engine.loader import build_model, input_limits
 from blipitm.engine.options import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_CAPTION_MODEL,
@@ -78,16 +78,9 @@ def load_captioner_options(
     assert isinstance(built.model, BlipCaptioner)
     return Captioner(
         built.model,
-        Tokenizer.from_dir(built.resolved.tokenizer_dir),
-        ImageSettings.from_processor_dict(built.resolved.image_settings_dict),
-        built.info,
-        built.protocol,
-        max_pixels=options.max_pixels,
-        max_text_chars=options.max_text_chars,
-        cache_bytes=options.cache_bytes,
+        *built.facade_parts(),
+        **input_limits(options),
         image_batch=options.batch_sizes.images if options.batch_sizes else None,
-        decode_threads=options.decode_threads,
-        decode_budget_pixels=options.decode_budget_pixels,
     )
 
 

@@ -40,18 +40,20 @@ def load_options(options: LoadOptions, resolved: ResolvedCheckpoint | None = Non
     built = build_model(options, "itm", BlipITM, resolved)
     assert isinstance(built.model, BlipITM)
     return Engine(
-        built.model,
-        Tokenizer.from_dir(built.resolved.tokenizer_dir),
-        ImageSettings.from_processor_dict(built.resolved.image_settings_dict),
-        built.info,
-        built.protocol,
-        max_pixels=options.max_pixels,
-        max_text_chars=options.max_text_chars,
-        cache_bytes=options.cache_bytes,
-        batch_sizes=options.batch_sizes,
-        decode_threads=options.decode_threads,
-        decode_budget_pixels=options.decode_budget_pixels,
+        built.model, *built.facade_parts(), **input_limits(options), batch_sizes=options.batch_sizes
     )
+
+
+def input_limits(options: LoadOptions) -> dict[str, Any]:
+    """The load options that bound inputs and their cost, as the facades (:class:`Engine`, the
+    captioner) take them."""
+    return {
+        "max_pixels": options.max_pixels,
+        "max_text_chars": options.max_text_chars,
+        "cache_bytes": options.cache_bytes,
+        "decode_threads": options.decode_threads,
+        "decode_budget_pixels": options.decode_budget_pixels,
+    }
 
 
 class Model(Protocol):
@@ -70,6 +72,16 @@ class Built:
     resolved: ResolvedCheckpoint
     protocol: ScoringProtocol
     info: ModelInfo
+
+    def facade_parts(self) -> tuple[Tokenizer, ImageSettings, ModelInfo, ScoringProtocol]:
+        """What a facade takes after the model: the checkpoint's tokenizer and image settings,
+        the model's info, the protocol."""
+        return (
+            Tokenizer.from_dir(self.resolved.tokenizer_dir),
+            ImageSettings.from_processor_dict(self.resolved.image_settings_dict),
+            self.info,
+            self.protocol,
+        )
 
 
 def resolve_options(options: LoadOptions) -> ResolvedCheckpoint:
