@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from blipitm.config import BlipConfig
-from blipitm.model.attention import ATTN_IMPLS, AttnImpl
-from blipitm.model.layers import Embedding, Linear
+from blipitm.model import switches
+from blipitm.model.attention import AttnImpl
+from blipitm.model.layers import Linear
 from blipitm.model.quant import quantize_int8
-from blipitm.model.text import Attention, CrossKV, DenseKV, TextEncoder
-from blipitm.model.vision import VisionAttention, VisionTransformer
+from blipitm.model.text import CrossKV, DenseKV, TextEncoder
+from blipitm.model.vision import VisionTransformer
 
 
 class BlipITM(nn.Module):
@@ -31,17 +32,11 @@ class BlipITM(nn.Module):
 
     def set_attn_impl(self, impl: AttnImpl) -> None:
         """Select the attention kernel everywhere: ``"sdpa"`` (default) or ``"eager"``."""
-        if impl not in ATTN_IMPLS:
-            raise ValueError(f"attention impl must be one of {ATTN_IMPLS}, got {impl!r}")
-        for module in self.modules():
-            if isinstance(module, (VisionAttention, Attention)):
-                module.impl = impl
+        switches.set_attn_impl(self, impl)
 
     def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
         """Dtype of text activations (vision follows its input); None: the weights' dtype."""
-        for module in self.modules():
-            if isinstance(module, Embedding):
-                module.compute_dtype = dtype
+        switches.set_compute_dtype(self, dtype)
 
     def quantize_int8(self) -> None:
         """Run the towers' linear layers in dynamic int8 (see :mod:`blipitm.model.quant`); the

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from blipitm.config import BlipConfig, TextConfig
-from blipitm.model.attention import ATTN_IMPLS, AttnImpl, attention, merge_heads, split_heads
-from blipitm.model.layers import Embedding, LayerNorm, Linear
+from blipitm.model import switches
+from blipitm.model.attention import AttnImpl, attention, merge_heads, split_heads
+from blipitm.model.layers import LayerNorm, Linear
 from blipitm.model.quant import quantize_int8
 from blipitm.model.text import Attention, CrossKV, DenseKV, TextEncoder, TextLayer
-from blipitm.model.vision import VisionAttention, VisionTransformer
+from blipitm.model.vision import VisionTransformer
 
 
 @dataclass
@@ -109,17 +110,11 @@ class BlipCaptioner(nn.Module):
 
     def set_attn_impl(self, impl: AttnImpl) -> None:
         """Select the attention kernel everywhere: ``"sdpa"`` (default) or ``"eager"``."""
-        if impl not in ATTN_IMPLS:
-            raise ValueError(f"attention impl must be one of {ATTN_IMPLS}, got {impl!r}")
-        for module in self.modules():
-            if isinstance(module, (VisionAttention, Attention)):
-                module.impl = impl
+        switches.set_attn_impl(self, impl)
 
     def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
         """Dtype of text activations (vision follows its input); None: the weights' dtype."""
-        for module in self.modules():
-            if isinstance(module, Embedding):
-                module.compute_dtype = dtype
+        switches.set_compute_dtype(self, dtype)
 
     def quantize_int8(self) -> None:
         """Dynamic int8 linear layers in both towers; the LM head (tied to the embedding) stays
