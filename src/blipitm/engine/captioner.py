@@ -137,14 +137,16 @@ class Captioner:
         top_p: float = DEFAULT_TOP_P,
         top_k: int = DEFAULT_TOP_K,
         repetition_penalty: float | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         num_captions: int = 1,
         prompt: str = CAPTION_PROMPT,
     ) -> list[CaptionResult]:
         """Caption each image (a single image gives a list of one).
 
         Beam search by default (``num_beams`` 3; 1 is greedy search); ``sample=True`` draws with
-        nucleus sampling (``top_p``, ``top_k``; 0 turns top-k off), reproducibly with ``seed``.
+        nucleus sampling (``top_p``, ``top_k``; 0 turns top-k off), reproducibly with ``seed``:
+        one seed for the call, or one per image (each image then draws from its own stream, so
+        its captions do not depend on the batch it came in: CapFilt's per-sample seeds).
         ``max_length`` and ``min_length`` count the prompt's tokens, as transformers does; without
         ``max_length`` a caption has at most 20 tokens after the prompt (transformers' default).
         ``repetition_penalty`` defaults to 1.0, and to 1.1 when sampling (BLIP's CapFilt).
@@ -175,23 +177,40 @@ class Captioner:
         search.checked(len(prompt_ids), positions)
         image_list, _ = as_list(images, is_image)
         feats = self.images.features(image_list, loc=("images",))
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+        generators = self._generators(seed, len(feats))
         results: list[CaptionResult] = []
         for start in range(0, len(feats), self.image_batch):
             chunk = feats[start : start + self.image_batch]
+            generator = (
+                generators[start : start + self.image_batch]
+                if isinstance(generators, list)
+                else generators
+            )
             for tokens in self._generate(chunk, prompt_ids, search, generator):
                 captions = [self.tokenizer.decode(prompt_ids + t)[len(prompt) :] for t in tokens]
                 results.append(CaptionResult(captions, [len(t) for t in tokens], len(prompt_ids)))
         return results
+
+    def _generators(
+        self, seed: int | Sequence[int] | None, images: int
+    ) -> torch.Generator | list[torch.Generator] | None:
+        """One stream for a call's seed, one per image for a list of seeds, or None."""
+        if seed is None:
+            return None
+        if isinstance(seed, int):
+            return torch.Generator(device=self.device).manual_seed(seed)
+        if len(seed) != images:
+            raise InvalidInputError(
+                f"one seed per image: {len(seed)} seeds for {images} images", loc=("seed",)
+            )
+        return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seed]
 
     def _generate(
         self,
         feats: Sequence[EncodedImage],
         prompt_ids: list[int],
         search: Search,
-        generator: torch.Generator | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
     ) -> list[list[list[int]]]:
         with torch.inference_mode():
             tokens = torch.stack([f.tokens for f in feats]).to(self.device, self.compute_dtype)

@@ -148,9 +148,13 @@ def greedy_or_sample(
     stepper: Stepper,
     prompt: torch.Tensor,
     search: Search,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> list[list[list[int]]]:
-    """``prompt [G, T0]`` -> per image, ``num_return`` token lists (``[SEP]`` excluded)."""
+    """``prompt [G, T0]`` -> per image, ``num_return`` token lists (``[SEP]`` excluded).
+
+    ``generator``: one stream for the whole batch, or one per image (then an image's draws
+    depend on nothing but its own rows: the same captions in any batch, as CapFilt's per-sample
+    seeds need)."""
     g, t0 = prompt.shape
     m = search.num_return if search.sample else 1
     seqs = prompt.repeat_interleave(m, dim=0)  # [R, T] the live rows' sequences
@@ -163,8 +167,7 @@ def greedy_or_sample(
         scores = forbid_eos(scores, length, search.min_length, search.eos_token_id)
         if search.sample:
             scores = top_p_filter(top_k_filter(scores, search.top_k), search.top_p)
-            probs = scores.softmax(dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            tokens = _draw(scores.softmax(dim=-1), alive // m, generator)
         else:
             tokens = scores.argmax(dim=-1)
         length += 1
@@ -181,6 +184,22 @@ def greedy_or_sample(
         seqs = torch.cat([seqs, tokens[:, None]], dim=1).index_select(0, keep.to(seqs.device))
         logits = stepper.advance(tokens[keep], keep)
     return [out[i * m : (i + 1) * m] for i in range(g)]
+
+
+def _draw(
+    probs: torch.Tensor,
+    images: torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+) -> torch.Tensor:
+    """One token per row of ``probs [R, V]``; ``images [R]``: each live row's image, the index
+    into ``generator`` when it is one stream per image."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    for image in images.unique().tolist():  # rows are image-major: each image's rows in order
+        rows = (images == image).nonzero().squeeze(1).to(probs.device)
+        tokens[rows] = torch.multinomial(probs[rows], 1, generator=generator[image])[:, 0]
+    return tokens
 
 
 # -- beam search -----------------------------------------------------------------------------------

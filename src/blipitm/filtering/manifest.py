@@ -27,10 +27,17 @@ log = logging.getLogger("blipitm.filter")
 
 
 def open_out(
-    out: Path, shards: list[Shard], columns: Columns, engine: Engine, restart: bool
+    out: Path,
+    shards: list[Shard],
+    columns: Columns,
+    engine: Engine,
+    restart: bool,
+    capfilt: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's manifest: the one ``out`` holds (checked against this run), else a new one.
-    Called under the output lock, so the temporary files found here are litter of killed runs."""
+    ``capfilt``: a CapFilt run's captioner and settings (``Captioning.record``), which a resumed
+    run must repeat. Called under the output lock, so the temporary files found here are litter
+    of killed runs."""
     from blipitm.common.identity import mismatch, model_record
 
     manifest_path = out / "manifest.json"
@@ -46,6 +53,7 @@ def open_out(
             _inputs_differ(old, shards, columns)
             or mismatch(old["model"], engine)
             or _pin_differs(old.get("scoring"), pin)
+            or _capfilt_differs(old.get("capfilt"), capfilt)
         )
         if why is not None:
             raise FilterError(
@@ -60,6 +68,7 @@ def open_out(
         "columns": asdict(columns),
         "model": model_record(engine),
         "scoring": pin,
+        **({"capfilt": capfilt} if capfilt is not None else {}),
     }
     atomic_write_json(manifest_path, manifest)
     return manifest
@@ -126,6 +135,21 @@ def _pin_differs(old: Any, now: dict[str, Any]) -> str | None:
             f", now {str(now['weights_sha256'])[:12]})"
         )
     return None
+
+
+def _capfilt_differs(old: Any, now: dict[str, Any] | None) -> str | None:
+    if old == now:
+        return None
+    if now is None:
+        return "it was a CapFilt run (--capfilt), this one is not"
+    if old is None:
+        return "it was not a CapFilt run, this one is (--capfilt)"
+    if old.get("captioner") != now["captioner"]:
+        return f"it was captioned by {old.get('captioner')}, now by {now['captioner']}"
+    changed = sorted(k for k in now if k != "captioner" and old.get(k) != now[k])
+    return "its CapFilt settings differ: " + ", ".join(
+        f"{k} {old.get(k)} (now {now[k]})" for k in changed
+    )
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")

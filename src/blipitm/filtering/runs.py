@@ -12,6 +12,8 @@ from blipitm.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from blipitm.engine import Engine
+    from blipitm.engine.captioner import Captioner
+    from blipitm.filtering.capfilt import CapFilt
 
 # What a run loads when not told: the default model, with the filter's image cache (the preset
 # beside LoadOptions says why it is small).
@@ -59,13 +61,19 @@ class RayRun:
             return replace(options, device="cuda")
         return options
 
+    def actor_capfilt(self, capfilt: CapFilt) -> CapFilt:
+        """A CapFilt run's settings in an actor: its captioner on the actor's GPU as well."""
+        assert isinstance(capfilt.captioner, LoadOptions)  # Captioning.for_actors made it so
+        return replace(capfilt, captioner=self.actor_options(capfilt.captioner))
+
 
 Run = LocalRun | RayRun
 DEFAULT_RUN = LocalRun()
 
 
-def options_of(engine: Engine) -> LoadOptions:
-    """What a Ray actor loads to get ``engine``'s model (checked against it by the probe)."""
+def options_of(engine: Engine | Captioner) -> LoadOptions:
+    """What a Ray actor loads to get ``engine``'s model (checked against it by the probe), or a
+    captioner's (checked by its manifest record)."""
     info = engine.info
     return LoadOptions(
         info.source,
