@@ -93,8 +93,10 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     c.add_argument("--synthetic", type=int, metavar="K", help="synthetic captions per image (1)")
     c.add_argument("--top-p", type=float, help=f"nucleus sampling mass ({DEFAULT_TOP_P})")
     c.add_argument(
-        "--seed", type=int, help="seed of the sampling (0); each sample's own stream is derived "
-        "from it, its shard and its key"
+        "--seed",
+        type=int,
+        help="seed of the sampling (0); each sample's own stream is derived "
+        "from it, its shard and its key",
     )
     c.add_argument(
         "--caption-max-length",

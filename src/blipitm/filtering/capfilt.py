@@ -60,7 +60,9 @@ class CapFilt:
                 loc=("captioner",),
             )
         if isinstance(self.synthetic, bool) or not isinstance(self.synthetic, int):
-            raise InvalidInputError(f"must be an integer, got {self.synthetic!r}", loc=("synthetic",))
+            raise InvalidInputError(
+                f"must be an integer, got {self.synthetic!r}", loc=("synthetic",)
+            )
         if self.synthetic < 1:
             raise InvalidInputError(
                 f"must be >= 1 (synthetic captions per image), got {self.synthetic}",
