@@ -23,9 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from blipitm.common.identity import weights_digest
 from blipitm.engine.options import LoadOptions
 from blipitm.errors import CheckpointError, InvalidInputError
 from blipitm.filtering.readers import Sample
+from blipitm.filtering.runs import RayRun, options_of
 from blipitm.filtering.scoring import refused_item
 
 if TYPE_CHECKING:
@@ -101,8 +103,6 @@ def open_captioner(captioner: LoadOptions | Captioner, *, name: str = "captioner
 
 def captioner_record(captioner: Captioner) -> dict[str, Any]:
     """The captioner's identity as the manifest records it: what pins its captions."""
-    from blipitm.filtering.manifest import weights_digest  # manifest -> shards -> this module
-
     info = captioner.info
     source = info.source
     if os.path.exists(os.path.expanduser(source)):
@@ -116,6 +116,13 @@ def captioner_record(captioner: Captioner) -> dict[str, Any]:
         "compute_dtype": info.compute_dtype,
         "weights_sha256": weights_digest(info.source),
     }
+
+
+def in_actor(capfilt: CapFilt, run: RayRun) -> CapFilt:
+    """A CapFilt run's settings in a Ray actor: its captioner on the actor's GPU as well as the
+    matching model (:meth:`RayRun.actor_options`)."""
+    assert isinstance(capfilt.captioner, LoadOptions)  # Captioning.for_actors made it so
+    return replace(capfilt, captioner=run.actor_options(capfilt.captioner))
 
 
 def sample_seed(seed: int, shard: str, key: str) -> int:
@@ -141,8 +148,6 @@ class Captioning:
         of the captioner given (as :func:`~blipitm.filtering.runs.options_of` for an engine)."""
         if isinstance(self.capfilt.captioner, LoadOptions):
             return self.capfilt
-        from blipitm.filtering.runs import options_of
-
         return replace(self.capfilt, captioner=options_of(self.captioner))
 
     def add(self, samples: Sequence[Sample], shard: str) -> tuple[list[Sample], list[int]]:

@@ -5,15 +5,14 @@ checked against it, so that one folder never mixes two runs' scores.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blipitm.common.files import atomic_write_json
+from blipitm.common.identity import weights_digest
 from blipitm.common.safeio import loads_json, read_regular_file
 from blipitm.filtering.inputs import Shard
 from blipitm.filtering.readers import Columns
@@ -150,28 +149,6 @@ def _capfilt_differs(old: Any, now: dict[str, Any] | None) -> str | None:
     return "its CapFilt settings differ: " + ", ".join(
         f"{k} {old.get(k)} (now {now[k]})" for k in changed
     )
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-
-
-def weights_digest(source: str) -> str | None:
-    """SHA-256 over a local model's weight files (names and bytes); None for a hub id (its
-    commit pins it)."""
-    path = Path(os.path.expanduser(source))
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    else:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fp:
-            while chunk := fp.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _inputs_differ(old: dict[str, Any], shards: list[Shard], columns: Columns) -> str | None:

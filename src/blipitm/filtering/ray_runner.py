@@ -28,7 +28,7 @@ import numpy as np
 
 from blipitm.engine.options import LoadOptions
 from blipitm.errors import InvalidInputError
-from blipitm.filtering.capfilt import CapFilt, Captioning, open_captioner
+from blipitm.filtering.capfilt import CapFilt, Captioning, in_actor, open_captioner
 from blipitm.filtering.inputs import Shard
 from blipitm.filtering.lock import check_owner
 from blipitm.filtering.readers import Columns
@@ -164,7 +164,7 @@ def score_all_ray(
                 "batch_size": run.batch_size,
                 "model": model,
                 "token": token,
-                "capfilt": None if capfilt is None else run.actor_capfilt(capfilt),
+                "capfilt": None if capfilt is None else in_actor(capfilt, run),
                 "captioner": captioner,
             },
             batch_size=1,

@@ -13,7 +13,6 @@ from blipitm.errors import InvalidInputError
 if TYPE_CHECKING:
     from blipitm.engine import Engine
     from blipitm.engine.captioner import Captioner
-    from blipitm.filtering.capfilt import CapFilt
 
 # What a run loads when not told: the default model, with the filter's image cache (the preset
 # beside LoadOptions says why it is small).
@@ -60,11 +59,6 @@ class RayRun:
         if self.gpus_per_worker > 0 and options.device == "cpu":
             return replace(options, device="cuda")
         return options
-
-    def actor_capfilt(self, capfilt: CapFilt) -> CapFilt:
-        """A CapFilt run's settings in an actor: its captioner on the actor's GPU as well."""
-        assert isinstance(capfilt.captioner, LoadOptions)  # Captioning.for_actors made it so
-        return replace(capfilt, captioner=self.actor_options(capfilt.captioner))
 
 
 Run = LocalRun | RayRun
