@@ -31,7 +31,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import blipitm
-from blipitm.engine import LoadOptions
 from blipitm.engine.options import FILTERING_PRESET
 from blipitm.filtering import CapFilt, FilterProgress, LocalRun, Threshold, filter_dataset
 from blipitm.filtering.capfilt import Captioning

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -288,6 +289,22 @@ def test_sampling_is_reproducible_with_a_seed(
     c = captioner.caption(images[:2], sample=True, seed=2, num_captions=3, max_length=10)
     assert a == b and a != c
     assert [len(r.captions) for r in a] == [3, 3]
+
+
+def test_one_seed_per_image_draws_as_the_image_alone(
+    captioner: blipitm.Captioner, images: list[Image.Image]
+) -> None:
+    """A list of seeds gives each image its own stream: in a batch of three, each image's
+    captions are those it draws alone (CapFilt's per-sample seeds), whatever the batch."""
+    kw: dict[str, Any] = {"sample": True, "num_captions": 2, "max_length": 10}
+    batched = captioner.caption(images, seed=[5, 6, 7], **kw)
+    alone = [
+        captioner.caption(im, seed=s, **kw)[0] for im, s in zip(images, (5, 6, 7), strict=True)
+    ]
+    assert batched == alone
+    assert captioner.caption(images[::-1], seed=[7, 6, 5], **kw) == alone[::-1]
+    with pytest.raises(InvalidInputError, match="seed: one seed per image: 2 seeds for 3"):
+        captioner.caption(images, seed=[1, 2], **kw)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
