@@ -21,7 +21,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -36,7 +35,8 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src"), str(ROOT / "bench")]
 
 import blipitm  # noqa: E402
 from blipitm.testing.make_checkpoint import make_checkpoint  # noqa: E402
-from run import captions, cpu_flags, jpeg_images  # noqa: E402
+from report import emit, section  # noqa: E402
+from run import captions, jpeg_images  # noqa: E402
 from server_helpers import ServerProcess, data_uri, free_port  # noqa: E402
 
 KEY = "bench-key"
@@ -217,23 +217,15 @@ def main() -> None:
     rows = throughput(base, work, args.lines) if "throughput" in parts else []
     rows += latency(base, work, args.lines, args.seconds) if "latency" in parts else []
     rows += memory(tiny, work, args.memory_lines) if "memory" in parts else []
-    lines = [
-        "",
-        "## Batch API (bench/batch_bench.py)",
-        "",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"CPU flags: {cpu_flags()}",
-        f"- 1-minute load average at start / end: {load:.2f} / {os.getloadavg()[0]:.2f}",
-        "- random base-size weights, float32; the batch timed from create to completed",
-        "",
-        "| case | result |",
-        "|---|---|",
-        *(f"| {case} | {value} |" for case, value in rows),
-    ]
-    print("\n".join(lines))
-    if args.write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n".join(lines) + "\n")
+    emit(
+        section(
+            "Batch API (bench/batch_bench.py)",
+            "random base-size weights, float32; the batch timed from create to completed",
+            rows,
+            load,
+        ),
+        write=args.write,
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import re
 import statistics
 import sys
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src"), str(ROOT / "bench")]
 
 from blipitm.testing.make_checkpoint import make_checkpoint  # noqa: E402
-from run import cpu_flags  # noqa: E402
+from report import emit, section  # noqa: E402
 from server_helpers import ServerProcess, free_port  # noqa: E402
 
 TEXTS = [f"a photo of {n} dogs playing on a sunny beach near the water" for n in range(8)]
@@ -199,23 +198,15 @@ def main() -> None:
     rows = [] if args.skip_memory else memory(args.out, base, large)
     rows += switch(args.out, base)
     rows += throughput(args.out, base, args.clients, args.seconds)
-    lines = [
-        "",
-        "## Several models in one server (bench/family_bench.py)",
-        "",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"CPU flags: {cpu_flags()}",
-        f"- 1-minute load average at start / end: {load:.2f} / {os.getloadavg()[0]:.2f}",
-        "- random checkpoints of the real shapes; requests of 8 texts to /v1/embeddings",
-        "",
-        "| case | result |",
-        "|---|---|",
-        *(f"| {case} | {value} |" for case, value in rows),
-    ]
-    print("\n".join(lines))
-    if args.write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n".join(lines) + "\n")
+    emit(
+        section(
+            "Several models in one server (bench/family_bench.py)",
+            "random checkpoints of the real shapes; requests of 8 texts to /v1/embeddings",
+            rows,
+            load,
+        ),
+        write=args.write,
+    )
 
 
 if __name__ == "__main__":

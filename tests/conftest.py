@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,3 +67,37 @@ def serve_port_trap() -> Iterator[int]:
                 os.environ.pop("BLIPITM_PORT", None)
             else:
                 os.environ["BLIPITM_PORT"] = before
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A local Ray of 2 CPUs for one test module, started and stopped here: start-up takes
+    seconds, so a module's Ray tests share it (a command's ``--ray`` joins it)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are limited
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp,
+        object_store_memory=100 << 20,
+        logging_level=logging.WARNING,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """``local_ray``'s actors get 2 CPUs, so Ray gives them 2 torch threads; a local run under
+    this fixture uses as many, so that every matmul reduces in the same order and the scores
+    are bit-identical."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

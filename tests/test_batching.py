@@ -241,7 +241,8 @@ def test_background_jobs_run_only_when_no_online_job_waits(engine: blipitm.Engin
 
 
 def test_a_worker_batch_of_background_jobs_is_kept_short(engine: blipitm.Engine) -> None:
-    """An online request waits for at most one short background batch (no preemption)."""
+    """At most max_background_batch background jobs in one worker batch, and an online job
+    queued first is taken alone."""
     b = Batcher(engine, max_batch_size=8, max_wait_ms=1.0, max_queue=8, max_background_batch=2)
     sizes: list[int] = []
 
@@ -262,3 +263,67 @@ def test_a_worker_batch_of_background_jobs_is_kept_short(engine: blipitm.Engine)
     finally:
         b.stop()
     assert sizes == [1, 2, 2, 2]
+
+
+def test_an_online_job_runs_between_two_layers_of_a_background_batch(
+    engine: blipitm.Engine,
+) -> None:
+    """A background call yields at its next layer to an online job queued while it runs: the
+    online job is answered before the background call returns, and both get what they would
+    alone."""
+    events: list[str] = []
+    online: list[Any] = []
+
+    class Interrupted:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(engine, name)
+
+        def encode_texts(self, texts: list[str]) -> TextFeatures:
+            if texts == ["background"]:
+                # Queued while the background call runs (submit never blocks the worker).
+                online.append(b.submit(EmbedTexts(["online"])))
+                out = engine.encode_texts(texts)
+                events.append(f"background returned; online done: {online[0].done()}")
+                return out
+            events.append("online ran")
+            return engine.encode_texts(texts)
+
+    b = Batcher(Interrupted(), max_batch_size=8, max_wait_ms=0.0, max_queue=8)  # type: ignore[arg-type]
+    background = b.submit(EmbedTexts(["background"]), background=True)
+    b.start()
+    try:
+        got = background.result(30)
+        answer = online[0].result(30)
+    finally:
+        b.stop()
+    assert events == ["online ran", "background returned; online done: True"]
+    for feats, text in ((got, "background"), (answer, "online")):
+        alone = engine.encode_texts([text])
+        np.testing.assert_allclose(feats.embeddings, alone.embeddings, rtol=0, atol=1e-6)
+
+
+def test_grad_cam_never_yields_while_its_probe_is_on_the_model(engine: blipitm.Engine) -> None:
+    """Other work run at a yield point would pass through the probed layer: Grad-CAM's pass has
+    no yield points, and an explanation with online work run at every other yield point equals
+    one without."""
+    from blipitm.preemption import yielding_to
+
+    image = Image.new("RGB", (40, 30), (90, 160, 40))
+    texts = ["a green field", "a red car"]
+    plain = engine.explain_batch(image, texts, layer=1)
+    layers = engine.model.text_encoder.encoder.layer
+    ran: list[bool] = []
+
+    def online_work() -> None:
+        assert all(layer.crossattention.probe is None for layer in layers)
+        with yielding_to(None):  # as the batcher runs it: no yield points of its own
+            engine.encode_texts(["online work at a yield point"])
+        ran.append(True)
+
+    engine.cache.clear()  # the image is encoded again: the vision tower's yield points run
+    with yielding_to(online_work):
+        busy = engine.explain_batch(image, texts, layer=1)
+    assert ran  # yield points outside Grad-CAM's pass did run the work
+    for a, b in zip(plain, busy, strict=True):
+        np.testing.assert_allclose(a.token_maps, b.token_maps, rtol=0, atol=1e-6)
+        assert a.itm_probability == pytest.approx(b.itm_probability, abs=1e-6)

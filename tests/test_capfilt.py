@@ -2,7 +2,7 @@
 
 Every expectation is computed apart from the pipeline: the synthetic captions with the captioner
 called one image at a time, the scores with ``Engine.score``, the cut and the counts from those.
-One local Ray for the module (test_filtering_ray's fixture); the captioner writes short
+One local Ray for the module (conftest's ``local_ray``); the captioner writes short
 captions (``max_length`` 8) so that each run takes seconds.
 """
 
@@ -37,9 +37,7 @@ from blipitm.filtering import (
 from blipitm.filtering.capfilt import sample_seed
 from blipitm.testing.make_checkpoint import make_checkpoint
 from test_filtering import CAPTIONS, jpeg, sample, write_tar
-from test_filtering_ray import assert_same_outputs, local_ray, two_threads
-
-__all__ = ["local_ray", "two_threads"]  # fixtures, used by name
+from test_filtering_ray import assert_same_outputs
 
 K = 2
 MAX_LENGTH = 8  # the prompt's 4 tokens + 4

@@ -27,6 +27,7 @@ from transformers import (
 )
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -40,6 +41,7 @@ from blipitm.engine.generation import (
     beam_search,
     greedy_or_sample,
     repetition_penalty,
+    temperature_scale,
     top_k_filter,
     top_p_filter,
 )
@@ -80,6 +82,13 @@ class Reference:
 
     def generate(self, images: list[Image.Image], **kw: object) -> list[list[int]]:
         """Generated ids after the prompt, up to (not with) the first [SEP]."""
+        return [ids for ids, _ in self.generate_ended(images, **kw)]
+
+    def generate_ended(
+        self, images: list[Image.Image], **kw: object
+    ) -> list[tuple[list[int], str]]:
+        """As :meth:`generate`, each with "stop" if transformers' sequence holds a [SEP] (it
+        ended there), else "length"."""
         pixels = self.processor(images, return_tensors="pt").pixel_values
         text = self.tokenizer([PROMPT] * len(images), return_tensors="pt")
         with torch.no_grad():
@@ -94,7 +103,7 @@ class Reference:
         for row in out.tolist():
             assert row[:prompt_len] == [DEC, *text.input_ids[0, 1:-1].tolist()]
             gen = row[prompt_len:]
-            rows.append(gen[: gen.index(SEP)] if SEP in gen else gen)
+            rows.append((gen[: gen.index(SEP)], "stop") if SEP in gen else (gen, "length"))
         return rows
 
     def caption(self, ids: list[int]) -> str:
@@ -112,6 +121,56 @@ def captioner(cap_dir: Path) -> blipitm.Captioner:
     return blipitm.load_captioner(cap_dir, protocol="transformers")
 
 
+def _edited(cap_dir: Path, out: Path, edit: dict[str, object]) -> Path:
+    """A copy of ``cap_dir`` with the named tensors multiplied (a number) or edited (a
+    function of the tensor)."""
+    import shutil
+
+    shutil.copytree(cap_dir, out)
+    weights = load_file(out / "model.safetensors")
+    for name, how in edit.items():
+        weights[name] = how(weights[name].clone()) if callable(how) else weights[name] * how
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def peaked(
+    cap_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[blipitm.Captioner, Reference]:
+    """The random weights spread next-token logits thinly (std ~0.15: top-k 50 keeps a nearly
+    uniform set, and a temperature of 0.7 changes no draw). The LM head's LayerNorm scaled by 5
+    makes them peaked (std ~0.75; top-p 0.9 keeps 25-39 of the 50, 6-30 at temperature 0.7)."""
+    head_norm = "text_decoder.cls.predictions.transform.LayerNorm"
+    ckpt = _edited(
+        cap_dir,
+        tmp_path_factory.mktemp("peaked") / "ckpt",
+        {f"{head_norm}.weight": 5.0, f"{head_norm}.bias": 5.0},
+    )
+    return blipitm.load_captioner(ckpt, protocol="transformers"), Reference(ckpt)
+
+
+@pytest.fixture(scope="module")
+def eos_prone(
+    cap_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[blipitm.Captioner, Reference]:
+    """``cap_dir`` never produces [SEP] within 20 tokens on these images ([SEP] scores 1.2-4.2
+    below the best token); with its LM bias raised by 2.0 some captions end with it and others
+    run to max_length (greedy: images 0 and 2 run on, image 1 stops after 3 tokens; four beams:
+    one of them stops exactly at max_length)."""
+
+    def raise_sep(bias: torch.Tensor) -> torch.Tensor:
+        bias[SEP] += 2.0
+        return bias
+
+    ckpt = _edited(
+        cap_dir,
+        tmp_path_factory.mktemp("eos") / "ckpt",
+        {"text_decoder.cls.predictions.bias": raise_sep},
+    )
+    return blipitm.load_captioner(ckpt, protocol="transformers"), Reference(ckpt)
+
+
 # -- parity ---------------------------------------------------------------------------------------
 
 
@@ -123,7 +182,7 @@ def _tokens_and_captions(
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         out = original(*args, **kwargs)
-        seen.extend(out)
+        seen.extend([c.tokens for c in image] for image in out)
         return out
 
     captioner._generate = spy  # type: ignore[method-assign]
@@ -169,6 +228,44 @@ def test_captions_match_transformers_token_for_token(
     assert all(len(image) == per_image for image in tokens)
 
 
+@pytest.mark.parametrize(
+    ("kw", "ref_kw"),
+    [
+        ({"num_beams": 1}, {"num_beams": 1}),
+        ({}, {"num_beams": 3}),
+        (
+            {"num_beams": 4, "num_captions": 2},
+            {"num_beams": 4, "num_return_sequences": 2, "max_length": 24},
+        ),
+        ({"num_beams": 1, "max_length": 7}, {"num_beams": 1, "max_length": 7}),
+    ],
+    ids=["greedy", "beam-default", "beam-4-return-2", "greedy-cut"],
+)
+def test_finish_reasons_and_captions_that_end_with_sep_match_transformers(
+    eos_prone: tuple[blipitm.Captioner, Reference],
+    images: list[Image.Image],
+    kw: dict[str, object],
+    ref_kw: dict[str, object],
+) -> None:
+    """Captions that end with [SEP] (rows dropped, beams finished early) are transformers'
+    tokens, and each caption's finish reason is what transformers' sequence shows: a [SEP]
+    ("stop") or none before max_length ("length")."""
+    captioner, ref = eos_prone
+    tokens, captions = _tokens_and_captions(captioner, images, **kw)
+    results = captioner.caption(images, **kw)  # type: ignore[arg-type]
+    expected = ref.generate_ended(images, **ref_kw)
+    assert [t for image in tokens for t in image] == [ids for ids, _ in expected]
+    assert [c for image in captions for c in image] == [ref.caption(ids) for ids, _ in expected]
+    assert [f for r in results for f in r.finish_reasons] == [f for _, f in expected]
+    reasons = {reason for _, reason in expected}
+    if kw.get("max_length") == 7:
+        # Image 1's caption is its uncut 3 tokens, but [SEP] would come 4th: "length".
+        assert results[1].tokens == [3] and results[1].finish_reasons == ["length"]
+        assert reasons == {"length"}
+    else:
+        assert reasons == {"stop", "length"}  # both kinds occur, so the order is checked
+
+
 def test_protocol_blip_matches_the_reconfigured_reference(
     cap_dir: Path, images: list[Image.Image]
 ) -> None:
@@ -185,17 +282,43 @@ def test_protocol_blip_matches_the_reconfigured_reference(
     )
 
 
+@pytest.mark.parametrize(
+    ("which", "kw"),
+    [
+        ("flat", {}),
+        ("peaked", {}),
+        ("peaked", {"temperature": 0.7}),
+    ],
+    ids=["blip-nucleus", "blip-nucleus-peaked", "temperature-0.7-peaked"],
+)
 def test_sampling_matches_transformers_with_the_same_seed(
-    captioner: blipitm.Captioner, ref: Reference, images: list[Image.Image]
+    request: pytest.FixtureRequest,
+    images: list[Image.Image],
+    which: str,
+    kw: dict[str, object],
 ) -> None:
     """One image, so that no row finishes early and both draw the same random stream: BLIP's
-    nucleus sampling (top_p 0.9, repetition penalty 1.1) with transformers' top-k 50."""
-    tokens, _ = _tokens_and_captions(captioner, images[:1], sample=True, seed=11, max_length=12)
+    nucleus sampling (top_p 0.9, repetition penalty 1.1) with transformers' top-k 50, and a
+    temperature (transformers divides after the penalty, before top-k and top-p). On the
+    "peaked" checkpoint the nucleus holds a few to ~40 tokens, so each of them changes draws."""
+    captioner, ref = (
+        (request.getfixturevalue("captioner"), request.getfixturevalue("ref"))
+        if which == "flat"
+        else request.getfixturevalue("peaked")
+    )
+    tokens, _ = _tokens_and_captions(
+        captioner, images[:1], sample=True, seed=11, max_length=12, **kw
+    )
     torch.manual_seed(11)
     expected = ref.generate(
-        images[:1], do_sample=True, top_p=0.9, repetition_penalty=1.1, max_length=12
+        images[:1], do_sample=True, top_p=0.9, repetition_penalty=1.1, max_length=12, **kw
     )
     assert tokens[0] == expected
+    if "temperature" in kw:  # the setting is one where the temperature matters
+        untempered, _ = _tokens_and_captions(
+            captioner, images[:1], sample=True, seed=11, max_length=12
+        )
+        assert untempered != tokens
 
 
 def test_teacher_forced_logits_match_per_step(
@@ -251,6 +374,8 @@ def test_logits_processors_equal_transformers() -> None:
         repetition_penalty(scores, seqs, 1.3), RepetitionPenaltyLogitsProcessor(1.3)(seqs, scores)
     )
     assert torch.equal(top_k_filter(scores, 50), TopKLogitsWarper(50)(seqs, scores))
+    for t in (0.7, 1.3):
+        assert torch.equal(temperature_scale(scores, t), TemperatureLogitsWarper(t)(seqs, scores))
     for p in (0.3, 0.9):
         assert torch.equal(top_p_filter(scores, p), TopPLogitsWarper(p)(seqs, scores))
 
@@ -305,6 +430,60 @@ def test_one_seed_per_image_draws_as_the_image_alone(
     assert captioner.caption(images[::-1], seed=[7, 6, 5], **kw) == alone[::-1]
     with pytest.raises(InvalidInputError, match="seed: one seed per image: 2 seeds for 3"):
         captioner.caption(images, seed=[1, 2], **kw)
+
+
+class ForcedSep:
+    """A fake stepper: every row of image ``g`` gets token 7 as the clear best choice at each
+    step, except at step ``sep_at[g]`` (0: the first generated token), where [SEP] is."""
+
+    VOCAB = 128
+
+    def __init__(self, sep_at: list[int]) -> None:
+        self.sep_at = torch.tensor(sep_at)
+        self.step = 0
+        self.images = torch.zeros(0, dtype=torch.long)
+
+    def start(self, ids: torch.Tensor, rows_per_image: list[int]) -> torch.Tensor:
+        self.images = torch.repeat_interleave(torch.tensor(rows_per_image))
+        return self._logits()
+
+    def advance(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        self.images = self.images[keep]
+        self.step += 1
+        return self._logits()
+
+    def _logits(self) -> torch.Tensor:
+        logits = torch.full((len(self.images), self.VOCAB), -30.0)
+        now = self.sep_at[self.images] == self.step
+        logits[:, 7] = torch.where(now, -30.0, 0.0)
+        logits[:, SEP] = torch.where(now, 0.0, -60.0)
+        return logits
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
+def test_finish_reason_is_what_the_search_did(mode: str) -> None:
+    """max_length 10 after a 4-token prompt: 6 steps (0-5). [SEP] at step 0 (an empty caption),
+    2, exactly the last step 5 (still "stop": the caption ended with [SEP]), and never."""
+    sep_at = [0, 2, 5, 99]
+    search = Search(
+        max_length=10,
+        num_beams=3 if mode == "beam" else 1,
+        sample=mode == "sample",
+        num_return=2 if mode == "sample" else 1,
+    )
+    prompt = torch.tensor([[DEC, 1037, 3861, 1997]] * len(sep_at))
+    stepper = ForcedSep(sep_at)
+    if mode == "beam":
+        out = beam_search(stepper, prompt, search)
+    else:
+        out = greedy_or_sample(stepper, prompt, search, torch.Generator().manual_seed(0))
+    per_image = search.num_return
+    assert [[c.finish_reason for c in image] for image in out] == [
+        [r] * per_image for r in ("stop", "stop", "stop", "length")
+    ]
+    assert [[c.tokens for c in image] for image in out] == [
+        [[7] * n] * per_image for n in (0, 2, 5, 6)
+    ]
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -363,6 +542,11 @@ def test_bad_inputs_name_what_is_wrong(
         ({"sample": True, "num_beams": 3}, "num_beams"),
         ({"min_length": 30, "max_length": 10}, "min_length"),
         ({"sample": True, "top_p": 0.0}, "top_p"),
+        ({"sample": True, "temperature": 0.0}, "temperature"),
+        ({"sample": True, "temperature": -1.0}, "temperature"),
+        ({"sample": True, "temperature": float("nan")}, "temperature"),
+        ({"sample": True, "temperature": float("inf")}, "temperature"),
+        ({"temperature": 0.0}, "temperature"),  # checked even when not sampling
     ]:
         with pytest.raises(InvalidInputError) as info:
             captioner.caption(images[0], **kw)  # type: ignore[arg-type]
@@ -387,7 +571,8 @@ def test_cli_json_lines(
         images[:2], num_captions=2, max_length=9
     )
     assert lines == [
-        {"image": p, "captions": r.captions} for p, r in zip(paths, expected, strict=True)
+        {"image": p, "captions": r.captions, "finish_reasons": r.finish_reasons}
+        for p, r in zip(paths, expected, strict=True)
     ]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
@@ -395,6 +580,8 @@ def test_cli_json_lines(
     assert "images[1]" in capsys.readouterr().err
     assert main([*argv, "--num-beams", "0"]) == 2
     assert "--num-beams" in capsys.readouterr().err
+    assert main([*argv, "--sample", "--temperature", "0"]) == 2
+    assert "--temperature" in capsys.readouterr().err
 
 
 def test_cli_defaults_equal_the_library_defaults() -> None:

@@ -1,6 +1,6 @@
 """blipitm filter on Ray Data: equal to the local run, resumable, and RayScorer.
 
-One local Ray (2 CPUs) for the module, started and stopped here: Ray start-up and each actor's
+One local Ray (2 CPUs) for the module (conftest's ``local_ray``): Ray start-up and each actor's
 model load take seconds, so the tests share them (three actor pools in all).
 """
 
@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,39 +42,11 @@ except ImportError:  # pragma: no cover - CI installs the test extra
 SCORES = ("itm_probability", "itm_logit", "itc_cosine", "blip_score")
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are limited
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=temp,
-        object_store_memory=100 << 20,
-        logging_level=logging.WARNING,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 @pytest.fixture
 def engine(tiny_ckpt: Path) -> blipitm.Engine:
     """Fresh per test, like a Ray actor's: a cache hit from an earlier run's other batching
     could differ from a fresh encoding in the last bit."""
     return blipitm.load(str(tiny_ckpt))
-
-
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    """The Ray actors below get 2 CPUs, so Ray gives them 2 torch threads; the local runs use
-    as many, so that every matmul reduces in the same order and the scores are bit-identical."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

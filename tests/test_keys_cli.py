@@ -98,6 +98,65 @@ def test_usage(capsys: pytest.CaptureFixture[str], db: Path) -> None:
     assert KeyStore(db).get("a").credits_used == 4
 
 
+def test_usage_per_model_with_the_models_file_prices(
+    capsys: pytest.CaptureFixture[str], db: Path, tmp_path: Path
+) -> None:
+    """Rows are kept per model (the same key, day, endpoint and status on two models are two
+    rows); --models-file adds each row's model price as the server reads it."""
+    keys(capsys, db, "create", "a")
+    KeyStore(db).add_usage(
+        [
+            UsageRow("a", "2026-01-01", "/v1/score", 200, 1, 1, 1, 9, 3, 2.0, "base"),
+            UsageRow("a", "2026-01-01", "/v1/score", 200, 1, 1, 1, 9, 7, 2.0, "large"),
+            UsageRow("a", "2026-01-01", "/v1/score", 200, 1, 1, 1, 9, 3, 2.0, "base"),
+            UsageRow("a", "2026-01-01", "/v1/score", 404, 1, 0, 0, 0, 0, 1.0),  # no model reached
+        ]
+    )
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[[model]]\nsource = "b"\nname = "base"\nimage_credits = 2\n'
+        '[[model]]\nsource = "l"\nname = "large"\ntext_credits = 3\nimage_credits = 4\n'
+    )
+    code, out, _ = keys(capsys, db, "usage", "a", "--json", "--models-file", str(models),
+                        "--image-credits", "5")  # fmt: skip
+    rows = {(r["model"], r["status"]): r for r in map(json.loads, out.splitlines())}
+    assert code == 0 and set(rows) == {("", 404), ("base", 200), ("large", 200)}
+    assert (rows["base", 200]["requests"], rows["base", 200]["credits"]) == (2, 6)
+    assert rows["base", 200]["price"] == {"text": 1, "image": 2}
+    assert rows["large", 200]["price"] == {"text": 3, "image": 4}
+    assert rows["", 404]["price"] is None
+    code, out, _ = keys(capsys, db, "usage", "a", "--models-file", str(models))
+    header, *lines = out.splitlines()
+    assert header.split()[3:5] == ["model", "price"]
+    assert sorted(line.split()[3:5] for line in lines) == [["-", "-"], ["base", "1/2"],
+                                                           ["large", "3/4"]]  # fmt: skip
+    code, out, _ = keys(capsys, db, "usage", "a")  # no file: no price column
+    assert "price" not in out.splitlines()[0] and code == 0
+
+
+def test_a_store_from_before_models_keeps_its_usage(db: Path) -> None:
+    """A store written before usage was per model opens with its rows intact (model ''), and
+    the same slot on a model is a row of its own."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE usage (name TEXT NOT NULL, day TEXT NOT NULL, endpoint TEXT NOT NULL, "
+            "status INTEGER NOT NULL, requests INTEGER NOT NULL, texts INTEGER NOT NULL, "
+            "images INTEGER NOT NULL, tokens INTEGER NOT NULL, credits INTEGER NOT NULL, "
+            "latency_ms REAL NOT NULL, PRIMARY KEY (name, day, endpoint, status))"
+        )
+        conn.execute("INSERT INTO usage VALUES ('a', '2026-01-01', '/v1/score', 200, 2, 2, 2, 18,"
+                     " 6, 4.0)")  # fmt: skip
+    store = KeyStore(db)
+    old = UsageRow("a", "2026-01-01", "/v1/score", 200, 2, 2, 2, 18, 6, 4.0)
+    assert store.usage() == [old]
+    store.add_usage([UsageRow("a", "2026-01-01", "/v1/score", 200, 1, 1, 1, 9, 3, 2.0, "m")])
+    store.add_usage([UsageRow("a", "2026-01-01", "/v1/score", 200, 1, 1, 1, 9, 3, 2.0)])
+    assert KeyStore(db).usage() == [
+        UsageRow("a", "2026-01-01", "/v1/score", 200, 3, 3, 3, 27, 9, 6.0),
+        UsageRow("a", "2026-01-01", "/v1/score", 200, 1, 1, 1, 9, 3, 2.0, "m"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [

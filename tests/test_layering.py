@@ -18,6 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "blipitm"
 # Top to bottom. A module may import from its own layer and from layers listed before it.
 LAYERS = [
     "errors",
+    "preemption",  # yield points: the model calls them, the batcher installs what they run
     "config",
     "scoring",
     "model",
@@ -297,6 +298,7 @@ MEMORY_POLICY_CALLERS = {
     "filtering/runner.py",
     "filtering/ray_runner.py",  # a Ray actor is a process of its own
     "filtering/ray_scorer.py",
+    "server/batch/ray_lines.py",  # batch run --ray's actors, likewise
 }
 
 

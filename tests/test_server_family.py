@@ -252,6 +252,9 @@ def test_prices_are_per_model_and_access_spans_the_family(
     report = httpx.get(server.url + "/v1/usage", headers=key, timeout=5).json()
     assert report["prices"]["beta"] == {"text": 2, "image": 5}
     assert report["prices"]["alpha"] == {"text": 1, "image": 3}
+    # Usage is metered per model, under its served name (the request said "a", an alias).
+    spent = {(row["model"], row["endpoint"]): row["credits"] for row in report["data"]}
+    assert spent == {("alpha", "/v1/embeddings"): 2, ("beta", "/v1/embeddings"): 9}
 
     assert list(cards(server, only_beta)) == ["beta"]
     assert list(

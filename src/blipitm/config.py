@@ -23,6 +23,7 @@ VOCAB_SIZE = 30524
 # scores with, and BLIP's captioner (docs/captioner.md).
 ITM_ARCHITECTURE = "BlipForImageTextRetrieval"
 CAPTIONER_ARCHITECTURE = "BlipForConditionalGeneration"
+Task = Literal["itm", "caption"]  # what a checkpoint holds: the matching model or the captioner
 # BLIP's captioning prompt (models/blip.py ``BLIP_Decoder``, configs/caption_coco.yaml); its
 # tokens start every caption ([CLS] replaced by [DEC], the final [SEP] dropped) and are cut from
 # the decoded text.

@@ -35,7 +35,7 @@ from blipitm.checkpoint.io import (
     read_state_dict,
 )
 from blipitm.checkpoint.keys import config_from_original, is_captioner_state_dict
-from blipitm.config import CAPTIONER_ARCHITECTURE, ITM_ARCHITECTURE, BlipConfig
+from blipitm.config import CAPTIONER_ARCHITECTURE, ITM_ARCHITECTURE, BlipConfig, Task
 from blipitm.errors import CheckpointError, HubUnavailableError
 
 DEFAULT_TOKENIZER = "bert-base-uncased"  # what BLIP's init_tokenizer() loads
@@ -83,9 +83,6 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     OfflineModeIsEnabled,
     *_network_errors(),
 )
-
-
-Task = Literal["itm", "caption"]
 
 
 def task_of_config(config_dict: dict[str, Any]) -> Task:

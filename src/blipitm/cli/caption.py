@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
 from blipitm.cli.common import add_model_options, check_image_file, check_positive, load_captioner
 from blipitm.engine.options import DEFAULT_CAPTION_MODEL, LoadOptions
+from blipitm.errors import InvalidInputError
 
 # Here rather than imported from engine/captioner.py, which imports torch; a test holds them equal.
 NUM_BEAMS = 3
 NEW_TOKENS = 20
 TOP_P = 0.9
+TEMPERATURE = 1.0
 
 
 def add_parser(sub: Any, name: str, help: str) -> None:
@@ -44,6 +47,12 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     g.add_argument("--min-length", type=int, default=0, help="fewest tokens, prompt included")
     g.add_argument("--sample", action="store_true", help="nucleus sampling instead of search")
     g.add_argument("--top-p", type=float, default=TOP_P, help="nucleus mass when sampling")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=TEMPERATURE,
+        help=f"divides the scores before top-k and top-p when sampling (default: {TEMPERATURE})",
+    )
     g.add_argument("--seed", type=int, default=None, help="random seed for --sample")
     g.add_argument(
         "--repetition-penalty",
@@ -67,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     check_positive(args.num_captions, "--num-captions")
     check_positive(args.max_length, "--max-length")
     check_positive(args.min_length, "--min-length", minimum=0)
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise InvalidInputError(
+            f"must be a finite number > 0, got {args.temperature}", loc=("--temperature",)
+        )
     captioner = load_captioner(args, default_model=DEFAULT_CAPTION_MODEL)
     results = captioner.caption(
         args.images,
@@ -75,13 +88,19 @@ def run(args: argparse.Namespace) -> int:
         min_length=args.min_length,
         sample=args.sample,
         top_p=args.top_p,
+        temperature=args.temperature,
         seed=args.seed,
         repetition_penalty=args.repetition_penalty,
         num_captions=args.num_captions,
     )
     for path, result in zip(args.images, results, strict=True):
         if args.json:
-            print(json.dumps({"image": path, "captions": result.captions}, ensure_ascii=False))
+            line = {
+                "image": path,
+                "captions": result.captions,
+                "finish_reasons": result.finish_reasons,
+            }
+            print(json.dumps(line, ensure_ascii=False))
         else:
             for caption in result.captions:
                 print(f"{path}\t{caption}")

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from blipitm.common.memory import apply_memory_policy
+from blipitm.common.ray_cluster import LOCAL
 from blipitm.common.safeio import MAX_IMAGE_FILE_BYTES, UnreadableFileError, read_regular_file
 from blipitm.engine.options import (
     LIMIT_OPTIONS,
@@ -112,6 +113,39 @@ class _CacheMbAlias(argparse.Action):
             file=sys.stderr,
         )
         namespace.cache_bytes = int(values * MIB)
+
+
+def add_ray_options(
+    p: argparse.ArgumentParser, *, doc: str, does: str, actors: str
+) -> argparse._ArgumentGroup:
+    """``--ray [ADDRESS]``, ``--workers``, ``--gpus-per-worker`` and ``--cpus-per-worker``, one
+    spelling for every command that can run on Ray; the group, for a command's own Ray flags.
+    ``doc``: where its docs say how; ``does``: what ``--ray`` does (``"score on Ray Data"``);
+    ``actors``: what the workers are."""
+    r = p.add_argument_group(f"Ray ({doc})")
+    r.add_argument(
+        "--ray",
+        nargs="?",
+        const=LOCAL,
+        metavar="ADDRESS",
+        help=f"{does}: a local Ray started here, or the cluster at ADDRESS "
+        "(e.g. auto, ray://head:10001)",
+    )
+    r.add_argument("--workers", type=int, default=1, metavar="N", help=f"{actors} (default: 1)")
+    r.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs per actor (default: 0)",
+    )
+    r.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        metavar="C",
+        help="CPUs per actor (default: a one-machine Ray's CPUs / workers; 1 on a cluster)",
+    )
+    return r
 
 
 def add_cache_mb_alias(p: argparse.ArgumentParser) -> None:

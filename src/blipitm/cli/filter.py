@@ -6,7 +6,13 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
-from blipitm.cli.common import add_cache_mb_alias, add_model_options, check_positive, model_values
+from blipitm.cli.common import (
+    add_cache_mb_alias,
+    add_model_options,
+    add_ray_options,
+    check_positive,
+    model_values,
+)
 from blipitm.cli.progress import ConsoleProgress
 from blipitm.engine.options import FILTERING_PRESET, options_from
 from blipitm.errors import CheckpointError, InvalidInputError
@@ -15,7 +21,7 @@ from blipitm.filtering.formats import described
 from blipitm.filtering.policy import KeepFraction, KeepPolicy, Threshold
 from blipitm.filtering.readers import Columns
 from blipitm.filtering.runner import WRITES
-from blipitm.filtering.runs import LOCAL, LocalRun, RayRun, Run
+from blipitm.filtering.runs import LocalRun, RayRun, Run
 from blipitm.filtering.scoring import By
 
 if TYPE_CHECKING:
@@ -61,21 +67,8 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="samples per engine call")
     add_cache_mb_alias(p)
     p.add_argument("--restart", action="store_true", help="discard DIR's earlier results first")
-    r = p.add_argument_group("Ray Data (docs/filtering.md#ray)")
-    r.add_argument(
-        "--ray",
-        nargs="?",
-        const=LOCAL,
-        metavar="ADDRESS",
-        help="score on Ray Data: a local Ray started here, or the cluster at ADDRESS "
-        "(e.g. auto, ray://head:10001)",
-    )
-    r.add_argument("--workers", type=int, default=1, help="scoring actors (default: 1)")
-    r.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default: 0)")
-    r.add_argument(
-        "--cpus-per-worker",
-        type=float,
-        help="CPUs per actor (default: a one-machine Ray's CPUs / workers; 1 on a cluster)",
+    add_ray_options(
+        p, doc="docs/filtering.md#ray", does="score on Ray Data", actors="scoring actors"
     )
     c = p.add_argument_group("CapFilt: bootstrap with synthetic captions (docs/capfilt.md)")
     c.add_argument(

@@ -13,11 +13,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blipitm.errors import InvalidInputError
 from blipitm.keys import UNSET, KeyRecord, KeyStore, UsageRow, parse_date
 from blipitm.keys.store import MAX_INT, day_of
+
+if TYPE_CHECKING:
+    from blipitm.server.family import Price
 
 ENV = "BLIPITM_KEYS_DB"
 NONE = "none"  # on update: remove a limit
@@ -103,9 +106,23 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     r.add_argument("name")
     r.set_defaults(run=run_revoke)
 
-    us = cmds.add_parser("usage", parents=[common], help="usage per key, UTC day and endpoint")
+    us = cmds.add_parser(
+        "usage", parents=[common], help="usage per key, UTC day, endpoint and model"
+    )
     us.add_argument("name", nargs="?", help="one key (default: all)")
     us.add_argument("--since", type=_date(False), metavar="DATE", help="first day (YYYY-MM-DD)")
+    us.add_argument(
+        "--models-file",
+        metavar="FILE",
+        help="the server's models file: show each row's model price (credits per text / image)",
+    )
+    us.add_argument(
+        "--image-credits",
+        type=_count(0, False),
+        default=1,
+        metavar="N",
+        help="with --models-file: the server's --image-credits (default: 1)",
+    )
     us.add_argument("--json", action="store_true", help="JSON lines")
     us.set_defaults(run=run_usage)
 
@@ -192,22 +209,34 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_usage(args: argparse.Namespace) -> int:
     since = None if args.since is None else day_of(args.since)
+    prices = _prices(args.models_file, args.image_credits) if args.models_file else None
     rows = _store(args).usage(args.name, since)
     if args.json:
         for row in rows:
-            print(json.dumps(_usage_json(row)))
+            print(json.dumps(_usage_json(row, prices)))
         return 0
-    _print_usage(rows)
+    _print_usage(rows, prices)
     return 0
 
 
-def _usage_json(row: UsageRow) -> dict[str, Any]:
+def _prices(models_file: str, image_credits: int) -> dict[str, Price]:
+    """Each served model's price by its served name, as the server reads the same file."""
+    from blipitm.engine.options import SERVER_PRESET
+    from blipitm.server.family import read_models_file
+
+    return {s.name: s.price for s in read_models_file(models_file, SERVER_PRESET, image_credits)}
+
+
+def _usage_json(row: UsageRow, prices: dict[str, Price] | None = None) -> dict[str, Any]:
     """A usage row with its latency named for what it is: the sum over the requests, and the
-    mean."""
+    mean; with ``prices``, its model's price (None for a model the file does not name)."""
     out = row.as_dict()
     total = out.pop("latency_ms")
     out["latency_ms_sum"] = total
     out["latency_ms_mean"] = total / row.requests if row.requests else 0.0
+    if prices is not None:
+        price = prices.get(row.model)
+        out["price"] = None if price is None else {"text": price.text, "image": price.image}
     return out
 
 
@@ -252,11 +281,13 @@ def _print_keys(records: list[KeyRecord], *, as_json: bool) -> None:
     _table(header, rows)
 
 
-def _print_usage(rows: list[UsageRow]) -> None:
+def _print_usage(rows: list[UsageRow], prices: dict[str, Price] | None) -> None:
     header = (
         "name",
         "day",
         "endpoint",
+        "model",
+        *(("price",) if prices is not None else ()),
         "status",
         "requests",
         "texts",
@@ -272,6 +303,8 @@ def _print_usage(rows: list[UsageRow]) -> None:
                 r.name,
                 r.day,
                 r.endpoint,
+                r.model or "-",
+                *((_price(prices.get(r.model)),) if prices is not None else ()),
                 str(r.status),
                 str(r.requests),
                 str(r.texts),
@@ -283,6 +316,11 @@ def _print_usage(rows: list[UsageRow]) -> None:
             for r in rows
         ],
     )
+
+
+def _price(price: Price | None) -> str:
+    """Credits per text / per image; '-' for a model the models file does not name."""
+    return "-" if price is None else f"{price.text}/{price.image}"
 
 
 def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:

@@ -30,6 +30,7 @@ from blipitm.engine.types import (
 from blipitm.explain import Explanation
 
 if TYPE_CHECKING:
+    from blipitm.engine.autoload import load_any
     from blipitm.engine.captioner import Captioner, load_captioner
     from blipitm.engine.engine import Engine
     from blipitm.engine.loader import load, load_options
@@ -39,6 +40,7 @@ _SUBMODULE_OF = {
     "load_captioner": "captioner",
     "Engine": "engine",
     "load": "loader",
+    "load_any": "autoload",
     "load_options": "loader",
 }
 
@@ -65,6 +67,7 @@ __all__ = [
     "TextFeatures",
     "WeightDtype",
     "load",
+    "load_any",
     "load_captioner",
     "load_options",
 ]

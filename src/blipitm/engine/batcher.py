@@ -19,9 +19,10 @@ an error's ``loc`` is translated back into that job's own by its ``LocMap``).
 Priority: a job submitted with ``background=True`` (the Batch API's lines) waits in a lane of its
 own, unbounded (its submitter bounds what it has in flight), and the worker takes it only when no
 online job is queued: online requests are served first, background work fills the idle capacity.
-The worker never preempts a batch, so a worker batch of background jobs is kept short
-(``max_background_batch`` jobs): an online request arriving meanwhile waits for one such batch
-at most.
+A worker batch of background jobs (at most ``max_background_batch`` of them) yields to online
+work between two layers of the model (:mod:`blipitm.preemption`): the online jobs queued
+meanwhile run then, to completion, and the background batch goes on where it was. So an online
+request that arrives during background work waits for about one layer of it, not the batch.
 
 Backpressure: ``submit`` never blocks; a full queue is :class:`QueueFull`. Cancellation: each job
 carries a ``concurrent.futures.Future``; a caller that gives up (client gone, deadline) cancels it,
@@ -42,8 +43,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast, runtime_checkable
 
 from blipitm.errors import InvalidInputError, Loc
+from blipitm.preemption import yielding_to
 
 if TYPE_CHECKING:
+    from blipitm.engine.captioner import Captioner
     from blipitm.engine.engine import Engine
 
 log = logging.getLogger("blipitm.batcher")
@@ -55,16 +58,18 @@ Split = Callable[[Any], Sequence[Any]]
 
 
 class Job(Protocol):
-    """One piece of work for the worker: ``run`` makes its engine call(s) on the worker thread."""
+    """One piece of work for the worker: ``run`` makes its engine call(s) on the worker thread.
+    ``engine`` is the batcher's: an :class:`Engine`, or a captioner (a job knows which it needs;
+    the server routes a request only to a model of the route's kind)."""
 
-    def run(self, engine: Engine) -> Any: ...
+    def run(self, engine: Any) -> Any: ...
 
 
 @runtime_checkable
 class Mergeable(Protocol):
     """A job that can share one engine call with other jobs of its own class."""
 
-    def run(self, engine: Engine) -> Any: ...
+    def run(self, engine: Any) -> Any: ...
 
     @classmethod
     def merge(cls, jobs: Sequence[Self]) -> tuple[Job, Split]:
@@ -135,7 +140,7 @@ def _same_loc(loc: Loc) -> Loc:
 class Batcher:
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | Captioner,
         *,
         max_batch_size: int,
         max_wait_ms: float,
@@ -262,26 +267,44 @@ class Batcher:
             batch = self._take_batch()
             if batch is None:
                 return
-            self.observer.queue_depth(self.depth)
-            now = time.perf_counter()
-            # Cancelled futures (client gone, deadline passed) are dropped here, before compute.
-            live = [w for w in batch if w.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
+            if batch[0].background:
+                with yielding_to(self._serve_online):
+                    self._execute(batch)
+            else:
+                self._execute(batch)
+
+    def _serve_online(self) -> None:
+        """At a yield point of a background batch: run the online jobs queued now, to the end
+        (batched as usual, without waiting for more, and with no yield points of their own)."""
+        while self._online and not self._stopping:
+            with self._cond:
+                take = min(len(self._online), self.max_batch_size)
+                batch = [self._online.popleft() for _ in range(take)]
+            with yielding_to(None):
+                self._execute(batch)
+
+    def _execute(self, batch: list[_Work]) -> None:
+        """One worker batch: its live jobs run, timed and reported."""
+        self.observer.queue_depth(self.depth)
+        now = time.perf_counter()
+        # Cancelled futures (client gone, deadline passed) are dropped here, before compute.
+        live = [w for w in batch if w.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        for w in live:
+            self.observer.waited(now - w.enqueued)
+        self.observer.batch_started(len(live))
+        started = time.perf_counter()
+        try:
+            self._run_batch(live)
+        except BaseException as e:  # never let the worker die with futures pending
+            log.exception("inference worker failed")
             for w in live:
-                self.observer.waited(now - w.enqueued)
-            self.observer.batch_started(len(live))
-            started = time.perf_counter()
-            try:
-                self._run_batch(live)
-            except BaseException as e:  # never let the worker die with futures pending
-                log.exception("inference worker failed")
-                for w in live:
-                    if not w.future.done():
-                        w.future.set_exception(e)
-            elapsed = time.perf_counter() - started
-            self.observer.batch_finished(elapsed)
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+                if not w.future.done():
+                    w.future.set_exception(e)
+        elapsed = time.perf_counter() - started
+        self.observer.batch_finished(elapsed)
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
 
     def _run_batch(self, live: list[_Work]) -> None:
         groups: dict[type, list[_Work]] = {}

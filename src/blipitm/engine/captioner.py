@@ -16,14 +16,26 @@ from typing import Any
 
 import torch
 
+from blipitm.checkpoint import ResolvedCheckpoint
 from blipitm.config import CAPTION_PROMPT, DEC_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
 from blipitm.engine.cache import ByteLRU
 from blipitm.engine.devices import TORCH_DTYPES
-from blipitm.engine.generation import CachedStepper, Search, beam_search, greedy_or_sample
+from blipitm.engine.generation import (
+    CachedStepper,
+    Generated,
+    Search,
+    beam_search,
+    greedy_or_sample,
+)
 from blipitm.engine.images import EncodedImage, ImagePipeline
 from blipitm.engine.inputs import as_list, is_image
 from blipitm.engine.loader import build_model
-from blipitm.engine.options import DEFAULT_CACHE_BYTES, DEFAULT_CAPTION_MODEL, LoadOptions
+from blipitm.engine.options import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_CAPTION_MODEL,
+    DEFAULT_MAX_TEXT_CHARS,
+    LoadOptions,
+)
 from blipitm.engine.types import CaptionResult, ModelInfo
 from blipitm.errors import InvalidInputError, Loc
 from blipitm.model import BlipCaptioner
@@ -40,6 +52,7 @@ DEFAULT_NEW_TOKENS = 20  # when max_length is not given: the prompt's tokens plu
 DEFAULT_MIN_LENGTH = 0
 DEFAULT_TOP_P = 0.9
 DEFAULT_TOP_K = 50
+DEFAULT_TEMPERATURE = 1.0  # transformers' and BLIP's
 SAMPLING_REPETITION_PENALTY = 1.1  # BLIP's generate(sample=True), CapFilt
 DEFAULT_IMAGE_BATCH = {"cpu": 8, "cuda": 64}  # images decoded together (rows: x beams)
 
@@ -56,9 +69,12 @@ def load_captioner(
     return load_captioner_options(LoadOptions(source, **options))
 
 
-def load_captioner_options(options: LoadOptions) -> Captioner:
-    """Load the captioner ``options`` name; what the CLI calls."""
-    built = build_model(options, "caption", BlipCaptioner)
+def load_captioner_options(
+    options: LoadOptions, resolved: ResolvedCheckpoint | None = None
+) -> Captioner:
+    """Load the captioner ``options`` name; what the CLI calls (``resolved``: the checkpoint's
+    files, if already found)."""
+    built = build_model(options, "caption", BlipCaptioner, resolved)
     assert isinstance(built.model, BlipCaptioner)
     return Captioner(
         built.model,
@@ -67,6 +83,7 @@ def load_captioner_options(options: LoadOptions) -> Captioner:
         built.info,
         built.protocol,
         max_pixels=options.max_pixels,
+        max_text_chars=options.max_text_chars,
         cache_bytes=options.cache_bytes,
         image_batch=options.batch_sizes.images if options.batch_sizes else None,
         decode_threads=options.decode_threads,
@@ -87,6 +104,7 @@ class Captioner:
         protocol: ScoringProtocol,
         *,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         image_batch: int | None = None,
         decode_threads: int | None = None,
@@ -96,6 +114,7 @@ class Captioner:
             raise ValueError(f"protocol {protocol.name!r}, but the model is {info.protocol!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.max_text_chars = max_text_chars  # a prompt's limit (the server checks it)
         self.info = info
         self.protocol = protocol
         self.device = torch.device(info.device)
@@ -136,6 +155,7 @@ class Captioner:
         sample: bool = False,
         top_p: float = DEFAULT_TOP_P,
         top_k: int = DEFAULT_TOP_K,
+        temperature: float = DEFAULT_TEMPERATURE,
         repetition_penalty: float | None = None,
         seed: int | Sequence[int] | None = None,
         num_captions: int = 1,
@@ -146,7 +166,8 @@ class Captioner:
         Beam search by default (``num_beams`` 3; 1 is greedy search); ``sample=True`` draws with
         nucleus sampling (``top_p``, ``top_k``; 0 turns top-k off), reproducibly with ``seed``:
         one seed for the call, or one per image (each image then draws from its own stream, so
-        its captions do not depend on the batch it came in: CapFilt's per-sample seeds).
+        its captions do not depend on the batch it came in: CapFilt's per-sample seeds);
+        ``temperature`` divides the scores first (sampling only; checked always).
         ``max_length`` and ``min_length`` count the prompt's tokens, as transformers does; without
         ``max_length`` a caption has at most 20 tokens after the prompt (transformers' default).
         ``repetition_penalty`` defaults to 1.0, and to 1.1 when sampling (BLIP's CapFilt).
@@ -165,6 +186,7 @@ class Captioner:
             sample=sample,
             top_p=top_p if sample else 1.0,
             top_k=top_k if sample else 0,
+            temperature=temperature,
             repetition_penalty=(
                 (SAMPLING_REPETITION_PENALTY if sample else 1.0)
                 if repetition_penalty is None
@@ -186,9 +208,18 @@ class Captioner:
                 if isinstance(generators, list)
                 else generators
             )
-            for tokens in self._generate(chunk, prompt_ids, search, generator):
-                captions = [self.tokenizer.decode(prompt_ids + t)[len(prompt) :] for t in tokens]
-                results.append(CaptionResult(captions, [len(t) for t in tokens], len(prompt_ids)))
+            for generated in self._generate(chunk, prompt_ids, search, generator):
+                results.append(
+                    CaptionResult(
+                        [
+                            self.tokenizer.decode(prompt_ids + c.tokens)[len(prompt) :]
+                            for c in generated
+                        ],
+                        [len(c.tokens) for c in generated],
+                        len(prompt_ids),
+                        [c.finish_reason for c in generated],
+                    )
+                )
         return results
 
     def _generators(
@@ -211,7 +242,7 @@ class Captioner:
         prompt_ids: list[int],
         search: Search,
         generator: torch.Generator | Sequence[torch.Generator] | None,
-    ) -> list[list[list[int]]]:
+    ) -> list[list[Generated]]:
         with torch.inference_mode():
             tokens = torch.stack([f.tokens for f in feats]).to(self.device, self.compute_dtype)
             stepper = CachedStepper(self.model, self.model.cross_kv(tokens), search.max_length)

@@ -3,8 +3,9 @@
 Each algorithm is written to give the tokens ``transformers``' ``generate`` gives for
 ``BlipForConditionalGeneration`` (5.x; docs/captioner.md says which settings): the same logits
 processors in the same order (repetition penalty, then the minimum length; for sampling then
-top-k and top-p), the same stopping rules (``[SEP]`` or ``max_length``, both counted over the
-whole sequence, prompt included) and, for beam search, the same vectorised bookkeeping
+the temperature, top-k and top-p), the same stopping rules (``[SEP]`` or ``max_length``, both
+counted over the whole sequence, prompt included) and, for beam search, the same vectorised
+bookkeeping
 (``2 * num_beams`` candidates a step, scores divided by the generated length to the power
 ``length_penalty`` when a beam finishes, ``early_stopping=False``'s heuristic). Nothing is taken
 from transformers; ``tests/test_captioner.py`` holds the two to the same tokens.
@@ -17,9 +18,10 @@ search reorders beams within their image.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -30,6 +32,16 @@ from blipitm.model.text import CrossKV
 # transformers' beam search marks impossible candidates by adding this (not -inf), and so do we:
 # the same arithmetic gives the same ranking of candidates.
 NEG = -1.0e9
+
+FinishReason = Literal["stop", "length"]  # ended with [SEP]; reached max_length without it
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One caption as the search produced it."""
+
+    tokens: list[int]  # after the prompt, the closing [SEP] not included
+    finish_reason: FinishReason
 
 
 class Stepper(Protocol):
@@ -53,6 +65,7 @@ class Search:
     sample: bool = False
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    temperature: float = 1.0  # sampling only: scores / temperature before top-k and top-p
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     num_return: int = 1
@@ -93,6 +106,8 @@ class Search:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise bad("top_k", f"must be >= 0, got {self.top_k}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0.0):
+            raise bad("temperature", f"must be a finite number > 0, got {self.temperature}")
         if not self.repetition_penalty > 0.0:
             raise bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
         return self
@@ -118,6 +133,13 @@ def forbid_eos(scores: torch.Tensor, length: int, min_length: int, eos: int) -> 
     out = scores.clone()
     out[:, eos] = -float("inf")
     return out
+
+
+def temperature_scale(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``scores / temperature``: below 1 sharpens the distribution, above 1 flattens it."""
+    if temperature == 1.0:
+        return scores
+    return scores / temperature
 
 
 def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -149,8 +171,8 @@ def greedy_or_sample(
     prompt: torch.Tensor,
     search: Search,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-) -> list[list[list[int]]]:
-    """``prompt [G, T0]`` -> per image, ``num_return`` token lists (``[SEP]`` excluded).
+) -> list[list[Generated]]:
+    """``prompt [G, T0]`` -> per image, ``num_return`` captions.
 
     ``generator``: one stream for the whole batch, or one per image (then an image's draws
     depend on nothing but its own rows: the same captions in any batch, as CapFilt's per-sample
@@ -160,12 +182,14 @@ def greedy_or_sample(
     seqs = prompt.repeat_interleave(m, dim=0)  # [R, T] the live rows' sequences
     alive = torch.arange(g * m)  # original row of each live row
     out: list[list[int]] = [[] for _ in range(g * m)]
+    reasons: list[FinishReason] = ["length"] * (g * m)
     logits = stepper.start(seqs, [m] * g)
     length = t0
     while True:
         scores = repetition_penalty(logits.float(), seqs, search.repetition_penalty)
         scores = forbid_eos(scores, length, search.min_length, search.eos_token_id)
         if search.sample:
+            scores = temperature_scale(scores, search.temperature)
             scores = top_p_filter(top_k_filter(scores, search.top_k), search.top_p)
             tokens = _draw(scores.softmax(dim=-1), alive // m, generator)
         else:
@@ -175,7 +199,9 @@ def greedy_or_sample(
         for row, token, finished in zip(
             alive.tolist(), tokens.tolist(), done.tolist(), strict=True
         ):
-            if not (finished and token == search.eos_token_id):
+            if finished and token == search.eos_token_id:
+                reasons[row] = "stop"
+            else:
                 out[row].append(token)
         if bool(done.all()):
             break
@@ -183,7 +209,8 @@ def greedy_or_sample(
         alive = alive[keep.cpu()]
         seqs = torch.cat([seqs, tokens[:, None]], dim=1).index_select(0, keep.to(seqs.device))
         logits = stepper.advance(tokens[keep], keep)
-    return [out[i * m : (i + 1) * m] for i in range(g)]
+    captions = [Generated(t, r) for t, r in zip(out, reasons, strict=True)]
+    return [captions[i * m : (i + 1) * m] for i in range(g)]
 
 
 def _draw(
@@ -212,9 +239,8 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(x, index, dim=1)
 
 
-def beam_search(stepper: Stepper, prompt: torch.Tensor, search: Search) -> list[list[list[int]]]:
-    """``prompt [G, T0]`` -> per image, its ``num_return`` best beams' tokens (``[SEP]``
-    excluded), best first."""
+def beam_search(stepper: Stepper, prompt: torch.Tensor, search: Search) -> list[list[Generated]]:
+    """``prompt [G, T0]`` -> per image, its ``num_return`` best beams, best first."""
     g, t0 = prompt.shape
     nb, total, eos = search.num_beams, search.max_length, search.eos_token_id
     device = prompt.device
@@ -226,6 +252,7 @@ def beam_search(stepper: Stepper, prompt: torch.Tensor, search: Search) -> list[
     running_scores[:, 1:] = NEG  # at the first step only beam 0's continuations count
     finished_scores = torch.full((g, nb), NEG, device=device)
     is_finished = torch.zeros((g, nb), dtype=torch.bool, device=device)
+    finished_by_eos = torch.zeros((g, nb), dtype=torch.bool, device=device)  # else by length
     improvable = torch.ones((g, 1), dtype=torch.bool, device=device)
     top_nb = torch.arange(k, device=device) < nb  # only the best nb candidates may finish
     offsets = torch.arange(g, device=device)[:, None] * nb  # [G, 1] first row of each image
@@ -261,6 +288,8 @@ def beam_search(stepper: Stepper, prompt: torch.Tensor, search: Search) -> list[
         finished_seqs = _gather(torch.cat((finished_seqs, cand_seqs), dim=1), merged)
         finished_scores = _gather(torch.cat((finished_scores, ended_scores), dim=1), merged)
         is_finished = _gather(torch.cat((is_finished, just_ended), dim=1), merged)
+        by_eos = cand_token == eos
+        finished_by_eos = _gather(torch.cat((finished_by_eos, by_eos), dim=1), merged)
 
         length += 1
         # early_stopping=False: stop an image once its best running beam, at today's length,
@@ -275,9 +304,17 @@ def beam_search(stepper: Stepper, prompt: torch.Tensor, search: Search) -> list[
         keep = (offsets + source_beam).reshape(-1)
         logits = stepper.advance(running[:, :, length - 1].reshape(-1), keep)
 
-    out: list[list[list[int]]] = []
-    for image in finished_seqs[:, : search.num_return].tolist():
-        out.append([_until_eos(seq[t0:], eos) for seq in image])
+    out: list[list[Generated]] = []
+    n = search.num_return
+    for image, stops in zip(
+        finished_seqs[:, :n].tolist(), finished_by_eos[:, :n].tolist(), strict=True
+    ):
+        out.append(
+            [
+                Generated(_until_eos(seq[t0:], eos), "stop" if stop else "length")
+                for seq, stop in zip(image, stops, strict=True)
+            ]
+        )
     return out
 
 

@@ -24,6 +24,7 @@ import torch
 from blipitm.explain import Explanation
 from blipitm.model import BlipITM, DenseKV
 from blipitm.model.text import Packing, TextLayer
+from blipitm.preemption import yielding_to
 from blipitm.scoring import itm_probability
 
 
@@ -43,20 +44,23 @@ def gradcam(
         kept.append(leaf)
         return leaf
 
-    # Keys/values made under inference_mode cannot be saved for backward: layers from ``layer`` on
-    # take ordinary copies (one image's worth).
-    kv = [(k, v) if i < layer else (k.clone(), v.clone()) for i, (k, v) in enumerate(cross_kv)]
     attn = cast(TextLayer, model.text_encoder.encoder.layer[layer]).crossattention
-    attn.probe = probe
-    try:
-        with torch.enable_grad():
-            # Every position of every layer: the probed layer needs all rows (the fast
-            # first-token-only last layer would leave them out when ``layer`` is the last).
-            hidden = model.text_encoder(input_ids, attention_mask, kv)  # [B, T, D]
-            logits = model.itm_head(hidden[:, 0])  # [B, 2]
-            (grad,) = torch.autograd.grad(logits[:, 1].sum(), kept[0])  # texts are independent
-    finally:
-        attn.probe = None
+    # The probe is state on the model: no other work may run through it meanwhile (no yield
+    # points). Outside inference mode even when called inside it (a yield point's online job).
+    with yielding_to(None), torch.inference_mode(False):
+        # Keys/values made under inference_mode cannot be saved for backward: layers from
+        # ``layer`` on take ordinary copies (one image's worth).
+        kv = [(k, v) if i < layer else (k.clone(), v.clone()) for i, (k, v) in enumerate(cross_kv)]
+        attn.probe = probe
+        try:
+            with torch.enable_grad():
+                # Every position of every layer: the probed layer needs all rows (the fast
+                # first-token-only last layer would leave them out when ``layer`` is the last).
+                hidden = model.text_encoder(input_ids, attention_mask, kv)  # [B, T, D]
+                logits = model.itm_head(hidden[:, 0])  # [B, 2]
+                (grad,) = torch.autograd.grad(logits[:, 1].sum(), kept[0])  # texts: independent
+        finally:
+            attn.probe = None
     b, t = input_ids.shape
     index = Packing.of(attention_mask).index  # [L] position b*T + t of each packed row
 

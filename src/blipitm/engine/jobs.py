@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from PIL import Image
 
 from blipitm.engine.batcher import Split
-from blipitm.engine.types import PairScores, Ranking, TextFeatures
+from blipitm.engine.types import CaptionResult, PairScores, Ranking, TextFeatures
 from blipitm.explain import Explanation
 
 if TYPE_CHECKING:
+    from blipitm.engine.captioner import Captioner
     from blipitm.engine.engine import Engine
 
 
@@ -130,11 +131,29 @@ class Explain:
 
 
 @dataclass(frozen=True)
+class Caption:
+    """Captions for images, with the captioner's settings (``Captioner.caption``'s keywords).
+    Not merged with other requests' jobs: their settings and seeds differ, and a seeded sample
+    must not depend on what else was in the batch."""
+
+    images: list[Any]
+    settings: dict[str, Any]
+
+    def run(self, captioner: Captioner) -> list[CaptionResult]:
+        return captioner.caption(self.images, **self.settings)
+
+
+@dataclass(frozen=True)
 class WarmUp:
-    """One real forward pass (a grey image, one caption), so the first request pays no start-up
-    cost; the server is ready only once it has run."""
+    """One real forward pass (a grey image: one caption scored, or one token of a caption
+    written), so the first request pays no start-up cost; the server is ready only once it has
+    run."""
 
     caption: str = "a warm-up caption"
 
-    def run(self, engine: Engine) -> PairScores:
-        return engine.score(Image.new("RGB", (64, 64), (128, 128, 128)), self.caption)
+    def run(self, engine: Engine | Captioner) -> PairScores | list[CaptionResult]:
+        grey = Image.new("RGB", (64, 64), (128, 128, 128))
+        if engine.info.task == "caption":
+            captioner = cast("Captioner", engine)
+            return captioner.caption(grey, num_beams=1, max_length=len(captioner.prompt_ids()) + 1)
+        return cast("Engine", engine).score(grey, self.caption)

@@ -11,8 +11,7 @@ from typing import Any, Protocol, cast
 import torch
 
 from blipitm.checkpoint import ResolvedCheckpoint, load_into, load_weights, resolve
-from blipitm.checkpoint.resolve import Task
-from blipitm.config import AttnImpl, BlipConfig
+from blipitm.config import AttnImpl, BlipConfig, Task
 from blipitm.engine.devices import TORCH_DTYPES, dtype_name, native_compute_dtype
 from blipitm.engine.engine import Engine
 from blipitm.engine.options import DEFAULT_MODEL, LoadOptions
@@ -35,9 +34,10 @@ def load(source: str | os.PathLike[str] = DEFAULT_MODEL, **options: Any) -> Engi
     return load_options(LoadOptions(source, **options))
 
 
-def load_options(options: LoadOptions) -> Engine:
-    """Load the checkpoint ``options`` name, as they say; what the CLI and the server call."""
-    built = build_model(options, "itm", BlipITM)
+def load_options(options: LoadOptions, resolved: ResolvedCheckpoint | None = None) -> Engine:
+    """Load the checkpoint ``options`` name, as they say; what the CLI calls (``resolved``: the
+    checkpoint's files, if already found)."""
+    built = build_model(options, "itm", BlipITM, resolved)
     assert isinstance(built.model, BlipITM)
     return Engine(
         built.model,
@@ -72,11 +72,20 @@ class Built:
     info: ModelInfo
 
 
+def resolve_options(options: LoadOptions) -> ResolvedCheckpoint:
+    """The checkpoint files ``options`` name (its source, revision and tokenizer)."""
+    return resolve(options.source, revision=options.revision, tokenizer=options.tokenizer)
+
+
 def build_model(
-    options: LoadOptions, task: Task, model_class: Callable[[BlipConfig], torch.nn.Module]
+    options: LoadOptions,
+    task: Task,
+    model_class: Callable[[BlipConfig], torch.nn.Module],
+    resolved: ResolvedCheckpoint | None = None,
 ) -> Built:
-    """Resolve the checkpoint, check it holds ``task``'s model, configure it for the protocol,
-    and load its weights strictly into ``model_class`` on the device, in the dtypes asked."""
+    """Resolve the checkpoint (unless ``resolved`` is given), check it holds ``task``'s model,
+    configure it for the protocol, and load its weights strictly into ``model_class`` on the
+    device, in the dtypes asked."""
     torch_device = _device(options.device)
     if options.dtype == "float16" and torch_device.type == "cpu":
         raise InvalidInputError(
@@ -88,7 +97,7 @@ def build_model(
     # int8 layers are quantized from float32 weights after loading.
     storage = torch.float32 if options.dtype == "int8" else TORCH_DTYPES[options.dtype]
 
-    resolved = resolve(options.source, revision=options.revision, tokenizer=options.tokenizer)
+    resolved = resolved or resolve_options(options)
     resolved.require(task)
     scoring = get_protocol(options.protocol)
     config, overrides = scoring.configure(resolved.config)
@@ -123,6 +132,7 @@ def build_model(
         config=config,
         overrides=overrides,
         compute_dtype=dtype_name(compute),
+        task=task,
     )
     log.info(
         "loaded %s (%s, %s, revision=%s, commit=%s) protocol=%s device=%s dtype=%s compute=%s "

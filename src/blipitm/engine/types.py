@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from blipitm.config import BlipConfig
+from blipitm.config import BlipConfig, Task
 from blipitm.scoring import Override, ProtocolName
 
 # Tensor (compute, feature) dtypes by name; torch.dtype exists only inside engine/ and model/.
@@ -153,6 +153,9 @@ class CaptionResult:
     captions: list[str]  # without the prompt
     tokens: list[int]  # tokens generated for each caption (the closing [SEP] not counted)
     prompt_tokens: int  # the prompt's tokens before each caption ([DEC] included)
+    # Per caption, how it ended: "stop" (the search produced [SEP]) or "length" (max_length came
+    # first; the caption may be cut mid-sentence).
+    finish_reasons: list[str]
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class ModelInfo:
     config: BlipConfig
     overrides: list[Override] = field(default_factory=list)
     compute_dtype: Dtype = "float32"  # may be wider than ``dtype`` (see engine.devices)
+    task: Task = "itm"  # the model loaded: image-text matching, or the captioner
 
     @property
     def embedding_dim(self) -> int:
@@ -182,6 +186,7 @@ class ModelInfo:
     def as_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
+            "task": self.task,
             "format": self.kind,
             "revision": self.revision,
             "commit": self.commit,

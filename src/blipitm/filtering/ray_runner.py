@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from blipitm.common.ray_cluster import ray_cluster
 from blipitm.engine.options import LoadOptions
-from blipitm.errors import InvalidInputError
 from blipitm.filtering.capfilt import CapFilt, Captioning, in_actor, open_captioner
 from blipitm.filtering.inputs import Shard
 from blipitm.filtering.lock import check_owner
 from blipitm.filtering.readers import Columns
-from blipitm.filtering.runs import LOCAL, RayRun
+from blipitm.filtering.runs import RayRun
 from blipitm.filtering.shards import FilterError, ShardUnreadable, Tally, score_pending_shard
 
 log = logging.getLogger("blipitm.filter")
@@ -135,17 +135,41 @@ def score_all_ray(
     driver's record of it)."""
     if not tally.pending:
         return
+    with ray_cluster(run) as cpus_per_worker:
+        _score_on_ray(
+            options,
+            model,
+            tally,
+            out,
+            columns,
+            run,
+            cpus_per_worker,
+            token,
+            capfilt=capfilt,
+            captioner=captioner,
+        )
+
+
+def _score_on_ray(
+    options: LoadOptions,
+    model: dict[str, Any],
+    tally: Tally,
+    out: Path,
+    columns: Columns,
+    run: RayRun,
+    cpus_per_worker: float,
+    token: str | None,
+    *,
+    capfilt: CapFilt | None,
+    captioner: dict[str, Any] | None,
+) -> None:
+    """The Ray Data pipeline of :func:`score_all_ray`, on a Ray already joined; progress rows
+    come back as the actors score, and Ray Data's own settings are restored after."""
     import ray
 
-    started = connect(run.address, run.workers, run.cpus_per_worker)
     ctx = ray.data.DataContext.get_current()
     caller = (ctx.enable_progress_bars, ctx.target_max_block_size)
     try:
-        cpus_per_worker = run.cpus_per_worker
-        if cpus_per_worker is None:  # one machine: share it; a cluster: Ray's own default
-            one_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
-            cpus = ray.cluster_resources().get("CPU", 1.0)
-            cpus_per_worker = max(1.0, cpus // run.workers) if one_node else 1.0
         # Absolute paths: a worker's working directory is not the driver's.
         shards = [replace(s, path=os.path.abspath(s.path)) for s in tally.shards]
         ctx.enable_progress_bars = False  # blipitm reports progress itself, per sample
@@ -182,27 +206,3 @@ def score_all_ray(
                 tally.batch(k, int(event["samples"]), int(event["pairs"]))
     finally:
         ctx.enable_progress_bars, ctx.target_max_block_size = caller
-        if started:
-            ray.shutdown()
-
-
-def connect(address: str, workers: int, cpus_per_worker: float | None) -> bool:
-    """Join the Ray the caller already runs, or the cluster at ``address``, or start a local
-    one (``address="local"``). Returns whether this call started Ray (and so must stop it)."""
-    try:
-        import ray
-    except ImportError:
-        raise InvalidInputError(
-            "--ray needs Ray Data: pip install 'ray[data]'", loc=("ray",)
-        ) from None
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a self-hosted tool sends nothing
-    if address == LOCAL:
-        num_cpus = None
-        if cpus_per_worker is not None:  # enough for the pool the caller asked for
-            num_cpus = max(int(os.cpu_count() or 1), int(workers * cpus_per_worker))
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-    else:
-        ray.init(address=address, logging_level=logging.WARNING)
-    return True

@@ -4,9 +4,10 @@ shard with :func:`~blipitm.filtering.shards.score_shard` and commit it with the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from blipitm.common.ray_cluster import RayPool
 from blipitm.engine.options import FILTERING_PRESET, LoadOptions
 from blipitm.errors import InvalidInputError
 
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
 # What a run loads when not told: the default model, with the filter's image cache (the preset
 # beside LoadOptions says why it is small).
 DEFAULT_OPTIONS = FILTERING_PRESET
-LOCAL = "local"
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -36,29 +36,16 @@ class LocalRun:
 
 
 @dataclass(frozen=True)
-class RayRun:
-    """Score on Ray Data: ``workers`` actors, each loading the model once, with
-    ``gpus_per_worker`` GPUs (then on ``cuda``) and ``cpus_per_worker`` CPUs (None: a
-    one-machine Ray's CPUs / workers, 1 on a cluster), ``batch_size`` samples per engine call.
-    ``address``: ``"local"`` joins the Ray this process runs or starts one; anything else is a
-    cluster's address (``auto``, ``ray://head:10001``)."""
+class RayRun(RayPool):
+    """Score on Ray Data: a :class:`~blipitm.common.ray_cluster.RayPool` of actors (``address``,
+    ``workers``, ``gpus_per_worker``, ``cpus_per_worker``), ``batch_size`` samples per engine
+    call in each."""
 
-    address: str = LOCAL
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float | None = None
     batch_size: int = 256
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_batch_size(self.batch_size)
-        if self.workers < 1:
-            raise InvalidInputError("workers must be positive", loc=("workers",))
-
-    def actor_options(self, options: LoadOptions) -> LoadOptions:
-        """What an actor loads: ``options``, on the GPU it was given when it was given one."""
-        if self.gpus_per_worker > 0 and options.device == "cpu":
-            return replace(options, device="cuda")
-        return options
 
 
 Run = LocalRun | RayRun

@@ -84,7 +84,8 @@ CREATE TABLE IF NOT EXISTS usage (
     tokens INTEGER NOT NULL,
     credits INTEGER NOT NULL,
     latency_ms REAL NOT NULL,
-    PRIMARY KEY (name, day, endpoint, status)
+    model TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (name, day, endpoint, model, status)
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('rev', 0);
@@ -95,6 +96,28 @@ _ADDED_COLUMNS = {
     "credit_gen": "INTEGER NOT NULL DEFAULT 0",
     "rev": "INTEGER NOT NULL DEFAULT 0",
 }
+
+# Stores made before usage was kept per model: the key gains `model` (a SQLite table's key
+# cannot change in place, so the table is copied; the old rows are the model '').
+_USAGE_BY_MODEL = """
+ALTER TABLE usage RENAME TO usage_before_models;
+CREATE TABLE usage (
+    name TEXT NOT NULL,
+    day TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    texts INTEGER NOT NULL,
+    images INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    credits INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    model TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (name, day, endpoint, model, status)
+);
+INSERT INTO usage SELECT *, '' FROM usage_before_models;
+DROP TABLE usage_before_models;
+"""
 
 _BUMP = """
     UPDATE meta SET value = value + 1 WHERE name = 'rev';
@@ -154,9 +177,12 @@ class KeyRecord:
         return out
 
 
+Slot = tuple[str, str, str, str, int]  # name, day, endpoint, model, status
+
+
 @dataclass(frozen=True)
 class UsageRow:
-    """Usage of one key on one UTC day, endpoint and status (summed)."""
+    """Usage of one key on one UTC day, endpoint, model and status (summed)."""
 
     name: str
     day: str  # YYYY-MM-DD, UTC
@@ -168,10 +194,11 @@ class UsageRow:
     tokens: int = 0
     credits: int = 0
     latency_ms: float = 0.0  # summed; divide by requests for the mean
+    model: str = ""  # the served model's name; '' for a request that named no served model
 
     @property
-    def slot(self) -> tuple[str, str, str, int]:
-        return self.name, self.day, self.endpoint, self.status
+    def slot(self) -> Slot:
+        return self.name, self.day, self.endpoint, self.model, self.status
 
     def __add__(self, other: UsageRow) -> UsageRow:
         assert self.slot == other.slot
@@ -272,6 +299,10 @@ class KeyStore:
             for column, kind in _ADDED_COLUMNS.items():
                 if column not in have:
                     db.execute(f"ALTER TABLE keys ADD COLUMN {column} {kind}")
+            with transaction(db):  # checked under the write lock: two servers may start at once
+                if "model" not in {row[1] for row in db.execute("PRAGMA table_info(usage)")}:
+                    for statement in _USAGE_BY_MODEL.split(";")[:-1]:
+                        db.execute(statement)
             db.executescript(_TRIGGERS)
 
     def _create_file(self) -> None:
@@ -459,8 +490,8 @@ class KeyStore:
             spent = [(name, -1, n) for name, n in totals.items()]
         with self._transaction() as db:
             db.executemany(
-                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (name, day, endpoint, status) DO UPDATE SET "
+                f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (name, day, endpoint, model, status) DO UPDATE SET "
                 "requests = requests + excluded.requests, texts = texts + excluded.texts, "
                 "images = images + excluded.images, tokens = tokens + excluded.tokens, "
                 "credits = credits + excluded.credits, "
@@ -488,11 +519,20 @@ class KeyStore:
         if since is not None:
             where.append("day >= ?")
             args.append(since.isoformat() if isinstance(since, date) else since)
-        sql = "SELECT * FROM usage" + (" WHERE " + " AND ".join(where) if where else "")
+        sql = f"SELECT {_USAGE_FIELDS} FROM usage" + (
+            " WHERE " + " AND ".join(where) if where else ""
+        )
         with self._connect() as db:
-            rows = db.execute(sql + " ORDER BY day, name, endpoint, status", args).fetchall()
-        return [UsageRow(*r) for r in rows]
+            rows = db.execute(sql + " ORDER BY day, name, endpoint, model, status", args)
+            return [UsageRow(*r) for r in rows.fetchall()]
 
+
+# The usage table's columns in the order of a slot and then the sums (what add_usage writes),
+# and in UsageRow's field order (what usage reads).
+_USAGE_COLUMNS = (
+    "name, day, endpoint, model, status, requests, texts, images, tokens, credits, latency_ms"
+)
+_USAGE_FIELDS = ", ".join(f.name for f in dataclasses.fields(UsageRow))
 
 _COLUMNS = (
     "name, hash, hint, created, expires, revoked, rpm, items_per_minute, concurrency, "

@@ -30,6 +30,7 @@ from torch import nn
 from blipitm.config import TextConfig
 from blipitm.model.attention import AttnImpl, attention, merge_heads, padding_mask, split_heads
 from blipitm.model.layers import Embedding, LayerNorm, Linear
+from blipitm.preemption import yield_point
 
 # Per layer: (keys, values), each [G, heads, N_image_tokens, head_dim], or a sequence of G
 # tensors [1, heads, N, head_dim] (images cached separately; attended without concatenating).
@@ -291,4 +292,5 @@ class TextEncoder(nn.Module):
         for i, layer in enumerate(self.encoder.layer):
             kv = None if cross_kv is None else cross_kv[i]
             x = layer(x, packing, mask, kv, first_only and i == last)
+            yield_point()  # a background batch lets online work run here (blipitm.preemption)
         return x[:, None] if first_only else packing.pad(x)

@@ -13,6 +13,7 @@ from torch import nn
 from blipitm.config import VisionConfig
 from blipitm.model.attention import AttnImpl, attention, merge_heads
 from blipitm.model.layers import Conv2d, LayerNorm, Linear
+from blipitm.preemption import yield_point
 
 
 class VisionEmbeddings(nn.Module):
@@ -83,6 +84,7 @@ class VisionEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x)
+            yield_point()  # a background batch lets online work run here (blipitm.preemption)
         return x
 
 

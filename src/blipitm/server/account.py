@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from blipitm.errors import BlipitmError
-from blipitm.server.family import Price
+from blipitm.server.family import ModelSpec
 
 SCOPE_ACCOUNT = "blipitm.account"  # where the gateway leaves a request's account in the scope
 # Set only by the Batch API's in-process calls (no header or client can): whom a batch line is
@@ -45,8 +45,9 @@ class Account(Protocol):
         """Whether the caller may use the model known by any of ``names``."""
         ...
 
-    async def reserve(self, texts: int, images: int, price: Price | None = None) -> None:
-        """Take the request's items and credits (at the model's ``price``) before any work; raises
+    async def reserve(self, texts: int, images: int, model: ModelSpec | None = None) -> None:
+        """Take the request's items and credits (at ``model``'s price, and metered under its name)
+        before any work; raises
         :class:`~blipitm.server.errors.OverLimit` (429) or :class:`LimiterUnavailable` (503)."""
         ...
 
@@ -68,7 +69,7 @@ class Unmetered:
     def allows(self, *names: str) -> bool:
         return True
 
-    async def reserve(self, texts: int, images: int, price: Price | None = None) -> None:
+    async def reserve(self, texts: int, images: int, model: ModelSpec | None = None) -> None:
         return None
 
     def worked(self, texts: int | None = None, images: int | None = None) -> None:

@@ -23,6 +23,7 @@ from blipitm.server import docs, errors
 from blipitm.server.metrics import Metrics
 from blipitm.server.middleware import GuardMiddleware, MetricsMiddleware
 from blipitm.server.routes import (
+    chat,
     embed_v2,
     embeddings,
     explain,
@@ -38,7 +39,7 @@ from blipitm.server.settings import ServerSettings
 from blipitm.server.state import EngineFactory, ServerState
 
 if TYPE_CHECKING:
-    from blipitm.engine import Engine
+    from blipitm.engine import Captioner, Engine
 
 log = logging.getLogger("blipitm.server")
 
@@ -49,11 +50,12 @@ DESCRIPTION = (
 )
 
 
-def load_engine(options: LoadOptions) -> Engine:
-    """The default engine factory: one model and its input limits."""
-    from blipitm.engine import load_options  # torch: when the app loads the model, not before
+def load_engine(options: LoadOptions) -> Engine | Captioner:
+    """The default engine factory: what the checkpoint holds (a matching model or a captioner)
+    and its input limits."""
+    from blipitm.engine import load_any  # torch: when the app loads the model, not before
 
-    return load_options(options)
+    return load_any(options)
 
 
 class Extension(Protocol):
@@ -159,9 +161,8 @@ def create_app(
     )
     app.state.blipitm = state
     errors.install(app)
-    routers = [
-        r.router for r in (ops, models, embeddings, embed_v2, multimodal, score, rerank, search)
-    ]
+    modules = (ops, models, embeddings, embed_v2, multimodal, score, rerank, search, chat)
+    routers = [r.router for r in modules]
     routers += [router for extension in installed for router in extension.routers]
     routers += [r.router for r in (explain, playground, docs)]
     for router in routers:

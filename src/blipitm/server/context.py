@@ -18,22 +18,22 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from fastapi import Depends, Request
 
+from blipitm.config import Task
 from blipitm.engine.batcher import Batcher, Job, LocMap, QueueFull
 from blipitm.processing import ResizedImage, validate_text
 from blipitm.server.account import SCOPE_BACKGROUND, UNMETERED, Account, account_of
 from blipitm.server.errors import APIError, ErrorCode
-from blipitm.server.family import Price
 from blipitm.server.images import ImageLoader
 from blipitm.server.inputs import ImageItem, TextItem
 from blipitm.server.registry import Loaded, ModelRegistry, ServedModel
 from blipitm.server.state import ServerState
 
-if TYPE_CHECKING:
-    from blipitm.engine import Engine  # torch: loaded when the app loads a model, not on import
+if TYPE_CHECKING:  # torch: loaded when the app loads a model, not on import
+    from blipitm.engine import Captioner, Engine
 
 
 class NamesModel(Protocol):
@@ -72,7 +72,13 @@ class RequestContext(Generic[B]):
 
     @property
     def engine(self) -> Engine:
-        return self.loaded.engine
+        """The matching engine (:func:`ready` let only a matching model reach an ITM route)."""
+        return cast("Engine", self.loaded.engine)
+
+    @property
+    def captioner(self) -> Captioner:
+        """The captioner (:func:`ready` let only a captioner reach a caption route)."""
+        return cast("Captioner", self.loaded.engine)
 
     @property
     def batcher(self) -> Batcher:
@@ -81,10 +87,6 @@ class RequestContext(Generic[B]):
     @property
     def loader(self) -> ImageLoader:
         return self.loaded.loader
-
-    @property
-    def price(self) -> Price:
-        return self.model.spec.price
 
     @property
     def background(self) -> bool:
@@ -108,11 +110,11 @@ class RequestContext(Generic[B]):
             self.state.metrics.rejected.labels(reason="queue_full").inc()
             raise QueueFull(self.batcher.retry_after_s())
         # The items and credits the request declares (settled when the response is complete).
-        await self.account.reserve(len(texts), len(images), self.price)
+        await self.account.reserve(len(texts), len(images), self.model.spec)
         return self._validate_texts(texts), await self._load_images(images)
 
     def _validate_texts(self, items: Sequence[TextItem]) -> list[str]:
-        limit = self.engine.max_text_chars  # the engine's own limit: one home
+        limit = self.loaded.engine.max_text_chars  # the engine's own limit: one home
         return [validate_text(item.text, loc=item.loc, max_chars=limit) for item in items]
 
     async def _load_images(self, items: Sequence[ImageItem]) -> list[ResizedImage]:
@@ -211,20 +213,40 @@ def check_access(account: Account, model: ServedModel, named: str | None) -> Non
     )
 
 
-def ready(body_type: type[B]) -> Any:
-    """``Depends`` for a route whose body is ``body_type``: see the module docstring."""
+def check_kind(models: ModelRegistry, model: ServedModel, kind: Task) -> None:
+    """A route's model is of its kind: a captioner answers only caption routes, a matching model
+    only the others (400 ``unsupported_model``, naming the models that do)."""
+    if model.kind in (kind, None):
+        return
+    fits = ", ".join(repr(m.name) for m in models.models if m.kind == kind) or "none"
+    what = "writes captions" if model.kind == "caption" else "matches images and texts"
+    raise APIError(
+        400,
+        f"the model {model.name!r} {what} and does not serve this endpoint; the models that do: "
+        f"{fits}",
+        code=ErrorCode.UNSUPPORTED_MODEL,
+        param="model",
+    )
+
+
+def ready(body_type: type[B], kind: Task = "itm") -> Any:
+    """``Depends`` for a route whose body is ``body_type``, served by models of ``kind``: see the
+    module docstring. A request that names no model gets the default model, or, when that is of
+    another kind, the first model of this one."""
 
     async def dependency(body: B, request: Request) -> AsyncIterator[RequestContext[B]]:
         state = server_state(request)
         models = registry_of(state)
-        model = models.resolve(body.model)
+        model = models.resolve(body.model, kind)
         account = account_of(request.scope)
         check_access(account, model, body.model)
+        check_kind(models, model, kind)
         # A batch line has until its batch expires (the runner stops it then), not a request's.
         timeout = BATCH_LINE_TIMEOUT_S if request.scope.get(SCOPE_BACKGROUND) else None
         deadline = asyncio.get_running_loop().time() + (timeout or state.settings.request_timeout_s)
         loaded = await models.acquire(model, deadline)
         try:
+            check_kind(models, model, kind)  # a model of no known kind is known once loaded
             yield RequestContext(body, request, state, model, loaded, deadline, account)
         finally:
             models.release(model)

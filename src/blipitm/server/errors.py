@@ -67,6 +67,7 @@ class ErrorCode(StrEnum):
     INVALID_PAIRING = "invalid_pairing", 400
     UNSUPPORTED_INPUT = "unsupported_input", 400
     UNSUPPORTED_DIMENSIONS = "unsupported_dimensions", 400
+    UNSUPPORTED_MODEL = "unsupported_model", 400
     URL_FORBIDDEN = "url_forbidden", 400
     URL_FETCH_FAILED = "url_fetch_failed", 400
     URL_FETCH_DISABLED = "url_fetch_disabled", 400

@@ -11,6 +11,7 @@ B with the same options. ``--models-file models.toml`` names each model with its
     dtype = "bfloat16"                            #   dtype, cache_bytes, max_image_pixels, ...
     index = "indexes/base"                        # its /v1/search index
     preload = true                                # false: loaded on its first request
+    kind = "itm"                                  # or "caption" (default: what it holds)
     text_credits = 1                              # what a text costs a metered key
     image_credits = 2                             # what an image costs (default: --image-credits)
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blipitm.config import Task
 from blipitm.engine.options import LOAD_OPTIONS, LoadOptions, options_from
 from blipitm.errors import InvalidInputError
 
@@ -49,6 +51,7 @@ class ModelSpec:
     index: str | None = None  # the /v1/search index, bound to this model's manifest
     preload: bool = True  # False: loaded on its first request
     price: Price = Price()
+    kind: Task | None = None  # "itm" or "caption", as the file says; None: found when loaded
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -56,7 +59,10 @@ class ModelSpec:
         return (self.name, *(a for a in self.aliases if a != self.name))
 
 
-_SPEC_KEYS = {"source", "name", "aliases", "index", "preload", "text_credits", "image_credits"}
+_SPEC_KEYS = {
+    "source", "name", "aliases", "index", "preload", "text_credits", "image_credits", "kind"
+}  # fmt: skip
+_KINDS: tuple[Task, ...] = ("itm", "caption")
 _LOAD_KEYS = {o.name for o in LOAD_OPTIONS} - {"model"}  # `source` names the model in a file
 
 
@@ -112,6 +118,11 @@ def _spec(entry: Any, base: LoadOptions, image_credits: int, where: str) -> Mode
     image = _typed(entry, "image_credits", int, image_credits, where)
     if text < 0 or image < 0:
         raise InvalidInputError(f"{where}: credits must be >= 0", loc=("models_file",))
+    kind = _typed(entry, "kind", str, None, where)
+    if kind is not None and kind not in _KINDS:
+        raise InvalidInputError(
+            f"{where}: `kind` is one of {', '.join(_KINDS)}, got {kind!r}", loc=("models_file",)
+        )
     return ModelSpec(
         name=name,
         load=load,
@@ -119,6 +130,7 @@ def _spec(entry: Any, base: LoadOptions, image_credits: int, where: str) -> Mode
         index=_typed(entry, "index", str, None, where),
         preload=_typed(entry, "preload", bool, True, where),
         price=Price(text, image),
+        kind=kind,
     )
 
 

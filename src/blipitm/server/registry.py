@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
+from blipitm.config import Task
 from blipitm.engine.batcher import Batcher
 from blipitm.engine.jobs import WarmUp
 from blipitm.engine.options import LoadOptions
-from blipitm.errors import BlipitmError
+from blipitm.errors import BlipitmError, InvalidInputError
 from blipitm.retrieval import Index
 from blipitm.server.errors import APIError, ErrorCode
 from blipitm.server.family import ModelSpec
@@ -33,22 +34,24 @@ from blipitm.server.metrics import Metrics
 from blipitm.server.settings import ServerSettings
 from blipitm.server.urlfetch import URLFetcher
 
-if TYPE_CHECKING:
-    from blipitm.engine import Engine  # torch: loaded when the app loads a model, not on import
+if TYPE_CHECKING:  # torch: loaded when the app loads a model, not on import
+    from blipitm.engine import Captioner, Engine
 
 T = TypeVar("T")
 
 log = logging.getLogger("blipitm.server")
 
-EngineFactory = Callable[[LoadOptions], "Engine"]
+# Loads what a checkpoint holds: an Engine (image-text matching) or a Captioner.
+EngineFactory = Callable[[LoadOptions], "Engine | Captioner"]
 Status = Literal["unloaded", "loading", "ready", "failed"]
 
 
 @dataclass(frozen=True)
 class Loaded:
-    """What a request needs of a loaded model: the engine, its worker, its loader, its index."""
+    """What a request needs of a loaded model: the engine (a captioner's, for one), its worker,
+    its loader, its index."""
 
-    engine: Engine
+    engine: Engine | Captioner
     batcher: Batcher
     loader: ImageLoader
     index: Index | None
@@ -66,6 +69,7 @@ class ServedModel:
         self.active = 0  # requests holding it: it is not evicted while any does
         self.last_used = 0.0  # monotonic
         self.loads = 0
+        self.seen_kind: Task | None = None  # what the checkpoint held, once it has loaded
         # A model that preloads answers 503 (loading) until its start-up load has been tried, as
         # a server that is starting does; one loaded on demand (or again, after an eviction)
         # makes its requests wait for it.
@@ -74,6 +78,12 @@ class ServedModel:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def kind(self) -> Task | None:
+        """``itm`` or ``caption``: what the models file says, else what the checkpoint held when
+        it last loaded; None for a model never loaded whose file names no kind."""
+        return self.spec.kind or self.seen_kind
 
 
 class ModelRegistry:
@@ -106,10 +116,13 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return [m.name for m in self.models]
 
-    def resolve(self, name: str | None) -> ServedModel:
-        """The model ``name`` (a served name or an alias) names; None: the default."""
+    def resolve(self, name: str | None, kind: Task = "itm") -> ServedModel:
+        """The model ``name`` (a served name or an alias) names; None: the default, or the first
+        model of ``kind`` when the default is of another."""
         if name is None:
-            return self.default
+            if self.default.kind in (kind, None):
+                return self.default
+            return next((m for m in self.models if m.kind == kind), self.default)
         model = self._by_name.get(name)
         if model is None:
             served = ", ".join(repr(n) for n in self.names())
@@ -207,6 +220,7 @@ class ModelRegistry:
                     )
                 raise
             model.status = "ready"
+            model.seen_kind = model.loaded.engine.info.task
             model.error = None
             model.loads += 1
             model.last_used = time.monotonic()
@@ -241,8 +255,9 @@ class ModelRegistry:
         index = None
         batcher = None
         try:
+            _check_kind(spec, engine.info.task)
             if spec.index is not None:  # opened against the engine: another model is refused
-                index = await _in_passing_thread(Index.open, spec.index, engine)
+                index = await _in_passing_thread(Index.open, spec.index, cast("Engine", engine))
             s = self._settings
             batcher = Batcher(
                 engine,
@@ -301,6 +316,23 @@ def _close(loaded: Loaded) -> None:
     loaded.engine.close()
     if loaded.index is not None:
         loaded.index.close()
+
+
+def _check_kind(spec: ModelSpec, task: Task) -> None:
+    """The checkpoint holds the kind of model the models file says, and a captioner has no
+    index (an index searches matching embeddings)."""
+    if spec.kind is not None and spec.kind != task:
+        raise InvalidInputError(
+            f"the models file says {spec.name!r} is kind = {spec.kind!r}, but its checkpoint "
+            f"holds a {task!r} model; fix `kind` (or `source`)",
+            loc=("models_file",),
+        )
+    if task == "caption" and spec.index is not None:
+        raise InvalidInputError(
+            f"{spec.name!r} is a captioner, and an index belongs to a matching model; drop its "
+            "`index`",
+            loc=("models_file",),
+        )
 
 
 def _unavailable(model: ServedModel) -> APIError:

@@ -117,7 +117,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    kind: Literal["itm"] = Field(description="what the model computes: image-text matching")
+    kind: Literal["itm", "caption"] | None = Field(
+        description="image-text matching, or a captioner (/v1/chat/completions); null until a "
+        "model the models file gives no kind has loaded"
+    )
     default: bool = Field(description="answers requests that name no model")
     aliases: list[str] = Field(description="other names that resolve to this model")
     status: Literal["unloaded", "loading", "ready", "failed"] = Field(
@@ -608,6 +611,7 @@ class UsageEntry(BaseModel):
     name: str
     day: str = Field(description="UTC day, YYYY-MM-DD")
     endpoint: str
+    model: str = Field(description="the served model's name ('': the request reached no model)")
     status: int
     requests: int
     texts: int
@@ -627,6 +631,96 @@ class KeyUsage(BaseModel):
     remaining: KeyRemaining
     prices: dict[str, Price] = Field(description="credits per text and image, by model")
     data: list[UsageEntry]
+
+
+# -- /v1/chat/completions (a captioner) ----------------------------------------------------------
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | Items[ContentPart] | None = Field(
+        None,
+        description="the last user message holds one image_url part and, optionally, one text "
+        "part: the prompt the caption continues (default 'a picture of ')",
+    )
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request, answered by a captioner: the caption of the image in
+    the last user message. Beam search unless ``temperature`` > 0 (or only ``top_p``) is given,
+    which samples (docs/captioner.md#server)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "model": "blip-caption",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
+                        ],
+                    }
+                ],
+            }
+        }
+    )
+
+    model: str | None = None
+    messages: Items[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="tokens after the prompt (default 20)")
+    max_completion_tokens: int | None = Field(None, ge=1, description="as max_tokens")
+    min_tokens: int | None = Field(None, ge=0, description="tokens before the caption may end")
+    n: int = Field(1, ge=1, le=64, description="captions: the best beams, or that many samples")
+    temperature: float | None = Field(None, ge=0, description="> 0: sample at this temperature")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling (default 0.9)")
+    top_k: int | None = Field(None, ge=0, description="sampling's top-k (default 50; 0: off)")
+    num_beams: int | None = Field(None, ge=1, le=64, description="beam search's beams (default 3)")
+    repetition_penalty: float | None = Field(None, gt=0, description="default 1.0, sampling 1.1")
+    seed: int | None = Field(None, ge=0, description="reproducible samples")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Items[str] | None = Field(None, description="not supported: leave unset")
+    logprobs: bool | None = Field(None, description="not supported: leave unset or false")
+    presence_penalty: float | None = Field(
+        None, description="not supported: use repetition_penalty"
+    )
+    frequency_penalty: float | None = Field(
+        None, description="not supported: use repetition_penalty"
+    )
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int = Field(description="the prompt's tokens and the image's vision tokens")
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    system_fingerprint: None = None
 
 
 # -- /v1/explain ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ ENDPOINTS = (
     "/v1/explain",
     "/v2/embed",
     "/v1/multimodalembeddings",
+    "/v1/chat/completions",
 )
 MAX_ERRORS = 100  # a failed validation reports this many problems at most
 

@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from blipitm.server.account import SCOPE_BACKGROUND, SCOPE_BATCH_CALLER, BatchCaller
 from blipitm.server.batch.lines import (
@@ -229,7 +229,7 @@ async def send_lines(
     app: ASGIApp,
     batch: Batch,
     lines: Iterator[Line],
-    answers: Answers,
+    answers: AnswerSink,
     extra: dict[str, Any],
     window: int,
     cancelled: asyncio.Event,
@@ -259,6 +259,15 @@ async def send_lines(
     finally:
         await sender.cancel()  # the process stops: lines in flight run again on restart
     return "cancelled" if cancelled.is_set() else final
+
+
+class AnswerSink(Protocol):
+    """What :func:`send_lines` hands each line's outcome to: :class:`Answers` (the output and
+    error files), or a Ray actor's list of results that its driver writes (``ray_lines.py``)."""
+
+    def add(self, line: Line, status: int, body: Any) -> None: ...
+
+    def expire(self, line: Line) -> None: ...
 
 
 class Answers:
@@ -298,7 +307,7 @@ class _Sender:
         app: ASGIApp,
         batch: Batch,
         extra: dict[str, Any],
-        answers: Answers,
+        answers: AnswerSink,
         on_line: Callable[[], None],
     ) -> None:
         self.app, self.batch, self.extra, self.answers = app, batch, extra, answers

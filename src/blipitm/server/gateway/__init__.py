@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 
 from blipitm.keys import UsageRow
+from blipitm.keys.store import Slot
 from blipitm.server.gateway import usage
 from blipitm.server.gateway.accounts import Charge, KeyService
 from blipitm.server.gateway.auth import Authenticator, KeyChecker
@@ -108,7 +109,7 @@ def _window(w: Window | None) -> dict[str, Any] | None:
 
 
 def _merge(rows: list[UsageRow], first: str | None) -> list[UsageRow]:
-    merged: dict[tuple[str, str, str, int], UsageRow] = {}
+    merged: dict[Slot, UsageRow] = {}
     for row in rows:
         if first is not None and row.day < first:
             continue

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from blipitm.keys import KeyRecord, KeyStore, hash_secret
 from blipitm.server.account import SCOPE_ACCOUNT, LimiterUnavailable
 from blipitm.server.errors import OverLimit
-from blipitm.server.family import Price
+from blipitm.server.family import ModelSpec, Price
 from blipitm.server.gateway.limits import (
     Limiter,
     LocalLimiter,
@@ -186,6 +186,7 @@ class KeyService:
             tokens=charge.tokens if 200 <= status < 300 else 0,
             credits=spent,
             started=charge.started,
+            model=charge.model,
         )
         # The balance generation the server knows now: spending billed before it saw a new
         # balance (keys update --credits) does not eat into it.
@@ -206,6 +207,7 @@ class Charge:
     texts: int = 0
     images: int = 0
     price: Price = field(default_factory=Price)  # the request's model's, set by reserve()
+    model: str = ""  # the request's model's name, set by reserve() ('' before: never resolved)
     factor: float = 1.0  # share of the price billed (a Batch API line: --batch-credit-factor)
     credits: int = 0  # reserved, billed on success
     done: int = 0  # credits of the work the inference worker took (billed whatever the status)
@@ -241,12 +243,13 @@ class Charge:
     def allows(self, *names: str) -> bool:
         return self.key.allows_model(*names)
 
-    async def reserve(self, texts: int, images: int, price: Price | None = None) -> None:
-        """Take the request's items and credits (at the model's ``price``; default 1 per text,
+    async def reserve(self, texts: int, images: int, model: ModelSpec | None = None) -> None:
+        """Take the request's items and credits (at ``model``'s price; without one, 1 per text and
         ``--image-credits`` per image) before any work; :class:`OverLimit` (429) if a limit
-        refuses."""
+        refuses. The usage is metered under the model's name."""
         assert self.credits == 0, "one reservation per request"
-        self.price = price or Price(1, self.service.image_credits)
+        self.price = Price(1, self.service.image_credits) if model is None else model.price
+        self.model = "" if model is None else model.name
         needed = self._credits(texts, images)
         # Only what the balance may hold: a refused request bills nothing, a refunded one gives
         # back exactly what it took.

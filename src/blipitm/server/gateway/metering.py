@@ -1,9 +1,9 @@
 """Usage metering: requests are summed in memory and flushed to the key store off the hot path.
 
-A request adds to an in-memory row (key, UTC day, endpoint, status); a background task hands the
-rows to the store once a second in one transaction (:meth:`KeyStore.add_usage`), and the server's
-shutdown flushes the rest. So SIGTERM loses nothing and SIGKILL loses at most the last second.
-A failed flush (disk full, store locked past its timeout) keeps the rows for the next one.
+A request adds to an in-memory row (key, UTC day, endpoint, model, status); a background task
+hands the rows to the store once a second in one transaction (:meth:`KeyStore.add_usage`), and the
+server's shutdown flushes the rest. So SIGTERM loses nothing and SIGKILL loses at most the last
+second. A failed flush (disk full, store locked past its timeout) keeps the rows for the next one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from prometheus_client import CollectorRegistry, Counter
 
 from blipitm.keys import KeyStore, UsageRow
-from blipitm.keys.store import day_of
+from blipitm.keys.store import Slot, day_of
 
 log = logging.getLogger("blipitm.server")
 
@@ -29,7 +29,7 @@ OTHER = "_other"
 class UsageBuffer:
     def __init__(self, store: KeyStore) -> None:
         self.store = store
-        self._rows: dict[tuple[str, str, str, int], UsageRow] = {}
+        self._rows: dict[Slot, UsageRow] = {}
         # Credits by (name, the key's credit_gen when billed): see KeyStore.add_usage.
         self._spent: dict[tuple[str, int], int] = {}
         self._lock = asyncio.Lock()  # one flush at a time (the timer's and shutdown's)
@@ -137,6 +137,7 @@ def usage_row(
     tokens: int,
     credits: int,
     started: float,
+    model: str = "",
 ) -> UsageRow:
     """One finished request as a usage row (``started``: its ``time.perf_counter()``)."""
     return UsageRow(
@@ -150,4 +151,5 @@ def usage_row(
         tokens=tokens,
         credits=credits,
         latency_ms=(time.perf_counter() - started) * 1000.0,
+        model=model,
     )

@@ -42,16 +42,18 @@ async function checkKey() {
 
 function showModels(list) {
   // The picker, fed by /v1/models: shown when there is a choice; the default model first.
+  // Only matching models explain (a captioner answers /v1/chat/completions).
+  const models = list.data.filter((m) => m.kind !== "caption");
   const select = $("model");
   const previous = select.value;
-  select.replaceChildren(...list.data.map((m) => {
+  select.replaceChildren(...models.map((m) => {
     const option = document.createElement("option");
     option.value = m.id;
     option.textContent = m.id + (m.default ? " (default)" : "") + (m.status === "ready" ? "" : ` (${m.status})`);
     return option;
   }));
-  if (list.data.some((m) => m.id === previous)) select.value = previous;
-  $("model-row").hidden = list.data.length < 2;
+  if (models.some((m) => m.id === previous)) select.value = previous;
+  $("model-row").hidden = models.length < 2;
 }
 
 function showKeyField() {

@@ -29,7 +29,7 @@ def _model_card(st: ServerState, model: ServedModel) -> dict[str, Any]:
         "object": "model",
         "created": st.created,
         "owned_by": "blipitm",
-        "kind": "itm",
+        "kind": model.kind,
         "default": model.default,
         "aliases": aliases,
         "status": model.status,
