@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -83,7 +84,9 @@ class Reference:
         """Generated ids after the prompt, up to (not with) the first [SEP]."""
         return [ids for ids, _ in self.generate_ended(images, **kw)]
 
-    def generate_ended(self, images: list[Image.Image], **kw: object) -> list[tuple[list[int], str]]:
+    def generate_ended(
+        self, images: list[Image.Image], **kw: object
+    ) -> list[tuple[list[int], str]]:
         """As :meth:`generate`, each with "stop" if transformers' sequence holds a [SEP] (it
         ended there), else "length"."""
         pixels = self.processor(images, return_tensors="pt").pixel_values
@@ -411,6 +414,22 @@ def test_sampling_is_reproducible_with_a_seed(
     c = captioner.caption(images[:2], sample=True, seed=2, num_captions=3, max_length=10)
     assert a == b and a != c
     assert [len(r.captions) for r in a] == [3, 3]
+
+
+def test_one_seed_per_image_draws_as_the_image_alone(
+    captioner: blipitm.Captioner, images: list[Image.Image]
+) -> None:
+    """A list of seeds gives each image its own stream: in a batch of three, each image's
+    captions are those it draws alone (CapFilt's per-sample seeds), whatever the batch."""
+    kw: dict[str, Any] = {"sample": True, "num_captions": 2, "max_length": 10}
+    batched = captioner.caption(images, seed=[5, 6, 7], **kw)
+    alone = [
+        captioner.caption(im, seed=s, **kw)[0] for im, s in zip(images, (5, 6, 7), strict=True)
+    ]
+    assert batched == alone
+    assert captioner.caption(images[::-1], seed=[7, 6, 5], **kw) == alone[::-1]
+    with pytest.raises(InvalidInputError, match="seed: one seed per image: 2 seeds for 3"):
+        captioner.caption(images, seed=[1, 2], **kw)
 
 
 class ForcedSep:

@@ -10,10 +10,13 @@ from blipitm.cli.common import (
     add_cache_mb_alias,
     add_model_options,
     add_ray_options,
+    check_positive,
     model_values,
 )
 from blipitm.cli.progress import ConsoleProgress
 from blipitm.engine.options import FILTERING_PRESET, options_from
+from blipitm.errors import CheckpointError, InvalidInputError
+from blipitm.filtering.capfilt import DEFAULT_TOP_P, CapFilt
 from blipitm.filtering.formats import described
 from blipitm.filtering.policy import KeepFraction, KeepPolicy, Threshold
 from blipitm.filtering.readers import Columns
@@ -67,6 +70,36 @@ def add_parser(sub: Any, name: str, help: str) -> None:
     add_ray_options(
         p, doc="docs/filtering.md#ray", does="score on Ray Data", actors="scoring actors"
     )
+    c = p.add_argument_group("CapFilt: bootstrap with synthetic captions (docs/capfilt.md)")
+    c.add_argument(
+        "--capfilt",
+        action="store_true",
+        help="score each image's captions together with synthetic ones from --captioner, and "
+        "keep those that pass, as BLIP's CapFilt built its training data",
+    )
+    c.add_argument(
+        "--captioner",
+        metavar="MODEL",
+        help="the captioner (hub id, local directory or BLIP .pth), e.g. "
+        "Salesforce/blip-image-captioning-base; required with --capfilt",
+    )
+    c.add_argument("--synthetic", type=int, metavar="K", help="synthetic captions per image (1)")
+    c.add_argument("--top-p", type=float, help=f"nucleus sampling mass ({DEFAULT_TOP_P})")
+    c.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the sampling (0); each sample's own stream is derived "
+        "from it, its shard and its key",
+    )
+    c.add_argument(
+        "--caption-max-length",
+        type=int,
+        metavar="L",
+        help="most tokens of a synthetic caption, prompt included (the prompt's plus 20)",
+    )
+    c.add_argument(
+        "--caption-min-length", type=int, metavar="L", help="fewest tokens, prompt included (0)"
+    )
     # --cache-bytes: an image repeated in a later batch is not encoded again (within a batch it
     # never is); the filter's default is smaller than the library's (docs/filtering.md).
     add_model_options(p, preset=FILTERING_PRESET)
@@ -92,7 +125,9 @@ class _Printer:
 def run(args: argparse.Namespace) -> int:
     from blipitm.filtering import filter_dataset
 
-    options = options_from(model_values(args), base=FILTERING_PRESET)
+    values = model_values(args)
+    options = options_from(values, base=FILTERING_PRESET)
+    capfilt = _capfilt(args, values)  # before any model loads: a bad flag fails at once
     printer = _Printer()
     try:
         stats = filter_dataset(
@@ -105,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             write=args.write,
             restart=args.restart,
             progress=printer,
+            capfilt=capfilt,
         )
     finally:
         printer.close()
@@ -118,7 +154,71 @@ def run(args: argparse.Namespace) -> int:
         + (f"; unscored: {bad}" if bad else "")
         + f"; see {args.out}/stats.json"
     )
+    if stats.sources is not None:
+        print(
+            "kept captions: "
+            + ", ".join(
+                f"{c['kept']} of {c['pairs']} {source}" for source, c in stats.sources.items()
+            )
+        )
     return 1 if stats.shard_errors else 0
+
+
+# The CapFilt flags but --capfilt itself: meaningless without it.
+_CAPFILT_FLAGS = {
+    "captioner": "--captioner",
+    "synthetic": "--synthetic",
+    "top_p": "--top-p",
+    "seed": "--seed",
+    "caption_max_length": "--caption-max-length",
+    "caption_min_length": "--caption-min-length",
+}
+
+
+def _capfilt(args: argparse.Namespace, values: dict[str, Any]) -> CapFilt | None:
+    """The CapFilt settings the flags give (None without --capfilt); every bad value, and a
+    --captioner that is no captioner, is refused naming its flag, before a model loads."""
+    if not args.capfilt:
+        given = [flag for dest, flag in _CAPFILT_FLAGS.items() if getattr(args, dest) is not None]
+        if given:
+            raise InvalidInputError("only means something with --capfilt", loc=(given[0],))
+        return None
+    if args.captioner is None:
+        raise InvalidInputError(
+            "--capfilt needs the captioner that writes the synthetic captions, e.g. "
+            "--captioner Salesforce/blip-image-captioning-base (or a local captioner checkpoint)",
+            loc=("--captioner",),
+        )
+    check_positive(args.synthetic, "--synthetic")
+    check_positive(args.caption_max_length, "--caption-max-length")
+    check_positive(args.caption_min_length, "--caption-min-length", minimum=0)
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise InvalidInputError(f"must be in (0, 1], got {args.top_p}", loc=("--top-p",))
+    _check_captioner(args.captioner)
+    # The model flags (--device, --dtype, --protocol, the limits) apply to both models.
+    captioner = options_from(
+        {**values, "model": args.captioner, "revision": None, "tokenizer": None},
+        base=FILTERING_PRESET,
+    )
+    return CapFilt(
+        captioner,
+        synthetic=1 if args.synthetic is None else args.synthetic,
+        seed=0 if args.seed is None else args.seed,
+        top_p=DEFAULT_TOP_P if args.top_p is None else args.top_p,
+        max_length=args.caption_max_length,
+        min_length=args.caption_min_length or 0,
+    )
+
+
+def _check_captioner(source: str) -> None:
+    """A --captioner that names no captioner checkpoint (an ITM model, a missing path),
+    refused from its config alone, before any weights are read."""
+    from blipitm.checkpoint import resolve  # torch: only once the command runs
+
+    try:
+        resolve(source).require("caption")
+    except CheckpointError as e:
+        raise InvalidInputError(str(e), loc=("--captioner",)) from None
 
 
 def _keep_policy(args: argparse.Namespace) -> KeepPolicy:

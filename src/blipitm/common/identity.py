@@ -10,7 +10,9 @@ give unrelated vectors. Protocol is checked by name too, because under ``blip`` 
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -87,3 +89,25 @@ def mismatch(recorded: dict[str, Any], engine: Engine) -> str | None:
                 f"{info.source} (revision {info.revision}); load the model it was built with"
             )
     return None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def weights_digest(source: str) -> str | None:
+    """SHA-256 over a local model's weight files (names and bytes); None for a hub id (its
+    commit pins it)."""
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fp:
+            while chunk := fp.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()

@@ -150,14 +150,16 @@ class Captioner:
         top_k: int = DEFAULT_TOP_K,
         temperature: float = DEFAULT_TEMPERATURE,
         repetition_penalty: float | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         num_captions: int = 1,
         prompt: str = CAPTION_PROMPT,
     ) -> list[CaptionResult]:
         """Caption each image (a single image gives a list of one).
 
         Beam search by default (``num_beams`` 3; 1 is greedy search); ``sample=True`` draws with
-        nucleus sampling (``top_p``, ``top_k``; 0 turns top-k off), reproducibly with ``seed``;
+        nucleus sampling (``top_p``, ``top_k``; 0 turns top-k off), reproducibly with ``seed``:
+        one seed for the call, or one per image (each image then draws from its own stream, so
+        its captions do not depend on the batch it came in: CapFilt's per-sample seeds);
         ``temperature`` divides the scores first (sampling only; checked always).
         ``max_length`` and ``min_length`` count the prompt's tokens, as transformers does; without
         ``max_length`` a caption has at most 20 tokens after the prompt (transformers' default).
@@ -190,12 +192,15 @@ class Captioner:
         search.checked(len(prompt_ids), positions)
         image_list, _ = as_list(images, is_image)
         feats = self.images.features(image_list, loc=("images",))
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+        generators = self._generators(seed, len(feats))
         results: list[CaptionResult] = []
         for start in range(0, len(feats), self.image_batch):
             chunk = feats[start : start + self.image_batch]
+            generator = (
+                generators[start : start + self.image_batch]
+                if isinstance(generators, list)
+                else generators
+            )
             for generated in self._generate(chunk, prompt_ids, search, generator):
                 results.append(
                     CaptionResult(
@@ -210,12 +215,26 @@ class Captioner:
                 )
         return results
 
+    def _generators(
+        self, seed: int | Sequence[int] | None, images: int
+    ) -> torch.Generator | list[torch.Generator] | None:
+        """One stream for a call's seed, one per image for a list of seeds, or None."""
+        if seed is None:
+            return None
+        if isinstance(seed, int):
+            return torch.Generator(device=self.device).manual_seed(seed)
+        if len(seed) != images:
+            raise InvalidInputError(
+                f"one seed per image: {len(seed)} seeds for {images} images", loc=("seed",)
+            )
+        return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seed]
+
     def _generate(
         self,
         feats: Sequence[EncodedImage],
         prompt_ids: list[int],
         search: Search,
-        generator: torch.Generator | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
     ) -> list[list[Generated]]:
         with torch.inference_mode():
             tokens = torch.stack([f.tokens for f in feats]).to(self.device, self.compute_dtype)

@@ -3,8 +3,9 @@
 Each algorithm is written to give the tokens ``transformers``' ``generate`` gives for
 ``BlipForConditionalGeneration`` (5.x; docs/captioner.md says which settings): the same logits
 processors in the same order (repetition penalty, then the minimum length; for sampling then
-the temperature, top-k and top-p), the same stopping rules (``[SEP]`` or ``max_length``, both counted over the
-whole sequence, prompt included) and, for beam search, the same vectorised bookkeeping
+the temperature, top-k and top-p), the same stopping rules (``[SEP]`` or ``max_length``, both
+counted over the whole sequence, prompt included) and, for beam search, the same vectorised
+bookkeeping
 (``2 * num_beams`` candidates a step, scores divided by the generated length to the power
 ``length_penalty`` when a beam finishes, ``early_stopping=False``'s heuristic). Nothing is taken
 from transformers; ``tests/test_captioner.py`` holds the two to the same tokens.
@@ -169,9 +170,13 @@ def greedy_or_sample(
     stepper: Stepper,
     prompt: torch.Tensor,
     search: Search,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> list[list[Generated]]:
-    """``prompt [G, T0]`` -> per image, ``num_return`` captions."""
+    """``prompt [G, T0]`` -> per image, ``num_return`` captions.
+
+    ``generator``: one stream for the whole batch, or one per image (then an image's draws
+    depend on nothing but its own rows: the same captions in any batch, as CapFilt's per-sample
+    seeds need)."""
     g, t0 = prompt.shape
     m = search.num_return if search.sample else 1
     seqs = prompt.repeat_interleave(m, dim=0)  # [R, T] the live rows' sequences
@@ -186,8 +191,7 @@ def greedy_or_sample(
         if search.sample:
             scores = temperature_scale(scores, search.temperature)
             scores = top_p_filter(top_k_filter(scores, search.top_k), search.top_p)
-            probs = scores.softmax(dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            tokens = _draw(scores.softmax(dim=-1), alive // m, generator)
         else:
             tokens = scores.argmax(dim=-1)
         length += 1
@@ -207,6 +211,22 @@ def greedy_or_sample(
         logits = stepper.advance(tokens[keep], keep)
     captions = [Generated(t, r) for t, r in zip(out, reasons, strict=True)]
     return [captions[i * m : (i + 1) * m] for i in range(g)]
+
+
+def _draw(
+    probs: torch.Tensor,
+    images: torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+) -> torch.Tensor:
+    """One token per row of ``probs [R, V]``; ``images [R]``: each live row's image, the index
+    into ``generator`` when it is one stream per image."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    for image in images.unique().tolist():  # rows are image-major: each image's rows in order
+        rows = (images == image).nonzero().squeeze(1).to(probs.device)
+        tokens[rows] = torch.multinomial(probs[rows], 1, generator=generator[image])[:, 0]
+    return tokens
 
 
 # -- beam search -----------------------------------------------------------------------------------

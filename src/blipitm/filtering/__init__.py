@@ -6,9 +6,11 @@
 are the entries of :data:`FORMATS`. :func:`score_batch` is the per-batch primitive (samples ->
 score rows) that every runner calls; :func:`score_shard` scores and commits one shard;
 :class:`RayScorer` is the per-batch scoring as a callable class for users' own Ray Data
-pipelines. See docs/filtering.md.
+pipelines. :class:`CapFilt` turns a run into BLIP's CapFilt bootstrap (synthetic captions from
+a captioner, scored beside the originals). See docs/filtering.md and docs/capfilt.md.
 """
 
+from blipitm.filtering.capfilt import CapFilt
 from blipitm.filtering.formats import FORMATS, Format
 from blipitm.filtering.inputs import Shard, expand_inputs, read_shard
 from blipitm.filtering.policy import KeepFraction, KeepPolicy, Threshold
@@ -23,6 +25,7 @@ from blipitm.filtering.stats import FilterStats, Throughput
 __all__ = [
     "FORMATS",
     "By",
+    "CapFilt",
     "Columns",
     "FilterError",
     "FilterProgress",

@@ -5,15 +5,14 @@ checked against it, so that one folder never mixes two runs' scores.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blipitm.common.files import atomic_write_json
+from blipitm.common.identity import weights_digest
 from blipitm.common.safeio import loads_json, read_regular_file
 from blipitm.filtering.inputs import Shard
 from blipitm.filtering.readers import Columns
@@ -27,10 +26,17 @@ log = logging.getLogger("blipitm.filter")
 
 
 def open_out(
-    out: Path, shards: list[Shard], columns: Columns, engine: Engine, restart: bool
+    out: Path,
+    shards: list[Shard],
+    columns: Columns,
+    engine: Engine,
+    restart: bool,
+    capfilt: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's manifest: the one ``out`` holds (checked against this run), else a new one.
-    Called under the output lock, so the temporary files found here are litter of killed runs."""
+    ``capfilt``: a CapFilt run's captioner and settings (``Captioning.record``), which a resumed
+    run must repeat. Called under the output lock, so the temporary files found here are litter
+    of killed runs."""
     from blipitm.common.identity import mismatch, model_record
 
     manifest_path = out / "manifest.json"
@@ -46,6 +52,7 @@ def open_out(
             _inputs_differ(old, shards, columns)
             or mismatch(old["model"], engine)
             or _pin_differs(old.get("scoring"), pin)
+            or _capfilt_differs(old.get("capfilt"), capfilt)
         )
         if why is not None:
             raise FilterError(
@@ -60,6 +67,7 @@ def open_out(
         "columns": asdict(columns),
         "model": model_record(engine),
         "scoring": pin,
+        **({"capfilt": capfilt} if capfilt is not None else {}),
     }
     atomic_write_json(manifest_path, manifest)
     return manifest
@@ -128,26 +136,19 @@ def _pin_differs(old: Any, now: dict[str, Any]) -> str | None:
     return None
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-
-
-def weights_digest(source: str) -> str | None:
-    """SHA-256 over a local model's weight files (names and bytes); None for a hub id (its
-    commit pins it)."""
-    path = Path(os.path.expanduser(source))
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    else:
+def _capfilt_differs(old: Any, now: dict[str, Any] | None) -> str | None:
+    if old == now:
         return None
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fp:
-            while chunk := fp.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
+    if now is None:
+        return "it was a CapFilt run (--capfilt), this one is not"
+    if old is None:
+        return "it was not a CapFilt run, this one is (--capfilt)"
+    if old.get("captioner") != now["captioner"]:
+        return f"it was captioned by {old.get('captioner')}, now by {now['captioner']}"
+    changed = sorted(k for k in now if k != "captioner" and old.get(k) != now[k])
+    return "its CapFilt settings differ: " + ", ".join(
+        f"{k} {old.get(k)} (now {now[k]})" for k in changed
+    )
 
 
 def _inputs_differ(old: dict[str, Any], shards: list[Shard], columns: Columns) -> str | None:

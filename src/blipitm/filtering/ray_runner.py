@@ -28,6 +28,7 @@ import numpy as np
 
 from blipitm.common.ray_cluster import ray_cluster
 from blipitm.engine.options import LoadOptions
+from blipitm.filtering.capfilt import CapFilt, Captioning, in_actor, open_captioner
 from blipitm.filtering.inputs import Shard
 from blipitm.filtering.lock import check_owner
 from blipitm.filtering.readers import Columns
@@ -38,7 +39,8 @@ log = logging.getLogger("blipitm.filter")
 
 
 class ShardScorer:
-    """A Ray Data actor: loads the model once, then scores whole shards into ``out/scores``.
+    """A Ray Data actor: loads the model once (and, for CapFilt, the captioner: both models
+    in one actor, docs/capfilt.md says why), then scores whole shards into ``out/scores``.
 
     Input batches hold shard indices (``{"shard": [k]}``); the output rows are progress events
     with columns ``shard``, ``samples``, ``pairs``, ``done`` and ``error``.
@@ -53,6 +55,8 @@ class ShardScorer:
         batch_size: int,
         model: dict[str, Any],
         token: str | None = None,
+        capfilt: CapFilt | None = None,
+        captioner: dict[str, Any] | None = None,
     ) -> None:
         from blipitm.common.identity import mismatch
         from blipitm.common.memory import apply_memory_policy
@@ -64,6 +68,7 @@ class ShardScorer:
         why = mismatch(model, self.engine)
         if why is not None:  # e.g. a worker node with other weights under the same path
             raise FilterError(f"a Ray worker loaded another model than the driver: {why}")
+        self.captioning = None if capfilt is None else _captioning(capfilt, captioner)
         self.shards, self.folder = shards, Path(out) / "scores"
         self.columns, self.batch_size = columns, batch_size
         # The driver holds out's lock; an actor commits a shard only while it still does.
@@ -80,6 +85,7 @@ class ShardScorer:
                     self.columns,
                     self.batch_size,
                     self.before_commit,
+                    captioning=self.captioning,
                 ):
                     samples += n
                     yield _event(k, n, pairs)
@@ -87,6 +93,18 @@ class ShardScorer:
                 yield _event(k, 0, 0, error=str(e))
                 continue
             yield _event(k, samples, 0, done=True)
+
+
+def _captioning(capfilt: CapFilt, recorded: dict[str, Any] | None) -> Captioning:
+    """The actor's captioner, refused when it is not the one the driver recorded (another
+    checkpoint under the same path on a worker node)."""
+    captioning = Captioning(open_captioner(capfilt.captioner), capfilt)
+    loaded = captioning.record()["captioner"]
+    if recorded is not None and loaded != recorded:
+        raise FilterError(
+            f"a Ray worker loaded another captioner than the driver: {loaded}, not {recorded}"
+        )
+    return captioning
 
 
 def _event(k: int, samples: int, pairs: int, *, done: bool = False, error: str = "") -> Any:
@@ -108,13 +126,28 @@ def score_all_ray(
     run: RayRun,
     *,
     token: str | None = None,
+    capfilt: CapFilt | None = None,
+    captioner: dict[str, Any] | None = None,
 ) -> None:
     """Score ``tally``'s pending shards on Ray as ``run`` says; the tally records what comes
-    back. ``token``: the driver's output lock, which actors check before committing a shard."""
+    back. ``token``: the driver's output lock, which actors check before committing a shard.
+    ``capfilt``: each actor also loads its captioner (checked against ``captioner``, the
+    driver's record of it)."""
     if not tally.pending:
         return
     with ray_cluster(run) as cpus_per_worker:
-        _score_on_ray(options, model, tally, out, columns, run, cpus_per_worker, token)
+        _score_on_ray(
+            options,
+            model,
+            tally,
+            out,
+            columns,
+            run,
+            cpus_per_worker,
+            token,
+            capfilt=capfilt,
+            captioner=captioner,
+        )
 
 
 def _score_on_ray(
@@ -126,6 +159,9 @@ def _score_on_ray(
     run: RayRun,
     cpus_per_worker: float,
     token: str | None,
+    *,
+    capfilt: CapFilt | None,
+    captioner: dict[str, Any] | None,
 ) -> None:
     """The Ray Data pipeline of :func:`score_all_ray`, on a Ray already joined; progress rows
     come back as the actors score, and Ray Data's own settings are restored after."""
@@ -152,6 +188,8 @@ def _score_on_ray(
                 "batch_size": run.batch_size,
                 "model": model,
                 "token": token,
+                "capfilt": None if capfilt is None else in_actor(capfilt, run),
+                "captioner": captioner,
             },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=run.workers),

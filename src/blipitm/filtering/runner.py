@@ -28,6 +28,7 @@ import numpy as np
 from blipitm.common.memory import apply_memory_policy
 from blipitm.engine.options import LoadOptions
 from blipitm.errors import InvalidInputError
+from blipitm.filtering.capfilt import CapFilt, Captioning, open_captioner
 from blipitm.filtering.inputs import Shard, expand_inputs, read_shard
 from blipitm.filtering.lock import OutputLock
 from blipitm.filtering.manifest import open_out
@@ -70,6 +71,7 @@ def filter_dataset(
     write: Write = "both",
     restart: bool = False,
     progress: OnProgress | None = None,
+    capfilt: CapFilt | None = None,
 ) -> FilterStats:
     """Score ``inputs``, keep what ``keep_policy`` keeps, write everything to ``out`` (also
     ``stats.json``: the result returned). See docs/filtering.md.
@@ -78,6 +80,8 @@ def filter_dataset(
     cache when not given). ``run``: in this process, or a :class:`RayRun` (its actors load
     ``model``'s options, or an engine's source, revision, protocol and dtype). ``write``:
     ``"scores"`` writes no kept samples. ``progress`` is called after every scored batch.
+    ``capfilt``: bootstrap as BLIP's CapFilt, each image's captions scored with K synthetic
+    ones from its captioner (docs/capfilt.md).
     """
     # The old keyword-per-knob calls fail here with a message, not deep in a run.
     if not isinstance(keep_policy, (Threshold, KeepFraction)):
@@ -92,18 +96,23 @@ def filter_dataset(
             "model must be an Engine or a LoadOptions: LoadOptions(source) names a checkpoint",
             loc=("model",),
         )
+    if capfilt is not None and not isinstance(capfilt, CapFilt):
+        raise InvalidInputError(f"capfilt must be a CapFilt, got {capfilt!r}", loc=("capfilt",))
     shards = expand_inputs(inputs)
     out = Path(out)
     with OutputLock(out) as lock:  # one run per folder, from here to stats.json
+        captioning = None if capfilt is None else _driver_captioning(capfilt, run)
         engine = _driver_engine(model, run)
-        manifest = open_out(out, shards, columns, engine, restart)
+        record = None if captioning is None else captioning.record()
+        manifest = open_out(out, shards, columns, engine, restart, record)
         if isinstance(run, LocalRun):
             apply_memory_policy()  # a long run in this process: RSS follows the decode budget
-            totals = _score_local(engine, shards, out, columns, run, progress, lock)
+            totals = _score_local(engine, shards, out, columns, run, progress, lock, captioning)
         else:
             options = model if isinstance(model, LoadOptions) else options_of(engine)
+            actors_capfilt = None if captioning is None else captioning.for_actors()
             totals = _score_ray(
-                options, manifest["model"], shards, out, columns, run, progress, lock
+                options, manifest, shards, out, columns, run, progress, lock, actors_capfilt
             )
         return _finish(out, totals, columns, keep_policy, write)
 
@@ -117,6 +126,15 @@ def _driver_engine(model: Engine | LoadOptions, run: Run) -> Engine:
     return load_options(model if isinstance(run, LocalRun) else replace(model, device="cpu"))
 
 
+def _driver_captioning(capfilt: CapFilt, run: Run) -> Captioning:
+    """The captioner that captions here (a local run), or that only proves its identity for
+    the manifest (a Ray run: on the CPU, as the driver's engine)."""
+    captioner = capfilt.captioner
+    if isinstance(captioner, LoadOptions) and isinstance(run, RayRun):
+        captioner = replace(captioner, device="cpu")
+    return Captioning(open_captioner(captioner), capfilt)
+
+
 # -- stage 1: scores ----------------------------------------------------------------------
 
 
@@ -128,13 +146,20 @@ def _score_local(
     run: LocalRun,
     progress: OnProgress | None,
     lock: OutputLock,
+    captioning: Captioning | None = None,
 ) -> RunTotals:
     tally = Tally(shards, out, progress)
     for k in tally.pending:
         samples = 0
         try:
             for n, pairs in score_pending_shard(
-                engine, shards[k], out / "scores", columns, run.batch_size, lock.check
+                engine,
+                shards[k],
+                out / "scores",
+                columns,
+                run.batch_size,
+                lock.check,
+                captioning=captioning,
             ):
                 samples += n
                 tally.batch(k, n, pairs)
@@ -147,18 +172,29 @@ def _score_local(
 
 def _score_ray(
     options: LoadOptions,
-    model: dict[str, Any],
+    manifest: dict[str, Any],
     shards: list[Shard],
     out: Path,
     columns: Columns,
     run: RayRun,
     progress: OnProgress | None,
     lock: OutputLock,
+    capfilt: CapFilt | None = None,
 ) -> RunTotals:
     from blipitm.filtering.ray_runner import score_all_ray
 
     tally = Tally(shards, out, progress)
-    score_all_ray(options, model, tally, out, columns, run, token=lock.token)
+    score_all_ray(
+        options,
+        manifest["model"],
+        tally,
+        out,
+        columns,
+        run,
+        token=lock.token,
+        capfilt=capfilt,
+        captioner=manifest.get("capfilt", {}).get("captioner"),
+    )
     return tally.finish()
 
 
@@ -235,16 +271,24 @@ def _write_kept(out: Path, shard: Shard, columns: Columns, table: Any, column: s
                 yield sample, fields[i]
 
     fmt = shard.format
+    capfilt = "source" in table.column_names
     return fmt.write_kept(
-        out / "kept" / f"{shard.name}{fmt.kept_suffix}", Kept(shard.path, fields, samples())
+        out / "kept" / f"{shard.name}{fmt.kept_suffix}",
+        Kept(shard.path, fields, samples(), capfilt),
     )
 
 
 def _kept_fields(rows: list[dict[str, Any]], column: str) -> dict[str, Any]:
-    """The best kept candidate's scores, and every kept caption (CapFilt keeps several)."""
+    """The best kept candidate's scores, and every kept caption (a caption list keeps
+    several); a CapFilt run's rows also give ``captions``, each with its source and scores."""
     best = max(rows, key=lambda r: (r[column], -r["candidate"]))
-    return {
+    fields = {
         **{name: best[name] for name in SCORE_COLUMNS},
         "caption_kept": best["caption"],
         "captions_kept": [r["caption"] for r in rows],
     }
+    if "source" in best:
+        fields["captions"] = [
+            {k: r[k] for k in ("caption", "source", *SCORE_COLUMNS)} for r in rows
+        ]
+    return fields

@@ -13,6 +13,7 @@ from blipitm.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from blipitm.engine import Engine
+    from blipitm.engine.captioner import Captioner
 
 # What a run loads when not told: the default model, with the filter's image cache (the preset
 # beside LoadOptions says why it is small).
@@ -51,8 +52,9 @@ Run = LocalRun | RayRun
 DEFAULT_RUN = LocalRun()
 
 
-def options_of(engine: Engine) -> LoadOptions:
-    """What a Ray actor loads to get ``engine``'s model (checked against it by the probe)."""
+def options_of(engine: Engine | Captioner) -> LoadOptions:
+    """What a Ray actor loads to get ``engine``'s model (checked against it by the probe), or a
+    captioner's (checked by its manifest record)."""
     info = engine.info
     return LoadOptions(
         info.source,

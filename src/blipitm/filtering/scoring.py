@@ -77,13 +77,20 @@ def score_batch(engine: Engine, samples: Sequence[Sample]) -> dict[str, list[Any
             scores = _score(engine, samples, live, pairs)
             break
         except InvalidInputError as e:
-            where, pos = (*e.loc, None, None)[:2]
-            if where != "images" or not isinstance(pos, int):
-                raise
-            status[live[pos]] = ("bad_image", str(e))
+            status[live[refused_item(e, "images")]] = ("bad_image", str(e))
     rows = _rows(samples, status, bad_text, pairs, scores)
     release_free_memory()  # the batch's images and activations: keeps a long run's RSS flat
     return rows
+
+
+def refused_item(e: InvalidInputError, field: str) -> int:
+    """Which item of ``field`` (``"images"``, ``"texts"``) an engine call refused, so that the
+    caller can mark it and call again without it; ``e`` itself when it is about anything else
+    (an argument, the whole call)."""
+    where, pos = (*e.loc, None, None)[:2]
+    if where != field or not isinstance(pos, int):
+        raise e
+    return pos
 
 
 def _bad_captions(
@@ -105,10 +112,7 @@ def _bad_captions(
             engine.count_tokens([samples[i].captions[c] for i, c in live])
             return bad
         except InvalidInputError as e:
-            where, pos = (*e.loc, None, None)[:2]
-            if where != "texts" or not isinstance(pos, int):
-                raise
-            bad[live[pos]] = ("bad_caption", e.reason)
+            bad[live[refused_item(e, "texts")]] = ("bad_caption", e.reason)
 
 
 def _score(

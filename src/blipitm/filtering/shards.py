@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from blipitm.common.files import atomic_write_json, fsync_dir
 from blipitm.common.safeio import loads_json, read_regular_file
 from blipitm.errors import BlipitmError, InvalidInputError
+from blipitm.filtering.capfilt import Captioning, row_sources
 from blipitm.filtering.inputs import Shard, read_shard
 from blipitm.filtering.readers import Columns, Sample
 from blipitm.filtering.scoring import SCORE_COLUMNS, score_batch
@@ -198,11 +199,15 @@ def score_pending_shard(
     columns: Columns,
     batch_size: int,
     before_commit: Callable[[], None] | None = None,
+    *,
+    captioning: Captioning | None = None,
 ) -> Iterator[tuple[int, int]]:
     """:func:`score_shard`, with an unreadable input turned into :class:`ShardUnreadable`
     (its partial file is removed by ``score_shard``); errors about anything else propagate."""
     try:
-        yield from score_shard(engine, shard, folder, columns, batch_size, before_commit)
+        yield from score_shard(
+            engine, shard, folder, columns, batch_size, before_commit, captioning=captioning
+        )
     except _UNREADABLE as e:
         if isinstance(e, InvalidInputError) and e.loc[:1] not in ((), ("inputs",)):
             raise
@@ -216,6 +221,8 @@ def score_shard(
     columns: Columns | None = None,
     batch_size: int = 256,
     before_commit: Callable[[], None] | None = None,
+    *,
+    captioning: Captioning | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Score one shard into ``folder/NAME.parquet`` and commit it with ``NAME.done.json``.
 
@@ -224,7 +231,8 @@ def score_shard(
     The rows go to a temporary file of this call's own (``.NAME.parquet.partial-XXXX``), which
     is renamed into place: two writers of one shard never write one file, and each commits only
     what it wrote. ``before_commit`` may raise to stop the commit (the output lock's check).
-    Unscored rows hold NULL scores.
+    Unscored rows hold NULL scores. With ``captioning`` (CapFilt), each batch gets its
+    synthetic captions first and every row a ``source`` column.
     """
     import pyarrow.parquet as pq
 
@@ -233,12 +241,18 @@ def score_shard(
     os.close(fd)
     tmp = Path(name)
     samples = pairs = 0
+    schema = scores_schema(capfilt=captioning is not None)
     try:
-        with pq.ParquetWriter(tmp, scores_schema()) as writer:
+        with pq.ParquetWriter(tmp, schema) as writer:
             for batch in _batches(read_shard(shard, columns or Columns()), batch_size):
-                rows = score_batch(engine, batch)
+                if captioning is None:
+                    rows = score_batch(engine, batch)
+                else:
+                    captioned, originals = captioning.add(batch, shard.name)
+                    rows = score_batch(engine, captioned)
+                    rows["source"] = row_sources(rows, originals)
                 rows["sample"] = [samples + i for i in rows["sample"]]
-                writer.write_table(_table(rows))
+                writer.write_table(_table(rows, schema))
                 samples += len(batch)
                 pairs += len(rows["sample"])
                 yield len(batch), len(rows["sample"])
@@ -267,17 +281,14 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what mkstemp's 0600 becomes: an ordinary file
 
 
-def _table(rows: dict[str, list[Any]]) -> Any:
+def _table(rows: dict[str, list[Any]], schema: Any) -> Any:
     """Score rows as Arrow: a NaN score (no score) is NULL, so that SQL engines neither count
     it in ``>= x`` nor sort it first."""
     import pyarrow as pa
 
     return pa.Table.from_arrays(
-        [
-            pa.array(rows[f.name], f.type, from_pandas=f.name in SCORE_COLUMNS)
-            for f in scores_schema()
-        ],
-        schema=scores_schema(),
+        [pa.array(rows[f.name], f.type, from_pandas=f.name in SCORE_COLUMNS) for f in schema],
+        schema=schema,
     )
 
 
@@ -293,9 +304,10 @@ def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 @functools.cache
-def scores_schema() -> Any:
+def scores_schema(capfilt: bool = False) -> Any:
     """The Arrow schema of a shard's scores file (built on first use: pyarrow is the filter
-    extra's, and importing blipitm.filtering needs no extra)."""
+    extra's, and importing blipitm.filtering needs no extra); ``capfilt`` adds ``source``
+    (``original`` / ``synthetic``) after the caption."""
     import pyarrow as pa
 
     return pa.schema(
@@ -304,6 +316,7 @@ def scores_schema() -> Any:
             ("id", pa.string()),
             ("candidate", pa.int32()),
             ("caption", pa.string()),
+            *([("source", pa.string())] if capfilt else []),
             *[(name, pa.float32()) for name in SCORE_COLUMNS],
             ("status", pa.string()),
             ("error", pa.string()),

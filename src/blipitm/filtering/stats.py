@@ -61,9 +61,16 @@ class FilterStats:
     shard_errors: list[dict[str, str]]  # inputs that could not be read: shard, error
     quantiles: dict[str, dict[str, float]]  # score column -> quantile -> value
     throughput: Throughput
+    # CapFilt runs only: per source ("original", "synthetic"), its pairs, scored and kept.
+    sources: dict[str, dict[str, int]] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """One key per field; ``sources`` only for a CapFilt run (a plain run's file is as
+        it always was)."""
+        out = asdict(self)
+        if out["sources"] is None:
+            del out["sources"]
+        return out
 
     def write(self, path: Path) -> None:
         atomic_write_json(path, self.to_json())
@@ -87,10 +94,15 @@ def collect_stats(
     sample_status: Counter[str] = Counter()
     errors: list[dict[str, Any]] = []
     samples = 0
+    by_source: dict[str, Counter[str]] = {}
     for path in score_files:
-        t = pq.read_table(path, columns=["sample", "id", "candidate", "status", "error"])
+        capfilt = "source" in pq.read_schema(path).names
+        extra = ["source", "kept"] if capfilt else []
+        t = pq.read_table(path, columns=["sample", "id", "candidate", "status", "error", *extra])
         st = t["status"].to_pylist()
         status.update(st)
+        if capfilt:
+            _count_sources(by_source, t)
         first = [c == 0 for c in t["candidate"].to_pylist()]
         sample_status.update(s for s, f in zip(st, first, strict=True) if f)
         samples += sum(first)
@@ -131,7 +143,22 @@ def collect_stats(
         shard_errors=shard_errors,
         quantiles=quantiles,
         throughput=throughput,
+        sources={k: dict(v) for k, v in sorted(by_source.items())} if by_source else None,
     )
+
+
+def _count_sources(counts: dict[str, Counter[str]], table: Any) -> None:
+    """Add one CapFilt score table's pairs, scored pairs and kept pairs per source."""
+    for source, st, kept in zip(
+        table["source"].to_pylist(),
+        table["status"].to_pylist(),
+        table["kept"].to_pylist(),
+        strict=True,
+    ):
+        c = counts.setdefault(source, Counter(pairs=0, scored=0, kept=0))
+        c["pairs"] += 1
+        c["scored"] += st == "ok"
+        c["kept"] += bool(kept)
 
 
 def write_histogram(path: Path, score_files: Sequence[Path], column: str, threshold: float) -> None:

@@ -37,6 +37,7 @@ class Kept:
     source: str  # the input file
     fields: Mapping[int, dict[str, Any]]  # sample number -> the score fields it gets
     samples: Iterable[tuple[Sample, dict[str, Any]]]  # the kept samples with their fields
+    capfilt: bool = False  # the fields hold CapFilt's ``captions`` (see kept_fields)
 
 
 def write_kept_tar(path: Path, kept: Kept) -> int:
@@ -60,15 +61,27 @@ def write_kept_tar(path: Path, kept: Kept) -> int:
     return count
 
 
-def kept_fields() -> list[Any]:
-    """The columns a kept table row gets (replacing input columns of the same names)."""
+def kept_fields(capfilt: bool = False) -> list[Any]:
+    """The columns a kept table row gets (replacing input columns of the same names); a
+    CapFilt run's also get ``captions``: each kept caption with its source and scores, the
+    bootstrapped caption field."""
     import pyarrow as pa
 
-    return [
+    fields = [
         *[pa.field(name, pa.float32()) for name in SCORE_COLUMNS],
         pa.field("caption_kept", pa.string()),
         pa.field("captions_kept", pa.list_(pa.string())),
     ]
+    if capfilt:
+        kept_caption = pa.struct(
+            [
+                pa.field("caption", pa.string()),
+                pa.field("source", pa.string()),
+                *[pa.field(name, pa.float32()) for name in SCORE_COLUMNS],
+            ]
+        )
+        fields.append(pa.field("captions", pa.list_(kept_caption)))
+    return fields
 
 
 def _with_scores(table: Any, fields: list[Any], scores: list[dict[str, Any]]) -> Any:
@@ -85,7 +98,7 @@ def write_kept_parquet(path: Path, kept: Kept) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fields = kept_fields()
+    fields = kept_fields(kept.capfilt)
     rows_kept: Mapping[int, dict[str, Any]] = kept.fields
     count = 0
 
@@ -132,7 +145,7 @@ def write_kept_delimited(path: Path, kept: Kept, *, dialect: type[csv.Dialect]) 
 
     with open(kept.source, encoding="utf-8", newline="") as f:
         header = next(csv.reader(f, dialect), [])
-    fields = kept_fields()
+    fields = kept_fields(kept.capfilt)
     names = {x.name for x in fields}
     schema = pa.schema([pa.field(h, pa.string()) for h in header if h not in names] + fields)
     rows = [{**sample.raw, **scores} for sample, scores in kept.samples]
