@@ -40,13 +40,14 @@ from run import captions, jpeg_images  # noqa: E402
 from server_helpers import ServerProcess, data_uri, free_port  # noqa: E402
 
 KEY = "bench-key"
+SERVE_FLAGS: list[str] = []  # --serve-flag: more `blipitm serve` flags for every server started
 
 
 def serve(ckpt: Path, batch_dir: Path, *flags: str) -> ServerProcess:
     port = free_port()
     argv = ["-m", "blipitm.cli.main", "serve", "--model", str(ckpt), "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--batch-dir", str(batch_dir), "--api-key", KEY]
-    server = ServerProcess([*argv, "--log-level", "warning", *flags], port)
+    server = ServerProcess([*argv, "--log-level", "warning", *SERVE_FLAGS, *flags], port)
     server.wait_ready(timeout=600)
     return server
 
@@ -203,8 +204,15 @@ def main() -> None:
     ap.add_argument(
         "--parts", default="throughput,latency,memory", help="which measurements, comma-separated"
     )
+    ap.add_argument(
+        "--serve-flag",
+        action="append",
+        default=[],
+        help="a flag for every server, e.g. --serve-flag=--batch-worker-lines=16 (repeatable)",
+    )
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    SERVE_FLAGS.extend(args.serve_flag)
     args.out.mkdir(parents=True, exist_ok=True)
     base, tiny = args.out / "base", args.out / "tiny"
     if not (base / "model.safetensors").exists():
