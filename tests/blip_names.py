@@ -167,3 +167,34 @@ def write_blip_pth(
     weights |= training_extras(weights, seed=seed, queue_size=queue_size)
     torch.save({"model": weights}, path)
     return path
+
+
+# BLIP_Decoder (models/blip.py): the same ViT as ``visual_encoder``; ``text_decoder`` is med.py's
+# BertLMHeadModel, whose names transformers kept (``bert.*``, ``cls.predictions.*``). Its
+# state_dict also holds the output layer tied to the word embeddings, the bias it shares, and
+# BertEmbeddings' position_ids buffer.
+CAPTION_TIED = (
+    (
+        "text_decoder.cls.predictions.decoder.weight",
+        "text_decoder.bert.embeddings.word_embeddings.weight",
+    ),
+    ("text_decoder.cls.predictions.decoder.bias", "text_decoder.cls.predictions.bias"),
+)
+
+
+def write_blip_caption_pth(hf_state_dict: Mapping[str, torch.Tensor], path: Path) -> Path:
+    """Write a ``BlipForConditionalGeneration`` state dict as BLIP's captioner ``.pth``
+    (``{"model": BLIP_Decoder.state_dict()}``)."""
+    keys = list(hf_state_dict)
+    names = dict(VISION_STEM)
+    for n in range(_layers(keys, "vision_model.encoder.layers.")):
+        for blip, hf in VISION_BLOCK:
+            names[BLIP_BLOCK.format(n=n) + blip] = HF_BLOCK.format(n=n) + hf
+    names |= {k: k for k in keys if k.startswith("text_decoder.")}
+    assert set(names.values()) == set(keys), sorted(set(keys) - set(names.values()))
+    weights = {blip: hf_state_dict[hf] for blip, hf in names.items()}
+    weights |= {copy: weights[source] for copy, source in CAPTION_TIED}
+    positions = weights["text_decoder.bert.embeddings.position_embeddings.weight"].shape[0]
+    weights["text_decoder.bert.embeddings.position_ids"] = torch.arange(positions)[None]
+    torch.save({"model": weights}, path)
+    return path

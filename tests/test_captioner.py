@@ -33,6 +33,7 @@ from transformers.generation.logits_process import (
 )
 
 import blipitm
+from blip_names import write_blip_caption_pth
 from blipitm.cli.main import main
 from blipitm.engine.generation import (
     CachedStepper,
@@ -47,10 +48,12 @@ from blipitm.engine.generation import (
 )
 from blipitm.errors import CheckpointError, InvalidInputError
 from blipitm.testing.make_checkpoint import make_checkpoint
+from blipitm.testing.vocab import write_tokenizer_files
 
 PROMPT = "a picture of "  # BLIP's, written here rather than imported
 DEC = 30522  # the hub config's text_config.bos_token_id
 SEP = 102
+BASE_LOGIT_ATOL = 1e-5  # base size, fp32 (measured: see test_base_size_parity_in_both_layouts)
 
 
 @pytest.fixture(scope="module")
@@ -348,6 +351,70 @@ def test_teacher_forced_logits_match_per_step(
     stepped = torch.stack(steps, dim=1)  # positions 3.. of the sequence
     err_steps = (stepped - expected[:, 3:]).abs().max().item()
     assert err_steps < 1e-5, err_steps
+
+
+@pytest.fixture(scope="module")
+def base_caption(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One random captioner of the real base shapes (ViT-B/16 at 384, BERT-base decoder, 12
+    heads) in both layouts: the hub directory, and the same tensors as BLIP's ``.pth`` (named from
+    tests/blip_names.py's hand-written table, not blipitm's key map). Written once per session
+    under the session's base temp dir, as test_dtypes.py's base checkpoint."""
+    root = Path(tmp_path_factory.getbasetemp()) / "base-caption"
+    hub = root / "hub"
+    pth = root / "pth" / "model_base_caption_capfilt_large.pth"
+    if not (hub / "config.json").exists():
+        make_checkpoint(hub, preset="base", seed=13, task="caption")
+    if not pth.exists():
+        pth.parent.mkdir(parents=True, exist_ok=True)
+        write_tokenizer_files(pth.parent)
+        write_blip_caption_pth(load_file(hub / "model.safetensors"), pth)
+    return hub, pth
+
+
+@pytest.mark.slow
+def test_base_size_parity_in_both_layouts(
+    base_caption: tuple[Path, Path], images: list[Image.Image]
+) -> None:
+    """Base size, both layouts, protocol "blip" (the default, and the only one a .pth has):
+    greedy and beam-3 captions token for token, and teacher-forced logits at every position,
+    against transformers configured as BLIP runs (head size 64, vision eps 1e-6).
+
+    The random 12-layer decoder ranks one token first at every position for every image (by
+    0.4-0.7 over the second, though logits differ by up to 0.85 between images), so both
+    searches run with a repetition penalty of 1.3: the tokens then differ by step and image."""
+    hub, pth = base_caption
+    ims = images[:1]  # batching is the tiny tests' business; one image keeps this ~1/3 cheaper
+    search = {"max_length": 12, "repetition_penalty": 1.3}
+    ref = Reference(hub, blip=True)
+    want_greedy = ref.generate(ims, num_beams=1, **search)
+    want_beam = ref.generate(ims, num_beams=3, **search)
+    assert len({t for ids in want_greedy + want_beam for t in ids}) > 5
+    ids = torch.tensor([[DEC, 1037, 3861, 1997, 1037, 3899, 2006, 1996, 5568, SEP]] * len(ims))
+    pixels = ref.processor(ims, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        want_logits = ref.model(pixel_values=pixels, input_ids=ids).logits  # [2, T, V]
+    del ref
+    for source in (hub, pth):
+        captioner = blipitm.load_captioner(source)
+        greedy, _ = _tokens_and_captions(captioner, ims, num_beams=1, **search)  # type: ignore[arg-type]
+        beam, _ = _tokens_and_captions(captioner, ims, num_beams=3, **search)  # type: ignore[arg-type]
+        assert [t for image in greedy for t in image] == want_greedy, source
+        assert [t for image in beam for t in image] == want_beam, source
+        model = captioner.model
+        with torch.inference_mode():
+            tokens = torch.stack(
+                [f.tokens for f in captioner.images.features(ims, loc=("images",))]
+            )
+            cache = model.new_cache(
+                len(ims), ids.shape[1], dtype=tokens.dtype, device=tokens.device
+            )
+            kv = model.cross_kv(tokens)
+            got = model.decode(ids, cache, kv, [1] * len(ims), last_only=False)
+        assert got.shape == want_logits.shape
+        err = (got - want_logits).abs().max().item()
+        print(f"\n{source.name}: teacher-forced logits max |err| {err:.2e}")
+        assert err < BASE_LOGIT_ATOL, (source, err)
+        del captioner, model
 
 
 # -- the parts ------------------------------------------------------------------------------------

@@ -5,10 +5,9 @@ Each algorithm is written to give the tokens ``transformers``' ``generate`` give
 processors in the same order (repetition penalty, then the minimum length; for sampling then
 the temperature, top-k and top-p), the same stopping rules (``[SEP]`` or ``max_length``, both
 counted over the whole sequence, prompt included) and, for beam search, the same vectorised
-bookkeeping
-(``2 * num_beams`` candidates a step, scores divided by the generated length to the power
-``length_penalty`` when a beam finishes, ``early_stopping=False``'s heuristic). Nothing is taken
-from transformers; ``tests/test_captioner.py`` holds the two to the same tokens.
+bookkeeping (``2 * num_beams`` candidates a step, scores divided by the generated length to the
+power ``length_penalty`` when a beam finishes, ``early_stopping=False``'s heuristic). Nothing is
+taken from transformers; ``tests/test_captioner.py`` holds the two to the same tokens.
 
 The algorithms drive a :class:`Stepper`, which owns the model state (caches) and the layout of
 rows: ``start`` runs the prompt of every row, ``advance`` feeds one token per row after keeping
