@@ -31,6 +31,7 @@ from blipitm.model.layers import LayerNorm, Linear
 from blipitm.model.quant import quantize_int8
 from blipitm.model.text import Attention, CrossKV, DenseKV, TextEncoder, TextLayer
 from blipitm.model.vision import VisionTransformer
+from blipitm.preemption import yield_point
 
 
 @dataclass
@@ -181,6 +182,7 @@ class BlipCaptioner(nn.Module):
             x = _cached_self_attention(layer.attention, x, cache, i, mask)
             flat = layer.crossattention.forward_cross(x.reshape(b * t, d), cross_kv[i], rows)
             x = layer.output(layer.intermediate(flat), flat).view(b, t, d)
+            yield_point()  # a background batch lets online work run here (blipitm.preemption)
         cache.length = past + t
         if last_only:
             x = x[:, -1]
