@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from blipitm.engine.options import FILTERING_PRESET
 from blipitm.filtering import CapFilt, FilterProgress, LocalRun, Threshold, filter_dataset
 from blipitm.filtering.capfilt import Captioning
 from filter_bench import write_shards
-from run import captions, jpeg_images
+from run import captions, cpu_flags, jpeg_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,15 +116,6 @@ def checkpoints(preset: str) -> tuple[Path, Path]:
     if not (cap / "config.json").exists():
         make_checkpoint(cap, preset=preset, seed=1, task="caption")
     return itm, cap
-
-
-def cpu_flags() -> list[str]:
-    """What ``grep -o 'amx_bf16\\|avx512_bf16' /proc/cpuinfo`` finds (once each)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return sorted(set(re.findall(r"\b(?:amx_bf16|avx512_bf16)\b", text)))
 
 
 def main() -> None:
