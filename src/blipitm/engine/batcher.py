@@ -51,6 +51,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("blipitm.batcher")
 
+# Background jobs in one worker batch: large enough that a batch runs at the engine's speed
+# (BENCHMARKS.md, "Batch API": 32 lines of 8 captions, 1.01x Engine.encode_texts), since online
+# work no longer waits for the batch, only for the layer in hand.
+DEFAULT_BACKGROUND_BATCH = 32
+
 # An engine error's location -> the caller's: ("texts", 3) -> ("input", 5).
 LocMap = Callable[[Loc], Loc]
 # A merged job's result -> each merged job's own, in job order.
@@ -146,7 +151,7 @@ class Batcher:
         max_wait_ms: float,
         max_queue: int,
         observer: BatcherObserver | None = None,
-        max_background_batch: int = 4,
+        max_background_batch: int = DEFAULT_BACKGROUND_BATCH,
     ) -> None:
         """``max_background_batch``: the most background jobs in one worker batch. An online
         request that arrives while one runs waits for it, so it is kept short; a batch that starts

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from blipitm.engine.batcher import DEFAULT_BACKGROUND_BATCH
 from blipitm.engine.options import (
     LIMIT_OPTIONS,
     LOAD_OPTIONS,
@@ -87,7 +88,7 @@ class ServerSettings:
     batch_credit_factor: float = 0.5
     batch_max_active: int = 4
     batch_window: int = 64
-    batch_worker_lines: int = 4
+    batch_worker_lines: int = DEFAULT_BACKGROUND_BATCH
     # -- connections (see server/transport/) -------------------------------------------------------
     head_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
@@ -304,8 +305,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "batch_worker_lines",
-        "most batch lines in one worker batch: an online request waits for one such batch at "
-        "most (smaller: online answers sooner; larger: batches run faster)",
+        "most batch lines in one worker batch (it yields to online requests between two layers: "
+        "larger runs batches faster, smaller gives online requests a shorter layer to wait for)",
         int,
     ),
     Option(
