@@ -468,6 +468,8 @@ def test_an_app_without_the_gateway_serves_every_model_route(engine: Engine) -> 
         ("POST", "/v2/rerank", {"query": "a dog", "documents": [uri, uri]}, 200),
         ("POST", "/v1/explain", {"image": uri, "texts": "a dog", "token_maps": False}, 200),
         ("POST", "/v1/search", {"query": "a dog"}, 404),  # the server's answer: no --index
+        # The server's answer: a matching model does not caption (no captioner is served).
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400),
         ("GET", "/v1/usage", None, 404),  # the gateway's route
     ]
 

@@ -503,6 +503,7 @@ OPERATIONS = [
     ("POST", "/v1/search"),  # this server has no --index: 404 in the documented envelope
     ("GET", "/v1/usage"),  # operator keys only here: 400 not_a_metered_key
     ("POST", "/v1/explain"),
+    ("POST", "/v1/chat/completions"),  # a matching model only here: 400 unsupported_model
 ]
 
 

@@ -638,7 +638,27 @@ class KeyUsage(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Items[ContentPart] | None = Field(
+    # Parts are validated in the route, for the last user message only (the one read), so that
+    # a list of messages never validates a list per message.
+    content: (
+        str
+        | Annotated[
+            list[Any],
+            BeforeValidator(_bounded),
+            WithJsonSchema(
+                {
+                    "type": "array",
+                    "items": {
+                        "oneOf": [
+                            _part("text", "text", _STRING),
+                            _part("image_url", "image_url", _URL_OBJECT),
+                        ]
+                    },
+                }
+            ),
+        ]
+        | None
+    ) = Field(
         None,
         description="the last user message holds one image_url part and, optionally, one text "
         "part: the prompt the caption continues (default 'a picture of ')",

@@ -19,22 +19,24 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 
 from blipitm.engine.jobs import Caption
 from blipitm.engine.types import CaptionResult
 from blipitm.errors import Loc, format_loc
 from blipitm.server.context import RequestContext, ready
-from blipitm.server.errors import API_ERRORS, APIError, ErrorCode
+from blipitm.server.errors import API_ERRORS, APIError, ErrorCode, from_validation_errors
 from blipitm.server.inputs import ImageItem, TextItem
 from blipitm.server.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ContentPart,
     ImageURLPart,
     TextPart,
 )
 
 router = APIRouter()
+
+CHAT_PARTS: dict[str, type[BaseModel]] = {"text": TextPart, "image_url": ImageURLPart}
 
 Context = Annotated[
     RequestContext[ChatCompletionRequest], ready(ChatCompletionRequest, kind="caption")
@@ -71,7 +73,7 @@ def _image_and_prompt(body: ChatCompletionRequest) -> tuple[ImageItem, TextItem 
         raise _bad("needs a user message holding an image_url part", "messages")
     where: Loc = ("messages", last, "content")
     content = body.messages[last].content
-    parts: list[ContentPart] = [] if content is None or isinstance(content, str) else content
+    parts = _parts([] if content is None or isinstance(content, str) else content, where)
     images = [(i, p) for i, p in enumerate(parts) if isinstance(p, ImageURLPart)]
     texts = [(i, p) for i, p in enumerate(parts) if isinstance(p, TextPart)]
     param = format_loc(where)
@@ -90,6 +92,23 @@ def _image_and_prompt(body: ChatCompletionRequest) -> tuple[ImageItem, TextItem 
         j, text = texts[0]
         prompt = TextItem(text.text, (*where, j, "text"))
     return ImageItem(image.image_url.url, (*where, i, "image_url", "url")), prompt
+
+
+def _parts(content: list[Any], where: Loc) -> list[BaseModel]:
+    """The message's parts, each validated as the model its ``type`` names."""
+    parts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        model = CHAT_PARTS.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            msg = "a part is an object whose type is 'text' or 'image_url'"
+            raise from_validation_errors([{"loc": (*where, i, "type"), "msg": msg, "type": "part"}])
+        try:
+            parts.append(model.model_validate(part))
+        except ValidationError as e:
+            errors = [{**err, "loc": (*where, i, *err["loc"])} for err in e.errors()]
+            raise from_validation_errors(errors) from None
+    return parts
 
 
 def _settings(
