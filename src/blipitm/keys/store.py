@@ -56,7 +56,24 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LIMITS = ("rpm", "items_per_minute", "concurrency")
 MAX_INT = 2**63 - 1  # SQLite's largest integer: limits and balances stay integers below it
 
-_SCHEMA = """
+# The usage table, as a new store creates it and as an older one is migrated to.
+_USAGE_TABLE = """CREATE TABLE IF NOT EXISTS usage (
+    name TEXT NOT NULL,
+    day TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    texts INTEGER NOT NULL,
+    images INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    credits INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    model TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (name, day, endpoint, model, status)
+);
+"""
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS keys (
     name TEXT PRIMARY KEY,
     hash BLOB NOT NULL UNIQUE,
@@ -73,21 +90,7 @@ CREATE TABLE IF NOT EXISTS keys (
     credit_gen INTEGER NOT NULL DEFAULT 0,
     rev INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS usage (
-    name TEXT NOT NULL,
-    day TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    requests INTEGER NOT NULL,
-    texts INTEGER NOT NULL,
-    images INTEGER NOT NULL,
-    tokens INTEGER NOT NULL,
-    credits INTEGER NOT NULL,
-    latency_ms REAL NOT NULL,
-    model TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (name, day, endpoint, model, status)
-);
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+{_USAGE_TABLE}CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('rev', 0);
 """
 
@@ -99,23 +102,9 @@ _ADDED_COLUMNS = {
 
 # Stores made before usage was kept per model: the key gains `model` (a SQLite table's key
 # cannot change in place, so the table is copied; the old rows are the model '').
-_USAGE_BY_MODEL = """
+_USAGE_BY_MODEL = f"""
 ALTER TABLE usage RENAME TO usage_before_models;
-CREATE TABLE usage (
-    name TEXT NOT NULL,
-    day TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    requests INTEGER NOT NULL,
-    texts INTEGER NOT NULL,
-    images INTEGER NOT NULL,
-    tokens INTEGER NOT NULL,
-    credits INTEGER NOT NULL,
-    latency_ms REAL NOT NULL,
-    model TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (name, day, endpoint, model, status)
-);
-INSERT INTO usage SELECT *, '' FROM usage_before_models;
+{_USAGE_TABLE}INSERT INTO usage SELECT *, '' FROM usage_before_models;
 DROP TABLE usage_before_models;
 """
 
