@@ -42,15 +42,20 @@ def model_probe(engine: Engine) -> dict[str, list[float]]:
     }
 
 
+def recorded_source(source: str) -> str:
+    """A model's source as a manifest records it: a local path (which wins, as in resolve())
+    made absolute, so that it is found from any directory; a hub id as it is."""
+    if os.path.exists(os.path.expanduser(source)):
+        return os.path.abspath(os.path.expanduser(source))
+    return source
+
+
 def model_record(engine: Engine) -> dict[str, Any]:
     """What a manifest stores about the model: its info plus the probe. A local source is
     recorded as an absolute path, so that the index finds its model from any directory."""
     info = engine.info
-    source = info.source
-    if os.path.exists(os.path.expanduser(source)):  # a local path wins, as in resolve()
-        source = os.path.abspath(os.path.expanduser(source))
     return {
-        "source": source,
+        "source": recorded_source(info.source),
         "format": info.kind,
         "revision": info.revision,
         "commit": info.commit,

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from blipitm.common.identity import weights_digest
+from blipitm.common.identity import recorded_source, weights_digest
 from blipitm.engine.options import LoadOptions
 from blipitm.errors import CheckpointError, InvalidInputError
 from blipitm.filtering.readers import Sample
@@ -104,11 +104,8 @@ def open_captioner(captioner: LoadOptions | Captioner, *, name: str = "captioner
 def captioner_record(captioner: Captioner) -> dict[str, Any]:
     """The captioner's identity as the manifest records it: what pins its captions."""
     info = captioner.info
-    source = info.source
-    if os.path.exists(os.path.expanduser(source)):
-        source = os.path.abspath(os.path.expanduser(source))
     return {
-        "source": source,
+        "source": recorded_source(info.source),
         "revision": info.revision,
         "commit": info.commit,
         "protocol": info.protocol,
