@@ -31,30 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import blipitm
 from blipitm.engine.options import FILTERING_PRESET
-from blipitm.filtering import CapFilt, FilterProgress, LocalRun, Threshold, filter_dataset
+from blipitm.filtering import CapFilt, LocalRun, Threshold, filter_dataset
 from blipitm.filtering.capfilt import Captioning
-from filter_bench import write_shards
+from filter_bench import Clock, write_shards
 from run import captions, cpu_flags, jpeg_images
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class SampleClock:
-    """Progress callback: steady-state samples/s from the first to the last report."""
-
-    def __init__(self) -> None:
-        self.first: tuple[float, int] | None = None
-        self.last: tuple[float, int] = (0.0, 0)
-
-    def __call__(self, p: FilterProgress) -> None:
-        now = time.perf_counter()
-        if self.first is None:
-            self.first = (now, p.samples)
-        self.last = (now, p.samples)
-
-    def samples_per_s(self) -> float:
-        assert self.first is not None
-        return (self.last[1] - self.first[1]) / max(self.last[0] - self.first[0], 1e-9)
 
 
 class CaptionTimer:
@@ -83,7 +65,7 @@ def run_once(
     timer: CaptionTimer,
 ) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
-    clock = SampleClock()
+    clock = Clock("samples")
     timer.seconds = 0.0
     t = time.perf_counter()
     stats = filter_dataset(
@@ -98,7 +80,7 @@ def run_once(
     total = time.perf_counter() - t
     row = {
         "pairs": stats.pairs,
-        "steady_samples_per_s": round(clock.samples_per_s(), 3),
+        "steady_samples_per_s": round(clock.per_s(), 3),
         "end_to_end_samples_per_s": round(stats.samples / total, 3),
         "scoring_stage_s": round(stats.throughput.seconds, 2),
     }

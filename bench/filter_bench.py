@@ -74,20 +74,21 @@ def write_shards(folder: Path, images: list[bytes], texts: list[list[str]], per:
 
 
 class Clock:
-    """Progress callback: steady-state samples/s from the first to the last report."""
+    """Progress callback: the steady rate of one count of the progress reports (``pairs`` or
+    ``samples``), per second, from the first report to the last."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: str = "pairs") -> None:
+        self.count = count
         self.first: tuple[float, int] | None = None
         self.last: tuple[float, int] = (0.0, 0)
-        self.pairs = 0
 
     def __call__(self, p: FilterProgress) -> None:
         now = time.perf_counter()
         if self.first is None:
-            self.first = (now, p.pairs)
-        self.last = (now, p.pairs)
+            self.first = (now, getattr(p, self.count))
+        self.last = (now, getattr(p, self.count))
 
-    def pairs_per_s(self) -> float:
+    def per_s(self) -> float:
         assert self.first is not None
         return (self.last[1] - self.first[1]) / max(self.last[0] - self.first[0], 1e-9)
 
@@ -108,7 +109,7 @@ def run_filter(paths: list[str], out: Path, model: Any, run: Run) -> dict[str, A
     total = time.perf_counter() - t
     return {
         "pairs": stats.pairs,
-        "steady_pairs_per_s": clock.pairs_per_s(),
+        "steady_pairs_per_s": clock.per_s(),
         "end_to_end_pairs_per_s": stats.pairs / total,
     }
 
