@@ -290,6 +290,26 @@ def test_eviction_under_pressure_is_never_stale(tiny_ckpt: Path, images: list[Im
     assert engine.cache.stats.evictions > 0 and engine.cache.stats.hits > 0
 
 
+def test_single_pairs_run_text_batch_to_a_pass_once_their_kv_is_cached(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many images with one text each: while their K/V is computed, ``images`` of them to a
+    pass (bounds the K/V in memory); once it is cached, ``texts`` to a pass (no new memory, and
+    text GEMMs of enough rows: BENCHMARKS.md, speed round three). Same numbers either way."""
+    rng = np.random.default_rng(7)
+    many = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(10)]
+    engine = blipitm.load(tiny_ckpt, batch_sizes=blipitm.BatchSizes(images=3, texts=8))
+    calls = count_calls(monkeypatch, engine.model, "itm_logits")
+    cold = engine.score(many, TEXTS[1], itc=False)
+    assert [c[0].shape[0] for c in calls] == [3, 3, 3, 1]  # type: ignore[index]
+    calls.clear()
+    warm = engine.score(many, TEXTS[1], itc=False)
+    assert [c[0].shape[0] for c in calls] == [8, 2]  # type: ignore[index]
+    reference = blipitm.load(tiny_ckpt, cache_bytes=0).score(many, TEXTS[1], itc=False)
+    np.testing.assert_allclose(cold.itm_logits, reference.itm_logits, rtol=0, atol=BATCH_ROUNDING)
+    np.testing.assert_allclose(warm.itm_logits, reference.itm_logits, rtol=0, atol=BATCH_ROUNDING)
+
+
 def test_cached_kv_entry_is_one_block_per_image(tiny_ckpt: Path, images: list[Image.Image]) -> None:
     """An image's cached cross-attention K/V, cut from a batch's, is one allocation (per-layer
     views into it): 2 x layers small tensors per entry fragment the heap as entries churn

@@ -55,7 +55,9 @@ class ITMScorer:
         """ITM logits ``[P, 2]`` float32; pair p is feats[image_of_pair[p]], ids[text_of_pair[p]].
 
         Images with several texts run one image at a time with its texts as the query block
-        (keys/values computed once); images with one text are stacked into image batches.
+        (keys/values computed once). Images with one text are batched: those whose K/V is
+        cached ``text_batch`` to a pass (no new memory; the text GEMMs get rows enough to run
+        near the peak), the others ``image_batch`` to a pass, which bounds the K/V in memory.
         """
         first = self.protocol.itm_first_token
         ids = [[first, *row[1:]] for row in ids]  # the ITM pass's first token
@@ -64,6 +66,8 @@ class ITMScorer:
         for p, g in enumerate(image_of_pair):
             by_image.setdefault(g, []).append(p)
         singles = [ps[0] for ps in by_image.values() if len(ps) == 1]
+        cached = [p for p in singles if self._has_kv(feats[image_of_pair[p]])]
+        fresh = [p for p in singles if not self._has_kv(feats[image_of_pair[p]])]
         for g, ps in by_image.items():
             if len(ps) == 1:
                 continue
@@ -71,11 +75,15 @@ class ITMScorer:
             for rows in length_batches([ids[text_of_pair[p]] for p in ps], self.text_batch):
                 pairs = [ps[r] for r in rows]
                 out[pairs] = self.forward([ids[text_of_pair[p]] for p in pairs], kv)
-        for rows in length_batches([ids[text_of_pair[p]] for p in singles], self.image_batch):
-            pairs = [singles[r] for r in rows]
-            kv = self.cross_kv([feats[image_of_pair[p]] for p in pairs])
-            out[pairs] = self.forward([ids[text_of_pair[p]] for p in pairs], kv)
+        for group, size in ((cached, self.text_batch), (fresh, self.image_batch)):
+            for rows in length_batches([ids[text_of_pair[p]] for p in group], size):
+                pairs = [group[r] for r in rows]
+                kv = self.cross_kv([feats[image_of_pair[p]] for p in pairs])
+                out[pairs] = self.forward([ids[text_of_pair[p]] for p in pairs], kv)
         return out
+
+    def _has_kv(self, feat: EncodedImage) -> bool:
+        return feat.key is not None and (KV_ENTRY, feat.key) in self.cache
 
     def forward(self, rows: Sequence[Sequence[int]], kv: CrossKV) -> np.ndarray:
         """ITM logits ``[B, 2]`` float32 of token rows (ITM first token already in place)."""
