@@ -499,6 +499,24 @@ def test_one_seed_per_image_draws_as_the_image_alone(
         captioner.caption(images, seed=[1, 2], **kw)
 
 
+def test_decode_batches_are_larger_than_encode_batches_and_change_nothing(
+    cap_dir: Path, images: list[Image.Image]
+) -> None:
+    """By default the decoder takes 16 images a call on a CPU and the vision tower the engine's 8
+    (the decoder's GEMMs have few rows: BENCHMARKS.md, speed round three); an image's captions
+    are the same whatever the decode batch, beams included."""
+    default = blipitm.load_captioner(cap_dir, protocol="transformers")
+    assert (default.image_batch, default.images.batch_size) == (16, 8)
+    one = blipitm.load_captioner(
+        cap_dir, protocol="transformers", batch_sizes=blipitm.BatchSizes(images=1, texts=1)
+    )
+    assert (one.image_batch, one.images.batch_size) == (1, 1)
+    for kw in ({"num_beams": 1}, {"num_beams": 3, "num_captions": 2}):
+        assert default.caption(images, max_length=10, **kw) == one.caption(
+            images, max_length=10, **kw
+        ), kw
+
+
 class ForcedSep:
     """A fake stepper: every row of image ``g`` gets token 7 as the clear best choice at each
     step, except at step ``sep_at[g]`` (0: the first generated token), where [SEP] is."""

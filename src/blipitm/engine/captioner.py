@@ -19,7 +19,7 @@ import torch
 from blipitm.checkpoint import ResolvedCheckpoint
 from blipitm.config import CAPTION_PROMPT, DEC_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
 from blipitm.engine.cache import ByteLRU
-from blipitm.engine.devices import TORCH_DTYPES
+from blipitm.engine.devices import TORCH_DTYPES, default_batch_sizes
 from blipitm.engine.generation import (
     CachedStepper,
     Generated,
@@ -54,7 +54,10 @@ DEFAULT_TOP_P = 0.9
 DEFAULT_TOP_K = 50
 DEFAULT_TEMPERATURE = 1.0  # transformers' and BLIP's
 SAMPLING_REPETITION_PENALTY = 1.1  # BLIP's generate(sample=True), CapFilt
-DEFAULT_IMAGE_BATCH = {"cpu": 8, "cuda": 64}  # images decoded together (rows: x beams)
+# Images decoded together (a step's rows: images x beams). More than the vision tower's batch on
+# a CPU: the decoder's GEMMs have few rows (BENCHMARKS.md, speed round three: 16 instead of 8 gave
+# greedy 1.1-1.2x); its cross-attention K/V, 42 MB per image in float32, bounds it.
+DEFAULT_DECODE_BATCH = {"cpu": 16, "cuda": 64}
 
 
 def load_captioner(
@@ -113,7 +116,9 @@ class Captioner:
         self.device = torch.device(info.device)
         self.compute_dtype = TORCH_DTYPES[info.compute_dtype]
         model.set_compute_dtype(self.compute_dtype)
-        self.image_batch = image_batch or DEFAULT_IMAGE_BATCH.get(self.device.type, 8)
+        # A caller's image_batch sets both batches; by default they differ (see above).
+        encode_batch = image_batch or default_batch_sizes(self.device, self.compute_dtype).images
+        self.image_batch = image_batch or DEFAULT_DECODE_BATCH.get(self.device.type, 16)
         self.cache = ByteLRU(cache_bytes)
         self.images = ImagePipeline(
             model,
@@ -122,7 +127,7 @@ class Captioner:
             self.cache,
             device=self.device,
             compute_dtype=self.compute_dtype,
-            batch_size=self.image_batch,
+            batch_size=encode_batch,
             max_pixels=max_pixels,
             decode_threads=decode_threads,
             decode_budget_pixels=decode_budget_pixels,

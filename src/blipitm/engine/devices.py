@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from blipitm.engine.types import Dtype
+from blipitm.engine.types import BatchSizes, Dtype
 
 TORCH_DTYPES: dict[Dtype, torch.dtype] = {
     "float32": torch.float32,
@@ -50,3 +50,15 @@ def cpu_has_native_bf16() -> bool:
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[1].split())
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def default_batch_sizes(device: torch.device, compute_dtype: torch.dtype) -> BatchSizes:
+    """Rows per forward pass where the caller sets none.
+
+    On a CPU, texts run 128 to a batch where the arithmetic is bfloat16 (larger GEMMs run nearer
+    the peak of a CPU's bfloat16 units) and 32 in float32, where larger batches gained nothing or
+    lost; image encoding is flat from 4 to 16 images a batch. BENCHMARKS.md has the measurements.
+    GPU batches are sized to fill the device."""
+    if device.type == "cuda":
+        return BatchSizes(images=64, texts=256)
+    return BatchSizes(images=8, texts=32 if compute_dtype == torch.float32 else 128)

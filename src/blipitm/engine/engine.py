@@ -20,7 +20,7 @@ import torch
 
 from blipitm.config import BlipConfig
 from blipitm.engine.cache import ByteLRU
-from blipitm.engine.devices import TORCH_DTYPES
+from blipitm.engine.devices import TORCH_DTYPES, default_batch_sizes
 from blipitm.engine.gradcam import explanations, gradcam
 from blipitm.engine.images import EncodedImage, ImagePipeline, from_features, to_features
 from blipitm.engine.images import embeddings as image_embeddings
@@ -53,18 +53,6 @@ from blipitm.processing.image import DEFAULT_MAX_PIXELS, ImageInput, ImageSettin
 from blipitm.processing.text import validate_text
 from blipitm.processing.tokenizer import Tokenizer, pad
 from blipitm.scoring import ScoringProtocol, itm_probability
-
-
-def default_batch_sizes(device: torch.device, compute_dtype: torch.dtype) -> BatchSizes:
-    """Rows per forward pass where the caller sets none.
-
-    On a CPU, texts run 128 to a batch where the arithmetic is bfloat16 (larger GEMMs run nearer
-    the peak of a CPU's bfloat16 units) and 32 in float32, where larger batches gained nothing or
-    lost; image encoding is flat from 4 to 16 images a batch. BENCHMARKS.md has the measurements.
-    GPU batches are sized to fill the device."""
-    if device.type == "cuda":
-        return BatchSizes(images=64, texts=256)
-    return BatchSizes(images=8, texts=32 if compute_dtype == torch.float32 else 128)
 
 
 class Engine:

@@ -29,7 +29,7 @@ NUMPY_DTYPES: dict[Dtype, type[np.floating[Any]] | type[np.uint16]] = {
 @dataclass(frozen=True)
 class BatchSizes:
     """Rows per forward pass. Defaults are tuned per device in
-    :func:`blipitm.engine.engine.default_batch_sizes`."""
+    :func:`blipitm.engine.devices.default_batch_sizes`."""
 
     images: int
     texts: int  # ITM / ITC text rows
