@@ -439,6 +439,30 @@ def test_batch_run_offline_resumes_and_answers_as_the_engine(
     np.testing.assert_allclose(got, engine.embed_texts(texts), atol=1e-6, rtol=0)
 
 
+def test_a_resumed_batch_counts_each_answer_by_its_status(tmp_path: Path) -> None:
+    """Resuming with an error file after a run without one: the failures that run wrote into
+    the output count as failed, not completed, and carry no usage."""
+    from blipitm.server.batch.runner import recover
+    from blipitm.server.batch.store import Batch
+
+    def record(cid: str, status: int) -> str:
+        body = {"usage": {"prompt_tokens": 3, "total_tokens": 3}} if status == 200 else {}
+        response = {"status_code": status, "request_id": cid, "body": body}
+        return json.dumps({"id": cid, "custom_id": cid, "response": response, "error": None})
+
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    out.write_text(record("a", 200) + "\n" + record("b", 400) + "\n")
+    err.write_text(record("c", 429) + "\n")
+    for files in ((out, err), (out, out)):
+        batch = Batch("b", None, "/v1/embeddings", "f", "24h", status="in_progress")
+        done = recover(batch, *files)
+        want = {"a", "b", "c"} if files[1] == err else {"a", "b"}
+        assert set(done) == want
+        assert batch.request_counts["completed"] == 1
+        assert batch.request_counts["failed"] == len(want) - 1
+        assert batch.usage["input_tokens"] == 3
+
+
 def test_batch_run_refuses_a_bad_file_before_loading_a_model(tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text(line("a", {"input": "x"}) + "\n" + line("a", {"input": "y"}) + "\n")

@@ -208,11 +208,12 @@ _EXPIRED = "the batch's completion window ended before this line ran"
 
 def recover(batch: Batch, out_path: Path, err_path: Path) -> list[str]:
     """The ``custom_id`` of every line already answered (a resumed batch), with the batch's
-    counts and usage recomputed from its files. The two paths may be one file."""
-    done, failed = answered(out_path), answered(err_path)
-    if out_path == err_path:  # one file: its 2xx answers are done, the rest failed
-        failed = {k: v for k, v in done.items() if not _ok(v)}
-        done = {k: v for k, v in done.items() if _ok(v)}
+    counts and usage recomputed from its files. The two paths may be one file. An answer counts
+    by its status, whichever file holds it: an earlier run given no error file wrote its failures
+    into the output."""
+    records = {**answered(out_path), **answered(err_path)}
+    done = {k: v for k, v in records.items() if _ok(v)}
+    failed = {k: v for k, v in records.items() if not _ok(v)}
     batch.request_counts.update(completed=len(done), failed=len(failed))
     batch.usage.update(input_tokens=0, total_tokens=0)
     for record in done.values():
