@@ -124,6 +124,15 @@ def engine_in_memory(engine: blipitm.Engine, images: list[bytes], texts: list[li
     return len(pairs) / (time.perf_counter() - t)
 
 
+def encode_rate(engine: blipitm.Engine, images: list[bytes]) -> float:
+    """Images/s of ``embed_images`` (decode and the vision tower), the rate a filter at one
+    caption per image can at best reach."""
+    engine.cache.clear()
+    t = time.perf_counter()
+    engine.embed_images(images)
+    return len(images) / (time.perf_counter() - t)
+
+
 def transformers_per_pair(model_dir: Path, images: list[bytes], texts: list[list[str]]) -> float:
     """Data-Juicer's image_text_matching_filter: processor + model(use_itm_head) per pair."""
     from transformers import BlipForImageTextRetrieval, BlipProcessor
@@ -181,6 +190,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--hf-pairs", type=int, default=8, help="pairs timed through transformers")
+    p.add_argument("--dtype", default="float32", help="the engine's (the RSS part: float32)")
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--skip-base", action="store_true", help="only the RSS part")
@@ -200,9 +210,13 @@ def main() -> None:
         print(results["peak_rss_mb"], flush=True)
     if args.skip_base:
         return
-    engine = blipitm.load(str(args.model), cache_bytes=FILTERING_PRESET.cache_bytes)  # the filter's
+    engine = blipitm.load(
+        str(args.model), dtype=args.dtype, cache_bytes=FILTERING_PRESET.cache_bytes
+    )  # the filter's cache
     images = jpeg_images(args.images, 3)
     engine.score(images[:1], "warm up")
+    results["encode_images_per_s"] = encode_rate(engine, images)
+    print(f"image encoding: {results['encode_images_per_s']:.2f} images/s", flush=True)
     if not args.skip_ray:
         import ray
 
@@ -222,7 +236,8 @@ def main() -> None:
             print(per_image, attempt, f"engine {e:.2f}", local, flush=True)
         if not args.skip_ray:
             ray_run = RayRun(cpus_per_worker=2, batch_size=args.batch_size)
-            row["ray"] = run_filter(paths, tmp / "out-ray", LoadOptions(str(args.model)), ray_run)
+            options = LoadOptions(str(args.model), dtype=args.dtype)
+            row["ray"] = run_filter(paths, tmp / "out-ray", options, ray_run)
             print(per_image, "ray", row["ray"], flush=True)
         n = max(1, args.hf_pairs // per_image)
         row["transformers_pairs_per_s"] = transformers_per_pair(args.model, images[:n], texts[:n])
