@@ -20,8 +20,19 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "2 passed, 1 skipped" in run.stdout, run.stdout  # the parity tests ran, on the CPU
+    assert "3 passed, 1 skipped" in run.stdout, run.stdout  # the parity tests ran, on the CPU
     table = (tmp_path / "gpu.md").read_text()
-    for case in ("vision, 8 images", "ITM, 1 image x 32 captions", "evaluation, 8 images x 40"):
+    cases = (
+        "vision, 8 images",
+        "ITM, 1 image x 32 captions",
+        "evaluation, 8 images x 40",
+        "two models on one device",
+        "Batch API job",
+        "captioner, 4 images, greedy",
+        "captioner, 4 images, beam-3",
+        "filter --capfilt (K=1), 8 JPEG samples",
+    )
+    for case in cases:
         assert case in table, table
+    assert "failed" not in table, table
     assert "images/s" in table and "pairs/s" in table
