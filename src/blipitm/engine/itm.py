@@ -66,8 +66,10 @@ class ITMScorer:
         for p, g in enumerate(image_of_pair):
             by_image.setdefault(g, []).append(p)
         singles = [ps[0] for ps in by_image.values() if len(ps) == 1]
-        cached = [p for p in singles if self._has_kv(feats[image_of_pair[p]])]
-        fresh = [p for p in singles if not self._has_kv(feats[image_of_pair[p]])]
+        cached: list[int] = []
+        fresh: list[int] = []
+        for p in singles:  # one cache lookup per image
+            (cached if self._has_kv(feats[image_of_pair[p]]) else fresh).append(p)
         for g, ps in by_image.items():
             if len(ps) == 1:
                 continue

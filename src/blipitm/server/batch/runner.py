@@ -211,7 +211,9 @@ def recover(batch: Batch, out_path: Path, err_path: Path) -> list[str]:
     counts and usage recomputed from its files. The two paths may be one file. An answer counts
     by its status, whichever file holds it: an earlier run given no error file wrote its failures
     into the output."""
-    records = {**answered(out_path), **answered(err_path)}
+    records = answered(out_path)
+    if err_path != out_path:
+        records |= answered(err_path)
     done = {k: v for k, v in records.items() if _ok(v)}
     failed = {k: v for k, v in records.items() if not _ok(v)}
     batch.request_counts.update(completed=len(done), failed=len(failed))
